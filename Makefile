@@ -1,0 +1,32 @@
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CONFIG ?= routes.yaml
+
+.PHONY: run test check clean
+
+# `make run`: create the venv, install the package, serve routes.yaml (:8080, metrics :9090).
+run: $(BIN)/.installed
+	$(BIN)/resilience-proxy run --config $(CONFIG)
+
+# `make test`: create the venv with test extras and run every test.
+test: $(BIN)/.installed-test
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+check: $(BIN)/.installed
+	$(BIN)/resilience-proxy check $(CONFIG)
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(BIN)/.installed-test: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(BIN)/.installed $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

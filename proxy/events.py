@@ -1,0 +1,176 @@
+"""Small frozen records that the proxy's stages emit, and the bus that carries them.
+
+The breaker, retry, cache and pipeline code only emit these; metrics, stats and logs
+subscribe to them. That is why no resilience module imports prometheus_client or structlog.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+Subscriber = Callable[[Any], None]
+
+
+class EventBus:
+    """Synchronous fan-out of events to subscribers; a failing subscriber never breaks a request."""
+
+    __slots__ = ("_subscribers", "_errors")
+
+    def __init__(self) -> None:
+        self._subscribers: list[Subscriber] = []
+        self._errors = 0
+
+    def subscribe(self, subscriber: Subscriber) -> None:
+        self._subscribers.append(subscriber)
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        if subscriber in self._subscribers:
+            self._subscribers.remove(subscriber)
+
+    def emit(self, event: Any) -> None:
+        for subscriber in self._subscribers:
+            try:
+                subscriber(event)
+            except Exception:  # observability must never take a request down
+                self._errors += 1
+
+    @property
+    def subscriber_errors(self) -> int:
+        return self._errors
+
+
+def discard(event: Any) -> None:
+    """An `emit` for code built without a bus (unit tests of pure cores)."""
+
+
+# --- circuit breaker -------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class BreakerFailure:
+    """A failure was recorded while CLOSED: `error count: failures/threshold`."""
+    service: str
+    provider: str
+    failures: int
+    threshold: int
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerTransition:
+    """The breaker changed state. `retry_at` is wall-clock epoch seconds when it opened."""
+    service: str
+    provider: str
+    old: str
+    new: str
+    reason: str           # threshold | failure_rate | slow_call_rate | probe_failed | probe_succeeded | timeout_elapsed | forced | reset
+    failures: int = 0
+    threshold: int = 0
+    retry_at: float | None = None
+
+
+# --- upstream attempts, retries, fallback ---------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class AttemptFinished:
+    """One upstream attempt ended (the original design's external call log)."""
+    service: str
+    provider: str
+    outcome: str          # an Outcome value
+    status: int | None
+    duration: float       # seconds
+    attempt: int          # 1 for the first try on this upstream
+    method: str
+    url: str              # the upstream URL with secret query values masked
+    request_id: str
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryScheduled:
+    service: str
+    provider: str
+    attempt: int          # the attempt about to be made (2 = first retry)
+    delay: float
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RetryBudgetExhausted:
+    service: str
+    provider: str
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSkipped:
+    """An upstream was not called: breaker open, half-open probes busy, rate limited, no time left."""
+    service: str
+    provider: str
+    reason: str
+    request_id: str
+
+
+# --- cache ------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class CacheLookup:
+    service: str
+    result: str           # hit | miss | stale | bypass
+    age: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StaleServed:
+    """A stale copy answered because upstreams could not (`Using stale cache for ...`)."""
+    service: str
+    path: str
+    age: float
+    upstream: str
+    reason: str
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Coalesced:
+    """A request waited for an identical in-flight one instead of calling upstream."""
+    service: str
+
+
+@dataclass(frozen=True, slots=True)
+class CacheBackendState:
+    """The cache backend went up or down (logged once per change, not per request)."""
+    backend: str
+    connected: bool
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CacheError:
+    backend: str
+    operation: str
+    error: str
+
+
+# --- requests and config ------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class RequestFinished:
+    """One proxied request was answered."""
+    service: str
+    route: str
+    method: str
+    path: str             # without the query string
+    status: int
+    cache: str            # HIT | MISS | STALE | BYPASS
+    upstream: str | None
+    attempts: tuple[tuple[str, str], ...]
+    duration: float
+    request_id: str
+    fallback: bool = False  # served by a non-primary upstream or by a stale copy
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigReloaded:
+    ok: bool
+    source: str           # sighup | file_change | admin
+    errors: tuple[str, ...] = field(default_factory=tuple)
