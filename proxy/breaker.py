@@ -1,0 +1,356 @@
+"""The circuit breaker: a pure state machine per upstream, fed attempt outcomes, driving a gate.
+
+The breaker never sees HTTP. Callers ask `allow()` for a `Permit` before an attempt and settle
+it with `success(duration)`, `failure(duration)` or `release()`; deciding *what* counts as a
+failure is `proxy.outcome.is_breaker_failure`'s job. Every change is announced as a frozen
+event on the injected `emit`, which is how logs and metrics learn about it.
+
+    CLOSED --(fail_threshold consecutive failures, or a failure/slow-call rate)--> OPEN
+    OPEN --(open_timeout elapsed, checked lazily)--> HALF_OPEN
+    HALF_OPEN --(a probe succeeds)--> CLOSED
+    HALF_OPEN --(a probe fails)--> OPEN (a fresh open_timeout)
+    any --(force_open)--> OPEN until reset;  any --(reset)--> CLOSED
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from .clock import Clock
+from .events import BreakerFailure, BreakerTransition, discard
+
+
+class State(str, enum.Enum):
+    """Where a breaker stands. Values appear in events, logs, metrics and the admin API."""
+
+    CLOSED = "CLOSED"
+    OPEN = "OPEN"
+    HALF_OPEN = "HALF_OPEN"
+
+
+def _require_int(name: str, value: Any, *, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a whole number, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value!r}")
+
+
+def _require_number(name: str, value: Any, *, minimum: float, exclusive: bool = False) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or value < minimum or (exclusive and value == minimum):
+        bound = f"greater than {minimum:g}" if exclusive else f"at least {minimum:g}"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerPolicy:
+    """How one upstream's breaker trips and recovers (durations in seconds).
+
+    The rate-based trips are optional: `failure_rate` (failed / calls) and `slow_call_rate`
+    (slow successes / calls) over the last `window` seconds, never below `min_calls` calls.
+    `trip_on_429` is read by the caller when it classifies outcomes; the breaker itself only
+    receives success or failure.
+    """
+
+    fail_threshold: int
+    open_timeout: float
+    half_open_max_calls: int = 1
+    failure_rate: float | None = None
+    window: float = 60.0
+    min_calls: int = 10
+    slow_call_duration: float | None = None
+    slow_call_rate: float | None = None
+    trip_on_429: bool = False
+
+    def __post_init__(self) -> None:
+        _require_int("fail_threshold", self.fail_threshold, minimum=1)
+        _require_number("open_timeout", self.open_timeout, minimum=0.0)
+        _require_int("half_open_max_calls", self.half_open_max_calls, minimum=1)
+        _require_number("window", self.window, minimum=0.0, exclusive=True)
+        _require_int("min_calls", self.min_calls, minimum=1)
+        for name in ("failure_rate", "slow_call_rate"):
+            value = getattr(self, name)
+            if value is not None:
+                _require_number(name, value, minimum=0.0, exclusive=True)
+                if value > 1:
+                    raise ValueError(f"{name} must be a fraction in (0, 1], got {value!r}")
+        if self.slow_call_duration is not None:
+            _require_number("slow_call_duration", self.slow_call_duration, minimum=0.0, exclusive=True)
+        if (self.slow_call_rate is None) != (self.slow_call_duration is None):
+            raise ValueError("slow_call_rate and slow_call_duration must be set together")
+        if not isinstance(self.trip_on_429, bool):
+            raise TypeError(f"trip_on_429 must be true or false, got {self.trip_on_429!r}")
+
+    @property
+    def rate_based(self) -> bool:
+        """Whether the breaker needs its sliding window of calls."""
+        return self.failure_rate is not None or self.slow_call_rate is not None
+
+
+# The seed design's profiles: consecutive failures to open / seconds open before a probe.
+PROFILES: dict[str, BreakerPolicy] = {
+    "CRITICAL": BreakerPolicy(fail_threshold=8, open_timeout=120.0, half_open_max_calls=1),
+    "STANDARD": BreakerPolicy(fail_threshold=5, open_timeout=60.0, half_open_max_calls=1),
+    "FAST": BreakerPolicy(fail_threshold=3, open_timeout=30.0, half_open_max_calls=1),
+}
+
+
+class Permit:
+    """Leave to make one attempt. Settle it exactly once; later calls are ignored.
+
+    A permit remembers the breaker generation it was issued in, so an attempt that finishes
+    after the breaker moved on (opened, closed, was reset or forced) changes nothing.
+    """
+
+    __slots__ = ("_breaker", "_generation", "_probe", "_settled")
+
+    def __init__(self, breaker: Breaker, generation: int, probe: bool) -> None:
+        self._breaker = breaker
+        self._generation = generation
+        self._probe = probe
+        self._settled = False
+
+    @property
+    def probe(self) -> bool:
+        """Whether this is a half-open probe."""
+        return self._probe
+
+    def success(self, duration: float) -> None:
+        """The attempt worked (took `duration` seconds)."""
+        self._settle(failed=False, duration=duration)
+
+    def failure(self, duration: float) -> None:
+        """The attempt failed in a way that counts against the upstream."""
+        self._settle(failed=True, duration=duration)
+
+    def release(self) -> None:
+        """The attempt was cancelled or had no outcome: free the probe slot, record nothing."""
+        self._settle(failed=None, duration=0.0)
+
+    def _settle(self, failed: bool | None, duration: float) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        self._breaker._settle(self._generation, self._probe, failed, duration)
+
+
+class _Window:
+    """Calls, failures and slow calls over the last `window` seconds, in a fixed number of buckets.
+
+    A call ages out between `window - window/_BUCKETS` and `window` seconds after it was recorded;
+    memory never exceeds `_BUCKETS` buckets whatever the traffic.
+    """
+
+    _BUCKETS = 60
+
+    __slots__ = ("_window", "_buckets")
+
+    def __init__(self, window: float) -> None:
+        self._window = window
+        self._buckets: deque[list[int]] = deque()  # [bucket index, calls, failures, slow]
+
+    def record(self, now: float, failed: bool, slow: bool) -> None:
+        index = math.floor(now * self._BUCKETS / self._window)
+        self._expire(index)
+        if not self._buckets or self._buckets[-1][0] != index:
+            self._buckets.append([index, 0, 0, 0])
+        bucket = self._buckets[-1]
+        bucket[1] += 1
+        bucket[2] += failed
+        bucket[3] += slow
+
+    def totals(self, now: float) -> tuple[int, int, int]:
+        """(calls, failures, slow calls) still inside the window."""
+        self._expire(math.floor(now * self._BUCKETS / self._window))
+        calls = failures = slow = 0
+        for _, c, f, s in self._buckets:
+            calls += c
+            failures += f
+            slow += s
+        return calls, failures, slow
+
+    def clear(self) -> None:
+        self._buckets.clear()
+
+    def _expire(self, index: int) -> None:
+        while self._buckets and self._buckets[0][0] <= index - self._BUCKETS:
+            self._buckets.popleft()
+
+
+class Breaker:
+    """The circuit breaker of one upstream (`provider`) of one `service`."""
+
+    __slots__ = ("service", "provider", "policy", "_clock", "_emit", "_state", "_generation", "_failures",
+                 "_probes", "_opened_mono", "_opened_at", "_retry_at", "_forced", "_window")
+
+    def __init__(self, service: str, provider: str, policy: BreakerPolicy, clock: Clock,
+                 emit: Callable[[Any], None] = discard) -> None:
+        self.service = service
+        self.provider = provider
+        self.policy = policy
+        self._clock = clock
+        self._emit = emit
+        self._state = State.CLOSED
+        self._generation = 0          # bumped on every transition; stale permits are ignored
+        self._failures = 0            # consecutive failures
+        self._probes = 0              # half-open probes in flight
+        self._opened_mono: float | None = None
+        self._opened_at: float | None = None
+        self._retry_at: float | None = None
+        self._forced = False
+        self._window = _Window(policy.window) if policy.rate_based else None
+
+    # --- the gate -------------------------------------------------------------------------
+
+    def allow(self) -> Permit | None:
+        """A permit to call the upstream, or None to skip it without a call."""
+        state = self.state
+        if state is State.CLOSED:
+            return Permit(self, self._generation, probe=False)
+        if state is State.HALF_OPEN and self._probes < self.policy.half_open_max_calls:
+            self._probes += 1
+            return Permit(self, self._generation, probe=True)
+        return None
+
+    # --- operator actions -----------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Close the breaker and forget every count (admin `.../reset`)."""
+        changed = self._state is not State.CLOSED or self._failures > 0
+        self._to(State.CLOSED, "reset", announce=changed)
+
+    def force_open(self) -> None:
+        """Open the breaker until `reset()`, whatever happens (admin `.../open`, maintenance)."""
+        if self._forced:
+            return
+        self._to(State.OPEN, "forced", forced=True)
+
+    # --- what it looks like ---------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        """The current state; an OPEN breaker whose timeout has elapsed turns HALF_OPEN here."""
+        self._check_timeout()
+        return self._state
+
+    @property
+    def failures(self) -> int:
+        """Consecutive failures since the last success (kept while OPEN, cleared on close)."""
+        return self._failures
+
+    @property
+    def opened_at(self) -> float | None:
+        """Wall-clock epoch seconds when it last opened; None while CLOSED."""
+        self._check_timeout()
+        return self._opened_at
+
+    @property
+    def retry_at(self) -> float | None:
+        """Wall-clock epoch seconds when an OPEN breaker will let a probe through; None otherwise."""
+        self._check_timeout()
+        return self._retry_at
+
+    @property
+    def forced(self) -> bool:
+        """Whether an operator forced it open."""
+        return self._forced
+
+    def snapshot(self) -> dict[str, Any]:
+        """The breaker as the admin API shows it (`/health/integrations/circuits`)."""
+        state = self.state
+        return {
+            "provider": self.provider,
+            "service": self.service,
+            "state": state.value,
+            "failures": self._failures,
+            "threshold": self.policy.fail_threshold,
+            "openedAt": _iso(self._opened_at),
+            "retryAt": _iso(self._retry_at),
+            "forced": self._forced,
+        }
+
+    def __repr__(self) -> str:
+        return f"<Breaker {self.service}/{self.provider} {self._state.value} {self._failures}/{self.policy.fail_threshold}>"
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _check_timeout(self) -> None:
+        # OPEN -> HALF_OPEN happens lazily, when someone looks: no timers to own or cancel.
+        if (self._state is State.OPEN and not self._forced and self._opened_mono is not None
+                and self._clock.monotonic() >= self._opened_mono + self.policy.open_timeout):
+            self._to(State.HALF_OPEN, "timeout_elapsed")
+
+    def _settle(self, generation: int, probe: bool, failed: bool | None, duration: float) -> None:
+        if generation != self._generation:
+            return  # issued before the breaker moved on: its outcome says nothing about now
+        if probe:
+            self._probes -= 1
+            if failed is None:
+                return
+            if failed:
+                self._failures += 1
+                self._to(State.OPEN, "probe_failed")
+            else:
+                self._to(State.CLOSED, "probe_succeeded")
+            return
+        if failed is None:
+            return
+        self._record_closed(failed, duration)
+
+    def _record_closed(self, failed: bool, duration: float) -> None:
+        policy = self.policy
+        self._failures = self._failures + 1 if failed else 0
+        if self._window is not None:
+            now = self._clock.monotonic()
+            slow = (not failed and policy.slow_call_duration is not None
+                    and duration >= policy.slow_call_duration)
+            self._window.record(now, failed, slow)
+        if failed and self._failures >= policy.fail_threshold:
+            self._to(State.OPEN, "threshold")
+            return
+        if self._window is not None:
+            calls, failures, slow_calls = self._window.totals(self._clock.monotonic())
+            if calls >= policy.min_calls:
+                if policy.failure_rate is not None and failures / calls >= policy.failure_rate:
+                    self._to(State.OPEN, "failure_rate")
+                    return
+                if policy.slow_call_rate is not None and slow_calls / calls >= policy.slow_call_rate:
+                    self._to(State.OPEN, "slow_call_rate")
+                    return
+        if failed:
+            self._emit(BreakerFailure(self.service, self.provider, self._failures, policy.fail_threshold))
+
+    def _to(self, new: State, reason: str, *, forced: bool = False, announce: bool = True) -> None:
+        old = self._state
+        self._state = new
+        self._generation += 1
+        self._probes = 0
+        self._forced = forced
+        if new is State.OPEN:
+            self._opened_mono = self._clock.monotonic()
+            self._opened_at = self._clock.time()
+            self._retry_at = None if forced else self._opened_at + self.policy.open_timeout
+        elif new is State.HALF_OPEN:
+            self._retry_at = None
+        else:
+            self._failures = 0
+            self._opened_mono = self._opened_at = self._retry_at = None
+        if new is not State.HALF_OPEN and self._window is not None:
+            self._window.clear()  # a fresh start: old calls must not re-trip a closed breaker
+        if announce:
+            self._emit(BreakerTransition(self.service, self.provider, old.value, new.value, reason,
+                                         self._failures, self.policy.fail_threshold, self._retry_at))
+
+
+def _iso(epoch: float | None) -> str | None:
+    """`2024-12-01T10:00:00.000Z`, as the admin API shows times."""
+    if epoch is None:
+        return None
+    moment = datetime.fromtimestamp(epoch, tz=timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
