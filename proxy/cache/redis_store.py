@@ -1,0 +1,181 @@
+"""Entries in Redis, shared by every replica; fails open.
+
+One Redis key per entry (`prefix + cache key`, Cluster friendly) holding a msgpack envelope, with
+the key's TTL at the entry's `stale_until`. Every call is bounded by `op_timeout`. When Redis
+fails, calls answer "nothing cached" and the store stays away from Redis for `backoff` seconds,
+so a dead Redis costs requests nothing; then one call probes it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any, Awaitable, Callable, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError
+
+from proxy.cache.entry import Entry, decode_entry, encode_entry
+from proxy.clock import Clock
+from proxy.events import CacheBackendState, CacheError, discard
+
+T = TypeVar("T")
+BACKEND = "redis"
+
+
+class _Unavailable:
+    """What `_call` returns when Redis was not asked or did not answer."""
+
+
+_UNAVAILABLE = _Unavailable()
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def _describe_error(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return "TimeoutError: no answer in time"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class RedisStore:
+    """A `Store` in Redis that never fails a request (see the module docstring)."""
+
+    name = BACKEND
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "rp:",
+        clock: Clock,
+        emit: Callable[[Any], None] = discard,
+        op_timeout: float = 0.05,
+        backoff: float = 5.0,
+        scan_count: int = 500,
+        health_check_interval: int = 30,
+    ) -> None:
+        if op_timeout <= 0 or backoff < 0 or scan_count <= 0:
+            raise ValueError("op_timeout and scan_count must be positive, backoff not negative")
+        self._prefix = prefix
+        self._clock = clock
+        self._emit = emit
+        self._op_timeout = op_timeout
+        self._backoff = backoff
+        self._scan_count = scan_count
+        # asyncio.timeout in _call is the budget; the socket timeouts are only a backstop. One
+        # quick retry lets a pooled connection that died with a Redis restart be replaced at once.
+        self._client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=op_timeout * 2,
+            socket_connect_timeout=op_timeout * 2,
+            health_check_interval=health_check_interval,
+            retry=Retry(NoBackoff(), 1),
+            decode_responses=False,
+        )
+        self._connected: bool | None = None  # unknown until the first call
+        self._down_until = float("-inf")
+        self._probing = False
+
+    @property
+    def connected(self) -> bool:
+        return self._connected is True
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    async def get(self, key: str) -> Entry | None:
+        data = await self._call("get", lambda: self._client.get(self._prefix + key))
+        if data is _UNAVAILABLE or data is None:
+            return None
+        entry = decode_entry(data)
+        if entry is None:
+            self._emit(CacheError(backend=BACKEND, operation="decode", error=f"unreadable entry under {key!r}"))
+            await self._call("delete", lambda: self._client.unlink(self._prefix + key))
+            return None
+        if self._clock.time() >= entry.stale_until:  # the key TTL is rounded up to whole seconds
+            return None
+        return entry
+
+    async def set(self, key: str, entry: Entry) -> None:
+        ttl = math.ceil(entry.stale_until - self._clock.time())
+        if ttl <= 0:
+            return
+        data = encode_entry(entry)
+        await self._call("set", lambda: self._client.set(self._prefix + key, data, ex=ttl))
+
+    async def purge(self, service: str) -> int:
+        """Delete the service's keys with SCAN + UNLINK in batches; each call is bounded on its own.
+
+        The pattern matches `service:` followed by exactly one 64-hex digest, so purging `fx`
+        never touches a service named `fx:eu`.
+        """
+        pattern = _glob_escape(self._prefix + service + ":") + "?" * 64
+        deleted = 0
+        cursor: int | bytes = 0
+        while True:
+            scanned = await self._call(
+                "purge",
+                lambda: self._client.scan(cursor=cursor, match=pattern, count=self._scan_count),
+            )
+            if scanned is _UNAVAILABLE:
+                return deleted
+            cursor, keys = scanned
+            if keys:
+                removed = await self._call("purge", lambda: self._client.unlink(*keys))
+                if removed is _UNAVAILABLE:
+                    return deleted
+                deleted += int(removed)
+            if int(cursor) == 0:
+                return deleted
+
+    async def ping(self) -> bool:
+        return await self._call("ping", self._client.ping) is not _UNAVAILABLE
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": BACKEND, "connected": self.connected, "entries": None, "bytes": None}
+
+    async def _call(self, operation: str, command: Callable[[], Awaitable[T]]) -> T | _Unavailable:
+        """Run one Redis command within `op_timeout`, or not at all while Redis is down."""
+        probe = self._connected is False
+        if probe:
+            if self._probing or self._clock.monotonic() < self._down_until:
+                return _UNAVAILABLE
+            self._probing = True  # one call probes; the others keep answering at once
+        try:
+            async with asyncio.timeout(self._op_timeout):
+                result = await command()
+        except ResponseError as exc:
+            # Redis answered (e.g. WRONGTYPE): the backend is fine, this operation is not.
+            self._emit(CacheError(backend=BACKEND, operation=operation, error=_describe_error(exc)))
+            self._up()
+            return _UNAVAILABLE
+        except Exception as exc:  # connection, timeout, protocol: fail open
+            self._down(operation, exc)
+            return _UNAVAILABLE
+        finally:
+            if probe:
+                self._probing = False
+        self._up()
+        return result
+
+    def _up(self) -> None:
+        if self._connected is not True:
+            self._connected = True
+            self._emit(CacheBackendState(backend=BACKEND, connected=True))
+
+    def _down(self, operation: str, exc: Exception) -> None:
+        error = _describe_error(exc)
+        self._down_until = self._clock.monotonic() + self._backoff
+        self._emit(CacheError(backend=BACKEND, operation=operation, error=error))
+        if self._connected is not False:
+            self._connected = False
+            self._emit(CacheBackendState(backend=BACKEND, connected=False, error=error))

@@ -1,0 +1,107 @@
+"""What may be answered from the cache and what may be stored. Pure functions, no I/O."""
+
+from __future__ import annotations
+
+from typing import Any
+
+CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
+
+
+def _values(headers: Any, name: str) -> list[str]:
+    getall = getattr(headers, "getall", None)
+    if getall is not None:
+        return list(getall(name, []))
+    value = headers.get(name)
+    return [] if value is None else [value]
+
+
+def parse_cache_control(headers: Any) -> dict[str, str | None]:
+    """Cache-Control directives (every header line) as lower-cased name -> argument or None.
+
+    Commas inside a quoted argument (`private="Set-Cookie, X-Id"`) do not split directives.
+    The first occurrence of a directive wins.
+    """
+    directives: dict[str, str | None] = {}
+    for line in _values(headers, "Cache-Control"):
+        for item in _split_directives(line):
+            name, sep, argument = item.partition("=")
+            name = name.strip().lower()
+            if not name:
+                continue
+            value: str | None = None
+            if sep:
+                value = argument.strip()
+                if len(value) >= 2 and value[0] == value[-1] == '"':
+                    value = value[1:-1].replace('\\"', '"')
+            directives.setdefault(name, value)
+    return directives
+
+
+def _split_directives(line: str) -> list[str]:
+    items: list[str] = []
+    current: list[str] = []
+    quoted = escaped = False
+    for char in line:
+        if escaped:
+            escaped = False
+        elif quoted and char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == "," and not quoted:
+            items.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    items.append("".join(current))
+    return items
+
+
+def has_credentials(headers: Any) -> bool:
+    """The request carries Authorization or Cookie: its answer may be personal."""
+    return "Authorization" in headers or "Cookie" in headers
+
+
+def request_bypass_reason(method: str, headers: Any, *, keyed_by_credential: bool = False) -> str | None:
+    """None when the request may be answered from (and stored to) the cache, else why not.
+
+    Reasons: `method` (not GET/HEAD), `no-store` (the caller sent Cache-Control: no-store),
+    `credentials` (Authorization or Cookie, unless the route keys copies by a hash of the
+    credential: pass `keyed_by_credential=True` then). `credentials` is checked last, so a
+    caller that only gets `credentials` knows nothing else stands in the way.
+    """
+    if method.upper() not in CACHEABLE_METHODS:
+        return "method"
+    if "no-store" in parse_cache_control(headers):
+        return "no-store"
+    if not keyed_by_credential and has_credentials(headers):
+        return "credentials"
+    return None
+
+
+def response_storable(
+    status: int,
+    headers: Any,
+    body_len: int | None,
+    *,
+    cache_statuses: frozenset[int],
+    max_body_bytes: int,
+) -> str | None:
+    """None when an upstream answer may be stored, else why not.
+
+    Reasons: `status` (not in `cache_statuses`), `set-cookie`, `no-store`, `private`
+    (also `private="field"`), `too-large` (more than `max_body_bytes`, or an unknown length:
+    a streamed body is never buffered for the cache).
+    """
+    if status not in cache_statuses:
+        return "status"
+    if "Set-Cookie" in headers:
+        return "set-cookie"
+    directives = parse_cache_control(headers)
+    if "no-store" in directives:
+        return "no-store"
+    if "private" in directives:
+        return "private"
+    if body_len is None or body_len > max_body_bytes:
+        return "too-large"
+    return None
