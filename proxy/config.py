@@ -1,0 +1,767 @@
+"""routes.yaml → frozen, typed config, or every problem as `file:line: message`.
+
+The whole file is checked before anything is built, so a bad file never half-applies:
+`load_config` either returns a complete `Config` or raises `ConfigError` listing all
+problems it found (not only the first).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from yarl import URL
+
+from .breaker import PROFILES, BreakerPolicy
+from .outcome import RETRY_CLASSES
+from .retry import POLICIES, RetryPolicy
+from .routing import MatchPattern, Template, prefixes_overlap
+from .yamlsrc import LineDict, LineList, Substituted, line_of, load
+
+# --- value types ------------------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2, "gb": 1000**3, "gib": 1024**3, None: 1}
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+RESERVED_PREFIXES = ("/health", "/metrics", "/events")
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "transfer-encoding", "upgrade",
+})
+
+
+class ConfigError(Exception):
+    """The route table is invalid; `problems` holds one `file:line: message` per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def parse_duration(value: Any) -> float:
+    """`500ms`, `30s`, `5m`, `1h`, `7d` or a number of seconds → seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 500ms, 30s, 5m, 1h, 7d")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        found = _DURATION.match(value)
+        if found:
+            return float(found.group(1)) * _DURATION_UNITS[found.group(2)]
+    raise ValueError(f"bad duration {value!r}: use 500ms, 30s, 5m, 1h, 7d or a number of seconds")
+
+
+def parse_size(value: Any) -> int:
+    """`512KiB`, `1MiB`, `10MB` or a number of bytes → bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        found = _SIZE.match(value)
+        if found:
+            unit = found.group(2).lower() if found.group(2) else None
+            return int(found.group(1)) * _SIZE_UNITS[unit]
+    raise ValueError(f"bad size {value!r}: use a number of bytes or 512KiB, 1MiB, 10MB")
+
+
+def parse_listen(value: Any) -> tuple[str, int]:
+    """`HOST:PORT`, `[::1]:PORT` or `:PORT` → (host, port)."""
+    if not isinstance(value, str):
+        raise ValueError("expected HOST:PORT")
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(f"bad listen address {value!r}: expected HOST:PORT")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"bad port {port} in {value!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, port
+
+
+# --- typed config ------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class CacheRule:
+    """How answers of a service or route are cached."""
+
+    ttl: float = 0.0
+    stale: float = 7 * 86400.0
+    statuses: frozenset[int] = frozenset({200})
+    vary: tuple[str, ...] = ()
+    key_by_credential: bool = False
+    stale_while_revalidate: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.ttl > 0
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """One endpoint of a service (Envoy's *endpoint*), tried in list order."""
+
+    name: str
+    service: str
+    url: URL
+    path: Template | None
+    query: tuple[tuple[str, Template], ...]
+    headers: tuple[tuple[str, Template], ...]
+    timeout: float
+    breaker: BreakerPolicy
+    retry: RetryPolicy
+    secret_query: frozenset[str] = frozenset()  # query names whose values came from ${VAR}
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A path pattern inside a service with its own cache rule and upstream paths."""
+
+    name: str
+    pattern: MatchPattern
+    cache: CacheRule
+    paths: Mapping[str, Template]
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A logical API (Envoy's *cluster*) apps reach at `/<prefix>/...`."""
+
+    name: str
+    prefix: str
+    upstreams: tuple[Upstream, ...]
+    routes: tuple[Route, ...]
+    cache: CacheRule
+    deadline: float
+    retry_non_idempotent: bool
+    forward_headers: frozenset[str]  # lower-cased caller headers allowed through despite `strip_headers`
+
+    def route_for(self, decoded_path: str) -> tuple[Route | None, dict[str, str]]:
+        for route in self.routes:
+            params = route.pattern.match(decoded_path)
+            if params is not None:
+                return route, params
+        return None, {}
+
+
+@dataclass(frozen=True, slots=True)
+class RetryBudgetSettings:
+    enabled: bool = True
+    ratio: float = 0.2
+    min_per_second: float = 10.0
+    window: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    listen: tuple[str, int] = ("0.0.0.0", 8080)
+    metrics_listen: tuple[str, int] | None = ("0.0.0.0", 9090)
+    max_request_body: int = 10 * 1024 * 1024
+    replay_buffer: int = 1024 * 1024
+    max_header_bytes: int = 16 * 1024
+    drain_timeout: float = 10.0
+    strip_headers: frozenset[str] = frozenset({"cookie", "authorization"})
+    max_response_buffer: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    backend: str = "memory"
+    url: str = "redis://127.0.0.1:6379/0"
+    max_stale: float = 7 * 86400.0
+    max_bytes: int = 64 * 1024 * 1024
+    max_body_bytes: int = 1024 * 1024
+    prefix: str = "rp:"
+    op_timeout: float = 0.05
+    local_ttl: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A complete, validated route table."""
+
+    source: str
+    server: ServerSettings
+    cache: CacheSettings
+    services: Mapping[str, Service]
+    retry_budget: RetryBudgetSettings
+    secrets: frozenset[str] = frozenset()
+    effective: Mapping[str, Any] = field(default_factory=dict)  # for `check`, secrets masked
+
+    def upstreams(self) -> list[Upstream]:
+        return [u for s in self.services.values() for u in s.upstreams]
+
+    def service_for(self, decoded_path: str) -> Service | None:
+        for service in self.services.values():
+            if service.prefix == "/" or decoded_path == service.prefix or decoded_path.startswith(service.prefix + "/"):
+                return service
+        return None
+
+
+# --- validation ----------------------------------------------------------------------------
+
+class _Checker:
+    """Walks the parsed YAML, collecting problems with their lines instead of stopping at the first."""
+
+    def __init__(self, filename: str) -> None:
+        self.filename = filename
+        self.problems: list[tuple[int, str]] = []
+        self.secrets: set[str] = set()
+
+    def problem(self, line: int, message: str) -> None:
+        self.problems.append((line, message))
+
+    def mapping(self, value: Any, where: str, line: int) -> LineDict | None:
+        if value is None:
+            empty = LineDict()
+            empty.line, empty.key_lines = line, {}
+            return empty
+        if not isinstance(value, LineDict):
+            self.problem(line, f"{where}: expected a mapping, got {_type_name(value)}")
+            return None
+        return value
+
+    def known_keys(self, data: LineDict, allowed: set[str], where: str) -> None:
+        for key in data:
+            if key not in allowed:
+                hint = ", ".join(sorted(allowed))
+                self.problem(line_of(data, key), f"{where}: unknown key {key!r} (allowed: {hint})")
+
+    def get(self, data: LineDict, key: str, where: str, convert: Callable[[Any], Any], default: Any) -> Any:
+        if key not in data:
+            return default
+        try:
+            return convert(data[key])
+        except (ValueError, TypeError) as exc:
+            self.problem(line_of(data, key), f"{where}.{key}: {exc}")
+            return default
+
+    def secret(self, value: Any) -> None:
+        if isinstance(value, Substituted):
+            self.secrets.update(v for v in value.values if len(v) >= 4)
+
+
+def _type_name(value: Any) -> str:
+    return {LineDict: "a mapping", LineList: "a list", str: "a string", Substituted: "a string",
+            int: "a number", float: "a number", bool: "a boolean", type(None): "nothing"}.get(type(value), type(value).__name__)
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {_type_name(value)}")
+    return value
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected true or false, got {_type_name(value)}")
+    return value
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected a whole number >= 1, got {value!r}")
+    return value
+
+
+def _retry_count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 20:
+        raise ValueError(f"expected 0..20 retries, got {value!r}")
+    return value
+
+
+def _non_negative(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"expected a number >= 0, got {value!r}")
+    return float(value)
+
+
+def _fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected a number, got {_type_name(value)}")
+    if isinstance(value, (int, float)) and value > 1:
+        value = value / 100.0  # 50 means 50 %
+    if not 0 < value <= 1:
+        raise ValueError(f"expected a rate between 0 and 1 (or a percent), got {value!r}")
+    return float(value)
+
+
+def _status_list(value: Any) -> frozenset[int]:
+    if not isinstance(value, list) or not value:
+        raise TypeError("expected a list of HTTP status codes")
+    codes = set()
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int) or not 100 <= item <= 599:
+            raise ValueError(f"bad HTTP status {item!r}")
+        codes.add(item)
+    return frozenset(codes)
+
+
+def _name_list(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and _HEADER_NAME.match(v) for v in value):
+        raise TypeError("expected a list of header names")
+    return tuple(v.lower() for v in value)
+
+
+_BREAKER_KEYS = {"profile", "fail_threshold", "open_timeout", "half_open_max_calls", "failure_rate", "window",
+                 "min_calls", "slow_call_duration", "slow_call_rate", "trip_on_429"}
+_RETRY_KEYS = {"policy", "retries", "base_delay", "max_delay", "retry_on"}
+
+
+def _breaker(check: _Checker, value: Any, where: str, line: int, base: BreakerPolicy) -> BreakerPolicy:
+    if isinstance(value, str):
+        if value.upper() not in PROFILES:
+            check.problem(line, f"{where}: unknown breaker profile {value!r} (use {', '.join(PROFILES)} or a mapping)")
+            return base
+        return PROFILES[value.upper()]
+    data = check.mapping(value, where, line)
+    if data is None:
+        return base
+    check.known_keys(data, _BREAKER_KEYS, where)
+    start = base
+    if "profile" in data:
+        start = _breaker(check, data["profile"], f"{where}.profile", line_of(data, "profile"), base)
+    changes: dict[str, Any] = {}
+    for key, convert in (("fail_threshold", _positive_int), ("open_timeout", parse_duration),
+                         ("half_open_max_calls", _positive_int), ("failure_rate", _fraction),
+                         ("window", parse_duration), ("min_calls", _positive_int),
+                         ("slow_call_duration", parse_duration), ("slow_call_rate", _fraction),
+                         ("trip_on_429", _boolean)):
+        if key in data:
+            converted = check.get(data, key, where, convert, None)
+            if converted is not None:
+                changes[key] = converted
+    try:
+        return replace(start, **changes)
+    except (ValueError, TypeError) as exc:
+        check.problem(line, f"{where}: {exc}")
+        return base
+
+
+def _retry_on(value: Any) -> frozenset[str]:
+    if not isinstance(value, list) or not value:
+        raise TypeError(f"expected a list of {', '.join(RETRY_CLASSES)} or status codes")
+    names = set()
+    for item in value:
+        text = str(item).lower() if not isinstance(item, bool) else ""
+        if text in RETRY_CLASSES or (text.isdigit() and 500 <= int(text) <= 599) or text == "429":
+            names.add(text)
+        else:
+            raise ValueError(f"bad retry_on entry {item!r}: use {', '.join(RETRY_CLASSES)} or a 5xx/429 status")
+    return frozenset(names)
+
+
+def _retry(check: _Checker, value: Any, where: str, line: int, base: RetryPolicy) -> RetryPolicy:
+    if isinstance(value, str):
+        if value.upper() not in POLICIES:
+            check.problem(line, f"{where}: unknown retry policy {value!r} (use {', '.join(POLICIES)} or a mapping)")
+            return base
+        return POLICIES[value.upper()]
+    data = check.mapping(value, where, line)
+    if data is None:
+        return base
+    check.known_keys(data, _RETRY_KEYS, where)
+    start = base
+    if "policy" in data:
+        start = _retry(check, data["policy"], f"{where}.policy", line_of(data, "policy"), base)
+    changes: dict[str, Any] = {}
+    for key, convert in (("retries", _retry_count), ("base_delay", parse_duration), ("max_delay", parse_duration), ("retry_on", _retry_on)):
+        if key in data:
+            converted = check.get(data, key, where, convert, None)
+            if converted is not None:
+                changes[key] = converted
+    try:
+        return replace(start, **changes)
+    except (ValueError, TypeError) as exc:
+        check.problem(line, f"{where}: {exc}")
+        return base
+
+
+_CACHE_RULE_KEYS = {"ttl", "stale", "statuses", "vary", "key_by_credential", "stale_while_revalidate"}
+
+
+def _cache_rule(check: _Checker, value: Any, where: str, line: int, base: CacheRule, max_stale: float) -> CacheRule:
+    data = check.mapping(value, where, line)
+    if data is None:
+        return base
+    check.known_keys(data, _CACHE_RULE_KEYS, where)
+    changes: dict[str, Any] = {}
+    for key, convert in (("ttl", parse_duration), ("stale", parse_duration), ("statuses", _status_list),
+                         ("vary", _name_list), ("key_by_credential", _boolean),
+                         ("stale_while_revalidate", _boolean)):
+        if key in data:
+            converted = check.get(data, key, where, convert, None)
+            if converted is not None:
+                changes[key] = converted
+    rule = replace(base, **changes)
+    if rule.stale > max_stale:
+        check.problem(line_of(data, "stale"), f"{where}.stale: {rule.stale:g}s is longer than cache.max_stale ({max_stale:g}s)")
+        rule = replace(rule, stale=max_stale)
+    return rule
+
+
+def _upstream_url(value: Any) -> URL:
+    text = _string(value)
+    try:
+        url = URL(text)
+    except ValueError as exc:
+        raise ValueError(f"bad URL {text!r}: {exc}") from None
+    if url.scheme not in ("http", "https"):
+        raise ValueError(f"upstream URL must be http:// or https://, got {text!r}")
+    if not url.host:
+        raise ValueError(f"upstream URL has no host: {text!r}")
+    if url.user or url.password:
+        raise ValueError("credentials in the upstream URL are not allowed; use headers with ${VAR}")
+    if url.query_string or url.fragment:
+        raise ValueError("the upstream URL must not carry a query or fragment; use `query:`")
+    return url
+
+
+def _templates(check: _Checker, value: Any, where: str, line: int, *, headers: bool) -> tuple[tuple[tuple[str, Template], ...], set[str]]:
+    data = check.mapping(value, where, line)
+    if data is None:
+        return (), set()
+    items: list[tuple[str, Template]] = []
+    secret_names: set[str] = set()
+    for key, raw in data.items():
+        key_line = line_of(data, key)
+        if headers and not _HEADER_NAME.match(key):
+            check.problem(key_line, f"{where}: bad header name {key!r}")
+            continue
+        if headers and key.lower() in HOP_BY_HOP | {"host", "content-length"}:
+            check.problem(key_line, f"{where}: header {key!r} is managed by the proxy and cannot be set")
+            continue
+        if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+            check.problem(key_line, f"{where}.{key}: expected a string, got {_type_name(raw)}")
+            continue
+        text = raw if isinstance(raw, str) else str(raw)
+        if headers and ("\r" in text or "\n" in text):
+            check.problem(key_line, f"{where}.{key}: header values cannot contain line breaks")
+            continue
+        check.secret(raw)
+        if isinstance(raw, Substituted):
+            secret_names.add(key)
+        items.append((key, Template.parse(text)))
+    return tuple(items), secret_names
+
+
+def _masked(value: Any) -> Any:
+    return value.masked if isinstance(value, Substituted) else value
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a route table file; raises ConfigError with every problem found."""
+    filename = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{filename}:1: cannot read the file: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{filename}:1: the file is not UTF-8 text"]) from None
+    return parse_config(text, filename, os.environ if env is None else env)
+
+
+def parse_config(text: str, filename: str, env: Mapping[str, str]) -> Config:
+    """Validate route table text (see `load_config`)."""
+    check = _Checker(filename)
+    document, yaml_problems = load(text, env)
+    check.problems.extend(yaml_problems)
+    if document is None:
+        raise ConfigError(_format(check))
+    root = check.mapping(document, "the file", 1)
+    if root is None:
+        raise ConfigError(_format(check))
+    check.known_keys(root, {"version", "server", "cache", "defaults", "services"}, "top level")
+    effective: dict[str, Any] = {"version": 1}
+
+    if root.get("version") != 1:
+        check.problem(line_of(root, "version") if "version" in root else 1,
+                      f"version: expected 1, got {root.get('version')!r}" if "version" in root else "version: missing (use `version: 1`)")
+
+    # server
+    server_data = check.mapping(root.get("server"), "server", line_of(root, "server"))
+    server = ServerSettings()
+    if server_data is not None:
+        check.known_keys(server_data, {"listen", "metrics_listen", "max_request_body", "replay_buffer",
+                                       "max_header_bytes", "drain_timeout", "strip_headers", "max_response_buffer"}, "server")
+        metrics_listen = server.metrics_listen
+        if "metrics_listen" in server_data:
+            metrics_listen = None if server_data["metrics_listen"] in (None, False, "off") else \
+                check.get(server_data, "metrics_listen", "server", parse_listen, server.metrics_listen)
+        server = ServerSettings(
+            listen=check.get(server_data, "listen", "server", parse_listen, server.listen),
+            metrics_listen=metrics_listen,
+            max_request_body=check.get(server_data, "max_request_body", "server", parse_size, server.max_request_body),
+            replay_buffer=check.get(server_data, "replay_buffer", "server", parse_size, server.replay_buffer),
+            max_header_bytes=check.get(server_data, "max_header_bytes", "server", parse_size, server.max_header_bytes),
+            drain_timeout=check.get(server_data, "drain_timeout", "server", parse_duration, server.drain_timeout),
+            strip_headers=frozenset(check.get(server_data, "strip_headers", "server", _name_list, tuple(server.strip_headers))),
+            max_response_buffer=check.get(server_data, "max_response_buffer", "server", parse_size, server.max_response_buffer),
+        )
+        if server.metrics_listen is not None and server.metrics_listen[1] == server.listen[1] != 0:
+            check.problem(line_of(server_data, "metrics_listen"), "server.metrics_listen: must use another port than server.listen")
+    effective["server"] = {
+        "listen": f"{server.listen[0]}:{server.listen[1]}",
+        "metrics_listen": None if server.metrics_listen is None else f"{server.metrics_listen[0]}:{server.metrics_listen[1]}",
+        "max_request_body": server.max_request_body, "replay_buffer": server.replay_buffer,
+        "max_header_bytes": server.max_header_bytes, "drain_timeout": server.drain_timeout,
+        "strip_headers": sorted(server.strip_headers), "max_response_buffer": server.max_response_buffer,
+    }
+
+    # cache
+    cache_data = check.mapping(root.get("cache"), "cache", line_of(root, "cache"))
+    cache = CacheSettings()
+    if cache_data is not None:
+        check.known_keys(cache_data, {"backend", "url", "max_stale", "max_bytes", "max_body_bytes", "prefix",
+                                      "op_timeout", "local_ttl"}, "cache")
+        backend = check.get(cache_data, "backend", "cache", _string, cache.backend)
+        if backend not in ("memory", "redis"):
+            check.problem(line_of(cache_data, "backend"), f"cache.backend: expected memory or redis, got {backend!r}")
+            backend = "memory"
+        url = check.get(cache_data, "url", "cache", _string, cache.url)
+        if backend == "redis" and URL(url).scheme not in ("redis", "rediss", "unix"):
+            check.problem(line_of(cache_data, "url"), "cache.url: expected a redis://, rediss:// or unix:// URL")
+        if isinstance(cache_data.get("url"), Substituted):
+            check.secret(URL(url).password or "")
+        cache = CacheSettings(
+            backend=backend, url=url,
+            max_stale=check.get(cache_data, "max_stale", "cache", parse_duration, cache.max_stale),
+            max_bytes=check.get(cache_data, "max_bytes", "cache", parse_size, cache.max_bytes),
+            max_body_bytes=check.get(cache_data, "max_body_bytes", "cache", parse_size, cache.max_body_bytes),
+            prefix=check.get(cache_data, "prefix", "cache", _string, cache.prefix),
+            op_timeout=check.get(cache_data, "op_timeout", "cache", parse_duration, cache.op_timeout),
+            local_ttl=check.get(cache_data, "local_ttl", "cache", parse_duration, cache.local_ttl),
+        )
+    masked_url = str(URL(cache.url).with_password("***")) if URL(cache.url).password else cache.url
+    effective["cache"] = {"backend": cache.backend, "url": masked_url, "max_stale": cache.max_stale,
+                          "max_bytes": cache.max_bytes, "max_body_bytes": cache.max_body_bytes, "prefix": cache.prefix}
+
+    # defaults
+    defaults_data = check.mapping(root.get("defaults"), "defaults", line_of(root, "defaults"))
+    default_timeout, default_deadline = 5.0, 15.0
+    default_breaker, default_retry = PROFILES["STANDARD"], POLICIES["DEFAULT"]
+    budget = RetryBudgetSettings()
+    if defaults_data is not None:
+        check.known_keys(defaults_data, {"timeout", "deadline", "breaker", "retry", "retry_budget"}, "defaults")
+        default_timeout = check.get(defaults_data, "timeout", "defaults", parse_duration, default_timeout)
+        default_deadline = check.get(defaults_data, "deadline", "defaults", parse_duration, default_deadline)
+        if "breaker" in defaults_data:
+            default_breaker = _breaker(check, defaults_data["breaker"], "defaults.breaker", line_of(defaults_data, "breaker"), default_breaker)
+        if "retry" in defaults_data:
+            default_retry = _retry(check, defaults_data["retry"], "defaults.retry", line_of(defaults_data, "retry"), default_retry)
+        if "retry_budget" in defaults_data:
+            budget = _budget(check, defaults_data["retry_budget"], line_of(defaults_data, "retry_budget"))
+
+    # services
+    services: dict[str, Service] = {}
+    upstream_lines: dict[str, int] = {}
+    services_data = check.mapping(root.get("services"), "services", line_of(root, "services"))
+    if services_data is not None and not services_data:
+        check.problem(line_of(root, "services") if "services" in root else 1, "services: at least one service is needed")
+    effective_services: dict[str, Any] = {}
+    for service_name, service_value in (services_data or {}).items():
+        service_line = line_of(services_data, service_name)
+        where = f"services.{service_name}"
+        if not _NAME.match(service_name):
+            check.problem(service_line, f"{where}: service names are letters, digits, _ and - (starting with a letter)")
+            continue
+        data = check.mapping(service_value, where, service_line)
+        if data is None:
+            continue
+        service = _service(check, service_name, data, where, service_line, cache, default_timeout, default_deadline,
+                           default_breaker, default_retry, upstream_lines)
+        if service is None:
+            continue
+        for other in services.values():
+            if prefixes_overlap(other.prefix, service.prefix):
+                check.problem(line_of(data, "prefix") if "prefix" in data else service_line,
+                              f"{where}.prefix: {service.prefix!r} overlaps the prefix {other.prefix!r} of service {other.name!r}")
+        services[service_name] = service
+        effective_services[service_name] = _effective_service(service, data)
+
+    effective["defaults"] = {"timeout": default_timeout, "deadline": default_deadline,
+                             "retry_budget": {"enabled": budget.enabled, "ratio": budget.ratio,
+                                              "min_per_second": budget.min_per_second, "window": budget.window}}
+    effective["services"] = effective_services
+    if check.problems:
+        raise ConfigError(_format(check))
+    return Config(source=filename, server=server, cache=cache, services=services, retry_budget=budget,
+                  secrets=frozenset(check.secrets), effective=effective)
+
+
+def _budget(check: _Checker, value: Any, line: int) -> RetryBudgetSettings:
+    if value is False:
+        return RetryBudgetSettings(enabled=False)
+    data = check.mapping(value, "defaults.retry_budget", line)
+    if data is None:
+        return RetryBudgetSettings()
+    check.known_keys(data, {"ratio", "min_per_second", "window"}, "defaults.retry_budget")
+    return RetryBudgetSettings(
+        ratio=check.get(data, "ratio", "defaults.retry_budget", _fraction, 0.2),
+        min_per_second=check.get(data, "min_per_second", "defaults.retry_budget", _non_negative, 10.0),
+        window=check.get(data, "window", "defaults.retry_budget", parse_duration, 10.0),
+    )
+
+
+_SERVICE_KEYS = {"prefix", "cache", "routes", "upstreams", "timeout", "deadline", "breaker", "retry",
+                 "retry_non_idempotent", "forward_headers"}
+_UPSTREAM_KEYS = {"name", "url", "path", "query", "headers", "timeout", "breaker", "retry"}
+_ROUTE_KEYS = {"match", "name", "cache", "paths"}
+
+
+def _service(check: _Checker, name: str, data: LineDict, where: str, line: int, cache: CacheSettings,
+             timeout: float, deadline: float, breaker: BreakerPolicy, retry: RetryPolicy,
+             upstream_lines: dict[str, int]) -> Service | None:
+    check.known_keys(data, _SERVICE_KEYS, where)
+    prefix = check.get(data, "prefix", where, _string, f"/{name}")
+    prefix_line = line_of(data, "prefix") if "prefix" in data else line
+    if not prefix.startswith("/") or "//" in prefix or "/../" in prefix + "/" or "/./" in prefix + "/" or "?" in prefix:
+        check.problem(prefix_line, f"{where}.prefix: {prefix!r} must be a clean absolute path such as /fx")
+    prefix = prefix.rstrip("/") or "/"
+    for reserved in RESERVED_PREFIXES:
+        if prefixes_overlap(reserved, prefix):
+            check.problem(prefix_line, f"{where}.prefix: {prefix!r} collides with the proxy's own {reserved} endpoints")
+    timeout = check.get(data, "timeout", where, parse_duration, timeout)
+    deadline = check.get(data, "deadline", where, parse_duration, deadline)
+    if "breaker" in data:
+        breaker = _breaker(check, data["breaker"], f"{where}.breaker", line_of(data, "breaker"), breaker)
+    if "retry" in data:
+        retry = _retry(check, data["retry"], f"{where}.retry", line_of(data, "retry"), retry)
+    rule = CacheRule(stale=cache.max_stale)
+    if "cache" in data:
+        rule = _cache_rule(check, data["cache"], f"{where}.cache", line_of(data, "cache"), rule, cache.max_stale)
+    forward = check.get(data, "forward_headers", where, _name_list, ())
+
+    upstreams: list[Upstream] = []
+    upstream_values = data.get("upstreams")
+    if not isinstance(upstream_values, LineList) or not upstream_values:
+        check.problem(line_of(data, "upstreams") if "upstreams" in data else line,
+                      f"{where}.upstreams: expected a non-empty list of upstreams")
+        upstream_values = LineList()
+        upstream_values.line, upstream_values.item_lines = line, []
+    for index, value in enumerate(upstream_values):
+        u_where = f"{where}.upstreams[{index}]"
+        u_line = line_of(upstream_values, index)
+        u_data = check.mapping(value, u_where, u_line)
+        if u_data is None:
+            continue
+        check.known_keys(u_data, _UPSTREAM_KEYS, u_where)
+        u_name = check.get(u_data, "name", u_where, _string, None)
+        if u_name is None:
+            check.problem(u_line, f"{u_where}: `name` is required")
+            continue
+        if not _NAME.match(u_name):
+            check.problem(line_of(u_data, "name"), f"{u_where}.name: {u_name!r}: use letters, digits, _ and -")
+        if u_name in upstream_lines:
+            check.problem(line_of(u_data, "name"), f"{u_where}.name: duplicate upstream name {u_name!r} (first at line {upstream_lines[u_name]})")
+        upstream_lines.setdefault(u_name, line_of(u_data, "name"))
+        if "url" not in u_data:
+            check.problem(u_line, f"{u_where}: `url` is required")
+        url = check.get(u_data, "url", u_where, _upstream_url, None)
+        path = check.get(u_data, "path", u_where, _string, None)
+        if path is not None and not path.startswith("/"):
+            check.problem(line_of(u_data, "path"), f"{u_where}.path: must start with /")
+        query, secret_query = _templates(check, u_data.get("query"), f"{u_where}.query", line_of(u_data, "query"), headers=False)
+        headers, _ = _templates(check, u_data.get("headers"), f"{u_where}.headers", line_of(u_data, "headers"), headers=True)
+        u_breaker = _breaker(check, u_data["breaker"], f"{u_where}.breaker", line_of(u_data, "breaker"), breaker) if "breaker" in u_data else breaker
+        u_retry = _retry(check, u_data["retry"], f"{u_where}.retry", line_of(u_data, "retry"), retry) if "retry" in u_data else retry
+        if url is None:
+            continue
+        upstreams.append(Upstream(
+            name=u_name, service=name, url=url, path=Template.parse(path) if path else None,
+            query=query, headers=headers, timeout=check.get(u_data, "timeout", u_where, parse_duration, timeout),
+            breaker=u_breaker, retry=u_retry, secret_query=frozenset(secret_query)))
+
+    routes: list[Route] = []
+    names = {u.name for u in upstreams}
+    route_values = data.get("routes")
+    if route_values is not None and not isinstance(route_values, LineList):
+        check.problem(line_of(data, "routes"), f"{where}.routes: expected a list of routes")
+        route_values = None
+    for index, value in enumerate(route_values or []):
+        r_where = f"{where}.routes[{index}]"
+        r_line = line_of(route_values, index)
+        r_data = check.mapping(value, r_where, r_line)
+        if r_data is None:
+            continue
+        check.known_keys(r_data, _ROUTE_KEYS, r_where)
+        match = check.get(r_data, "match", r_where, _string, None)
+        if match is None:
+            check.problem(r_line, f"{r_where}: `match` is required")
+            continue
+        if not (match == prefix or match.startswith(prefix.rstrip("/") + "/")):
+            check.problem(line_of(r_data, "match"), f"{r_where}.match: {match!r} is outside the service prefix {prefix!r}")
+        pattern = MatchPattern.compile(match)
+        if len(set(pattern.names)) != len(pattern.names):
+            check.problem(line_of(r_data, "match"), f"{r_where}.match: a placeholder is used twice")
+        r_rule = _cache_rule(check, r_data["cache"], f"{r_where}.cache", line_of(r_data, "cache"), rule, cache.max_stale) if "cache" in r_data else rule
+        paths: dict[str, Template] = {}
+        p_data = check.mapping(r_data.get("paths"), f"{r_where}.paths", line_of(r_data, "paths"))
+        for u_name, template in (p_data or {}).items():
+            if u_name not in names:
+                check.problem(line_of(p_data, u_name), f"{r_where}.paths: no upstream named {u_name!r} in service {name!r}")
+            elif not isinstance(template, str) or not template.startswith("/"):
+                check.problem(line_of(p_data, u_name), f"{r_where}.paths.{u_name}: expected a path starting with /")
+            else:
+                paths[u_name] = Template.parse(template)
+        r_name = check.get(r_data, "name", r_where, _string, match)
+        routes.append(Route(name=r_name, pattern=pattern, cache=r_rule, paths=paths))
+
+    # Every placeholder an upstream uses must come from some route's match, or the template can never be filled.
+    for upstream in upstreams:
+        needed = set(upstream.path.names if upstream.path else ()) | {n for _, t in upstream.query for n in t.names} \
+            | {n for _, t in upstream.headers for n in t.names}
+        offered = {n for r in routes for n in r.pattern.names}
+        for missing in sorted(needed - offered):
+            check.problem(upstream_lines.get(upstream.name, line),
+                          f"{where}.upstreams: {upstream.name} uses {{{missing}}} but no route's match defines it")
+    for route in routes:
+        for u_name, template in route.paths.items():
+            for missing in sorted(set(template.names) - set(route.pattern.names)):
+                check.problem(line, f"{where}.routes: route {route.name!r} path for {u_name} uses {{{missing}}} not in its match")
+
+    return Service(name=name, prefix=prefix, upstreams=tuple(upstreams), routes=tuple(routes), cache=rule,
+                   deadline=deadline, retry_non_idempotent=check.get(data, "retry_non_idempotent", where, _boolean, False),
+                   forward_headers=frozenset(forward))
+
+
+def _rule_dict(rule: CacheRule) -> dict[str, Any]:
+    return {"ttl": rule.ttl, "stale": rule.stale, "statuses": sorted(rule.statuses), "vary": list(rule.vary),
+            "key_by_credential": rule.key_by_credential, "stale_while_revalidate": rule.stale_while_revalidate}
+
+
+def _effective_service(service: Service, data: LineDict) -> dict[str, Any]:
+    raw_upstreams = {u.get("name"): u for u in data.get("upstreams", []) if isinstance(u, LineDict)}
+    upstreams = []
+    for upstream in service.upstreams:
+        raw = raw_upstreams.get(upstream.name, {})
+        upstreams.append({
+            "name": upstream.name, "url": str(upstream.url),
+            "path": upstream.path.text if upstream.path else None,
+            "query": {k: _masked(v) for k, v in (raw.get("query") or {}).items()},
+            "headers": {k: _masked(v) for k, v in (raw.get("headers") or {}).items()},
+            "timeout": upstream.timeout,
+            "breaker": {"fail_threshold": upstream.breaker.fail_threshold, "open_timeout": upstream.breaker.open_timeout,
+                        "half_open_max_calls": upstream.breaker.half_open_max_calls},
+            "retry": {"retries": upstream.retry.retries, "base_delay": upstream.retry.base_delay,
+                      "max_delay": upstream.retry.max_delay, "retry_on": sorted(upstream.retry.retry_on)},
+        })
+    return {
+        "prefix": service.prefix, "deadline": service.deadline, "retry_non_idempotent": service.retry_non_idempotent,
+        "cache": _rule_dict(service.cache),
+        "routes": [{"name": r.name, "match": r.pattern.text, "cache": _rule_dict(r.cache),
+                    "paths": {k: t.text for k, t in r.paths.items()}} for r in service.routes],
+        "upstreams": upstreams,
+    }
+
+
+def _format(check: _Checker) -> list[str]:
+    return [f"{check.filename}:{line}: {message}" for line, message in sorted(check.problems, key=lambda p: p[0])]
