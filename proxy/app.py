@@ -1,0 +1,77 @@
+"""Wiring: the one place where the chain is assembled from a Config.
+
+    cache → coalesce → fallback over upstreams → (retry → breaker → timeout → HTTP call)
+
+Per-request stages sit above per-attempt stages (Envoy's order). A `Runtime` holds one
+assembled chain plus the objects that outlive a request (breakers, budgets, the store,
+the HTTP sessions); a reload builds a new Runtime and swaps it in whole.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from . import events
+from .attempt import AttemptStage
+from .breaker import Breaker
+from .cache import MemoryStore, RedisStore, Store, TwoLevelStore
+from .caching import CacheStage
+from .clock import Clock
+from .config import Config, Upstream
+from .fallback import FallbackStage
+from .retry import RetryBudget
+from .retrying import RetryStage
+from .transport import HttpTransport
+
+
+def build_store(config: Config, clock: Clock, emit: events.Subscriber) -> Store:
+    """The configured cache backend; Redis gets a small in-process tier in front of it."""
+    settings = config.cache
+    if settings.backend == "redis":
+        remote = RedisStore(settings.url, prefix=settings.prefix, clock=clock, emit=emit, op_timeout=settings.op_timeout)
+        local = MemoryStore(min(settings.max_bytes, 16 * 1024 * 1024), clock)
+        return TwoLevelStore(remote, local, local_ttl=settings.local_ttl, clock=clock)
+    return MemoryStore(settings.max_bytes, clock)
+
+
+class Runtime:
+    """One assembled chain and its long-lived parts."""
+
+    def __init__(self, config: Config, *, clock: Clock, bus: events.EventBus, store: Store | None = None,
+                 transport: HttpTransport | None = None, breakers: dict[str, Breaker] | None = None,
+                 budgets: dict[str, RetryBudget] | None = None, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.clock = clock
+        self.bus = bus
+        self.transport = transport or HttpTransport(config.server)
+        self.breakers = breakers if breakers is not None else {}
+        self.budgets = budgets if budgets is not None else {}
+        for upstream in config.upstreams():
+            self.breakers.setdefault(upstream.name, self._new_breaker(upstream))
+            if config.retry_budget.enabled:
+                self.budgets.setdefault(upstream.name, RetryBudget(
+                    clock, ratio=config.retry_budget.ratio, min_per_second=config.retry_budget.min_per_second,
+                    window=config.retry_budget.window))
+        self.store = store or build_store(config, clock, bus.emit)
+        attempt = AttemptStage(self.transport, self.breakers, clock, bus.emit)
+        retry = RetryStage(attempt, self.budgets, clock, bus.emit, rng)
+        self.fallback = FallbackStage(retry, clock)
+        self.cache = CacheStage(self.store, self.fallback, config.cache, clock, bus.emit)
+        self.chain = self.cache
+
+    def _new_breaker(self, upstream: Upstream) -> Breaker:
+        return Breaker(upstream.service, upstream.name, upstream.breaker, self.clock, self.bus.emit)
+
+    def upstream(self, name: str) -> Upstream | None:
+        for upstream in self.config.upstreams():
+            if upstream.name == name:
+                return upstream
+        return None
+
+    async def close(self) -> None:
+        await self.cache.close()
+        await self.transport.close()
+
+    def describe_cache(self) -> dict[str, Any]:
+        return self.store.describe()

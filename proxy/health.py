@@ -1,0 +1,202 @@
+"""Health, integration status and admin endpoints on the main port (`/health...`).
+
+Read-only endpoints answer from in-memory state; admin actions (POST/DELETE) need
+`Authorization: Bearer $ADMIN_TOKEN` when ADMIN_TOKEN is set, else a loopback caller.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from datetime import datetime, timezone
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from .breaker import State
+from .server import json_response
+
+# A provider whose error rate over the last 5 minutes is above this is DEGRADED.
+DEGRADED_ERROR_RATE = 0.2
+
+
+def now_iso(epoch: float) -> str:
+    moment = datetime.fromtimestamp(epoch, tz=timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def _is_loopback(request: web.BaseRequest) -> bool:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if not peer:
+        return False
+    try:
+        address = ipaddress.ip_address(peer[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+class Health:
+    """Dispatches `/health...` requests."""
+
+    def __init__(self, state: Any) -> None:
+        self._state = state  # .runtime, .stats, .metrics, .admin_token, .ready, .reload()
+
+    async def __call__(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
+        path = request.path.rstrip("/") or "/"
+        method = request.method
+        parts = path.split("/")[1:]  # ["health", ...]
+        if method in ("GET", "HEAD"):
+            handler = self._reads.get(path)
+            if handler is None:
+                return json_response(404, {"error": "not_found", "request_id": request_id})
+            return await handler(self, request)
+        admin = self._admin_route(method, parts)
+        if admin is None:
+            if path in self._reads:
+                return json_response(405, {"error": "method_not_allowed", "request_id": request_id},
+                                     {"Allow": "GET, HEAD"})
+            return json_response(404, {"error": "not_found", "request_id": request_id})
+        refused = self._authorize(request, request_id)
+        if refused is not None:
+            return refused
+        return await admin(request)
+
+    # --- read-only ---------------------------------------------------------------------
+
+    async def health(self, request: web.BaseRequest) -> web.Response:
+        services = self._services()
+        overall = [s["overall"] for s in services.values()]
+        if overall and all(o == "DOWN" for o in overall):
+            status = "unhealthy"
+        elif any(o != "HEALTHY" for o in overall):
+            status = "degraded"
+        else:
+            status = "healthy"
+        runtime = self._state.runtime
+        return json_response(200, {"status": status, "services": services,
+                                   "timestamp": now_iso(runtime.clock.time())})
+
+    async def live(self, request: web.BaseRequest) -> web.Response:
+        return json_response(200, {"status": "alive"})
+
+    async def ready(self, request: web.BaseRequest) -> web.Response:
+        if not self._state.ready:
+            return json_response(503, {"status": "starting"})
+        return json_response(200, {"status": "ready", "config": self._state.runtime.config.source})
+
+    async def integrations(self, request: web.BaseRequest) -> web.Response:
+        return json_response(200, {"services": self._services(),
+                                   "timestamp": now_iso(self._state.runtime.clock.time())})
+
+    async def circuits(self, request: web.BaseRequest) -> web.Response:
+        runtime = self._state.runtime
+        circuits = [runtime.breakers[u.name].snapshot() for u in runtime.config.upstreams()]
+        return json_response(200, {"circuits": circuits})
+
+    async def stats(self, request: web.BaseRequest) -> web.Response:
+        text = request.query.get("minutes", "60")
+        if not text.isdigit() or not 1 <= int(text) <= 1440:
+            return json_response(400, {"error": "bad_request", "detail": "minutes must be a whole number from 1 to 1440"})
+        return json_response(200, self._state.stats.window(int(text)))
+
+    async def cache(self, request: web.BaseRequest) -> web.Response:
+        runtime = self._state.runtime
+        window = self._state.stats.window(5)
+        body = dict(runtime.store.describe())
+        body["hitRate"] = {name: s.get("cacheHitRate") for name, s in window["services"].items()}
+        return json_response(200, body)
+
+    async def metrics(self, request: web.BaseRequest) -> web.Response:
+        body, content_type = self._state.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    _reads: dict[str, Callable[["Health", web.BaseRequest], Awaitable[web.StreamResponse]]] = {
+        "/health": health, "/health/live": live, "/health/ready": ready,
+        "/health/integrations": integrations, "/health/integrations/circuits": circuits,
+        "/health/integrations/stats": stats, "/health/integrations/cache": cache, "/health/metrics": metrics,
+    }
+
+    def _services(self) -> dict[str, Any]:
+        runtime = self._state.runtime
+        stats = self._state.stats
+        out: dict[str, Any] = {}
+        for service in runtime.config.services.values():
+            providers = []
+            for upstream in service.upstreams:
+                breaker = runtime.breakers[upstream.name]
+                state = breaker.state
+                error_rate = stats.recent_error_rate(upstream.name)
+                if state is State.OPEN:
+                    status = "DOWN"
+                elif state is State.HALF_OPEN or (error_rate is not None and error_rate > DEGRADED_ERROR_RATE):
+                    status = "DEGRADED"
+                else:
+                    status = "HEALTHY"
+                providers.append({"providerName": upstream.name, "status": status, "circuitState": state.value,
+                                  "isHealthy": status == "HEALTHY"})
+            statuses = [p["status"] for p in providers]
+            if statuses and all(s == "DOWN" for s in statuses):
+                overall = "DOWN"
+            elif all(s == "HEALTHY" for s in statuses):
+                overall = "HEALTHY"
+            else:
+                overall = "DEGRADED"
+            out[service.name] = {"service": service.name, "providers": providers, "overall": overall}
+        return out
+
+    # --- admin --------------------------------------------------------------------------
+
+    def _admin_route(self, method: str, parts: list[str]) -> Callable[[web.BaseRequest], Awaitable[web.Response]] | None:
+        if method == "POST" and parts == ["health", "reload"]:
+            return self._reload
+        if method == "POST" and len(parts) == 5 and parts[:3] == ["health", "integrations", "circuits"] \
+                and parts[4] in ("reset", "open"):
+            provider, action = parts[3], parts[4]
+            return lambda request: self._circuit(provider, action)
+        if method == "DELETE" and len(parts) == 4 and parts[:3] == ["health", "integrations", "cache"]:
+            service = parts[3]
+            return lambda request: self._purge(service)
+        return None
+
+    def _authorize(self, request: web.BaseRequest, request_id: str) -> web.Response | None:
+        token = self._state.admin_token
+        if token:
+            given = request.headers.get("Authorization", "")
+            scheme, _, value = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+                return json_response(401, {"error": "unauthorized", "request_id": request_id},
+                                     {"WWW-Authenticate": 'Bearer realm="resilience-proxy"'})
+            return None
+        if not _is_loopback(request):
+            return json_response(403, {"error": "forbidden", "detail": "admin actions need ADMIN_TOKEN or a loopback caller",
+                                       "request_id": request_id})
+        return None
+
+    async def _circuit(self, provider: str, action: str) -> web.Response:
+        breaker = self._state.runtime.breakers.get(provider)
+        if breaker is None or self._state.runtime.upstream(provider) is None:
+            return json_response(404, {"error": "unknown_provider", "provider": provider})
+        if action == "reset":
+            breaker.reset()
+        else:
+            breaker.force_open()
+        return json_response(200, breaker.snapshot())
+
+    async def _purge(self, service: str) -> web.Response:
+        runtime = self._state.runtime
+        if service not in runtime.config.services:
+            return json_response(404, {"error": "unknown_service", "service": service})
+        if not runtime.store.connected:
+            return json_response(503, {"error": "cache_unavailable", "service": service,
+                                       "detail": "the cache backend is unreachable; nothing was purged"})
+        removed = await runtime.store.purge(service)
+        return json_response(200, {"service": service, "purged": removed})
+
+    async def _reload(self, request: web.BaseRequest) -> web.Response:
+        problems = await self._state.reload("admin")
+        if problems:
+            return json_response(400, {"error": "invalid_config", "problems": problems})
+        return json_response(200, {"status": "reloaded", "config": self._state.runtime.config.source})

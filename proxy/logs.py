@@ -1,0 +1,162 @@
+"""Structured logs: structlog, JSON by default, secrets masked in every line.
+
+`EventLog` subscribes to the chain's events and writes the lines operators know
+(`Circuit breaker: OPENED for fx_primary, will retry after ...`, `Using stale cache for ...`),
+one line per proxied request and one per upstream attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from datetime import datetime, timezone
+from typing import Any, TextIO
+
+import orjson
+import structlog
+
+from . import events
+
+_SENSITIVE_KEY = re.compile(r"(authorization|cookie|api[-_]?key|token|secret|password|passwd|access[-_]?key)", re.I)
+_MASK = "***"
+
+
+class Redactor:
+    """A structlog processor hiding secret values wherever they appear in a log event."""
+
+    def __init__(self) -> None:
+        self._secrets: tuple[str, ...] = ()
+
+    def set_secrets(self, secrets: frozenset[str] | set[str]) -> None:
+        # Longest first, so a secret that contains another is masked whole.
+        self._secrets = tuple(sorted((s for s in secrets if s), key=len, reverse=True))
+
+    def add_secrets(self, secrets: frozenset[str] | set[str]) -> None:
+        self.set_secrets(set(self._secrets) | set(secrets))
+
+    def mask_text(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, _MASK)
+        return text
+
+    def _mask(self, key: str | None, value: Any) -> Any:
+        if isinstance(value, str):
+            if key is not None and _SENSITIVE_KEY.search(key):
+                return _MASK
+            return self.mask_text(value)
+        if isinstance(value, dict):
+            return {k: self._mask(str(k), v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self._mask(None, v) for v in value]
+        return value
+
+    def __call__(self, logger: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+        return {k: (v if k in ("timestamp", "level") else self._mask(k if k != "event" else None, v))
+                for k, v in event_dict.items()}
+
+
+REDACTOR = Redactor()
+
+
+def _orjson_dumps(value: Any, **_: Any) -> str:
+    return orjson.dumps(value, default=str).decode()
+
+
+def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
+    """Set up structlog for the process (LOG_LEVEL / LOG_FORMAT)."""
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        numeric = logging.INFO
+    renderer: Any = structlog.dev.ConsoleRenderer(colors=False) if fmt == "console" else \
+        structlog.processors.JSONRenderer(serializer=_orjson_dumps)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            REDACTOR,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
+        cache_logger_on_first_use=False,
+    )
+
+
+def iso(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class EventLog:
+    """Turns chain events into log lines."""
+
+    def __init__(self, logger: Any | None = None) -> None:
+        self._log = logger or structlog.get_logger("resilience-proxy")
+
+    def __call__(self, event: Any) -> None:
+        handler = getattr(self, "_" + type(event).__name__, None)
+        if handler is not None:
+            handler(event)
+
+    def _BreakerFailure(self, e: events.BreakerFailure) -> None:
+        self._log.warning(f"Circuit breaker: FAILURE for {e.provider}, error count: {e.failures}/{e.threshold}",
+                          kind="breaker", service=e.service, provider=e.provider, failures=e.failures, threshold=e.threshold)
+
+    def _BreakerTransition(self, e: events.BreakerTransition) -> None:
+        fields = dict(kind="breaker", service=e.service, provider=e.provider, old=e.old, new=e.new, reason=e.reason)
+        if e.new == "OPEN" and e.reason == "forced":
+            self._log.warning(f"Circuit breaker: FORCED OPEN for {e.provider}, until reset", **fields)
+        elif e.new == "OPEN":
+            self._log.error(f"Circuit breaker: OPENED for {e.provider}, will retry after {iso(e.retry_at)}",
+                            retry_at=iso(e.retry_at), failures=e.failures, threshold=e.threshold, **fields)
+        elif e.new == "HALF_OPEN":
+            self._log.info(f"Circuit breaker: HALF_OPEN for {e.provider}, sending probes", **fields)
+        elif e.reason == "reset":
+            self._log.warning(f"Circuit breaker: RESET for {e.provider}, circuit reset to CLOSED by an operator", **fields)
+        else:
+            self._log.info(f"Circuit breaker: SUCCESS for {e.provider}, circuit reset to CLOSED", **fields)
+
+    def _AttemptFinished(self, e: events.AttemptFinished) -> None:
+        level = self._log.info if e.outcome in ("success", "client_error") else self._log.warning
+        level("upstream attempt", kind="attempt", service=e.service, provider=e.provider, outcome=e.outcome,
+              status=e.status, duration_ms=round(e.duration * 1000, 2), attempt=e.attempt, method=e.method,
+              url=e.url, request_id=e.request_id, error=e.error)
+
+    def _RetryScheduled(self, e: events.RetryScheduled) -> None:
+        self._log.info(f"Retrying {e.provider} in {e.delay * 1000:.0f}ms (attempt {e.attempt})", kind="retry",
+                       service=e.service, provider=e.provider, attempt=e.attempt, delay_ms=round(e.delay * 1000, 1),
+                       request_id=e.request_id)
+
+    def _RetryBudgetExhausted(self, e: events.RetryBudgetExhausted) -> None:
+        self._log.warning(f"Retry budget exhausted for {e.provider}, not retrying", kind="retry_budget",
+                          service=e.service, provider=e.provider, request_id=e.request_id)
+
+    def _StaleServed(self, e: events.StaleServed) -> None:
+        self._log.warning(f"Using stale cache for {e.service} {e.path}, age: {int(e.age)}s", kind="stale",
+                          service=e.service, path=e.path, age=int(e.age), upstream=e.upstream, reason=e.reason,
+                          request_id=e.request_id)
+
+    def _CacheBackendState(self, e: events.CacheBackendState) -> None:
+        if e.connected:
+            self._log.info(f"Cache backend {e.backend} is available", kind="cache_backend", backend=e.backend)
+        else:
+            self._log.error(f"Cache backend {e.backend} is unavailable, serving without it", kind="cache_backend",
+                            backend=e.backend, error=e.error)
+
+    def _RequestFinished(self, e: events.RequestFinished) -> None:
+        self._log.info("request", kind="request", service=e.service, route=e.route, method=e.method, path=e.path,
+                       status=e.status, x_cache=e.cache, upstream=e.upstream,
+                       attempts=[{"upstream": u, "outcome": o} for u, o in e.attempts],
+                       duration_ms=round(e.duration * 1000, 2), request_id=e.request_id)
+
+    def _ConfigReloaded(self, e: events.ConfigReloaded) -> None:
+        if e.ok:
+            self._log.info("Route table reloaded", kind="reload", source=e.source)
+        else:
+            self._log.error("Route table rejected, the previous one keeps serving", kind="reload", source=e.source,
+                            problems=list(e.errors))

@@ -1,0 +1,308 @@
+"""Prometheus metrics, fed by the proxy's events.
+
+`Metrics` is an event-bus subscriber and the only module that imports prometheus_client. Label
+values come from event fields that the route table names (service, upstream, outcome, ...), never
+from a request path, so the number of series stays bounded by the config.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import threading
+from collections import deque
+from typing import Any, Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from . import events
+from .clock import Clock
+from .outcome import Outcome
+
+# From 5 ms (a cache-warm upstream on the same network) up to 30 s (the longest sensible deadline).
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0)
+# Ages of stale copies served: 1 minute up to the 7 days `max_stale` allows.
+STALE_AGE_BUCKETS = (60.0, 300.0, 900.0, 1800.0, 3600.0, 3 * 3600.0, 6 * 3600.0, 12 * 3600.0,
+                     86400.0, 2 * 86400.0, 3 * 86400.0, 7 * 86400.0)
+BREAKER_STATES = ("CLOSED", "OPEN", "HALF_OPEN")
+HIT_RATE_WINDOW = 300  # seconds: `cache_hit_rate` is "the last 5 minutes"
+
+# Attempt outcomes that are not errors: the upstream answered and the answer is passed on.
+_ANSWERED = frozenset(o.value for o in Outcome if o.answered)
+
+
+def _text(value: Any) -> str:
+    """A label value; an enum member gives its value, not `Outcome.SUCCESS`."""
+    return value.value if isinstance(value, enum.Enum) else str(value)
+
+
+class _Labelled:
+    """One labelled metric plus a cache of its children, so the hot path skips `.labels()`."""
+
+    __slots__ = ("metric", "children")
+
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+        self.children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self.children.get(values)
+        if child is None:
+            child = self.children[values] = self.metric.labels(*values)
+        return child
+
+    def drop(self, matches: Callable[[tuple[str, ...]], bool]) -> None:
+        for key in [key for key in self.children if matches(key)]:
+            del self.children[key]
+            self.metric.remove(*key)
+
+
+class _HitWindow:
+    """Cache hits and lookups per second of the monotonic clock, for the last `HIT_RATE_WINDOW` s."""
+
+    __slots__ = ("seconds", "hits", "lookups")
+
+    def __init__(self) -> None:
+        self.seconds: deque[list[int]] = deque()  # [second, hits, lookups], oldest first
+        self.hits = 0
+        self.lookups = 0
+
+    def add(self, second: int, hit: bool) -> None:
+        if self.seconds and self.seconds[-1][0] == second:
+            slot = self.seconds[-1]
+        else:
+            slot = [second, 0, 0]
+            self.seconds.append(slot)
+        slot[1] += hit
+        slot[2] += 1
+        self.hits += hit
+        self.lookups += 1
+
+    def expire(self, second: int) -> None:
+        oldest_kept = second - HIT_RATE_WINDOW + 1
+        while self.seconds and self.seconds[0][0] < oldest_kept:
+            _, hits, lookups = self.seconds.popleft()
+            self.hits -= hits
+            self.lookups -= lookups
+
+    def percent(self) -> float | None:
+        return 100.0 * self.hits / self.lookups if self.lookups else None
+
+
+class Metrics:
+    """Prometheus metrics for the proxy; call it with any event (`bus.subscribe(metrics)`).
+
+    Each instance owns a registry (never the process-global one), so tests and several
+    instances in one process do not collide. Unknown event types are ignored.
+
+    `cache_hit_rate{service}` is the percentage of *hits* among the service's cache lookups in
+    the last 5 minutes (monotonic clock, one-second slots). Stale answers count as lookups but
+    not as hits (an operator reading "hit rate" means fresh answers); `bypass` lookups are not
+    counted at all (they could never have hit). With no counted lookups in the window the series
+    is removed rather than kept at an old value or set to 0, 100 or NaN: an idle service has no
+    hit rate, `cache_hit_rate < 50` then neither fires nor stays firing on stale data, and a
+    dashboard shows "no data". The value is recomputed on every lookup and on every `render()`,
+    so it ages out when traffic stops.
+    """
+
+    def __init__(self, clock: Clock, registry: CollectorRegistry | None = None) -> None:
+        self._clock = clock
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        sp = ("service", "provider")
+
+        def counter(name: str, doc: str, labels: tuple[str, ...]) -> _Labelled:
+            return _Labelled(Counter(name, doc, labels, registry=r))
+
+        def gauge(name: str, doc: str, labels: tuple[str, ...]) -> _Labelled:
+            return _Labelled(Gauge(name, doc, labels, registry=r))
+
+        self._requests = counter("external_requests_total", "Upstream attempts by outcome.", sp + ("outcome",))
+        self._errors = counter("external_request_errors_total",
+                               "Upstream attempts that failed (not 2xx/3xx/4xx), by reason.", sp + ("reason",))
+        self._duration = _Labelled(Histogram("external_request_duration_seconds", "Duration of one upstream attempt.",
+                                             sp, buckets=DURATION_BUCKETS, registry=r))
+        self._skipped = counter("upstream_skipped_total",
+                                "Upstreams not called (breaker open, no time left, ...), by reason.", sp + ("reason",))
+        self._breaker_open = gauge("circuit_breaker_open", "1 while the upstream's breaker is OPEN, else 0.", sp)
+        self._breaker_state = gauge("circuit_breaker_state", "The breaker's state, one-hot.", sp + ("state",))
+        self._transitions = counter("circuit_breaker_transitions_total", "Breaker state changes, by new state.",
+                                    sp + ("to",))
+        self._retries = counter("retries_total", "Retries scheduled on an upstream.", sp)
+        self._budget_exhausted = counter("retry_budget_exhausted_total",
+                                         "Retries refused because the upstream's retry budget was spent.", sp)
+        self._fallbacks = counter("fallbacks_total",
+                                  "Requests served by a non-primary upstream or by a stale copy.", sp)
+        self._cache_requests = counter("cache_requests_total", "Cache lookups by result.", ("service", "result"))
+        self._hit_rate = gauge("cache_hit_rate", "Percent of cache lookups that hit, last 5 minutes.", ("service",))
+        self._stale_served = counter("stale_served_total", "Stale copies served because upstreams failed.",
+                                     ("service",))
+        self._stale_age = _Labelled(Histogram("stale_served_age_seconds", "Age of the stale copies served.",
+                                              ("service",), buckets=STALE_AGE_BUCKETS, registry=r))
+        self._coalesced = counter("coalesced_requests_total",
+                                  "Requests that waited for an identical in-flight request.", ("service",))
+        self._proxy_requests = counter("proxy_requests_total", "Proxied requests answered, by status code.",
+                                       ("service", "code"))
+        self._proxy_duration = _Labelled(Histogram("proxy_request_duration_seconds",
+                                                   "Duration of one proxied request, retries and fallback included.",
+                                                   ("service",), buckets=DURATION_BUCKETS, registry=r))
+        self._backend_up = gauge("cache_backend_up", "1 while the cache backend is reachable.", ("backend",))
+        self._cache_errors = counter("cache_errors_total", "Cache backend errors by operation.",
+                                     ("backend", "operation"))
+        self._reloads = counter("config_reloads_total", "Route table reloads by result.", ("result",))
+        self._last_reload = Gauge("config_last_reload_success_timestamp_seconds",
+                                  "Wall-clock time of the last successful reload.", registry=r)
+        self._reloads("ok")
+        self._reloads("error")
+
+        self._by_provider = (self._requests, self._errors, self._duration, self._skipped, self._breaker_open,
+                             self._breaker_state, self._transitions, self._retries, self._budget_exhausted,
+                             self._fallbacks)
+        self._by_service = self._by_provider + (self._cache_requests, self._hit_rate, self._stale_served,
+                                                self._stale_age, self._coalesced, self._proxy_requests,
+                                                self._proxy_duration)
+        self._hit_windows: dict[str, _HitWindow] = {}
+        self._hit_lock = threading.Lock()  # render() may run on a scrape thread
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            events.AttemptFinished: self._attempt_finished,
+            events.UpstreamSkipped: self._upstream_skipped,
+            events.BreakerTransition: self._breaker_transition,
+            events.RetryScheduled: self._retry_scheduled,
+            events.RetryBudgetExhausted: self._retry_budget_exhausted,
+            events.CacheLookup: self._cache_lookup,
+            events.StaleServed: self._stale_served_event,
+            events.Coalesced: self._coalesced_event,
+            events.RequestFinished: self._request_finished,
+            events.CacheBackendState: self._backend_state,
+            events.CacheError: self._cache_error,
+            events.ConfigReloaded: self._config_reloaded,
+        }
+
+    def __call__(self, event: Any) -> None:
+        handler = self._handlers.get(type(event))
+        if handler is not None:
+            handler(event)
+
+    # --- lifecycle of label sets ------------------------------------------------------------
+
+    def register_provider(self, service: str, provider: str) -> None:
+        """Create the upstream's series at 0 with its breaker CLOSED (at start and after a reload).
+
+        Series that already exist keep their values, so re-registering after a reload is harmless.
+        """
+        key = (service, provider)
+        if key not in self._breaker_open.children:
+            self._set_breaker(service, provider, "CLOSED")
+        for family in (self._retries, self._budget_exhausted, self._fallbacks, self._duration):
+            family(service, provider)
+        self._requests(service, provider, Outcome.SUCCESS.value)
+
+    def forget_provider(self, service: str, provider: str) -> None:
+        """Remove every series of an upstream that a reload took out of the route table."""
+        key = (service, provider)
+        for family in self._by_provider:
+            family.drop(lambda labels: labels[:2] == key)
+
+    def forget_service(self, service: str) -> None:
+        """Remove every series of a service (and of its upstreams) that a reload took out."""
+        for family in self._by_service:
+            family.drop(lambda labels: labels[0] == service)
+        with self._hit_lock:
+            self._hit_windows.pop(service, None)
+
+    # --- exposition ---------------------------------------------------------------------------
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition and its content type (hit rates refreshed first)."""
+        second = int(self._clock.monotonic())
+        with self._hit_lock:
+            for service in list(self._hit_windows):
+                self._refresh_hit_rate(service, second)
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def hit_rate(self, service: str) -> float | None:
+        """The service's `cache_hit_rate` right now, or None with no lookups in the last 5 minutes."""
+        with self._hit_lock:
+            window = self._hit_windows.get(service)
+            if window is None:
+                return None
+            window.expire(int(self._clock.monotonic()))
+            return window.percent()
+
+    # --- event handlers -------------------------------------------------------------------
+
+    def _attempt_finished(self, e: events.AttemptFinished) -> None:
+        outcome = _text(e.outcome)
+        self._requests(e.service, e.provider, outcome).inc()
+        if outcome not in _ANSWERED:
+            self._errors(e.service, e.provider, outcome).inc()
+        self._duration(e.service, e.provider).observe(e.duration)
+
+    def _upstream_skipped(self, e: events.UpstreamSkipped) -> None:
+        self._skipped(e.service, e.provider, _text(e.reason)).inc()
+
+    def _breaker_transition(self, e: events.BreakerTransition) -> None:
+        new = _text(e.new)
+        self._set_breaker(e.service, e.provider, new)
+        self._transitions(e.service, e.provider, new).inc()
+
+    def _set_breaker(self, service: str, provider: str, state: str) -> None:
+        self._breaker_open(service, provider).set(1 if state == "OPEN" else 0)
+        for known in BREAKER_STATES:
+            self._breaker_state(service, provider, known).set(1 if known == state else 0)
+
+    def _retry_scheduled(self, e: events.RetryScheduled) -> None:
+        self._retries(e.service, e.provider).inc()
+
+    def _retry_budget_exhausted(self, e: events.RetryBudgetExhausted) -> None:
+        self._budget_exhausted(e.service, e.provider).inc()
+
+    def _cache_lookup(self, e: events.CacheLookup) -> None:
+        result = _text(e.result)
+        self._cache_requests(e.service, result).inc()
+        second = int(self._clock.monotonic())
+        with self._hit_lock:
+            window = self._hit_windows.get(e.service)
+            if result != "bypass":
+                if window is None:
+                    window = self._hit_windows[e.service] = _HitWindow()
+                window.add(second, result == "hit")
+            if window is not None:
+                self._refresh_hit_rate(e.service, second)
+
+    def _refresh_hit_rate(self, service: str, second: int) -> None:
+        window = self._hit_windows[service]
+        window.expire(second)
+        percent = window.percent()
+        if percent is None:
+            self._hit_rate.drop(lambda labels: labels == (service,))
+        else:
+            self._hit_rate(service).set(percent)
+
+    def _stale_served_event(self, e: events.StaleServed) -> None:
+        self._stale_served(e.service).inc()
+        if math.isfinite(e.age):
+            self._stale_age(e.service).observe(max(e.age, 0.0))
+
+    def _coalesced_event(self, e: events.Coalesced) -> None:
+        self._coalesced(e.service).inc()
+
+    def _request_finished(self, e: events.RequestFinished) -> None:
+        self._proxy_requests(e.service, str(e.status)).inc()
+        self._proxy_duration(e.service).observe(e.duration)
+        if e.fallback:
+            # For a stale answer `upstream` is the one that produced the copy.
+            self._fallbacks(e.service, e.upstream or "none").inc()
+
+    def _backend_state(self, e: events.CacheBackendState) -> None:
+        self._backend_up(e.backend).set(1 if e.connected else 0)
+
+    def _cache_error(self, e: events.CacheError) -> None:
+        self._cache_errors(e.backend, _text(e.operation)).inc()
+
+    def _config_reloaded(self, e: events.ConfigReloaded) -> None:
+        if e.ok:
+            self._reloads("ok").inc()
+            self._last_reload.set(self._clock.time())
+        else:
+            self._reloads("error").inc()

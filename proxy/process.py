@@ -1,0 +1,204 @@
+"""The running proxy: listeners, the current Runtime, reloads and a clean drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from . import events
+from .app import Runtime
+from .clock import SYSTEM_CLOCK, Clock
+from .config import Config, ConfigError, load_config
+from .health import Health
+from .logs import REDACTOR, EventLog
+from .metrics import Metrics
+from .server import ProxyHandler, error_response, request_id_of
+from .stats import Stats
+
+log = structlog.get_logger("resilience-proxy")
+
+# aiohttp refuses header lines past these with a 400; our own, lower limit answers 431 first.
+_PARSER_LIMITS = {"max_line_size": 65536, "max_field_size": 65536, "max_headers": 256}
+
+
+class ProxyProcess:
+    """Owns everything that lives as long as the process: bus, stats, metrics, listeners."""
+
+    def __init__(self, config: Config, *, clock: Clock = SYSTEM_CLOCK, env: Mapping[str, str] | None = None,
+                 log_events: bool = True) -> None:
+        self.env = os.environ if env is None else env
+        self.clock = clock
+        self.bus = events.EventBus()
+        self.stats = Stats(clock)
+        self.metrics = Metrics(clock)
+        self.bus.subscribe(self.metrics)
+        self.bus.subscribe(self.stats)
+        if log_events:
+            self.bus.subscribe(EventLog())
+        self.admin_token = self.env.get("ADMIN_TOKEN") or None
+        REDACTOR.add_secrets(config.secrets | ({self.admin_token} if self.admin_token else set()))
+        self.runtime = Runtime(config, clock=clock, bus=self.bus)
+        self._register(config)
+        self.ready = False
+        self._config_digest = _digest(config.source)
+        self._reload_lock = asyncio.Lock()
+        self._proxy = ProxyHandler(self)
+        self._health = Health(self)
+        self._runners: list[web.BaseRunner] = []
+        self.addresses: dict[str, tuple[str, int]] = {}
+        self._watch_task: asyncio.Task[None] | None = None
+
+    def _register(self, config: Config) -> None:
+        for upstream in config.upstreams():
+            self.metrics.register_provider(upstream.service, upstream.name)
+            self.stats.register(upstream.service, upstream.name)
+
+    # --- requests ---------------------------------------------------------------------------
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        request_id = request_id_of(request)
+        if request.method == "CONNECT" or not request.raw_path.startswith("/"):
+            return error_response(400, "bad_request", request_id,
+                                  "CONNECT and absolute-form targets are refused: this is not an open proxy", cache="BYPASS")
+        path = request.path
+        if path == "/health" or path.startswith("/health/"):
+            response = await self._health(request, request_id)
+            response.headers["X-Request-ID"] = request_id
+            return response
+        try:
+            return await self._proxy(request, request_id)
+        except Exception:
+            log.exception("unhandled error while proxying", request_id=request_id, path=request.path)
+            return error_response(500, "internal_error", request_id)
+
+    async def handle_metrics(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.path != "/metrics":
+            return web.Response(status=404, text="only /metrics here\n")
+        body, content_type = self.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self, listen: tuple[str, int] | None = None,
+                    metrics_listen: tuple[str, int] | None | bool = True) -> None:
+        """Bind the listeners (port 0 picks a free one; see `addresses`)."""
+        await self.runtime.store.ping()  # learn the cache backend's state before the first request
+        settings = self.runtime.config.server
+        main = web.ServerRunner(web.Server(self.handle, auto_decompress=False, **_PARSER_LIMITS),
+                                shutdown_timeout=settings.drain_timeout, access_log=None)
+        await main.setup()
+        host, port = listen or settings.listen
+        site = web.TCPSite(main, host, port)
+        await site.start()
+        self._runners.append(main)
+        self.addresses["main"] = main.addresses[0][:2]
+        target = settings.metrics_listen if metrics_listen is True else metrics_listen
+        if target:
+            metrics = web.ServerRunner(web.Server(self.handle_metrics), access_log=None)
+            await metrics.setup()
+            await web.TCPSite(metrics, target[0], target[1]).start()
+            self._runners.append(metrics)
+            self.addresses["metrics"] = metrics.addresses[0][:2]
+        self.ready = True
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to drain_timeout), close pools."""
+        self.ready = False
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
+        await self.runtime.close()
+
+    # --- reload -----------------------------------------------------------------------------
+
+    async def reload(self, source: str) -> list[str]:
+        """Re-read the route table; swap it in whole, or keep the old one and return the problems."""
+        async with self._reload_lock:
+            path = self.runtime.config.source
+            try:
+                config = load_config(path, self.env)
+            except ConfigError as exc:
+                self.bus.emit(events.ConfigReloaded(False, source, tuple(exc.problems)))
+                return exc.problems
+            self._config_digest = _digest(path)
+            old = self.runtime
+            kept_breakers = {}
+            for upstream in config.upstreams():
+                previous = old.upstream(upstream.name)
+                if previous is not None and previous.breaker == upstream.breaker and upstream.name in old.breakers:
+                    kept_breakers[upstream.name] = old.breakers[upstream.name]
+            kept_budgets = {n: b for n, b in old.budgets.items() if n in kept_breakers}
+            same_cache = config.cache == old.config.cache
+            store = old.store if same_cache else None
+            runtime = Runtime(config, clock=self.clock, bus=self.bus, store=store, transport=old.transport,
+                              breakers=kept_breakers, budgets=kept_budgets)
+            REDACTOR.add_secrets(config.secrets)
+            removed_upstreams = {u.name for u in old.config.upstreams()} - {u.name for u in config.upstreams()}
+            for name in removed_upstreams:
+                upstream = old.upstream(name)
+                if upstream is not None:
+                    self.metrics.forget_provider(upstream.service, name)
+                    self.stats.forget(name)
+            self._register(config)
+            self.runtime = runtime  # atomic for requests: each reads `runtime` once
+            if same_cache:
+                for service in old.config.services.keys() - config.services.keys():
+                    await store.purge(service)
+            else:
+                await old.cache.close()
+            await old.transport.close(keep={u.name for u in config.upstreams()})
+            self.bus.emit(events.ConfigReloaded(True, source))
+            return []
+
+    def file_changed(self) -> bool:
+        return _digest(self.runtime.config.source) != self._config_digest
+
+    async def watch(self, interval: float = 2.0) -> None:
+        """Poll the route table's content hash and reload when it changes (ConfigMap updates)."""
+        while True:
+            await asyncio.sleep(interval)
+            if self.file_changed():
+                await self.reload("file_change")
+                self._config_digest = _digest(self.runtime.config.source)  # don't retry a bad file every poll
+
+    def start_watching(self, interval: float = 2.0) -> None:
+        self._watch_task = asyncio.get_running_loop().create_task(self.watch(interval))
+
+
+def _digest(path: str) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+async def serve(config: Config, *, listen: tuple[str, int] | None = None,
+                metrics_listen: tuple[str, int] | None = None) -> None:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads the route table."""
+    process = ProxyProcess(config)
+    await process.start(listen, metrics_listen if metrics_listen else True)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(process.reload("sighup")))
+    process.start_watching()
+    main = process.addresses.get("main")
+    log.info("resilience-proxy serving", listen=f"{main[0]}:{main[1]}" if main else None,
+             metrics=process.addresses.get("metrics"), config=config.source,
+             services=sorted(config.services), cache=config.cache.backend)
+    await stop.wait()
+    log.info("draining: no new connections, finishing in-flight requests",
+             drain_timeout=config.server.drain_timeout)
+    await process.stop()
+    log.info("stopped")

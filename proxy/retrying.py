@@ -1,0 +1,67 @@
+"""Retries on one upstream: policy, backoff with full jitter, Retry-After, budget, deadline.
+
+Retries stay on one upstream; when they are spent (or not allowed) the fallback stage
+moves on. A retry is made only when the request is safe to send twice, its body can be
+replayed, the outcome is one the policy names, the budget allows it and the backoff
+leaves time before the deadline.
+"""
+
+from __future__ import annotations
+
+import random
+
+from . import events
+from .attempt import AttemptResult, AttemptStage
+from .clock import Clock
+from .config import Upstream
+from .exchange import AttemptRecord, Exchange
+from .outcome import Outcome
+from .retry import RetryBudget, parse_retry_after, retry_delay, should_retry
+from .transport import NoPathForUpstream, build_url
+
+NO_PATH = "no_path"
+
+
+class RetryStage:
+    def __init__(self, attempt: AttemptStage, budgets: dict[str, RetryBudget], clock: Clock,
+                 emit: events.Subscriber, rng: random.Random | None = None) -> None:
+        self._attempt = attempt
+        self._budgets = budgets
+        self._clock = clock
+        self._emit = emit
+        self._rng = rng or random.Random()
+
+    async def __call__(self, upstream: Upstream, exchange: Exchange) -> AttemptResult:
+        try:
+            url = build_url(upstream, exchange)
+        except NoPathForUpstream:
+            exchange.attempts.append(AttemptRecord(upstream.name, NO_PATH, None, "the route gives no path for this upstream"))
+            return AttemptResult(Outcome.BREAKER_OPEN, detail=NO_PATH)
+        budget = self._budgets.get(upstream.name)
+        if budget is not None:
+            budget.record_request()
+        policy = upstream.retry
+        number = 1
+        while True:
+            result = await self._attempt(upstream, exchange, url, number)
+            outcome = result.outcome
+            if outcome.answered or outcome is Outcome.BREAKER_OPEN:
+                return result
+            if number > policy.retries or not exchange.idempotent or not exchange.replayable:
+                return result
+            if not should_retry(policy, outcome, result.status):
+                return result
+            retry_after = None
+            if result.status in (429, 503) and result.reply is not None:
+                retry_after = parse_retry_after(result.reply.retry_after, self._clock.time())
+            remaining = exchange.deadline_at - self._clock.monotonic()
+            delay = retry_delay(policy, number, self._rng, retry_after, remaining)
+            if delay is None:
+                return result  # no time left for another try here: let fallback or stale answer
+            if budget is not None and not budget.try_spend():
+                self._emit(events.RetryBudgetExhausted(upstream.service, upstream.name, exchange.request_id))
+                return result
+            result.discard()
+            number += 1
+            self._emit(events.RetryScheduled(upstream.service, upstream.name, number, delay, exchange.request_id))
+            await self._clock.sleep(delay)

@@ -1,0 +1,191 @@
+"""The downstream side: one aiohttp server that turns requests into exchanges for the chain.
+
+Everything that is refused before forwarding is refused here, once: absolute-form and
+CONNECT targets, paths that would escape the upstream's base path, oversized headers
+and bodies, unknown prefixes. What passes becomes an `Exchange`; the chain's `Answer`
+(or failure) is written back with the proxy's headers added.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from typing import Any, AsyncIterator
+
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+from . import events
+from .exchange import Answer, Exchange
+from .fallback import RequestBodyTooLarge, UpstreamsFailed
+from .routing import UnsafePath, check_target
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+_BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
+_CHUNK = 64 * 1024
+
+
+def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
+
+
+def error_response(status: int, error: str, request_id: str, detail: str | None = None,
+                   cache: str = "MISS", extra: dict[str, Any] | None = None) -> web.Response:
+    body: dict[str, Any] = {"error": error}
+    if detail:
+        body["detail"] = detail
+    if extra:
+        body.update(extra)
+    body["request_id"] = request_id
+    return json_response(status, body, {"X-Cache": cache, "X-Request-ID": request_id})
+
+
+def request_id_of(request: web.BaseRequest) -> str:
+    given = request.headers.get("X-Request-ID")
+    if given and _REQUEST_ID.match(given):
+        return given
+    return uuid.uuid4().hex
+
+
+class ProxyHandler:
+    """Handles proxied requests for whatever Runtime `state.runtime` holds at the moment."""
+
+    def __init__(self, state: Any) -> None:
+        self._state = state  # has .runtime (swapped whole on reload) and .bus
+
+    async def __call__(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
+        runtime = self._state.runtime  # read once: a reload mid-request does not affect this one
+        config = runtime.config
+        clock = runtime.clock
+        started = clock.monotonic()
+        settings = config.server
+
+        raw_path = request.raw_path
+        try:
+            decoded = check_target(raw_path)
+        except (UnsafePath, UnicodeDecodeError) as exc:
+            return error_response(400, "bad_request", request_id, str(exc), cache="BYPASS")
+        header_bytes = sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
+        if header_bytes > settings.max_header_bytes:
+            return error_response(431, "request_headers_too_large", request_id,
+                                  f"{header_bytes} bytes of headers; the limit is {settings.max_header_bytes}", cache="BYPASS")
+        service = config.service_for(decoded)
+        if service is None:
+            return error_response(404, "no_route", request_id, cache="BYPASS")
+        length = request.content_length
+        if length is not None and length > settings.max_request_body:
+            return error_response(413, "request_body_too_large", request_id,
+                                  f"{length} bytes; the limit is {settings.max_request_body}", cache="BYPASS")
+
+        route, params = service.route_for(decoded)
+        path = raw_path.split("?", 1)[0]
+        exchange = Exchange(
+            request_id=request_id, method=request.method, service=service, route=route, params=params,
+            path=path, rest=_rest_of(path, service.prefix), query=tuple(request.rel_url.query.items()),
+            headers=request.headers, deadline_at=started + service.deadline)
+        try:
+            await self._read_body(request, exchange, settings.replay_buffer, settings.max_request_body)
+        except RequestBodyTooLarge:
+            return error_response(413, "request_body_too_large", request_id,
+                                  f"the limit is {settings.max_request_body} bytes", cache="BYPASS")
+
+        try:
+            answer = await runtime.chain(exchange)
+        except UpstreamsFailed as failure:
+            answer = None
+            response = json_response(failure.status, failure.body(request_id),
+                                     {"X-Cache": "MISS", "X-Request-ID": request_id,
+                                      "Cache-Status": f"resilience-proxy; fwd=uri-miss; detail={failure.error}"})
+            self._finished(exchange, failure.status, "MISS", None, started, clock)
+            return response
+        except RequestBodyTooLarge:
+            return error_response(413, "request_body_too_large", request_id,
+                                  f"the limit is {settings.max_request_body} bytes", cache="BYPASS")
+        response = await self._write(request, answer, request_id)
+        self._finished(exchange, answer.status, answer.cache, answer.upstream, started, clock, answer.fallback)
+        return response
+
+    def _finished(self, exchange: Exchange, status: int, cache: str, upstream: str | None, started: float,
+                  clock: Any, fallback: bool = False) -> None:
+        self._state.bus.emit(events.RequestFinished(
+            service=exchange.service.name, route=exchange.route_name, method=exchange.method, path=exchange.path,
+            status=status, cache=cache, upstream=upstream,
+            attempts=tuple((a.upstream, a.outcome) for a in exchange.attempts),
+            duration=clock.monotonic() - started, request_id=exchange.request_id, fallback=fallback))
+
+    async def _read_body(self, request: web.BaseRequest, exchange: Exchange, replay: int, limit: int) -> None:
+        """Buffer the body up to `replay` bytes; stream the rest (sent once, never replayed)."""
+        if not request.body_exists:
+            return
+        content = request.content
+        buffered = bytearray()
+        while len(buffered) <= replay:
+            chunk = await content.readany()
+            if not chunk:
+                exchange.body = bytes(buffered)
+                return
+            buffered += chunk
+            if len(buffered) > limit:
+                raise RequestBodyTooLarge()
+
+        async def rest() -> AsyncIterator[bytes]:
+            sent = len(buffered)
+            yield bytes(buffered)
+            while True:
+                chunk = await content.readany()
+                if not chunk:
+                    return
+                sent += len(chunk)
+                if sent > limit:
+                    exchange.body_too_large = True
+                    raise RequestBodyTooLarge()
+                yield chunk
+
+        exchange.body_stream = rest()
+
+    async def _write(self, request: web.BaseRequest, answer: Answer, request_id: str) -> web.StreamResponse:
+        headers = CIMultiDict(answer.headers)
+        headers["X-Cache"] = answer.cache
+        if answer.upstream:
+            headers["X-Upstream"] = answer.upstream
+        headers["X-Request-ID"] = request_id
+        if answer.age is not None:
+            headers["Age"] = str(int(answer.age))
+        if answer.cache_status:
+            headers["Cache-Status"] = answer.cache_status
+        if answer.stream is None:
+            return web.Response(status=answer.status, reason=answer.reason or None, headers=headers, body=answer.body)
+        upstream_response = answer.stream
+        length = upstream_response.content_length
+        response = web.StreamResponse(status=answer.status, reason=answer.reason or None, headers=headers)
+        if length is not None:
+            response.content_length = length
+        try:
+            await response.prepare(request)
+            if answer.body:
+                await response.write(answer.body)
+            timeout = self._state.runtime.config.server.drain_timeout
+            while True:
+                async with asyncio.timeout(timeout):
+                    chunk = await upstream_response.content.read(_CHUNK)
+                if not chunk:
+                    break
+                await response.write(chunk)
+            await response.write_eof()
+        finally:
+            upstream_response.release()
+        return response
+
+
+def _rest_of(path: str, prefix: str) -> str:
+    """The encoded path after the service prefix, cut on segments (the prefix may arrive encoded)."""
+    if prefix == "/":
+        return path
+    depth = prefix.count("/")
+    parts = path.split("/")
+    rest = "/".join(parts[depth + 1:])
+    if len(parts) > depth + 1:
+        return "/" + rest
+    return ""

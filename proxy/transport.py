@@ -1,0 +1,195 @@
+"""The HTTP call to one upstream: the narrow cut between the chain's logic and the network.
+
+One pooled `ClientSession` per upstream (keep-alive, no cookie jar, no redirects, no
+decompression), URL and headers built from the route table, and every way an attempt
+can fail turned into an `AttemptError` carrying its `Outcome`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+from .config import HOP_BY_HOP, ServerSettings, Upstream
+from .exchange import Exchange
+from .outcome import Outcome
+
+_CHUNK = 64 * 1024
+_NEVER_FORWARDED = HOP_BY_HOP | {"host", "content-length", "x-forwarded-host"}
+
+
+class AttemptError(Exception):
+    """An attempt that produced no usable HTTP answer."""
+
+    def __init__(self, outcome: Outcome, detail: str) -> None:
+        super().__init__(detail)
+        self.outcome = outcome
+        self.detail = detail
+
+
+class NoPathForUpstream(Exception):
+    """The request's route does not give this upstream's path template its placeholders."""
+
+
+@dataclass(slots=True)
+class Reply:
+    """An upstream's HTTP answer: buffered (`body`) or, when too large, an open `stream`."""
+
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    stream: aiohttp.ClientResponse | None = None
+    retry_after: str | None = None
+
+    def release(self) -> None:
+        if self.stream is not None:
+            self.stream.release()
+            self.stream = None
+
+
+def connection_tokens(headers: Any) -> set[str]:
+    """Header names a `Connection` header declares hop-by-hop."""
+    names: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        names.update(token.strip().lower() for token in value.split(",") if token.strip())
+    return names
+
+
+def end_to_end(headers: Any, extra_drop: frozenset[str] | set[str] = frozenset()) -> list[tuple[str, str]]:
+    """Headers minus hop-by-hop ones (and what `Connection` names), order and duplicates kept."""
+    drop = _NEVER_FORWARDED | connection_tokens(headers) | extra_drop
+    return [(name, value) for name, value in headers.items() if name.lower() not in drop]
+
+
+def build_url(upstream: Upstream, exchange: Exchange) -> URL:
+    """The upstream URL for this request: base URL + path (template or rest) + query."""
+    template = None
+    if exchange.route is not None:
+        template = exchange.route.paths.get(upstream.name)
+    if template is None:
+        template = upstream.path
+    if template is not None:
+        if any(name not in exchange.params for name in template.names):
+            raise NoPathForUpstream(upstream.name)
+        path = template.render(exchange.params, encode=True)
+    else:
+        path = exchange.rest or ""
+    base = upstream.url.raw_path.rstrip("/")
+    query = list(exchange.query)
+    if upstream.query:
+        own = {name for name, _ in upstream.query}
+        query = [(k, v) for k, v in query if k not in own]  # the route table's values win
+        for name, value in upstream.query:
+            rendered = value.render(exchange.params, encode=False)
+            if rendered:  # an optional key left unset (`${KEY:-}`) is not sent at all
+                query.append((name, rendered))
+    return upstream.url.with_path(base + path, encoded=True).with_query(query) if query else \
+        upstream.url.with_path(base + path, encoded=True)
+
+
+def masked_url(url: URL, upstream: Upstream) -> str:
+    """The URL for logs: values of query parameters that came from ${VAR} are hidden."""
+    if not upstream.secret_query:
+        return str(url)
+    query = [(k, "***" if k in upstream.secret_query else v) for k, v in url.query.items()]
+    return str(url.with_query(query))
+
+
+class HttpTransport:
+    """Sends attempts to upstreams over one pooled session per upstream."""
+
+    def __init__(self, settings: ServerSettings, *, limit_per_upstream: int = 256) -> None:
+        self._settings = settings
+        self._limit = limit_per_upstream
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+
+    def _session(self, upstream: Upstream) -> aiohttp.ClientSession:
+        session = self._sessions.get(upstream.name)
+        if session is None or session.closed:
+            connector = aiohttp.TCPConnector(limit=self._limit, keepalive_timeout=30, ttl_dns_cache=300)
+            session = aiohttp.ClientSession(
+                connector=connector,
+                auto_decompress=False,            # gzip passes through untouched
+                cookie_jar=aiohttp.DummyCookieJar(),  # never carry one caller's cookies to another
+                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+                read_bufsize=_CHUNK,
+            )
+            self._sessions[upstream.name] = session
+        return session
+
+    async def close(self, keep: set[str] | None = None) -> None:
+        """Close sessions (all, or those of upstreams not in `keep`)."""
+        for name in list(self._sessions):
+            if keep is None or name not in keep:
+                await self._sessions.pop(name).close()
+
+    def request_headers(self, upstream: Upstream, exchange: Exchange) -> CIMultiDict[str]:
+        strip = self._settings.strip_headers - exchange.service.forward_headers
+        headers = CIMultiDict(end_to_end(exchange.headers, strip))
+        for name, template in upstream.headers:
+            value = template.render(exchange.params, encode=False)
+            if value:
+                headers[name] = value
+        return headers
+
+    async def send(self, upstream: Upstream, exchange: Exchange, url: URL, timeout: float) -> Reply:
+        """One HTTP attempt, bounded by `timeout` seconds until the body is buffered."""
+        session = self._session(upstream)
+        data: Any = exchange.body_stream if exchange.body_stream is not None else (exchange.body or None)
+        try:
+            async with asyncio.timeout(timeout):
+                response = await session.request(
+                    exchange.method, url, headers=self.request_headers(upstream, exchange), data=data,
+                    allow_redirects=False, timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout),
+                )
+                try:
+                    return await self._read(response)
+                except BaseException:
+                    response.release()
+                    raise
+        # aiohttp's timeout errors subclass TimeoutError: the most specific come first.
+        except aiohttp.ConnectionTimeoutError:
+            raise AttemptError(Outcome.CONNECT, "connect timeout") from None
+        except aiohttp.ServerTimeoutError:
+            raise AttemptError(Outcome.TIMEOUT, "read timeout") from None
+        except TimeoutError:
+            raise AttemptError(Outcome.TIMEOUT, f"no complete answer within {timeout:.3g}s") from None
+        except aiohttp.ClientConnectorError as exc:
+            raise AttemptError(Outcome.CONNECT, _describe(exc)) from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError) as exc:
+            raise AttemptError(Outcome.RESET, _describe(exc)) from None
+        except aiohttp.ClientResponseError as exc:
+            raise AttemptError(Outcome.MALFORMED, f"invalid HTTP answer: {exc.message}") from None
+        except aiohttp.ClientError as exc:
+            raise AttemptError(Outcome.RESET, _describe(exc)) from None
+
+    async def _read(self, response: aiohttp.ClientResponse) -> Reply:
+        headers = end_to_end(response.headers)
+        retry_after = response.headers.get("Retry-After")
+        limit = self._settings.max_response_buffer
+        length = response.content_length
+        if length is not None and length > limit:
+            return Reply(response.status, response.reason or "", headers, b"", stream=response, retry_after=retry_after)
+        body = bytearray()
+        while True:
+            chunk = await response.content.read(_CHUNK)
+            if not chunk:
+                break
+            body += chunk
+            if len(body) > limit:
+                # Unknown length and larger than we buffer: stream what is left behind what we have.
+                return Reply(response.status, response.reason or "", headers, bytes(body), stream=response,
+                             retry_after=retry_after)
+        response.release()
+        return Reply(response.status, response.reason or "", headers, bytes(body), retry_after=retry_after)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text[:200]

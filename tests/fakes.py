@@ -1,0 +1,246 @@
+"""Fake upstreams: real aiohttp servers on 127.0.0.1 whose behaviour a test scripts.
+
+    upstream = await FakeUpstream.start()
+    upstream.script(Fail(503, times=2), Ok(body=b"rates"))   # then the default (Ok) forever
+    ... upstream.calls ... upstream.seen[-1].path_qs ...
+
+Every behaviour is bounded in time, so a test can never hang on a fake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.config import parse_config
+from proxy.process import ProxyProcess
+
+
+@dataclass
+class Seen:
+    method: str
+    path_qs: str
+    headers: CIMultiDict[str]
+    body: bytes
+
+
+@dataclass
+class Ok:
+    status: int = 200
+    body: bytes = b'{"ok": true}'
+    headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "application/json"})
+    times: int = 1
+
+
+@dataclass
+class Fail:
+    """An HTTP error status (5xx, 429, 4xx) with optional headers such as Retry-After."""
+    status: int = 503
+    times: int = 1
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b'{"error": "upstream says no"}'
+
+
+@dataclass
+class Delay:
+    """Answer only after `seconds` (slow headers)."""
+    seconds: float
+    then: Any = field(default_factory=Ok)
+    times: int = 1
+
+
+@dataclass
+class SlowBody:
+    """Send headers and the first bytes, then stall for `seconds` before the rest."""
+    seconds: float
+    times: int = 1
+
+
+@dataclass
+class Reset:
+    """Drop the connection without answering."""
+    times: int = 1
+
+
+@dataclass
+class Garbage:
+    """Answer with bytes that are not HTTP."""
+    times: int = 1
+
+
+@dataclass
+class Huge:
+    """A body of `size` bytes, streamed in chunks with no Content-Length (chunked) or with one."""
+    size: int
+    chunked: bool = True
+    times: int = 1
+
+
+@dataclass
+class Gzip:
+    """A gzip-encoded JSON body; `raw` is what went on the wire."""
+    text: bytes = b'{"base": "USD", "rates": {"KRW": 1400.5}}'
+    times: int = 1
+
+    @property
+    def raw(self) -> bytes:
+        return gzip.compress(self.text, mtime=0)
+
+
+class FakeUpstream:
+    """A scripted HTTP server on 127.0.0.1."""
+
+    def __init__(self, name: str = "fake") -> None:
+        self.name = name
+        self.seen: list[Seen] = []
+        self._script: list[Any] = []
+        self.default: Any = Ok(body=f'{{"from": "{name}"}}'.encode())
+        self._runner: web.ServerRunner | None = None
+        self.port = 0
+
+    @classmethod
+    async def start(cls, name: str = "fake") -> "FakeUpstream":
+        upstream = cls(name)
+        server = web.Server(upstream._handle, auto_decompress=False)
+        upstream._runner = web.ServerRunner(server, access_log=None, shutdown_timeout=0.1)
+        await upstream._runner.setup()
+        site = web.TCPSite(upstream._runner, "127.0.0.1", 0)
+        await site.start()
+        upstream.port = upstream._runner.addresses[0][1]
+        return upstream
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def calls(self) -> int:
+        return len(self.seen)
+
+    def script(self, *steps: Any) -> "FakeUpstream":
+        """Queue behaviours; each runs `times` times, then the default behaviour answers."""
+        for step in steps:
+            self._script.extend([step] * getattr(step, "times", 1))
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def _next(self) -> Any:
+        return self._script.pop(0) if self._script else self.default
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        body = await request.read()
+        self.seen.append(Seen(request.method, request.raw_path, CIMultiDict(request.headers), body))
+        return await self._perform(self._next(), request)
+
+    async def _perform(self, step: Any, request: web.BaseRequest) -> web.StreamResponse:
+        if isinstance(step, Ok):
+            return web.Response(status=step.status, body=step.body, headers=step.headers)
+        if isinstance(step, Fail):
+            return web.Response(status=step.status, body=step.body, headers=step.headers)
+        if isinstance(step, Delay):
+            await asyncio.sleep(step.seconds)
+            return await self._perform(step.then, request)
+        if isinstance(step, Gzip):
+            return web.Response(body=step.raw, headers={"Content-Encoding": "gzip", "Content-Type": "application/json",
+                                                        "Vary": "Accept-Encoding"})
+        if isinstance(step, SlowBody):
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            response.content_length = 20
+            await response.prepare(request)
+            await response.write(b'{"partial": ')
+            await asyncio.sleep(step.seconds)
+            await response.write(b'true}   ')
+            return response
+        if isinstance(step, Huge):
+            response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+            if not step.chunked:
+                response.content_length = step.size
+            await response.prepare(request)
+            chunk = b"x" * 65536
+            left = step.size
+            while left > 0:
+                await response.write(chunk[:left])
+                left -= len(chunk[:left])
+            await response.write_eof()
+            return response
+        if isinstance(step, (Reset, Garbage)):
+            transport = request.transport
+            if transport is not None:
+                if isinstance(step, Garbage):
+                    transport.write(b"THIS IS NOT HTTP\r\n\x00\x01\x02\r\n\r\n")
+                    transport.close()
+                else:
+                    transport.abort()
+            raise asyncio.CancelledError()
+        raise AssertionError(f"unknown fake behaviour {step!r}")
+
+
+def free_port() -> int:
+    """A loopback port with nothing listening (connections to it are refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def route_table(services: dict[str, Any], **top: Any) -> str:
+    """routes.yaml text for a test: listeners on port 0, memory cache unless told otherwise."""
+    document: dict[str, Any] = {"version": 1, "server": {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"}}
+    document.update(top)
+    document["services"] = services
+    return yaml.safe_dump(document, sort_keys=False)
+
+
+class RunningProxy:
+    """A ProxyProcess on 127.0.0.1 with an HTTP client pointed at it."""
+
+    def __init__(self, process: ProxyProcess, client: Any) -> None:
+        self.process = process
+        self.client = client
+
+    @property
+    def url(self) -> str:
+        host, port = self.process.addresses["main"]
+        return f"http://{host}:{port}"
+
+    @property
+    def metrics_url(self) -> str:
+        host, port = self.process.addresses["metrics"]
+        return f"http://{host}:{port}"
+
+    def breaker(self, name: str) -> Any:
+        return self.process.runtime.breakers[name]
+
+    async def get(self, path: str, **kwargs: Any) -> Any:
+        return await self.client.get(self.url + path, **kwargs)
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        return await self.client.request(method, self.url + path, **kwargs)
+
+
+async def start_proxy(text: str, *, env: dict[str, str] | None = None, clock: Any = None,
+                      filename: str = "routes.yaml") -> RunningProxy:
+    import aiohttp
+
+    from proxy.clock import SYSTEM_CLOCK
+
+    config = parse_config(text, filename, env or {})
+    process = ProxyProcess(config, clock=clock or SYSTEM_CLOCK, env=env or {})
+    await process.start()
+    client = aiohttp.ClientSession(auto_decompress=False)
+    return RunningProxy(process, client)
+
+
+async def stop_proxy(proxy: RunningProxy) -> None:
+    await proxy.client.close()
+    await proxy.process.stop()
