@@ -185,13 +185,16 @@ class Metrics:
 
     # --- lifecycle of label sets ------------------------------------------------------------
 
-    def register_provider(self, service: str, provider: str) -> None:
+    def register_provider(self, service: str, provider: str, state: str | None = None) -> None:
         """Create the upstream's series at 0 with its breaker CLOSED (at start and after a reload).
 
-        Series that already exist keep their values, so re-registering after a reload is harmless.
+        Series that already exist keep their values, so re-registering is harmless. Pass `state`
+        (the breaker's current state) after a reload that replaced or kept a breaker, so the
+        breaker gauges match it without waiting for the next transition.
         """
-        key = (service, provider)
-        if key not in self._breaker_open.children:
+        if state is not None:
+            self._set_breaker(service, provider, _text(state))
+        elif (service, provider) not in self._breaker_open.children:
             self._set_breaker(service, provider, "CLOSED")
         for family in (self._retries, self._budget_exhausted, self._fallbacks, self._duration):
             family(service, provider)

@@ -96,7 +96,7 @@ class ProxyProcess:
                                 shutdown_timeout=settings.drain_timeout, access_log=None)
         await main.setup()
         host, port = listen or settings.listen
-        site = web.TCPSite(main, host, port)
+        site = web.TCPSite(main, host, port, backlog=1024)  # bursts of new connections must not wait for SYN retries
         await site.start()
         self._runners.append(main)
         self.addresses["main"] = main.addresses[0][:2]

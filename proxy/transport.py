@@ -64,7 +64,7 @@ def connection_tokens(headers: Any) -> set[str]:
 def end_to_end(headers: Any, extra_drop: frozenset[str] | set[str] = frozenset()) -> list[tuple[str, str]]:
     """Headers minus hop-by-hop ones (and what `Connection` names), order and duplicates kept."""
     drop = _NEVER_FORWARDED | connection_tokens(headers) | extra_drop
-    return [(name, value) for name, value in headers.items() if name.lower() not in drop]
+    return [(str(name), value) for name, value in headers.items() if name.lower() not in drop]
 
 
 def build_url(upstream: Upstream, exchange: Exchange) -> URL:

@@ -60,3 +60,18 @@ async def proxy_factory():
     yield start
     for proxy in running:
         await stop_proxy(proxy)
+
+
+@pytest.fixture
+def throwaway_redis():
+    """A redis-server of this test's own (skipped where redis-server is not installed)."""
+    import shutil
+
+    from tests.fakes import REDIS_SERVER, ThrowawayRedis, free_port
+
+    if not shutil.which(REDIS_SERVER):
+        pytest.skip("redis-server is not installed")
+    server = ThrowawayRedis(free_port())
+    server.start()
+    yield server
+    server.stop()

@@ -10,8 +10,12 @@ Every behaviour is bounded in time, so a test can never hang on a fake.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
+import shutil
 import socket
+import subprocess
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -237,10 +241,41 @@ async def start_proxy(text: str, *, env: dict[str, str] | None = None, clock: An
     config = parse_config(text, filename, env or {})
     process = ProxyProcess(config, clock=clock or SYSTEM_CLOCK, env=env or {})
     await process.start()
-    client = aiohttp.ClientSession(auto_decompress=False)
+    client = aiohttp.ClientSession(auto_decompress=False, connector=aiohttp.TCPConnector(limit=0))
     return RunningProxy(process, client)
 
 
 async def stop_proxy(proxy: RunningProxy) -> None:
     await proxy.client.close()
     await proxy.process.stop()
+
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+class ThrowawayRedis:
+    """A redis-server of a test's own on a free loopback port, to stop and start at will."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.1) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return
+            time.sleep(0.02)
+        raise RuntimeError(f"redis-server on port {self.port} did not start")
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(5)
+            self._process = None

@@ -285,46 +285,6 @@ async def test_redis_that_never_answers_costs_at_most_op_timeout(make_store, clo
         await listener.stop()
 
 
-# --- a Redis of our own, stopped and started --------------------------------------------------
-
-class ThrowawayRedis:
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.url = f"redis://127.0.0.1:{port}/0"
-        self._process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self._process = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.1) as sock:
-                sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
-                    return
-            time.sleep(0.02)
-        raise RuntimeError(f"redis-server on port {self.port} did not start")
-
-    def stop(self) -> None:
-        if self._process is not None:
-            self._process.terminate()
-            self._process.wait(5)
-            self._process = None
-
-
-@pytest.fixture
-def throwaway_redis():
-    if not shutil.which(REDIS_SERVER):
-        pytest.skip("redis-server is not installed")
-    server = ThrowawayRedis(free_port())
-    server.start()
-    yield server
-    server.stop()
-
-
 async def connections_received(url: str) -> int:
     client = aioredis.Redis.from_url(url)
     try:

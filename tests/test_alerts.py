@@ -1,0 +1,201 @@
+"""The Prometheus rules and the Grafana dashboard only use metrics that the proxy exports."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy import events
+from proxy.clock import FakeClock
+from proxy.metrics import Metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+RULES = ROOT / "deploy" / "prometheus" / "alerts.yaml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "resilience-proxy.json"
+
+# PromQL words that look like identifiers but are not metric names.
+_KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan"}
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads (functions, labels, variables and keywords left out)."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals, e.g. "$service"
+    text = re.sub(r"\{[^}]*\}", "", text)  # label matchers
+    text = re.sub(r"\[[^\]]*\]", "", text)  # range selectors, e.g. [$__rate_interval]
+    text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)
+    names = set()
+    for match in re.finditer(r"(?<![\w.$])[A-Za-z_:][A-Za-z0-9_:]*", text):
+        if text[match.end():].lstrip().startswith("(") or match.group().lower() in _KEYWORDS:
+            continue  # a function or aggregation, or an operator
+        names.add(match.group())
+    return names
+
+
+def one_of_each_event() -> list:
+    service, provider = "fx", "fx_primary"
+    return [
+        events.AttemptFinished(service, provider, "http_5xx", 503, 0.2, 1, "GET", "https://p.example/x", "r1"),
+        events.UpstreamSkipped(service, provider, "breaker_open", "r1"),
+        events.BreakerTransition(service, provider, "CLOSED", "OPEN", "threshold"),
+        events.RetryScheduled(service, provider, 2, 0.1, "r1"),
+        events.RetryBudgetExhausted(service, provider, "r1"),
+        events.CacheLookup(service, "hit"),
+        events.StaleServed(service, "/fx/latest/USD", 120.0, provider, "http_5xx", "r1"),
+        events.Coalesced(service),
+        events.RequestFinished(service, "latest", "GET", "/fx/latest/USD", 200, "STALE", provider, (), 0.3, "r1",
+                               fallback=True),
+        events.CacheBackendState("redis", True),
+        events.CacheError("redis", "get", "timeout"),
+        events.ConfigReloaded(True, "sighup"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def exported() -> set[str]:
+    """Every sample name a Metrics instance exports once it has seen one event of each kind."""
+    metrics = Metrics(FakeClock())
+    for event in one_of_each_event():
+        metrics(event)
+    body, _ = metrics.render()
+    return {s.name for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+
+
+@pytest.fixture(scope="module")
+def rules() -> list[dict]:
+    document = yaml.safe_load(RULES.read_text())
+    return [rule for group in document["groups"] for rule in group["rules"]]
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def test_metric_names_are_told_apart_from_functions_labels_and_variables() -> None:
+    expr = ('histogram_quantile(0.95, sum by (service, le) (rate(foo_bucket{service=~"$service", le="0.5"}'
+            '[$__rate_interval]))) / on(service) bar_total > 0.1 and baz unless sum(qux) without (provider)')
+    assert metric_names(expr) == {"foo_bucket", "bar_total", "baz", "qux"}
+
+
+def test_the_exported_names_include_the_contract_metrics(exported: set[str]) -> None:
+    assert exported >= {"external_requests_total", "external_request_errors_total",
+                        "external_request_duration_seconds_bucket", "circuit_breaker_open", "cache_requests_total",
+                        "cache_hit_rate", "proxy_requests_total", "proxy_request_duration_seconds_bucket",
+                        "retries_total", "fallbacks_total", "stale_served_total", "retry_budget_exhausted_total",
+                        "cache_backend_up"}
+
+
+def test_rules_file_is_groups_of_named_rules(rules: list[dict]) -> None:
+    document = yaml.safe_load(RULES.read_text())
+    assert set(document) == {"groups"}
+    for group in document["groups"]:
+        assert isinstance(group["name"], str) and group["rules"]
+    names = [rule["alert"] for rule in rules]
+    assert len(names) == len(set(names))
+
+
+def test_every_rule_has_an_expression_severity_and_annotations_pointing_at_health(rules: list[dict]) -> None:
+    for rule in rules:
+        assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule["alert"]
+        assert re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", rule["alert"])
+        assert isinstance(rule["expr"], str) and rule["expr"].strip()
+        assert rule["labels"]["severity"] in {"warning", "critical"}
+        annotations = rule["annotations"]
+        assert annotations["summary"].strip()
+        assert "/health/integrations" in annotations["description"], rule["alert"]
+        assert "runbook" in annotations["runbook"].lower()
+        if "for" in rule:
+            assert re.fullmatch(r"\d+[smhd]", rule["for"]), rule["alert"]
+
+
+def test_the_seed_alerts_and_the_new_ones_have_their_thresholds(rules: list[dict]) -> None:
+    by_name = {rule["alert"]: rule for rule in rules}
+
+    def flat(name: str) -> str:
+        return " ".join(by_name[name]["expr"].split())
+
+    assert {"HighExternalApiErrorRate", "CircuitBreakerOpen", "CacheHitRateLow", "StaleServing",
+            "RetryBudgetExhausted"} <= set(by_name)
+    assert (by_name["HighExternalApiErrorRate"]["for"], by_name["HighExternalApiErrorRate"]["labels"]["severity"]) \
+        == ("5m", "warning")
+    assert (by_name["CircuitBreakerOpen"]["for"], by_name["CircuitBreakerOpen"]["labels"]["severity"]) \
+        == ("1m", "critical")
+    assert (by_name["CacheHitRateLow"]["for"], by_name["CacheHitRateLow"]["labels"]["severity"]) == ("15m", "warning")
+    assert by_name["StaleServing"]["for"] == "10m"
+    assert flat("CircuitBreakerOpen") == "circuit_breaker_open > 0"
+    assert flat("CacheHitRateLow") == "cache_hit_rate < 50"
+    assert "rate(stale_served_total[5m])" in flat("StaleServing") and flat("StaleServing").endswith("> 0")
+    assert "increase(retry_budget_exhausted_total[10m])" in flat("RetryBudgetExhausted")
+
+
+def test_the_error_rate_alert_is_a_ratio_per_provider(rules: list[dict]) -> None:
+    expr = " ".join(next(r for r in rules if r["alert"] == "HighExternalApiErrorRate")["expr"].split())
+    assert expr == ("sum by (service, provider) (rate(external_request_errors_total[5m])) "
+                    "/ sum by (service, provider) (rate(external_requests_total[5m])) > 0.1")
+
+
+def test_alert_expressions_use_only_exported_metrics(rules: list[dict], exported: set[str]) -> None:
+    for rule in rules:
+        names = metric_names(rule["expr"])
+        assert names, rule["alert"]
+        assert names <= exported, (rule["alert"], names - exported)
+
+
+def test_promtool_accepts_the_rules_file() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not on PATH; the rules file is still checked structurally by the tests above")
+    result = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def panel_expressions(dashboard: dict) -> dict[str, list[str]]:
+    panels = []
+    for panel in dashboard["panels"]:
+        panels.append(panel)
+        panels.extend(panel.get("panels", []))  # collapsed rows hold their panels
+    return {panel["title"]: [t["expr"] for t in panel.get("targets", [])] for panel in panels
+            if panel.get("type") != "row"}
+
+
+def test_dashboard_imports_with_a_prometheus_datasource_input(dashboard: dict) -> None:
+    assert 36 <= dashboard["schemaVersion"] <= 41
+    assert [(i["name"], i["type"], i["pluginId"]) for i in dashboard["__inputs"]] == \
+        [("DS_PROMETHEUS", "datasource", "prometheus")]
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_dashboard_has_the_panels_operators_need(dashboard: dict) -> None:
+    exprs = " ".join(e for group in panel_expressions(dashboard).values() for e in group)
+    for needed in ("proxy_requests_total", "external_request_errors_total", "circuit_breaker_open", "cache_hit_rate",
+                   "cache_requests_total", "stale_served_total", "retries_total", "retry_budget_exhausted_total",
+                   "fallbacks_total", "cache_backend_up"):
+        assert needed in exprs, needed
+    for q in ("0.5", "0.95", "0.99"):
+        assert f"histogram_quantile({q}, sum by (service, provider, le) " \
+               f"(rate(external_request_duration_seconds_bucket" in exprs
+
+
+def test_dashboard_panels_use_only_exported_metrics(dashboard: dict, exported: set[str]) -> None:
+    for title, exprs in panel_expressions(dashboard).items():
+        assert exprs, title
+        for expr in exprs:
+            names = metric_names(expr)
+            assert names, (title, expr)
+            assert names <= exported, (title, names - exported)
+    for variable in dashboard["templating"]["list"]:
+        query = variable["query"]["query"] if isinstance(variable["query"], dict) else variable["query"]
+        match = re.fullmatch(r"label_values\((\w+),\s*\w+\)", query)
+        assert match and match.group(1) in exported, variable["name"]
