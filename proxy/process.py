@@ -56,9 +56,10 @@ class ProxyProcess:
         self.addresses: dict[str, tuple[str, int]] = {}
         self._watch_task: asyncio.Task[None] | None = None
 
-    def _register(self, config: Config) -> None:
+    def _register(self, config: Config, breakers: dict[str, Any] | None = None) -> None:
         for upstream in config.upstreams():
-            self.metrics.register_provider(upstream.service, upstream.name)
+            state = breakers[upstream.name].state.value if breakers else None
+            self.metrics.register_provider(upstream.service, upstream.name, state=state)
             self.stats.register(upstream.service, upstream.name)
 
     # --- requests ---------------------------------------------------------------------------
@@ -149,7 +150,9 @@ class ProxyProcess:
                 if upstream is not None:
                     self.metrics.forget_provider(upstream.service, name)
                     self.stats.forget(name)
-            self._register(config)
+            for service in old.config.services.keys() - config.services.keys():
+                self.metrics.forget_service(service)
+            self._register(config, runtime.breakers)  # a replaced breaker starts CLOSED: say so
             self.runtime = runtime  # atomic for requests: each reads `runtime` once
             if same_cache:
                 for service in old.config.services.keys() - config.services.keys():
