@@ -43,6 +43,7 @@ class Runtime:
                  budgets: dict[str, RetryBudget] | None = None, rng: random.Random | None = None) -> None:
         self.config = config
         self.clock = clock
+        self.active = 0  # requests running on this table; a reload retires it once they are done
         self.bus = bus
         self.transport = transport or HttpTransport(config.server)
         self.breakers = breakers if breakers is not None else {}

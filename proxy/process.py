@@ -55,6 +55,7 @@ class ProxyProcess:
         self._runners: list[web.BaseRunner] = []
         self.addresses: dict[str, tuple[str, int]] = {}
         self._watch_task: asyncio.Task[None] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
 
     def _register(self, config: Config, breakers: dict[str, Any] | None = None) -> None:
         for upstream in config.upstreams():
@@ -118,6 +119,8 @@ class ProxyProcess:
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
+        for task in list(self._retiring):
+            task.cancel()
         await self.runtime.close()
 
     # --- reload -----------------------------------------------------------------------------
@@ -157,11 +160,25 @@ class ProxyProcess:
             if same_cache:
                 for service in old.config.services.keys() - config.services.keys():
                     await store.purge(service)
-            else:
-                await old.cache.close()
-            await old.transport.close(keep={u.name for u in config.upstreams()})
+            self._retire(old, keep_store=same_cache, keep_sessions={u.name for u in config.upstreams()})
             self.bus.emit(events.ConfigReloaded(True, source))
             return []
+
+    def _retire(self, old: Runtime, *, keep_store: bool, keep_sessions: set[str]) -> None:
+        """Close what only the old table used, once the requests still running on it are done."""
+        grace = max((s.deadline for s in old.config.services.values()), default=0.0) + old.config.server.drain_timeout
+
+        async def retire() -> None:
+            deadline = asyncio.get_running_loop().time() + grace
+            while old.active and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+            if not keep_store:
+                await old.cache.close()
+            await old.transport.close(keep=keep_sessions)
+
+        task = asyncio.get_running_loop().create_task(retire())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     def file_changed(self) -> bool:
         return _digest(self.runtime.config.source) != self._config_digest

@@ -91,10 +91,10 @@ class ProxyHandler:
             return error_response(413, "request_body_too_large", request_id,
                                   f"the limit is {settings.max_request_body} bytes", cache="BYPASS")
 
+        runtime.active += 1
         try:
             answer = await runtime.chain(exchange)
         except UpstreamsFailed as failure:
-            answer = None
             response = json_response(failure.status, failure.body(request_id),
                                      {"X-Cache": "MISS", "X-Request-ID": request_id,
                                       "Cache-Status": f"resilience-proxy; fwd=uri-miss; detail={failure.error}"})
@@ -103,9 +103,12 @@ class ProxyHandler:
         except RequestBodyTooLarge:
             return error_response(413, "request_body_too_large", request_id,
                                   f"the limit is {settings.max_request_body} bytes", cache="BYPASS")
-        response = await self._write(request, answer, request_id)
-        self._finished(exchange, answer.status, answer.cache, answer.upstream, started, clock, answer.fallback)
-        return response
+        else:
+            response = await self._write(request, answer, request_id)
+            self._finished(exchange, answer.status, answer.cache, answer.upstream, started, clock, answer.fallback)
+            return response
+        finally:
+            runtime.active -= 1
 
     def _finished(self, exchange: Exchange, status: int, cache: str, upstream: str | None, started: float,
                   clock: Any, fallback: bool = False) -> None:

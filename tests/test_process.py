@@ -1,0 +1,231 @@
+"""The process as operators run it: `resilience-proxy run`, SIGTERM drain, SIGHUP and on-disk reloads."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from proxy.config import load_config
+from proxy.process import ProxyProcess
+from tests.fakes import Delay, Fail, Ok, free_port, route_table
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Served:
+    """`python -m proxy run` in a subprocess, on free loopback ports."""
+
+    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.metrics_port = free_port()
+        full_env = {**os.environ, "LOG_LEVEL": "warning", **(env or {})}
+        self.process = asyncio.subprocess.Process  # set in start()
+        self._args = [sys.executable, "-m", "proxy", "run", "--config", str(config),
+                      "--listen", f"127.0.0.1:{self.port}", "--metrics-listen", f"127.0.0.1:{self.metrics_port}"]
+        self._env = full_env
+
+    async def start(self, session: aiohttp.ClientSession) -> "Served":
+        self.process = await asyncio.create_subprocess_exec(*self._args, env=self._env, cwd=ROOT,
+                                                            stdout=asyncio.subprocess.PIPE,
+                                                            stderr=asyncio.subprocess.PIPE)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(self.url + "/health/ready") as response:
+                    if response.status == 200:
+                        return self
+            except aiohttp.ClientConnectionError:
+                pass
+            if self.process.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"the proxy did not become ready: {await self.process.stderr.read()!r}")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def stop(self) -> int:
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(self.process.wait(), 20)
+
+
+@pytest.fixture
+async def session():
+    async with aiohttp.ClientSession() as client:
+        yield client
+
+
+async def test_run_serves_the_committed_route_table_with_health_and_metrics(session):
+    served = await Served(ROOT / "routes.yaml").start(session)
+    try:
+        health = await (await session.get(served.url + "/health")).json()
+        assert set(health["services"]) == {"fx", "flights"}
+        assert [p["providerName"] for p in health["services"]["fx"]["providers"]] == ["fx_primary", "fx_secondary"]
+        metrics = await session.get(f"http://127.0.0.1:{served.metrics_port}/metrics")
+        assert metrics.status == 200
+        assert 'circuit_breaker_open{provider="fx_primary",service="fx"} 0.0' in await metrics.text()
+        assert (await session.get(served.url + "/nowhere")).status == 404
+    finally:
+        assert await served.stop() == 0
+
+
+async def test_sigterm_lets_in_flight_requests_finish_then_exits_cleanly(session, fake_upstream, tmp_path):
+    upstream = await fake_upstream()
+    upstream.default = Delay(1.0, then=Ok(body=b'{"slow": true}'))
+    config = tmp_path / "routes.yaml"
+    config.write_text(route_table({"fx": {"retry": "NONE", "upstreams": [{"name": "p", "url": upstream.url}]}}))
+    served = await Served(config).start(session)
+    in_flight = asyncio.create_task(session.get(served.url + "/fx/slow"))
+    while upstream.calls == 0:
+        await asyncio.sleep(0.02)
+    served.process.send_signal(signal.SIGTERM)
+    response = await asyncio.wait_for(in_flight, 10)
+    assert response.status == 200
+    assert await response.read() == b'{"slow": true}'
+    assert await asyncio.wait_for(served.process.wait(), 15) == 0
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await session.get(served.url + "/health/live")
+
+
+async def test_sighup_reloads_the_route_table_and_a_bad_file_keeps_the_old_one(session, fake_upstream, tmp_path):
+    first = await fake_upstream("first")
+    second = await fake_upstream("second")
+    config = tmp_path / "routes.yaml"
+    config.write_text(route_table({"fx": {"retry": "NONE", "upstreams": [{"name": "fx_primary", "url": first.url}]}}))
+    served = await Served(config).start(session)
+    try:
+        assert (await session.get(served.url + "/rates/x")).status == 404
+        config.write_text(route_table({
+            "fx": {"retry": "NONE", "upstreams": [{"name": "fx_primary", "url": first.url}]},
+            "rates": {"retry": "NONE", "upstreams": [{"name": "rates_primary", "url": second.url}]}}))
+        served.process.send_signal(signal.SIGHUP)
+        for _ in range(100):
+            response = await session.get(served.url + "/rates/x")
+            if response.status == 200:
+                break
+            await asyncio.sleep(0.05)
+        assert response.status == 200 and response.headers["X-Upstream"] == "rates_primary"
+        config.write_text("version: 1\nservices: {fx: {upstreams: [{name: a, url: 'ftp://nope'}]}}\n")
+        served.process.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.5)
+        still = await session.get(served.url + "/rates/x")
+        assert still.status == 200 and still.headers["X-Upstream"] == "rates_primary"
+        metrics = await (await session.get(f"http://127.0.0.1:{served.metrics_port}/metrics")).text()
+        assert 'config_reloads_total{result="error"} 1.0' in metrics
+        assert 'config_reloads_total{result="ok"} 1.0' in metrics
+    finally:
+        assert await served.stop() == 0
+
+
+def _write(path: Path, services: dict) -> None:
+    path.write_text(route_table(services))
+
+
+async def _process(path: Path, clock) -> tuple[ProxyProcess, aiohttp.ClientSession, str]:
+    process = ProxyProcess(load_config(path, {}), clock=clock, env={})
+    await process.start()
+    host, port = process.addresses["main"]
+    return process, aiohttp.ClientSession(), f"http://{host}:{port}"
+
+
+async def test_admin_reload_keeps_breakers_and_copies_of_unchanged_upstreams_and_drops_removed_ones(fake_upstream, tmp_path, clock):
+    a = await fake_upstream("a")
+    b = await fake_upstream("b")
+    path = tmp_path / "routes.yaml"
+    fx = {"retry": "NONE", "cache": {"ttl": "1h"}, "upstreams": [{"name": "fx_primary", "url": a.url}]}
+    old_service = {"retry": "NONE", "cache": {"ttl": "1h"}, "upstreams": [{"name": "old_primary", "url": b.url}]}
+    _write(path, {"fx": fx, "old": old_service})
+    process, client, url = await _process(path, clock)
+    try:
+        await client.get(url + "/fx/x")
+        await client.get(url + "/old/x")
+        process.runtime.breakers["fx_primary"].force_open()
+        _write(path, {"fx": fx, "new": {"retry": "NONE", "upstreams": [{"name": "new_primary", "url": b.url}]}})
+        reloaded = await client.post(url + "/health/reload")
+        assert reloaded.status == 200
+        assert process.runtime.breakers["fx_primary"].state.value == "OPEN"  # kept
+        assert "old_primary" not in process.runtime.breakers
+        hit = await client.get(url + "/fx/x")
+        assert hit.headers["X-Cache"] == "HIT"  # the copy of an unchanged service is kept
+        assert (await client.get(url + "/old/x")).status == 404
+        assert (await client.get(url + "/new/x")).headers["X-Upstream"] == "new_primary"
+        assert process.runtime.store.describe()["entries"] == 1  # the removed service's copy is gone
+        circuits = await (await client.get(url + "/health/integrations/circuits")).json()
+        assert [c["provider"] for c in circuits["circuits"]] == ["fx_primary", "new_primary"]
+    finally:
+        await client.close()
+        await process.stop()
+
+
+async def test_admin_reload_of_an_invalid_file_is_400_with_the_check_messages_and_changes_nothing(fake_upstream, tmp_path, clock):
+    a = await fake_upstream("a")
+    path = tmp_path / "routes.yaml"
+    _write(path, {"fx": {"retry": "NONE", "upstreams": [{"name": "fx_primary", "url": a.url}]}})
+    process, client, url = await _process(path, clock)
+    try:
+        runtime = process.runtime
+        path.write_text("version: 1\nservices:\n  fx:\n    upstreams: [{name: a, url: 'http://a', speed: 11}]\n")
+        response = await client.post(url + "/health/reload")
+        body = await response.json()
+        assert response.status == 400
+        assert body["problems"] == [f"{path}:4: services.fx.upstreams[0]: unknown key 'speed' "
+                                    "(allowed: breaker, headers, name, path, query, retry, timeout, url)"]
+        assert process.runtime is runtime
+        assert (await client.get(url + "/fx/x")).headers["X-Upstream"] == "fx_primary"
+    finally:
+        await client.close()
+        await process.stop()
+
+
+async def test_in_flight_requests_finish_on_the_old_table_during_a_reload(fake_upstream, tmp_path, clock):
+    a = await fake_upstream("a")
+    b = await fake_upstream("b")
+    a.default = Delay(0.5, then=Ok(body=b'{"from": "a"}'))
+    path = tmp_path / "routes.yaml"
+    _write(path, {"fx": {"retry": "NONE", "upstreams": [{"name": "fx_a", "url": a.url}]}})
+    process, client, url = await _process(path, clock)
+    try:
+        slow = asyncio.create_task(client.get(url + "/fx/x"))
+        while a.calls == 0:
+            await asyncio.sleep(0.01)
+        _write(path, {"fx": {"retry": "NONE", "upstreams": [{"name": "fx_b", "url": b.url}]}})
+        assert await process.reload("test") == []
+        after = await client.get(url + "/fx/x")
+        before = await slow
+        assert before.headers["X-Upstream"] == "fx_a" and await before.read() == b'{"from": "a"}'
+        assert after.headers["X-Upstream"] == "fx_b"
+    finally:
+        await client.close()
+        await process.stop()
+
+
+async def test_a_changed_file_on_disk_is_picked_up_by_the_watcher(fake_upstream, tmp_path, clock):
+    a = await fake_upstream("a")
+    path = tmp_path / "routes.yaml"
+    _write(path, {"fx": {"retry": "NONE", "upstreams": [{"name": "fx_a", "url": a.url}]}})
+    process, client, url = await _process(path, clock)
+    process.start_watching(interval=0.05)
+    try:
+        _write(path, {"fx": {"retry": "NONE", "timeout": "2s", "upstreams": [{"name": "fx_a", "url": a.url}]},
+                      "extra": {"retry": "NONE", "upstreams": [{"name": "extra_a", "url": a.url}]}})
+        for _ in range(100):
+            if "extra" in process.runtime.config.services:
+                break
+            await asyncio.sleep(0.02)
+        assert "extra" in process.runtime.config.services
+        assert (await client.get(url + "/extra/x")).status == 200
+        path.write_text("not: [valid")
+        await asyncio.sleep(0.3)
+        assert "extra" in process.runtime.config.services  # a broken edit is rejected, the table keeps serving
+    finally:
+        await client.close()
+        await process.stop()
