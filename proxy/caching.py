@@ -9,7 +9,8 @@ failure is reported as an event; without one, the failure goes up to become the 
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable
+import uuid
+from typing import Any, Awaitable, Callable
 
 from multidict import CIMultiDict
 
@@ -22,6 +23,8 @@ from .exchange import Answer, Exchange
 from .fallback import UpstreamsFailed
 
 NAME = "resilience-proxy"
+_CLUSTER_LOCK_MAX = 30.0  # seconds a replica may hold a fetch lock; expiry frees it if the replica dies
+_CLUSTER_POLL = 0.02
 Forward = Callable[[Exchange], Awaitable[Answer]]
 
 
@@ -70,9 +73,10 @@ class CacheStage:
             self._emit(events.CacheLookup(service, "stale", entry.age(now)))
             self._refresh_in_background(exchange, key, rule)
             return self._from_entry(entry, now, "STALE", f"{NAME}; fwd=stale; detail=revalidating", fallback=False)
+        fetch = self._fetch_clustered if rule.coalesce == "cluster" and hasattr(self._store, "lock") else self._fetch
         try:
             try:
-                answer, shared = await self._coalescer.run(key, lambda: self._fetch(exchange, key, rule))
+                answer, shared = await self._coalescer.run(key, lambda: fetch(exchange, key, rule))
             except CoalescedCallCancelled:
                 # The caller we were waiting on went away; ask upstream ourselves.
                 answer, shared = await self._fetch(exchange, key, rule), False
@@ -111,6 +115,39 @@ class CacheStage:
         else:
             answer.cache_status = f"{NAME}; fwd=miss"
         return answer
+
+    async def _fetch_clustered(self, exchange: Exchange, key: str, rule: CacheRule) -> Answer:
+        """One upstream call across every replica sharing Redis: a short lock per key.
+
+        The replica that takes the lock fetches and stores; the others watch for the copy it
+        writes. If the holder fails or Redis cannot tell, they fetch for themselves.
+        """
+        store: Any = self._store
+        token = uuid.uuid4().hex
+        lock_ttl = max(0.1, min(exchange.deadline_at - self._clock.monotonic(), _CLUSTER_LOCK_MAX))
+        held = await store.lock(key, token, lock_ttl)
+        if held is False:
+            entry = await self._await_cluster_copy(store, key, exchange.deadline_at)
+            if entry is not None:
+                self._emit(events.Coalesced(exchange.service.name))
+                now = self._clock.time()
+                return self._from_entry(entry, now, "MISS", f"{NAME}; fwd=miss; detail=coalesced-cluster")
+        try:
+            return await self._fetch(exchange, key, rule)
+        finally:
+            if held:
+                await store.unlock(key, token)
+
+    async def _await_cluster_copy(self, store: Any, key: str, deadline_at: float) -> Entry | None:
+        while self._clock.monotonic() < deadline_at:
+            await asyncio.sleep(_CLUSTER_POLL)  # polling Redis, not a backoff: real time on purpose
+            entry = await store.get_shared(key)
+            if entry is not None and entry.is_fresh(self._clock.time()):
+                return entry
+            if not await store.locked(key):  # released (or Redis gone) without a fresh copy
+                entry = await store.get_shared(key)
+                return entry if entry is not None and entry.is_fresh(self._clock.time()) else None
+        return None
 
     def _from_entry(self, entry: Entry, now: float, state: str, cache_status: str, *, fallback: bool = False) -> Answer:
         return Answer(status=entry.status, headers=entry.headers, body=entry.body, upstream=entry.upstream,

@@ -99,6 +99,7 @@ class CacheRule:
     vary: tuple[str, ...] = ()
     key_by_credential: bool = False
     stale_while_revalidate: bool = False
+    coalesce: str = "local"  # local: one upstream call per replica; cluster: one per replicas sharing Redis
 
     @property
     def enabled(self) -> bool:
@@ -385,10 +386,16 @@ def _retry(check: _Checker, value: Any, where: str, line: int, base: RetryPolicy
         return base
 
 
-_CACHE_RULE_KEYS = {"ttl", "stale", "statuses", "vary", "key_by_credential", "stale_while_revalidate"}
+_CACHE_RULE_KEYS = {"ttl", "stale", "statuses", "vary", "key_by_credential", "stale_while_revalidate", "coalesce"}
 
 
-def _cache_rule(check: _Checker, value: Any, where: str, line: int, base: CacheRule, max_stale: float) -> CacheRule:
+def _coalesce_mode(value: Any) -> str:
+    if value not in ("local", "cluster"):
+        raise ValueError(f"expected local or cluster, got {value!r}")
+    return value
+
+
+def _cache_rule(check: _Checker, value: Any, where: str, line: int, base: CacheRule, cache: CacheSettings) -> CacheRule:
     data = check.mapping(value, where, line)
     if data is None:
         return base
@@ -396,15 +403,18 @@ def _cache_rule(check: _Checker, value: Any, where: str, line: int, base: CacheR
     changes: dict[str, Any] = {}
     for key, convert in (("ttl", parse_duration), ("stale", parse_duration), ("statuses", _status_list),
                          ("vary", _name_list), ("key_by_credential", _boolean),
-                         ("stale_while_revalidate", _boolean)):
+                         ("stale_while_revalidate", _boolean), ("coalesce", _coalesce_mode)):
         if key in data:
             converted = check.get(data, key, where, convert, None)
             if converted is not None:
                 changes[key] = converted
     rule = replace(base, **changes)
+    max_stale = cache.max_stale
     if rule.stale > max_stale:
         check.problem(line_of(data, "stale"), f"{where}.stale: {rule.stale:g}s is longer than cache.max_stale ({max_stale:g}s)")
         rule = replace(rule, stale=max_stale)
+    if "coalesce" in data and rule.coalesce == "cluster" and cache.backend != "redis":
+        check.problem(line_of(data, "coalesce"), f"{where}.coalesce: cluster needs cache.backend: redis (replicas share the lock there)")
     return rule
 
 
@@ -637,7 +647,7 @@ def _service(check: _Checker, name: str, data: LineDict, where: str, line: int, 
         retry = _retry(check, data["retry"], f"{where}.retry", line_of(data, "retry"), retry)
     rule = CacheRule(stale=cache.max_stale)
     if "cache" in data:
-        rule = _cache_rule(check, data["cache"], f"{where}.cache", line_of(data, "cache"), rule, cache.max_stale)
+        rule = _cache_rule(check, data["cache"], f"{where}.cache", line_of(data, "cache"), rule, cache)
     forward = check.get(data, "forward_headers", where, _name_list, ())
 
     upstreams: list[Upstream] = []
@@ -702,7 +712,7 @@ def _service(check: _Checker, name: str, data: LineDict, where: str, line: int, 
         pattern = MatchPattern.compile(match)
         if len(set(pattern.names)) != len(pattern.names):
             check.problem(line_of(r_data, "match"), f"{r_where}.match: a placeholder is used twice")
-        r_rule = _cache_rule(check, r_data["cache"], f"{r_where}.cache", line_of(r_data, "cache"), rule, cache.max_stale) if "cache" in r_data else rule
+        r_rule = _cache_rule(check, r_data["cache"], f"{r_where}.cache", line_of(r_data, "cache"), rule, cache) if "cache" in r_data else rule
         paths: dict[str, Template] = {}
         p_data = check.mapping(r_data.get("paths"), f"{r_where}.paths", line_of(r_data, "paths"))
         for u_name, template in (p_data or {}).items():
@@ -735,7 +745,8 @@ def _service(check: _Checker, name: str, data: LineDict, where: str, line: int, 
 
 def _rule_dict(rule: CacheRule) -> dict[str, Any]:
     return {"ttl": rule.ttl, "stale": rule.stale, "statuses": sorted(rule.statuses), "vary": list(rule.vary),
-            "key_by_credential": rule.key_by_credential, "stale_while_revalidate": rule.stale_while_revalidate}
+            "key_by_credential": rule.key_by_credential, "stale_while_revalidate": rule.stale_while_revalidate,
+            "coalesce": rule.coalesce}
 
 
 def _effective_service(service: Service, data: LineDict) -> dict[str, Any]:

@@ -6,9 +6,14 @@ Read-only endpoints answer from in-memory state; admin actions (POST/DELETE) nee
 
 from __future__ import annotations
 
+import base64
+import functools
+import hashlib
 import hmac
 import ipaddress
+import re
 from datetime import datetime, timezone
+from importlib import resources
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
@@ -18,6 +23,34 @@ from .server import json_response
 
 # A provider whose error rate over the last 5 minutes is above this is DEGRADED.
 DEGRADED_ERROR_RATE = 0.2
+
+
+_INLINE = re.compile(r"<(script|style)>(.*?)</\1>", re.DOTALL)
+
+
+@functools.cache
+def status_page() -> tuple[bytes, dict[str, str]]:
+    """The `/health/ui` page and its headers, read once from `proxy/static/status.html`.
+
+    The page keeps its script and style inline, so the Content-Security-Policy allows exactly
+    those two blocks by hash and nothing else: no other script, style, frame or remote host.
+    """
+    text = resources.files("proxy").joinpath("static", "status.html").read_text(encoding="utf-8")
+    hashes: dict[str, list[str]] = {"script": [], "style": []}
+    for tag, body in _INLINE.findall(text):
+        digest = base64.b64encode(hashlib.sha256(body.encode("utf-8")).digest()).decode("ascii")
+        hashes[tag].append(f"'sha256-{digest}'")
+    policy = "; ".join([
+        "default-src 'none'",
+        "script-src " + (" ".join(hashes["script"]) or "'none'"),
+        "style-src " + (" ".join(hashes["style"]) or "'none'"),
+        "connect-src 'self'", "img-src 'self'",
+        "base-uri 'none'", "form-action 'none'", "frame-ancestors 'none'",
+    ])
+    headers = {"Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store",
+               "Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff",
+               "Referrer-Policy": "no-referrer"}
+    return text.encode("utf-8"), headers
 
 
 def now_iso(epoch: float) -> str:
@@ -113,10 +146,15 @@ class Health:
         body, content_type = self._state.metrics.render()
         return web.Response(body=body, headers={"Content-Type": content_type})
 
+    async def ui(self, request: web.BaseRequest) -> web.Response:
+        body, headers = status_page()
+        return web.Response(body=body, headers=headers)
+
     _reads: dict[str, Callable[["Health", web.BaseRequest], Awaitable[web.StreamResponse]]] = {
         "/health": health, "/health/live": live, "/health/ready": ready,
         "/health/integrations": integrations, "/health/integrations/circuits": circuits,
         "/health/integrations/stats": stats, "/health/integrations/cache": cache, "/health/metrics": metrics,
+        "/health/ui": ui,
     }
 
     def _services(self) -> dict[str, Any]:

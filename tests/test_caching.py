@@ -304,3 +304,47 @@ async def test_redis_stopping_mid_run_never_stops_requests_and_the_cache_comes_b
     assert cache_state["connected"] is True
     metrics = await (await proxy.client.get(proxy.metrics_url + "/metrics")).text()
     assert 'cache_backend_up{backend="redis"} 1.0' in metrics
+
+
+async def test_cluster_coalescing_makes_one_upstream_call_across_replicas(fake_upstream, clock, redis_url, redis_prefix):
+    primary = await fake_upstream("primary")
+    primary.default = Delay(0.3, then=Ok(body=RATES))
+    text = redis_table(primary.url, redis_url, redis_prefix, route_cache={"coalesce": "cluster"},
+                       timeout="5s", deadline="10s")
+    replicas = [await start_proxy(text, clock=clock), await start_proxy(text, clock=clock)]
+    try:
+        responses = await asyncio.gather(*(replica.get("/fx/latest/USD") for replica in replicas for _ in range(25)))
+        assert [r.status for r in responses] == [200] * 50
+        assert all([await r.read() == RATES for r in responses])
+        assert primary.calls == 1
+    finally:
+        for replica in replicas:
+            await stop_proxy(replica)
+        client = aioredis.Redis.from_url(redis_url)
+        keys = [k async for k in client.scan_iter(match=f"{redis_prefix}*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
+async def test_cluster_waiters_fetch_for_themselves_when_the_lock_holder_fails(fake_upstream, clock, redis_url, redis_prefix):
+    primary = await fake_upstream("primary")
+    primary.default = Delay(0.2, then=Fail(503))
+    text = redis_table(primary.url, redis_url, redis_prefix, route_cache={"coalesce": "cluster"},
+                       timeout="5s", deadline="10s")
+    replicas = [await start_proxy(text, clock=clock), await start_proxy(text, clock=clock)]
+    try:
+        responses = await asyncio.gather(*(replica.get("/fx/latest/USD") for replica in replicas for _ in range(10)))
+        assert [r.status for r in responses] == [502] * 20
+        assert primary.calls == 2  # the holder's call, then the other replica's own once the lock was released
+    finally:
+        for replica in replicas:
+            await stop_proxy(replica)
+
+
+async def test_cluster_coalescing_needs_the_redis_backend(fake_upstream):
+    from proxy.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as caught:
+        parse_config(cached("http://a", route_cache={"coalesce": "cluster"}), "routes.yaml", {})
+    assert any("coalesce: cluster needs cache.backend: redis" in p for p in caught.value.problems)

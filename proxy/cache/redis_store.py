@@ -42,6 +42,10 @@ def _describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+# Compare-and-delete, so a replica never releases a lock another replica took after ours expired.
+_UNLOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+
+
 class RedisStore:
     """A `Store` in Redis that never fails a request (see the module docstring)."""
 
@@ -136,6 +140,25 @@ class RedisStore:
 
     async def ping(self) -> bool:
         return await self._call("ping", self._client.ping) is not _UNAVAILABLE
+
+    # --- cluster-wide coalescing: a short lock per cache key ------------------------------
+
+    def _lock_key(self, key: str) -> str:
+        return f"{self._prefix}lock:{key}"
+
+    async def lock(self, key: str, token: str, ttl: float) -> bool | None:
+        """Try to become the one replica fetching `key`: True, False (another holds it), None (Redis down)."""
+        taken = await self._call("lock", lambda: self._client.set(
+            self._lock_key(key), token, nx=True, px=max(1, int(ttl * 1000))))
+        return None if taken is _UNAVAILABLE else bool(taken)
+
+    async def unlock(self, key: str, token: str) -> None:
+        """Release the lock if it is still ours (it may have expired and been taken by another)."""
+        await self._call("unlock", lambda: self._client.eval(_UNLOCK, 1, self._lock_key(key), token))
+
+    async def locked(self, key: str) -> bool | None:
+        held = await self._call("locked", lambda: self._client.exists(self._lock_key(key)))
+        return None if held is _UNAVAILABLE else bool(held)
 
     async def close(self) -> None:
         await self._client.aclose()

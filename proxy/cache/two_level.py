@@ -47,6 +47,22 @@ class TwoLevelStore:
         self._local.discard(key)  # the remote answered: gone there (purged, expired) means gone
         return None
 
+    async def get_shared(self, key: str) -> Entry | None:
+        """Ask the remote, skipping the local tier (to see a copy another replica just wrote)."""
+        entry = await self._remote.get(key)
+        if entry is not None:
+            self._local.put(key, entry)
+        return entry
+
+    async def lock(self, key: str, token: str, ttl: float) -> bool | None:
+        return await self._remote.lock(key, token, ttl)  # type: ignore[attr-defined]
+
+    async def unlock(self, key: str, token: str) -> None:
+        await self._remote.unlock(key, token)  # type: ignore[attr-defined]
+
+    async def locked(self, key: str) -> bool | None:
+        return await self._remote.locked(key)  # type: ignore[attr-defined]
+
     async def set(self, key: str, entry: Entry) -> None:
         self._local.put(key, entry)
         await self._remote.set(key, entry)
