@@ -19,7 +19,9 @@ from .cache import MemoryStore, RedisStore, Store, TwoLevelStore
 from .caching import CacheStage
 from .clock import Clock
 from .config import Config, Upstream
+from .derived import DerivedStage
 from .fallback import FallbackStage
+from .quota import KeyRing, SharedTokenBucket, TokenBucket
 from .retry import RetryBudget
 from .retrying import RetryStage
 from .transport import HttpTransport
@@ -40,7 +42,8 @@ class Runtime:
 
     def __init__(self, config: Config, *, clock: Clock, bus: events.EventBus, store: Store | None = None,
                  transport: HttpTransport | None = None, breakers: dict[str, Breaker] | None = None,
-                 budgets: dict[str, RetryBudget] | None = None, rng: random.Random | None = None) -> None:
+                 budgets: dict[str, RetryBudget] | None = None, rng: random.Random | None = None,
+                 previous: "Runtime | None" = None) -> None:
         self.config = config
         self.clock = clock
         self.active = 0  # requests running on this table; a reload retires it once they are done
@@ -55,11 +58,37 @@ class Runtime:
                     clock, ratio=config.retry_budget.ratio, min_per_second=config.retry_budget.min_per_second,
                     window=config.retry_budget.window))
         self.store = store or build_store(config, clock, bus.emit)
-        attempt = AttemptStage(self.transport, self.breakers, clock, bus.emit)
+        self.limiters = self._kept(previous, "rate_limit", self._new_limiter)
+        self.keyrings = self._kept(previous, "keys", lambda u: KeyRing(u.keys, clock, u.key_cooldown))
+        attempt = AttemptStage(self.transport, self.breakers, clock, bus.emit, limiters=self.limiters,
+                               keyrings=self.keyrings)
         retry = RetryStage(attempt, self.budgets, clock, bus.emit, rng)
         self.fallback = FallbackStage(retry, clock)
         self.cache = CacheStage(self.store, self.fallback, config.cache, clock, bus.emit)
-        self.chain = self.cache
+        self.chain = DerivedStage(self.cache)
+
+    def _kept(self, previous: "Runtime | None", field: str, build: Any) -> dict[str, Any]:
+        """Per-upstream quota state, kept across a reload when the upstream's setting is unchanged."""
+        states: dict[str, Any] = {}
+        for upstream in self.config.upstreams():
+            setting = getattr(upstream, field)
+            if not setting:
+                continue
+            before = previous.upstream(upstream.name) if previous is not None else None
+            old_states = getattr(previous, "limiters" if field == "rate_limit" else "keyrings", {}) if previous else {}
+            if before is not None and getattr(before, field) == setting and upstream.name in old_states:
+                states[upstream.name] = old_states[upstream.name]
+            else:
+                states[upstream.name] = build(upstream)
+        return states
+
+    def _new_limiter(self, upstream: Upstream) -> TokenBucket | SharedTokenBucket:
+        client = getattr(self.store, "redis_client", None)
+        assert upstream.rate_limit is not None
+        if client is not None:
+            key = f"{self.config.cache.prefix}ratelimit:{upstream.name}"
+            return SharedTokenBucket(upstream.rate_limit, self.clock, client, key, self.config.cache.op_timeout)
+        return TokenBucket(upstream.rate_limit, self.clock)
 
     def _new_breaker(self, upstream: Upstream) -> Breaker:
         return Breaker(upstream.service, upstream.name, upstream.breaker, self.clock, self.bus.emit)

@@ -1,8 +1,10 @@
-"""One try at one upstream: breaker gate → timeout → HTTP call → classified outcome.
+"""One try at one upstream: breaker gate → quota → timeout → HTTP call → classified outcome.
 
-This is the innermost, per-attempt stage. It asks the breaker for a permit, bounds the
-call by the upstream's timeout and what is left of the request's deadline, feeds the
-outcome back to the breaker and emits an `AttemptFinished` event (the external call log).
+This is the innermost, per-attempt stage. It asks the breaker for a permit and the rate
+limit for a token, picks the upstream's current API key, bounds the call by the upstream's
+timeout and what is left of the request's deadline, normalises the answer (`transform`),
+feeds the outcome back to the breaker and emits an `AttemptFinished` event (the external
+call log). A key the upstream refuses is marked spent so the next attempt uses the next one.
 """
 
 from __future__ import annotations
@@ -10,15 +12,19 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from yarl import URL
-
 from . import events
 from .breaker import Breaker
 from .clock import Clock
 from .config import Upstream
 from .exchange import AttemptRecord, Exchange
 from .outcome import Outcome, from_status, is_breaker_failure
-from .transport import AttemptError, HttpTransport, Reply, masked_url
+from .quota import KeyRing, SharedTokenBucket, TokenBucket, fingerprint
+from .retry import parse_retry_after
+from .transform import TransformError, apply
+from .transport import AttemptError, HttpTransport, NoPathForUpstream, Reply, build_url, masked_url
+
+# Words in a 403 answer that say the key (not the request) is the problem.
+_KEY_WORDS = ("quota", "limit", "key", "auth", "token", "credential", "subscription", "exceeded", "expired")
 
 
 @dataclass(slots=True)
@@ -26,6 +32,7 @@ class AttemptResult:
     outcome: Outcome
     reply: Reply | None = None
     detail: str | None = None
+    rotated: bool = False  # a key was refused and another one is ready: try again at once
 
     @property
     def status(self) -> int | None:
@@ -37,39 +44,71 @@ class AttemptResult:
             self.reply.release()
 
 
+def _refuses_key(reply: Reply) -> bool:
+    if reply.status in (401, 429):
+        return True
+    if reply.status == 403:
+        text = reply.body[:4096].decode("utf-8", "replace").lower()
+        return any(word in text for word in _KEY_WORDS)
+    return False
+
+
 class AttemptStage:
-    """breaker → timeout → transport, for one attempt."""
+    """breaker → rate limit → key → timeout → transport → transform, for one attempt."""
 
     def __init__(self, transport: HttpTransport, breakers: dict[str, Breaker], clock: Clock,
-                 emit: events.Subscriber) -> None:
+                 emit: events.Subscriber, *, limiters: dict[str, TokenBucket | SharedTokenBucket] | None = None,
+                 keyrings: dict[str, KeyRing] | None = None) -> None:
         self._transport = transport
         self._breakers = breakers
         self._clock = clock
         self._emit = emit
+        self._limiters = limiters if limiters is not None else {}
+        self._keyrings = keyrings if keyrings is not None else {}
 
-    async def __call__(self, upstream: Upstream, exchange: Exchange, url: URL, number: int) -> AttemptResult:
+    def _skip(self, upstream: Upstream, exchange: Exchange, outcome: Outcome, detail: str) -> AttemptResult:
+        self._emit(events.UpstreamSkipped(upstream.service, upstream.name, outcome.value, exchange.request_id))
+        exchange.attempts.append(AttemptRecord(upstream.name, outcome.value, None, detail))
+        return AttemptResult(outcome, detail=detail)
+
+    async def __call__(self, upstream: Upstream, exchange: Exchange, number: int) -> AttemptResult:
+        values = {**exchange.params, "upstream": upstream.name}
+        ring = self._keyrings.get(upstream.name)
+        key_index = -1
+        if ring is not None:
+            current = ring.current()
+            if current is None:
+                return self._skip(upstream, exchange, Outcome.KEYS_SPENT, "every API key is resting")
+            key_index, values["key"] = current
+        try:
+            url = build_url(upstream, exchange, values)
+            headers = self._transport.request_headers(upstream, exchange, values)
+        except (NoPathForUpstream, KeyError):
+            return self._skip(upstream, exchange, Outcome.NO_PATH, "the route gives no path for this upstream")
         breaker = self._breakers[upstream.name]
         permit = breaker.allow()
         if permit is None:
-            self._emit(events.UpstreamSkipped(upstream.service, upstream.name, "breaker_open", exchange.request_id))
-            result = AttemptResult(Outcome.BREAKER_OPEN, detail=f"circuit {breaker.state.value}")
-            exchange.attempts.append(AttemptRecord(upstream.name, result.outcome.value, None, result.detail))
-            return result
+            return self._skip(upstream, exchange, Outcome.BREAKER_OPEN, f"circuit {breaker.state.value}")
+        limiter = self._limiters.get(upstream.name)
+        if limiter is not None and not await limiter.take_shared():
+            permit.release()
+            return self._skip(upstream, exchange, Outcome.RATE_LIMITED, "over the upstream's rate limit")
         clock = self._clock
         timeout = min(upstream.timeout, exchange.deadline_at - clock.monotonic())
         started = clock.monotonic()
         try:
-            reply = await self._transport.send(upstream, exchange, url, timeout)
+            reply = await self._transport.send(upstream, exchange, url, headers, timeout)
         except AttemptError as exc:
             result = AttemptResult(exc.outcome, detail=exc.detail)
-        except asyncio.CancelledError:
+        except BaseException:  # cancelled, or a bug: never leak a half-open probe slot
             permit.release()
             raise
-        except Exception as exc:  # a bug or an unexpected library error must not leak a probe slot
-            permit.release()
-            raise exc
         else:
             result = AttemptResult(from_status(reply.status), reply)
+            if ring is not None and _refuses_key(reply):
+                result = self._spend_key(upstream, ring, key_index, reply)
+            elif result.outcome is Outcome.SUCCESS and upstream.transform is not None and reply.stream is None:
+                result = self._normalise(upstream, values, reply)
         duration = clock.monotonic() - started
         if is_breaker_failure(result.outcome, trip_on_429=upstream.breaker.trip_on_429):
             permit.failure(duration)
@@ -81,3 +120,20 @@ class AttemptStage:
             duration=duration, attempt=number, method=exchange.method, url=masked_url(url, upstream),
             request_id=exchange.request_id, error=result.detail))
         return result
+
+    def _spend_key(self, upstream: Upstream, ring: KeyRing, index: int, reply: Reply) -> AttemptResult:
+        retry_after = parse_retry_after(reply.retry_after, self._clock.time())
+        until = ring.spend(index, retry_after)
+        left = ring.current()
+        self._emit(events.KeySpent(upstream.service, upstream.name, fingerprint(upstream.keys[index]), reply.status,
+                                   until, 0 if left is None else len(upstream.keys) - left[0]))
+        detail = f"key {fingerprint(upstream.keys[index])} refused ({reply.status})"
+        return AttemptResult(Outcome.KEYS_SPENT, reply, detail, rotated=left is not None)
+
+    def _normalise(self, upstream: Upstream, values: dict[str, str], reply: Reply) -> AttemptResult:
+        try:
+            body, headers = apply(upstream.transform or "", values, reply.body, reply.headers)
+        except TransformError as exc:
+            return AttemptResult(Outcome.TRANSFORM, reply, str(exc))
+        reply.body, reply.headers = body, headers
+        return AttemptResult(Outcome.SUCCESS, reply)

@@ -126,6 +126,12 @@ class CacheStage:
         token = uuid.uuid4().hex
         lock_ttl = max(0.1, min(exchange.deadline_at - self._clock.monotonic(), _CLUSTER_LOCK_MAX))
         held = await store.lock(key, token, lock_ttl)
+        if held:
+            # Double-check: the previous holder may have stored a copy between our lookup and the lock.
+            entry = await store.get_shared(key)
+            if entry is not None and entry.is_fresh(self._clock.time()):
+                await store.unlock(key, token)
+                return self._from_entry(entry, self._clock.time(), "MISS", f"{NAME}; fwd=miss; detail=coalesced-cluster")
         if held is False:
             entry = await self._await_cluster_copy(store, key, exchange.deadline_at)
             if entry is not None:

@@ -19,6 +19,8 @@ from yarl import URL
 
 from .breaker import PROFILES, BreakerPolicy
 from .outcome import RETRY_CLASSES
+from .quota import RateLimit
+from .transform import check_expression, placeholders as expression_placeholders
 from .retry import POLICIES, RetryPolicy
 from .routing import MatchPattern, Template, prefixes_overlap
 from .yamlsrc import LineDict, LineList, Substituted, line_of, load
@@ -120,6 +122,18 @@ class Upstream:
     breaker: BreakerPolicy
     retry: RetryPolicy
     secret_query: frozenset[str] = frozenset()  # query names whose values came from ${VAR}
+    transform: str | None = None                 # JMESPath normalising a JSON answer
+    rate_limit: RateLimit | None = None
+    keys: tuple[str, ...] = ()                   # API keys, used in order as {key}; rotated when refused
+    key_cooldown: float = 3600.0                 # how long a refused key rests when no Retry-After says
+
+    @property
+    def placeholders(self) -> frozenset[str]:
+        """Every {name} its path, query and header templates need."""
+        names = set(self.path.names if self.path else ())
+        names.update(n for _, t in self.query for n in t.names)
+        names.update(n for _, t in self.headers for n in t.names)
+        return frozenset(names)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +144,15 @@ class Route:
     pattern: MatchPattern
     cache: CacheRule
     paths: Mapping[str, Template]
+    derive: "Derive | None" = None
+
+
+@dataclass(frozen=True, slots=True)
+class Derive:
+    """A route answered from another route's answer plus a transform (no upstream call of its own)."""
+
+    source: Template   # the other route's path, e.g. /fx/latest/{base}
+    transform: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -463,6 +486,30 @@ def _templates(check: _Checker, value: Any, where: str, line: int, *, headers: b
     return tuple(items), secret_names
 
 
+def _key_query(query: tuple[tuple[str, Template], ...]) -> frozenset[str]:
+    """Query parameters filled with {key}: their values are API keys, masked in logs."""
+    return frozenset(name for name, template in query if "key" in template.names)
+
+
+def _derive(check: _Checker, value: Any, where: str, line: int, pattern: MatchPattern) -> Derive | None:
+    data = check.mapping(value, where, line)
+    if data is None:
+        return None
+    check.known_keys(data, {"from", "transform"}, where)
+    source = check.get(data, "from", where, _string, None)
+    transform = check.get(data, "transform", where, _string, None)
+    if source is None or transform is None:
+        check.problem(line, f"{where}: both `from` (a path of another route) and `transform` are required")
+        return None
+    template = Template.parse(source)
+    for missing in sorted(set(template.names) - set(pattern.names)):
+        check.problem(line_of(data, "from"), f"{where}.from: {{{missing}}} is not in this route's match")
+    problem = check_expression(transform, set(pattern.names))
+    if problem:
+        check.problem(line_of(data, "transform"), f"{where}.transform: {problem}")
+    return Derive(source=template, transform=transform)
+
+
 def _masked(value: Any) -> Any:
     return value.masked if isinstance(value, Substituted) else value
 
@@ -623,8 +670,38 @@ def _budget(check: _Checker, value: Any, line: int) -> RetryBudgetSettings:
 
 _SERVICE_KEYS = {"prefix", "cache", "routes", "upstreams", "timeout", "deadline", "breaker", "retry",
                  "retry_non_idempotent", "forward_headers"}
-_UPSTREAM_KEYS = {"name", "url", "path", "query", "headers", "timeout", "breaker", "retry"}
-_ROUTE_KEYS = {"match", "name", "cache", "paths"}
+_UPSTREAM_KEYS = {"name", "url", "path", "query", "headers", "timeout", "breaker", "retry", "transform",
+                  "rate_limit", "keys", "key_cooldown"}
+_ROUTE_KEYS = {"match", "name", "cache", "paths", "derive"}
+BUILT_IN_PLACEHOLDERS = frozenset({"upstream"})  # plus {key} where an upstream lists keys
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h|second|minute|hour)\s*$")
+
+
+def _rate_limit(value: Any) -> RateLimit:
+    """`10/s`, `600/m`, `1000/h` or {rate, per, burst}."""
+    if isinstance(value, str):
+        found = _RATE.match(value)
+        if not found:
+            raise ValueError(f"bad rate limit {value!r}: use 10/s, 600/m, 1000/h or {{rate, per, burst}}")
+        rate = float(found.group(1))
+        per = {"s": 1.0, "second": 1.0, "m": 60.0, "minute": 60.0, "h": 3600.0, "hour": 3600.0}[found.group(2)]
+        burst = rate
+    elif isinstance(value, dict):
+        unknown = set(value) - {"rate", "per", "burst"}
+        if unknown:
+            raise ValueError(f"unknown key {sorted(unknown)[0]!r} (allowed: burst, per, rate)")
+        rate = value.get("rate")
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)):
+            raise ValueError("rate must be a number of requests")
+        per = parse_duration(value.get("per", 1))
+        burst = value.get("burst", rate)
+        if isinstance(burst, bool) or not isinstance(burst, (int, float)):
+            raise ValueError("burst must be a number of requests")
+    else:
+        raise TypeError(f"expected 10/s or a mapping, got {_type_name(value)}")
+    if rate <= 0 or per <= 0 or burst < 1:
+        raise ValueError("rate and per must be positive and burst at least 1")
+    return RateLimit(rate=float(rate), per=per, burst=float(burst))
 
 
 def _service(check: _Checker, name: str, data: LineDict, where: str, line: int, cache: CacheSettings,
@@ -683,12 +760,29 @@ def _service(check: _Checker, name: str, data: LineDict, where: str, line: int, 
         headers, _ = _templates(check, u_data.get("headers"), f"{u_where}.headers", line_of(u_data, "headers"), headers=True)
         u_breaker = _breaker(check, u_data["breaker"], f"{u_where}.breaker", line_of(u_data, "breaker"), breaker) if "breaker" in u_data else breaker
         u_retry = _retry(check, u_data["retry"], f"{u_where}.retry", line_of(u_data, "retry"), retry) if "retry" in u_data else retry
+        transform = check.get(u_data, "transform", u_where, _string, None)
+        keys: list[str] = []
+        key_values = u_data.get("keys")
+        if key_values is not None:
+            if not isinstance(key_values, LineList) or not key_values:
+                check.problem(line_of(u_data, "keys"), f"{u_where}.keys: expected a non-empty list of keys")
+            else:
+                for k_index, key in enumerate(key_values):
+                    if not isinstance(key, str):
+                        check.problem(line_of(key_values, k_index), f"{u_where}.keys[{k_index}]: expected a string")
+                    elif key:  # an unset optional key (${KEY_2:-}) is simply not there
+                        check.secret(key)
+                        keys.append(str(key))
         if url is None:
             continue
         upstreams.append(Upstream(
             name=u_name, service=name, url=url, path=Template.parse(path) if path else None,
             query=query, headers=headers, timeout=check.get(u_data, "timeout", u_where, parse_duration, timeout),
-            breaker=u_breaker, retry=u_retry, secret_query=frozenset(secret_query)))
+            breaker=u_breaker, retry=u_retry, secret_query=frozenset(secret_query) | _key_query(query),
+            transform=transform, rate_limit=check.get(u_data, "rate_limit", u_where, _rate_limit, None),
+            keys=tuple(keys), key_cooldown=check.get(u_data, "key_cooldown", u_where, parse_duration, 3600.0)))
+        if key_values is not None and not keys and isinstance(key_values, LineList) and key_values:
+            check.problem(line_of(u_data, "keys"), f"{u_where}.keys: every key is empty (unset variables)")
 
     routes: list[Route] = []
     names = {u.name for u in upstreams}
@@ -723,16 +817,30 @@ def _service(check: _Checker, name: str, data: LineDict, where: str, line: int, 
             else:
                 paths[u_name] = Template.parse(template)
         r_name = check.get(r_data, "name", r_where, _string, match)
-        routes.append(Route(name=r_name, pattern=pattern, cache=r_rule, paths=paths))
+        derive = None
+        if "derive" in r_data:
+            derive = _derive(check, r_data["derive"], f"{r_where}.derive", line_of(r_data, "derive"), pattern)
+        routes.append(Route(name=r_name, pattern=pattern, cache=r_rule, paths=paths, derive=derive))
 
     # Every placeholder an upstream uses must come from some route's match, or the template can never be filled.
+    offered = {n for r in routes for n in r.pattern.names} | BUILT_IN_PLACEHOLDERS
     for upstream in upstreams:
-        needed = set(upstream.path.names if upstream.path else ()) | {n for _, t in upstream.query for n in t.names} \
-            | {n for _, t in upstream.headers for n in t.names}
-        offered = {n for r in routes for n in r.pattern.names}
-        for missing in sorted(needed - offered):
+        available = offered | ({"key"} if upstream.keys else set())
+        for missing in sorted(upstream.placeholders - available):
             check.problem(upstream_lines.get(upstream.name, line),
                           f"{where}.upstreams: {upstream.name} uses {{{missing}}} but no route's match defines it")
+        if upstream.transform is not None:
+            names = expression_placeholders(upstream.transform) & offered
+            problem = check_expression(upstream.transform, names)
+            if problem:
+                check.problem(upstream_lines.get(upstream.name, line), f"{where}.upstreams: {upstream.name} transform: {problem}")
+    for route in routes:
+        if route.derive is None:
+            continue
+        sample = route.derive.source.render({n: "X" for n in route.derive.source.names}, encode=True)
+        if not any(r.derive is None and r.pattern.match(sample) is not None for r in routes):
+            check.problem(line, f"{where}.routes: route {route.name!r} derives from {route.derive.source.text!r}, "
+                                "which no other (non-derived) route of the service matches")
     for route in routes:
         for u_name, template in route.paths.items():
             for missing in sorted(set(template.names) - set(route.pattern.names)):

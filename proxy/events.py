@@ -110,6 +110,17 @@ class UpstreamSkipped:
     request_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class KeySpent:
+    """An upstream refused an API key (quota or auth); the next key is used until `until`."""
+    service: str
+    provider: str
+    fingerprint: str      # never the key itself
+    status: int
+    until: float          # wall-clock epoch seconds
+    keys_left: int
+
+
 # --- cache ------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)

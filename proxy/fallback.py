@@ -12,11 +12,13 @@ from typing import Any
 
 from .clock import Clock
 from .exchange import AttemptRecord, Answer, Exchange
-from .outcome import Outcome
+from .outcome import SKIPPED, Outcome
 from .retrying import RetryStage
 
-# Outcomes after which the upstream certainly never received the request.
-_NEVER_SENT = frozenset({Outcome.CONNECT, Outcome.BREAKER_OPEN})
+# Outcomes after which the upstream certainly never processed the request: skipped, refused
+# before connecting, or refused for the API key it carried.
+_NEVER_SENT = SKIPPED | {Outcome.CONNECT}
+_SKIP_VALUES = frozenset(o.value for o in SKIPPED)
 
 
 class UpstreamsFailed(Exception):
@@ -69,7 +71,10 @@ class FallbackStage:
                 break  # it may have reached the upstream: sending it elsewhere could do it twice
         if deadline_hit or exchange.deadline_at - self._clock.monotonic() <= 0:
             raise UpstreamsFailed(504, "deadline_exceeded", service.name, exchange.attempts, last_status)
-        if exchange.attempts and all(a.outcome in (Outcome.BREAKER_OPEN.value, "no_path") for a in exchange.attempts) \
-                and any(a.outcome == Outcome.BREAKER_OPEN.value for a in exchange.attempts):
-            raise UpstreamsFailed(503, "all_breakers_open", service.name, exchange.attempts, last_status)
+        if exchange.attempts and all(a.outcome in _SKIP_VALUES for a in exchange.attempts) \
+                and any(a.outcome != Outcome.NO_PATH.value for a in exchange.attempts):
+            # Nothing was sent: every upstream was skipped (breaker open, rate limited, keys resting).
+            only_breakers = all(a.outcome in (Outcome.BREAKER_OPEN.value, Outcome.NO_PATH.value) for a in exchange.attempts)
+            error = "all_breakers_open" if only_breakers else "all_upstreams_unavailable"
+            raise UpstreamsFailed(503, error, service.name, exchange.attempts, last_status)
         raise UpstreamsFailed(502, "all_upstreams_failed", service.name, exchange.attempts, last_status)

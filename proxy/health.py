@@ -126,7 +126,14 @@ class Health:
 
     async def circuits(self, request: web.BaseRequest) -> web.Response:
         runtime = self._state.runtime
-        circuits = [runtime.breakers[u.name].snapshot() for u in runtime.config.upstreams()]
+        circuits = []
+        for upstream in runtime.config.upstreams():
+            circuit = runtime.breakers[upstream.name].snapshot()
+            ring = runtime.keyrings.get(upstream.name)
+            if ring is not None:  # fingerprints only: key values never leave the process
+                circuit["keys"] = [{**k, "spentUntil": now_iso(k["spentUntil"]) if k["spentUntil"] else None}
+                                   for k in ring.snapshot()]
+            circuits.append(circuit)
         return json_response(200, {"circuits": circuits})
 
     async def stats(self, request: web.BaseRequest) -> web.Response:

@@ -136,6 +136,12 @@ class EventLog:
         self._log.warning(f"Retry budget exhausted for {e.provider}, not retrying", kind="retry_budget",
                           service=e.service, provider=e.provider, request_id=e.request_id)
 
+    def _KeySpent(self, e: events.KeySpent) -> None:
+        then = "rotating to the next key" if e.keys_left else "no key left: the upstream is skipped until one rests enough"
+        self._log.warning(f"API key {e.fingerprint} for {e.provider} refused ({e.status}), resting until "
+                          f"{iso(e.until)}; {then}", kind="api_key", service=e.service, provider=e.provider,
+                          key=e.fingerprint, status=e.status, until=iso(e.until), keys_left=e.keys_left)
+
     def _StaleServed(self, e: events.StaleServed) -> None:
         self._log.warning(f"Using stale cache for {e.service} {e.path}, age: {int(e.age)}s", kind="stale",
                           service=e.service, path=e.path, age=int(e.age), upstream=e.upstream, reason=e.reason,

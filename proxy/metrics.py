@@ -131,6 +131,8 @@ class Metrics:
         self._retries = counter("retries_total", "Retries scheduled on an upstream.", sp)
         self._budget_exhausted = counter("retry_budget_exhausted_total",
                                          "Retries refused because the upstream's retry budget was spent.", sp)
+        self._keys_spent = counter("api_key_rotations_total",
+                                   "API keys an upstream refused (quota or auth), each rotated to the next key.", sp)
         self._fallbacks = counter("fallbacks_total",
                                   "Requests served by a non-primary upstream or by a stale copy.", sp)
         self._cache_requests = counter("cache_requests_total", "Cache lookups by result.", ("service", "result"))
@@ -157,7 +159,7 @@ class Metrics:
 
         self._by_provider = (self._requests, self._errors, self._duration, self._skipped, self._breaker_open,
                              self._breaker_state, self._transitions, self._retries, self._budget_exhausted,
-                             self._fallbacks)
+                             self._fallbacks, self._keys_spent)
         self._by_service = self._by_provider + (self._cache_requests, self._hit_rate, self._stale_served,
                                                 self._stale_age, self._coalesced, self._proxy_requests,
                                                 self._proxy_duration)
@@ -169,6 +171,7 @@ class Metrics:
             events.BreakerTransition: self._breaker_transition,
             events.RetryScheduled: self._retry_scheduled,
             events.RetryBudgetExhausted: self._retry_budget_exhausted,
+            events.KeySpent: self._key_spent,
             events.CacheLookup: self._cache_lookup,
             events.StaleServed: self._stale_served_event,
             events.Coalesced: self._coalesced_event,
@@ -259,6 +262,9 @@ class Metrics:
 
     def _retry_budget_exhausted(self, e: events.RetryBudgetExhausted) -> None:
         self._budget_exhausted(e.service, e.provider).inc()
+
+    def _key_spent(self, e: events.KeySpent) -> None:
+        self._keys_spent(e.service, e.provider).inc()
 
     def _cache_lookup(self, e: events.CacheLookup) -> None:
         result = _text(e.result)

@@ -23,6 +23,10 @@ class Outcome(str, enum.Enum):
     BREAKER_OPEN = "breaker_open"  # skipped without a network call
     DEADLINE = "deadline"          # no time left in the request's deadline to try
     BUDGET = "retry_budget"        # (retries only) the retry budget is spent
+    RATE_LIMITED = "rate_limited"  # skipped: the upstream's rate limit has no token left
+    KEYS_SPENT = "keys_spent"      # every API key of the upstream was refused (quota or auth)
+    TRANSFORM = "transform_failed"  # the answer could not be normalised (not JSON, failed expression)
+    NO_PATH = "no_path"            # the route gives this upstream's templates no values: not tried
 
     @property
     def answered(self) -> bool:
@@ -62,4 +66,9 @@ def is_breaker_failure(outcome: Outcome, *, trip_on_429: bool = False) -> bool:
     """
     if outcome is Outcome.HTTP_429:
         return trip_on_429
-    return outcome in (Outcome.HTTP_5XX, Outcome.TIMEOUT, Outcome.CONNECT, Outcome.RESET, Outcome.MALFORMED)
+    return outcome in (Outcome.HTTP_5XX, Outcome.TIMEOUT, Outcome.CONNECT, Outcome.RESET, Outcome.MALFORMED,
+                       Outcome.TRANSFORM)
+
+
+# Outcomes where no request reached the upstream: it was skipped before any network call.
+SKIPPED = frozenset({Outcome.BREAKER_OPEN, Outcome.RATE_LIMITED, Outcome.KEYS_SPENT, Outcome.NO_PATH})

@@ -145,7 +145,7 @@ class ProxyProcess:
             same_cache = config.cache == old.config.cache
             store = old.store if same_cache else None
             runtime = Runtime(config, clock=self.clock, bus=self.bus, store=store, transport=old.transport,
-                              breakers=kept_breakers, budgets=kept_budgets)
+                              breakers=kept_breakers, budgets=kept_budgets, previous=old)
             REDACTOR.add_secrets(config.secrets)
             removed_upstreams = {u.name for u in old.config.upstreams()} - {u.name for u in config.upstreams()}
             for name in removed_upstreams:

@@ -14,12 +14,9 @@ from . import events
 from .attempt import AttemptResult, AttemptStage
 from .clock import Clock
 from .config import Upstream
-from .exchange import AttemptRecord, Exchange
-from .outcome import Outcome
+from .exchange import Exchange
+from .outcome import SKIPPED
 from .retry import RetryBudget, parse_retry_after, retry_delay, should_retry
-from .transport import NoPathForUpstream, build_url
-
-NO_PATH = "no_path"
 
 
 class RetryStage:
@@ -32,22 +29,25 @@ class RetryStage:
         self._rng = rng or random.Random()
 
     async def __call__(self, upstream: Upstream, exchange: Exchange) -> AttemptResult:
-        try:
-            url = build_url(upstream, exchange)
-        except NoPathForUpstream:
-            exchange.attempts.append(AttemptRecord(upstream.name, NO_PATH, None, "the route gives no path for this upstream"))
-            return AttemptResult(Outcome.BREAKER_OPEN, detail=NO_PATH)
         budget = self._budgets.get(upstream.name)
         if budget is not None:
             budget.record_request()
         policy = upstream.retry
         number = 1
+        retries = 0
+        rotations = 0
         while True:
-            result = await self._attempt(upstream, exchange, url, number)
+            result = await self._attempt(upstream, exchange, number)
+            number += 1
             outcome = result.outcome
-            if outcome.answered or outcome is Outcome.BREAKER_OPEN:
+            if result.rotated and rotations < len(upstream.keys):
+                # A refused key is not the upstream failing: the next key goes at once, outside the policy.
+                rotations += 1
+                result.discard()
+                continue
+            if outcome.answered or outcome in SKIPPED:
                 return result
-            if number > policy.retries or not exchange.idempotent or not exchange.replayable:
+            if retries >= policy.retries or not exchange.idempotent or not exchange.replayable:
                 return result
             if not should_retry(policy, outcome, result.status):
                 return result
@@ -55,13 +55,13 @@ class RetryStage:
             if result.status in (429, 503) and result.reply is not None:
                 retry_after = parse_retry_after(result.reply.retry_after, self._clock.time())
             remaining = exchange.deadline_at - self._clock.monotonic()
-            delay = retry_delay(policy, number, self._rng, retry_after, remaining)
+            delay = retry_delay(policy, retries + 1, self._rng, retry_after, remaining)
             if delay is None:
                 return result  # no time left for another try here: let fallback or stale answer
             if budget is not None and not budget.try_spend():
                 self._emit(events.RetryBudgetExhausted(upstream.service, upstream.name, exchange.request_id))
                 return result
             result.discard()
-            number += 1
+            retries += 1
             self._emit(events.RetryScheduled(upstream.service, upstream.name, number, delay, exchange.request_id))
             await self._clock.sleep(delay)

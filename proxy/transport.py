@@ -67,17 +67,20 @@ def end_to_end(headers: Any, extra_drop: frozenset[str] | set[str] = frozenset()
     return [(str(name), value) for name, value in headers.items() if name.lower() not in drop]
 
 
-def build_url(upstream: Upstream, exchange: Exchange) -> URL:
-    """The upstream URL for this request: base URL + path (template or rest) + query."""
+def build_url(upstream: Upstream, exchange: Exchange, values: dict[str, str]) -> URL:
+    """The upstream URL for this attempt: base URL + path (template or rest) + query.
+
+    `values` are the route's placeholders plus `upstream` and, with keys, `key`.
+    """
     template = None
     if exchange.route is not None:
         template = exchange.route.paths.get(upstream.name)
     if template is None:
         template = upstream.path
     if template is not None:
-        if any(name not in exchange.params for name in template.names):
+        if any(name not in values for name in template.names):
             raise NoPathForUpstream(upstream.name)
-        path = template.render(exchange.params, encode=True)
+        path = template.render(values, encode=True)
     else:
         path = exchange.rest or ""
     base = upstream.url.raw_path.rstrip("/")
@@ -86,7 +89,9 @@ def build_url(upstream: Upstream, exchange: Exchange) -> URL:
         own = {name for name, _ in upstream.query}
         query = [(k, v) for k, v in query if k not in own]  # the route table's values win
         for name, value in upstream.query:
-            rendered = value.render(exchange.params, encode=False)
+            if any(n not in values for n in value.names):
+                continue  # filled by another route's placeholder: not part of this request
+            rendered = value.render(values, encode=False)
             if rendered:  # an optional key left unset (`${KEY:-}`) is not sent at all
                 query.append((name, rendered))
     return upstream.url.with_path(base + path, encoded=True).with_query(query) if query else \
@@ -129,23 +134,26 @@ class HttpTransport:
             if keep is None or name not in keep:
                 await self._sessions.pop(name).close()
 
-    def request_headers(self, upstream: Upstream, exchange: Exchange) -> CIMultiDict[str]:
+    def request_headers(self, upstream: Upstream, exchange: Exchange, values: dict[str, str]) -> CIMultiDict[str]:
         strip = self._settings.strip_headers - exchange.service.forward_headers
         headers = CIMultiDict(end_to_end(exchange.headers, strip))
         for name, template in upstream.headers:
-            value = template.render(exchange.params, encode=False)
+            if any(n not in values for n in template.names):
+                continue
+            value = template.render(values, encode=False)
             if value:
                 headers[name] = value
         return headers
 
-    async def send(self, upstream: Upstream, exchange: Exchange, url: URL, timeout: float) -> Reply:
+    async def send(self, upstream: Upstream, exchange: Exchange, url: URL, headers: CIMultiDict[str],
+                   timeout: float) -> Reply:
         """One HTTP attempt, bounded by `timeout` seconds until the body is buffered."""
         session = self._session(upstream)
         data: Any = exchange.body_stream if exchange.body_stream is not None else (exchange.body or None)
         try:
             async with asyncio.timeout(timeout):
                 response = await session.request(
-                    exchange.method, url, headers=self.request_headers(upstream, exchange), data=data,
+                    exchange.method, url, headers=headers, data=data,
                     allow_redirects=False, timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout),
                 )
                 try:

@@ -93,6 +93,11 @@ class RedisStore:
     def prefix(self) -> str:
         return self._prefix
 
+    @property
+    def redis_client(self) -> Any:
+        """The redis.asyncio client, for other shared state (rate-limit buckets) on the same Redis."""
+        return self._client
+
     async def get(self, key: str) -> Entry | None:
         data = await self._call("get", lambda: self._client.get(self._prefix + key))
         if data is _UNAVAILABLE or data is None:

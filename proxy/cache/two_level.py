@@ -34,6 +34,10 @@ class TwoLevelStore:
     def connected(self) -> bool:
         return self._remote.connected
 
+    @property
+    def redis_client(self) -> Any:
+        return getattr(self._remote, "redis_client", None)
+
     async def get(self, key: str) -> Entry | None:
         local = self._local.lookup(key)
         if local is not None and local[1] < self._local_ttl:

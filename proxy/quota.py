@@ -1,0 +1,124 @@
+"""Provider quotas: token-bucket rate limits and API-key rotation (pure, on an injected clock).
+
+A rate-limited upstream is skipped like an open breaker, so the proxy falls back or serves
+a stale copy instead of burning a vendor's quota and collecting 429s. With the Redis cache
+backend the bucket lives in Redis, so replicas share one quota.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .clock import Clock
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """`rate` requests per `per` seconds, with bursts of up to `burst` (default: rate)."""
+
+    rate: float
+    per: float
+    burst: float
+
+    @property
+    def per_second(self) -> float:
+        return self.rate / self.per
+
+
+class TokenBucket:
+    """An in-process token bucket: `take()` is True when a request may go out now."""
+
+    def __init__(self, limit: RateLimit, clock: Clock) -> None:
+        self._limit = limit
+        self._clock = clock
+        self._tokens = limit.burst
+        self._at = clock.monotonic()
+
+    def take(self) -> bool:
+        now = self._clock.monotonic()
+        self._tokens = min(self._limit.burst, self._tokens + (now - self._at) * self._limit.per_second)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+    async def take_shared(self) -> bool:
+        return self.take()
+
+
+# One round trip: refill by elapsed time, take a token if there is one, keep the key alive.
+_BUCKET = """
+local tokens = tonumber(redis.call('hget', KEYS[1], 't'))
+local at = tonumber(redis.call('hget', KEYS[1], 'a'))
+local now, rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if tokens == nil then tokens = burst; at = now end
+tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
+local ok = 0
+if tokens >= 1 then tokens = tokens - 1; ok = 1 end
+redis.call('hset', KEYS[1], 't', tostring(tokens), 'a', tostring(now))
+redis.call('expire', KEYS[1], tonumber(ARGV[4]))
+return ok
+"""
+
+
+class SharedTokenBucket:
+    """A token bucket in Redis shared by replicas; the local bucket answers while Redis cannot."""
+
+    def __init__(self, limit: RateLimit, clock: Clock, client: Any, key: str, op_timeout: float) -> None:
+        self._limit = limit
+        self._clock = clock
+        self._client = client
+        self._key = key
+        self._op_timeout = op_timeout
+        self._local = TokenBucket(limit, clock)
+        self._expire = max(2, math.ceil(limit.burst / limit.per_second) + 1)
+
+    def take(self) -> bool:
+        return self._local.take()
+
+    async def take_shared(self) -> bool:
+        try:
+            async with asyncio.timeout(self._op_timeout):
+                allowed = await self._client.eval(_BUCKET, 1, self._key, repr(self._clock.time()),
+                                                  repr(self._limit.per_second), repr(self._limit.burst), self._expire)
+            return bool(allowed)
+        except Exception:  # Redis down or slow: keep the quota per replica rather than not at all
+            return self._local.take()
+
+
+def fingerprint(value: str) -> str:
+    """A short, non-reversible name for a key, safe for logs and health output."""
+    return hashlib.sha256(value.encode()).hexdigest()[:8]
+
+
+class KeyRing:
+    """An upstream's API keys: the first one not spent is used; spent keys come back when their time is up."""
+
+    def __init__(self, keys: tuple[str, ...], clock: Clock, cooldown: float) -> None:
+        self._keys = keys
+        self._clock = clock
+        self._cooldown = cooldown
+        self._spent_until = [0.0] * len(keys)
+
+    def current(self) -> tuple[int, str] | None:
+        now = self._clock.time()
+        for index, key in enumerate(self._keys):
+            if self._spent_until[index] <= now:
+                return index, key
+        return None
+
+    def spend(self, index: int, retry_after: float | None) -> float:
+        """Mark a key spent (quota or auth refused); returns until when (wall epoch)."""
+        until = self._clock.time() + (retry_after if retry_after is not None else self._cooldown)
+        self._spent_until[index] = max(self._spent_until[index], until)
+        return self._spent_until[index]
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        now = self._clock.time()
+        return [{"fingerprint": fingerprint(key), "spent": until > now, "spentUntil": until if until > now else None}
+                for key, until in zip(self._keys, self._spent_until)]
