@@ -231,8 +231,9 @@ async def test_admin_purge_drops_a_services_copies(fake_upstream, proxy_factory,
 
 # --- Redis backend ------------------------------------------------------------------------------
 
-def redis_table(primary: str, url: str, prefix: str, **kwargs) -> str:
-    return cached(primary, top={"cache": {"backend": "redis", "url": url, "prefix": prefix, "local_ttl": "1s"}}, **kwargs)
+def redis_table(primary: str, url: str, prefix: str, op_timeout: str = "50ms", **kwargs) -> str:
+    return cached(primary, top={"cache": {"backend": "redis", "url": url, "prefix": prefix, "local_ttl": "1s",
+                                          "op_timeout": op_timeout}}, **kwargs)
 
 
 async def test_redis_copies_survive_a_proxy_restart(fake_upstream, clock, redis_url, redis_prefix):
@@ -309,7 +310,9 @@ async def test_redis_stopping_mid_run_never_stops_requests_and_the_cache_comes_b
 async def test_cluster_coalescing_makes_one_upstream_call_across_replicas(fake_upstream, clock, redis_url, redis_prefix):
     primary = await fake_upstream("primary")
     primary.default = Delay(0.3, then=Ok(body=RATES))
-    text = redis_table(primary.url, redis_url, redis_prefix, route_cache={"coalesce": "cluster"},
+    # A burst opens many Redis connections at once; on a loaded machine that can pass 50 ms and the
+    # store would (rightly) fail open. This test is about the lock, so give Redis time.
+    text = redis_table(primary.url, redis_url, redis_prefix, op_timeout="2s", route_cache={"coalesce": "cluster"},
                        timeout="5s", deadline="10s")
     replicas = [await start_proxy(text, clock=clock), await start_proxy(text, clock=clock)]
     try:
@@ -330,7 +333,9 @@ async def test_cluster_coalescing_makes_one_upstream_call_across_replicas(fake_u
 async def test_cluster_waiters_fetch_for_themselves_when_the_lock_holder_fails(fake_upstream, clock, redis_url, redis_prefix):
     primary = await fake_upstream("primary")
     primary.default = Delay(0.2, then=Fail(503))
-    text = redis_table(primary.url, redis_url, redis_prefix, route_cache={"coalesce": "cluster"},
+    # A burst opens many Redis connections at once; on a loaded machine that can pass 50 ms and the
+    # store would (rightly) fail open. This test is about the lock, so give Redis time.
+    text = redis_table(primary.url, redis_url, redis_prefix, op_timeout="2s", route_cache={"coalesce": "cluster"},
                        timeout="5s", deadline="10s")
     replicas = [await start_proxy(text, clock=clock), await start_proxy(text, clock=clock)]
     try:
