@@ -3,7 +3,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= routes.yaml
 
-.PHONY: run test check clean
+.PHONY: run test check bench clean demo
 
 # `make run`: create the venv, install the package, serve routes.yaml (:8080, metrics :9090).
 run: $(BIN)/.installed
@@ -15,6 +15,14 @@ test: $(BIN)/.installed-test
 
 check: $(BIN)/.installed
 	$(BIN)/resilience-proxy check $(CONFIG)
+
+# `make bench`: speed vs the Python ceiling and nginx, resilience under faults (~8 min; writes bench/results.*).
+bench: $(BIN)/.installed-test
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# `make demo`: the proxy in front of bundled mock providers on 127.0.0.1, offline, stops by itself.
+demo: $(BIN)/.installed
+	$(BIN)/python -m proxy.demo
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

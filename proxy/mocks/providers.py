@@ -130,10 +130,10 @@ services:
     upstreams:
       - name: flights_kac       # {self.flights_kac.kind}
         url: {self.flights_kac.url}
-        query: {{serviceKey: {key}, _type: json}}
+        query: {{serviceKey: {key}, _type: json, schDeptCityCode: "{{airport}}", schFlightNum: "{{flight}}"}}
       - name: flights_odcloud   # a second instance of the same mock, data.go.kr paths
         url: {self.flights_odcloud.url}
-        query: {{serviceKey: {key}, type: json}}
+        query: {{serviceKey: {key}, type: json, airport_code: "{{airport}}", flight_id: "{{flight}}"}}
 """
 
     def write_routes(self, path: str | Path, **options: Any) -> Path:

@@ -1,0 +1,311 @@
+"""`python -m proxy.demo` (`make demo`): the proxy in front of mock providers, offline, in under 10 s.
+
+Starts the mock vendors of the committed routes.yaml on 127.0.0.1 (`proxy.mocks`), the proxy
+in this process in front of them, then sends real requests and prints what comes back:
+MISS then HIT; a dead primary and the secondary answering; both dead and a STALE copy; the
+primary's breaker opening, being skipped and being reset; the flights service. Nothing leaves
+127.0.0.1. `--fast` shortens the waits (the tests use it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, TextIO
+
+import aiohttp
+
+from . import logs
+from .config import load_config
+from .logs import EventLog
+from .mocks import MockProviders
+from .process import ProxyProcess
+
+_COLOURS = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "blue": "34", "magenta": "35",
+            "cyan": "36"}
+_CACHE_COLOUR = {"HIT": "green", "MISS": "yellow", "STALE": "magenta", "BYPASS": "cyan"}
+_STATE_COLOUR = {"CLOSED": "green", "OPEN": "red", "HALF_OPEN": "yellow", "HEALTHY": "green", "DOWN": "red",
+                 "DEGRADED": "yellow"}
+
+
+class Transcript:
+    """Prints the walk-through; colours only on a terminal (and never with NO_COLOR set)."""
+
+    def __init__(self, out: TextIO, *, colour: bool) -> None:
+        self.out = out
+        self.colour = colour
+
+    def paint(self, text: str, colour: str | None) -> str:
+        if not self.colour or colour is None:
+            return text
+        return f"\033[{_COLOURS[colour]}m{text}\033[0m"
+
+    def line(self, text: str = "") -> None:
+        print(text, file=self.out, flush=True)
+
+    def step(self, number: int, title: str) -> None:
+        self.line()
+        self.line(self.paint(f"== {number}. {title}", "bold"))
+
+    def note(self, text: str) -> None:
+        self.line(self.paint(f"   # {text}", "dim"))
+
+    def log(self, text: str) -> None:
+        self.line(self.paint(f"     log: {text}", "blue"))
+
+    def request(self, method: str, url: str) -> None:
+        self.line(f"   {self.paint(method, 'bold')} {url}")
+
+    def answer(self, status: int, headers: Any, body: bytes) -> None:
+        parts = [self.paint(str(status), "green" if status < 400 else "red")]
+        cache = headers.get("X-Cache")
+        if cache:
+            parts.append(f"X-Cache: {self.paint(cache, _CACHE_COLOUR.get(cache))}")
+        if headers.get("X-Upstream"):
+            parts.append(f"X-Upstream: {headers['X-Upstream']}")
+        if headers.get("Age") is not None:
+            parts.append(f"Age: {headers['Age']}")
+        self.line("     -> " + "  ".join(parts))
+        self.line(self.paint(f"        {excerpt(body)}", "dim"))
+
+    def state(self, label: str, state: str, extra: str = "") -> None:
+        self.line(f"     {label}: {self.paint(state, _STATE_COLOUR.get(state))}{extra}")
+
+
+class _Narrator:
+    """A logger for `EventLog` that prints the breaker and stale-cache lines operators know."""
+
+    def __init__(self, transcript: Transcript) -> None:
+        self._transcript = transcript
+
+    def _print(self, event: str, **fields: Any) -> None:
+        if fields.get("kind") in ("breaker", "stale"):
+            self._transcript.log(event)
+
+    info = warning = error = _print
+
+
+def excerpt(body: bytes, limit: int = 110) -> str:
+    """A one-line summary of an answer body: the fields that tell what it is, not the whole thing."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        text = " ".join(body.decode("utf-8", "replace").split())
+        return text[:limit] + ("..." if len(text) > limit else "")
+    if isinstance(data, dict) and "rates" in data:
+        base = {k: data[k] for k in ("result", "base_code", "base", "date") if k in data}
+        rates = {k: data["rates"][k] for k in ("EUR", "KRW", "JPY", "USD") if k in data["rates"]}
+        return _short(dict(base, rates=dict(list(rates.items())[:2]))) + f" (+{len(data['rates']) - 2} rates)"
+    if isinstance(data, dict) and "response" in data:
+        header = data["response"].get("header", {})
+        body_part = data["response"].get("body", {})
+        items = body_part.get("items") or []
+        if isinstance(items, dict):
+            items = items.get("item") or []
+        if isinstance(items, dict):
+            items = [items]
+        flights = [_flight_summary(item) for item in items[:3]]
+        more = f" +{len(items) - 3} more" if len(items) > 3 else ""
+        return f'resultCode {header.get("resultCode")}, totalCount {body_part.get("totalCount")}: ' \
+               + "; ".join(flights) + more
+    if isinstance(data, dict) and "attempts" in data:
+        attempts = ", ".join(f"{a.get('upstream')}={a.get('outcome')}" for a in data["attempts"])
+        return f'error {data.get("error")!r}, attempts: {attempts}'
+    return _short(data, limit)
+
+
+def _flight_summary(item: dict[str, Any]) -> str:
+    number = item.get("airFln") or item.get("domesticNum") or item.get("flightId") or "?"
+    if "domesticStartTime" in item:
+        return f'{number} {item.get("startcityCode")}->{item.get("arrivalcityCode")} {item["domesticStartTime"]}'
+    status = item.get("rmkEng") or item.get("remark") or "SCHEDULED"
+    when = item.get("etd") or item.get("estimatedDateTime", "")[-4:]
+    return f"{number} {status} (etd {when})"
+
+
+def _short(value: Any, limit: int = 110) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
+class Demo:
+    """The walk-through, step by step, against a proxy and mocks it owns."""
+
+    def __init__(self, transcript: Transcript, *, fast: bool) -> None:
+        self.t = transcript
+        self.fast = fast
+        self.fx_ttl = 1 if fast else 3
+        self.pause = 0.0 if fast else 0.7
+        self.mocks = MockProviders()
+        self.process: ProxyProcess | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.base = ""
+
+    async def run(self) -> None:
+        with tempfile.TemporaryDirectory(prefix="resilience-proxy-demo-") as folder:
+            await self.mocks.start()
+            try:
+                routes = self.mocks.write_routes(Path(folder) / "routes.yaml", fx_ttl=f"{self.fx_ttl}s")
+                config = load_config(routes, env={})
+                self.process = ProxyProcess(config, env={}, log_events=False)
+                self.process.bus.subscribe(EventLog(_Narrator(self.t)))
+                await self.process.start()
+                host, port = self.process.addresses["main"]
+                self.base = f"http://{host}:{port}"
+                async with aiohttp.ClientSession() as self.session:
+                    self.introduce(routes)
+                    await self.normal()
+                    await self.primary_down()
+                    await self.stale()
+                    await self.breaker()
+                    await self.flights()
+            finally:
+                if self.process is not None:
+                    await self.process.stop()
+                await self.mocks.stop()
+        self.t.line()
+        self.t.line(self.t.paint("Demo finished: the proxy and the mock providers are stopped.", "bold"))
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    async def send(self, method: str, path: str, *, show: bool = True) -> tuple[int, Any, bytes]:
+        assert self.session is not None
+        url = self.base + path
+        if show:
+            self.t.request(method, url)
+        async with self.session.request(method, url) as response:
+            body = await response.read()
+            if show:
+                self.t.answer(response.status, response.headers, body)
+            return response.status, response.headers, body
+
+    async def get_json(self, path: str) -> Any:
+        self.t.request("GET", self.base + path)
+        _, _, body = await self.send("GET", path, show=False)
+        return json.loads(body)
+
+    async def wait(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    async def circuits(self, only: str | None = None) -> dict[str, str]:
+        data = await self.get_json("/health/integrations/circuits")
+        states = {}
+        for circuit in data["circuits"]:
+            states[circuit["provider"]] = circuit["state"]
+            if only is None or circuit["provider"] == only:
+                retry = f", retryAt {circuit['retryAt']}" if circuit.get("retryAt") else ""
+                self.t.state(f"circuit {circuit['provider']}", circuit["state"],
+                             f"  (failures {circuit['failures']}/{circuit['threshold']}{retry})")
+        return states
+
+    # --- the steps -------------------------------------------------------------------------
+
+    def introduce(self, routes: Path) -> None:
+        t = self.t
+        t.line(t.paint("resilience-proxy offline demo", "bold") + " - every request below goes to 127.0.0.1")
+        for name, mock in self.mocks.all.items():
+            t.line(f"   {name:<16} {mock.url:<24} {mock.kind}")
+        t.line(f"   {'proxy':<16} {self.base:<24} route table {routes.name} "
+               f"(fx ttl {self.fx_ttl}s, timeout 1s, breaker FAST: 3 failures open it)")
+
+    async def normal(self) -> None:
+        self.t.step(1, "A first request is a MISS; the same request again is a HIT")
+        await self.send("GET", "/fx/latest/USD")
+        await self.send("GET", "/fx/latest/USD")
+        self.t.note(f"fx_primary was called {self.mocks.fx_primary.calls} time: the HIT came from the cache")
+        await self.wait(self.pause)
+
+    async def primary_down(self) -> None:
+        self.t.step(2, "fx_primary goes down: fx_secondary answers")
+        await self.mocks.fx_primary.go_down()
+        self.t.note("fx_primary stopped listening (connection refused); asking for a rate not cached yet")
+        await self.send("GET", "/fx/latest/EUR")
+        await self.wait(self.pause)
+
+    async def stale(self) -> None:
+        self.t.step(3, "Both FX vendors down: the stale copy is served, with its Age")
+        await self.mocks.fx_secondary.go_down()
+        wait = self.fx_ttl + 0.3
+        self.t.note(f"fx_secondary stopped listening too; waiting {wait:.1f}s so the USD copy "
+                    f"(ttl {self.fx_ttl}s) is no longer fresh")
+        await self.wait(wait)
+        await self.send("GET", "/fx/latest/USD")
+        self.t.note("a rate never cached has nothing to fall back on:")
+        await self.send("GET", "/fx/latest/JPY")
+        await self.wait(self.pause)
+
+    async def breaker(self) -> None:
+        self.t.step(4, "fx_primary's circuit breaker is OPEN: it is skipped until an operator resets it")
+        states = await self.circuits(only="fx_primary")
+        for _ in range(5):
+            if states.get("fx_primary") == "OPEN":
+                break
+            self.t.note("fx_primary still refuses connections; each failure counts")
+            await self.send("GET", "/fx/latest/USD")
+            states = await self.circuits(only="fx_primary")
+        health = await self.get_json("/health")
+        fx = health["services"]["fx"]
+        self.t.state("health status", health["status"])
+        for provider in fx["providers"]:
+            self.t.state(f"  fx provider {provider['providerName']}", provider["status"],
+                         f"  (circuit {provider['circuitState']})")
+
+        await self.mocks.fx_primary.come_up()
+        before = self.mocks.fx_primary.calls
+        self.t.note("fx_primary is listening again, but its breaker is OPEN: the proxy does not call it")
+        await self.send("GET", "/fx/latest/USD")
+        self.t.note(f"calls that reached fx_primary meanwhile: {self.mocks.fx_primary.calls - before}")
+
+        self.t.note("runbook: after recovery, reset the circuit by hand")
+        path = "/health/integrations/circuits/fx_primary/reset"
+        self.t.request("POST", self.base + path)
+        status, _, body = await self.send("POST", path, show=False)
+        snapshot = json.loads(body)
+        self.t.line(f"     -> {status}")
+        self.t.state("circuit fx_primary", snapshot["state"], f"  (failures {snapshot['failures']}/{snapshot['threshold']})")
+        await self.send("GET", "/fx/latest/USD")
+        self.t.note(f"calls that reached fx_primary since it came back: {self.mocks.fx_primary.calls - before}")
+        await self.wait(self.pause)
+
+    async def flights(self) -> None:
+        self.t.step(5, "The flights service: schedules, then live status")
+        self.t.note("the route table turns {airport} / {flight} into the vendor's query, with serviceKey and _type=json")
+        await self.send("GET", "/flights/schedules/GMP")
+        self.mocks.board.set_status("OZ8915", "DELAYED", estimated="0840")
+        self.t.note("the airport now reports OZ8915 as DELAYED")
+        await self.send("GET", "/flights/status/OZ8915")
+        await self.send("GET", "/flights/status/OZ8915")
+        self.mocks.flights_kac.fail(503)
+        self.t.note("flights_kac now answers 503 to everything: flights_odcloud takes over")
+        await self.send("GET", "/flights/status/7C103")
+        self.mocks.flights_kac.heal()
+
+
+async def run(argv: list[str] | None = None, out: TextIO | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m proxy.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--fast", action="store_true", help="shorter waits (for tests)")
+    args = parser.parse_args(argv)
+    stream = out or sys.stdout
+    colour = stream.isatty() and not os.environ.get("NO_COLOR")
+    # The proxy's own log lines would drown the transcript: only warnings and worse, to stderr.
+    logs.configure("warning", "console", stream=sys.stderr)
+    demo = Demo(Transcript(stream, colour=colour), fast=args.fast)
+    async with asyncio.timeout(120):  # whatever happens, the demo stops by itself
+        await demo.run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return asyncio.run(run(argv))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
