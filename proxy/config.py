@@ -145,6 +145,19 @@ class Route:
     cache: CacheRule
     paths: Mapping[str, Template]
     derive: "Derive | None" = None
+    watch: Watch | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Watch:
+    """Poll a route for subscribed topics and emit an event when the selected fields change."""
+
+    interval: float
+    fields: str                      # JMESPath selecting what counts as a change
+    webhook: URL | None = None       # optional delivery of every event of this watch
+    secret: str | None = None        # HMAC key for the webhook signature
+    attempts: int = 5                # webhook attempts before the dead-letter stream
+    topics: tuple[str, ...] = ()     # always polled, subscribers or not (for webhook-only consumers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +222,17 @@ class CacheSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class EventsSettings:
+    """The outbox and WebSocket delivery of watch events."""
+
+    stream: str = "events"           # Redis stream name (under cache.prefix); one per deployment
+    maxlen: int = 100_000            # the outbox keeps about this many events
+    ack_timeout: float = 30.0        # unacknowledged events are sent again after this (then backing off)
+    client_queue: int = 1000         # events waiting for one client; past it the client is told and closed
+    max_frame: int = 64 * 1024       # largest frame a client may send
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """A complete, validated route table."""
 
@@ -217,8 +241,12 @@ class Config:
     cache: CacheSettings
     services: Mapping[str, Service]
     retry_budget: RetryBudgetSettings
+    events: EventsSettings = EventsSettings()
     secrets: frozenset[str] = frozenset()
     effective: Mapping[str, Any] = field(default_factory=dict)  # for `check`, secrets masked
+
+    def watched_routes(self) -> list[tuple[Service, Route]]:
+        return [(s, r) for s in self.services.values() for r in s.routes if r.watch is not None]
 
     def upstreams(self) -> list[Upstream]:
         return [u for s in self.services.values() for u in s.upstreams]
@@ -536,7 +564,7 @@ def parse_config(text: str, filename: str, env: Mapping[str, str]) -> Config:
     root = check.mapping(document, "the file", 1)
     if root is None:
         raise ConfigError(_format(check))
-    check.known_keys(root, {"version", "server", "cache", "defaults", "services"}, "top level")
+    check.known_keys(root, {"version", "server", "cache", "defaults", "services", "events"}, "top level")
     effective: dict[str, Any] = {"version": 1}
 
     if root.get("version") != 1:
@@ -650,8 +678,57 @@ def parse_config(text: str, filename: str, env: Mapping[str, str]) -> Config:
     effective["services"] = effective_services
     if check.problems:
         raise ConfigError(_format(check))
+    events_settings = _events(check, root.get("events"), line_of(root, "events")) if "events" in root else EventsSettings()
     return Config(source=filename, server=server, cache=cache, services=services, retry_budget=budget,
-                  secrets=frozenset(check.secrets), effective=effective)
+                  events=events_settings, secrets=frozenset(check.secrets), effective=effective)
+
+
+def _events(check: _Checker, value: Any, line: int) -> EventsSettings:
+    data = check.mapping(value, "events", line)
+    defaults = EventsSettings()
+    if data is None:
+        return defaults
+    check.known_keys(data, {"stream", "maxlen", "ack_timeout", "client_queue", "max_frame"}, "events")
+    return EventsSettings(
+        stream=check.get(data, "stream", "events", _string, defaults.stream),
+        maxlen=check.get(data, "maxlen", "events", _positive_int, defaults.maxlen),
+        ack_timeout=check.get(data, "ack_timeout", "events", parse_duration, defaults.ack_timeout),
+        client_queue=check.get(data, "client_queue", "events", _positive_int, defaults.client_queue),
+        max_frame=check.get(data, "max_frame", "events", parse_size, defaults.max_frame))
+
+
+def _watch(check: _Checker, value: Any, where: str, line: int, names: set[str]) -> Watch | None:
+    data = check.mapping(value, where, line)
+    if data is None:
+        return None
+    check.known_keys(data, {"interval", "fields", "deliver", "topics"}, where)
+    topics = check.get(data, "topics", where, _topic_list, ())
+    interval = check.get(data, "interval", where, parse_duration, 300.0)
+    if interval < 1:
+        check.problem(line_of(data, "interval"), f"{where}.interval: poll at most once a second")
+    fields = check.get(data, "fields", where, _string, "@")
+    problem = check_expression(fields, names)
+    if problem:
+        check.problem(line_of(data, "fields"), f"{where}.fields: {problem}")
+    webhook = secret = None
+    attempts = 5
+    if "deliver" in data:
+        deliver = check.mapping(data["deliver"], f"{where}.deliver", line_of(data, "deliver"))
+        if deliver is not None:
+            check.known_keys(deliver, {"webhook", "secret", "attempts"}, f"{where}.deliver")
+            webhook = check.get(deliver, "webhook", f"{where}.deliver", _upstream_url, None)
+            secret = check.get(deliver, "secret", f"{where}.deliver", _string, None)
+            check.secret(deliver.get("secret"))
+            attempts = check.get(deliver, "attempts", f"{where}.deliver", _positive_int, 5)
+            if webhook is None:
+                check.problem(line_of(data, "deliver"), f"{where}.deliver: `webhook` (an http(s) URL) is required")
+    return Watch(interval=interval, fields=fields, webhook=webhook, secret=secret, attempts=attempts, topics=topics)
+
+
+def _topic_list(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise TypeError("expected a list of topics such as flights/status/KE001")
+    return tuple(value)
 
 
 def _budget(check: _Checker, value: Any, line: int) -> RetryBudgetSettings:
@@ -668,11 +745,11 @@ def _budget(check: _Checker, value: Any, line: int) -> RetryBudgetSettings:
     )
 
 
-_SERVICE_KEYS = {"prefix", "cache", "routes", "upstreams", "timeout", "deadline", "breaker", "retry",
+_SERVICE_KEYS = {"prefix", "cache", "routes", "upstreams", "timeout", "deadline", "breaker", "retry", "watch",
                  "retry_non_idempotent", "forward_headers"}
 _UPSTREAM_KEYS = {"name", "url", "path", "query", "headers", "timeout", "breaker", "retry", "transform",
                   "rate_limit", "keys", "key_cooldown"}
-_ROUTE_KEYS = {"match", "name", "cache", "paths", "derive"}
+_ROUTE_KEYS = {"match", "name", "cache", "paths", "derive", "watch"}
 BUILT_IN_PLACEHOLDERS = frozenset({"upstream"})  # plus {key} where an upstream lists keys
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h|second|minute|hour)\s*$")
 
@@ -820,7 +897,13 @@ def _service(check: _Checker, name: str, data: LineDict, where: str, line: int, 
         derive = None
         if "derive" in r_data:
             derive = _derive(check, r_data["derive"], f"{r_where}.derive", line_of(r_data, "derive"), pattern)
-        routes.append(Route(name=r_name, pattern=pattern, cache=r_rule, paths=paths, derive=derive))
+        watch_value = r_data.get("watch", data.get("watch"))  # a service's watch applies to each of its routes
+        watch = None
+        if watch_value is not None:
+            watch_line = line_of(r_data, "watch") if "watch" in r_data else line_of(data, "watch")
+            watch = _watch(check, watch_value, f"{r_where}.watch" if "watch" in r_data else f"{where}.watch",
+                           watch_line, set(pattern.names))
+        routes.append(Route(name=r_name, pattern=pattern, cache=r_rule, paths=paths, derive=derive, watch=watch))
 
     # Every placeholder an upstream uses must come from some route's match, or the template can never be filled.
     offered = {n for r in routes for n in r.pattern.names} | BUILT_IN_PLACEHOLDERS
@@ -883,4 +966,5 @@ def _effective_service(service: Service, data: LineDict) -> dict[str, Any]:
 
 
 def _format(check: _Checker) -> list[str]:
-    return [f"{check.filename}:{line}: {message}" for line, message in sorted(check.problems, key=lambda p: p[0])]
+    unique = dict.fromkeys(check.problems)  # a service-level setting is checked once per route: say it once
+    return [f"{check.filename}:{line}: {message}" for line, message in sorted(unique, key=lambda p: p[0])]

@@ -185,3 +185,53 @@ class ConfigReloaded:
     ok: bool
     source: str           # sighup | file_change | admin
     errors: tuple[str, ...] = field(default_factory=tuple)
+
+
+# --- watch events and their delivery ------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class WatchEventEmitted:
+    """A watched topic changed; the event is in the outbox."""
+    service: str
+    route: str
+    evt_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSubscribers:
+    route: str
+    topic: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class EventDelivered:
+    channel: str          # ws | webhook
+    route: str
+    redelivery: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EventAcked:
+    channel: str
+    route: str
+
+
+@dataclass(frozen=True, slots=True)
+class EventDeadLettered:
+    route: str
+    evt_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClientDropped:
+    """A WebSocket client fell too far behind and was disconnected (it may resume with last_evt_id)."""
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxState:
+    """Reported every few seconds: the outbox's length and the oldest unacknowledged event's age."""
+    length: int | None
+    oldest_unacked_age: float | None

@@ -149,6 +149,9 @@ class Health:
         body["hitRate"] = {name: s.get("cacheHitRate") for name, s in window["services"].items()}
         return json_response(200, body)
 
+    async def outbox(self, request: web.BaseRequest) -> web.Response:
+        return json_response(200, await self._state.events.describe())
+
     async def metrics(self, request: web.BaseRequest) -> web.Response:
         body, content_type = self._state.metrics.render()
         return web.Response(body=body, headers={"Content-Type": content_type})
@@ -160,7 +163,7 @@ class Health:
     _reads: dict[str, Callable[["Health", web.BaseRequest], Awaitable[web.StreamResponse]]] = {
         "/health": health, "/health/live": live, "/health/ready": ready,
         "/health/integrations": integrations, "/health/integrations/circuits": circuits,
-        "/health/integrations/stats": stats, "/health/integrations/cache": cache, "/health/metrics": metrics,
+        "/health/integrations/stats": stats, "/health/integrations/cache": cache, "/health/integrations/outbox": outbox, "/health/metrics": metrics,
         "/health/ui": ui,
     }
 

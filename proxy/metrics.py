@@ -151,6 +151,22 @@ class Metrics:
         self._backend_up = gauge("cache_backend_up", "1 while the cache backend is reachable.", ("backend",))
         self._cache_errors = counter("cache_errors_total", "Cache backend errors by operation.",
                                      ("backend", "operation"))
+        self._events_emitted = counter("events_emitted_total", "Watch events written to the outbox.", ("service", "route"))
+        self._event_deliveries = counter("event_deliveries_total", "Watch events sent (first sends), by channel.",
+                                         ("channel", "route"))
+        self._event_redeliveries = counter("event_redeliveries_total", "Watch events sent again for want of an ack.",
+                                           ("channel", "route"))
+        self._event_acks = counter("event_acks_total", "Watch events acknowledged (WebSocket ack or webhook 2xx).",
+                                   ("channel", "route"))
+        self._event_dead = counter("event_dead_letters_total", "Webhook events moved to the dead-letter stream.",
+                                   ("route",))
+        self._clients_dropped = counter("event_clients_dropped_total",
+                                        "WebSocket clients disconnected for falling behind.", ("reason",))
+        self._subscribers = gauge("event_subscribers", "WebSocket subscriptions per watched route.", ("route",))
+        self._outbox_length = Gauge("outbox_length", "Events in the outbox stream.", registry=r)
+        self._oldest_unacked = Gauge("outbox_oldest_unacked_age_seconds",
+                                     "Age of the oldest event a WebSocket client has not acknowledged.", registry=r)
+        self._topic_counts: dict[tuple[str, str], int] = {}
         self._reloads = counter("config_reloads_total", "Route table reloads by result.", ("result",))
         self._last_reload = Gauge("config_last_reload_success_timestamp_seconds",
                                   "Wall-clock time of the last successful reload.", registry=r)
@@ -179,6 +195,13 @@ class Metrics:
             events.CacheBackendState: self._backend_state,
             events.CacheError: self._cache_error,
             events.ConfigReloaded: self._config_reloaded,
+            events.WatchEventEmitted: lambda e: self._events_emitted(e.service, e.route).inc(),
+            events.EventDelivered: self._event_delivered,
+            events.EventAcked: lambda e: self._event_acks(e.channel, e.route).inc(),
+            events.EventDeadLettered: lambda e: self._event_dead(e.route).inc(),
+            events.ClientDropped: lambda e: self._clients_dropped(e.reason).inc(),
+            events.TopicSubscribers: self._topic_subscribers,
+            events.OutboxState: self._outbox_state,
         }
 
     def __call__(self, event: Any) -> None:
@@ -262,6 +285,22 @@ class Metrics:
 
     def _retry_budget_exhausted(self, e: events.RetryBudgetExhausted) -> None:
         self._budget_exhausted(e.service, e.provider).inc()
+
+    def _event_delivered(self, e: events.EventDelivered) -> None:
+        (self._event_redeliveries if e.redelivery else self._event_deliveries)(e.channel, e.route).inc()
+
+    def _topic_subscribers(self, e: events.TopicSubscribers) -> None:
+        # Topics name flights and dates: kept here only to sum per route, never used as a label.
+        self._topic_counts[(e.route, e.topic)] = e.count
+        if e.count == 0:
+            del self._topic_counts[(e.route, e.topic)]
+        total = sum(n for (route, _), n in self._topic_counts.items() if route == e.route)
+        self._subscribers(e.route).set(total)
+
+    def _outbox_state(self, e: events.OutboxState) -> None:
+        if e.length is not None:
+            self._outbox_length.set(e.length)
+        self._oldest_unacked.set(e.oldest_unacked_age or 0.0)
 
     def _key_spent(self, e: events.KeySpent) -> None:
         self._keys_spent(e.service, e.provider).inc()

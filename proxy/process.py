@@ -17,6 +17,7 @@ from . import events
 from .app import Runtime
 from .clock import SYSTEM_CLOCK, Clock
 from .config import Config, ConfigError, load_config
+from .eventing import EventsSystem
 from .health import Health
 from .logs import REDACTOR, EventLog
 from .metrics import Metrics
@@ -55,6 +56,7 @@ class ProxyProcess:
         self._runners: list[web.BaseRunner] = []
         self.addresses: dict[str, tuple[str, int]] = {}
         self._watch_task: asyncio.Task[None] | None = None
+        self.events = EventsSystem(self, config)
         self._retiring: set[asyncio.Task[None]] = set()
 
     def _register(self, config: Config, breakers: dict[str, Any] | None = None) -> None:
@@ -71,6 +73,8 @@ class ProxyProcess:
             return error_response(400, "bad_request", request_id,
                                   "CONNECT and absolute-form targets are refused: this is not an open proxy", cache="BYPASS")
         path = request.path
+        if path == "/events":
+            return await self.events.hub.handle(request)
         if path == "/health" or path.startswith("/health/"):
             response = await self._health(request, request_id)
             response.headers["X-Request-ID"] = request_id
@@ -93,6 +97,7 @@ class ProxyProcess:
                     metrics_listen: tuple[str, int] | None | bool = True) -> None:
         """Bind the listeners (port 0 picks a free one; see `addresses`)."""
         await self.runtime.store.ping()  # learn the cache backend's state before the first request
+        self.events.start()
         settings = self.runtime.config.server
         main = web.ServerRunner(web.Server(self.handle, auto_decompress=False, **_PARSER_LIMITS),
                                 shutdown_timeout=settings.drain_timeout, access_log=None)
@@ -121,6 +126,7 @@ class ProxyProcess:
         self._runners.clear()
         for task in list(self._retiring):
             task.cancel()
+        await self.events.stop()
         await self.runtime.close()
 
     # --- reload -----------------------------------------------------------------------------
@@ -157,6 +163,7 @@ class ProxyProcess:
                 self.metrics.forget_service(service)
             self._register(config, runtime.breakers)  # a replaced breaker starts CLOSED: say so
             self.runtime = runtime  # atomic for requests: each reads `runtime` once
+            self.events.config_changed()
             if same_cache:
                 for service in old.config.services.keys() - config.services.keys():
                     await store.purge(service)

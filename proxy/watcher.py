@@ -1,0 +1,219 @@
+"""Watching routes for changes: one poll per subscribed topic per interval, an event per change.
+
+A topic names a watched route with its parameters (`flights/status/KE001?date=2024-12-01`).
+Only topics someone subscribes to (or that a watch lists in `topics:`) are polled, and a
+topic costs one poll per interval however many subscribers it has. A poll is a request like
+any other — it goes through the chain, so the cache, breakers and fallback apply and an
+outage does not multiply calls. When the fields a watch selects change, the event is written
+to the outbox first, then handed to delivery.
+
+With Redis, the last value of every topic lives in Redis and is compared-and-set atomically,
+so replicas polling the same topic emit each change once, and a restarted proxy still
+notices a change that happened while it was down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Awaitable, Callable
+from urllib.parse import parse_qsl, urlencode
+
+import orjson
+import structlog
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from . import events
+from .config import Route, Service
+from .exchange import Exchange
+from .fallback import UpstreamsFailed
+from .outbox import Event, Outbox
+from .routing import UnsafePath, check_target
+from .transform import TransformError, decode_json, evaluate
+
+log = structlog.get_logger("resilience-proxy")
+_NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+
+# Compare-and-set of a topic's last value: 0 unchanged, 1 first value seen (no event), 2 changed.
+_SWAP = """
+local old = redis.call('hget', KEYS[1], ARGV[1])
+if old == ARGV[2] then return {0} end
+redis.call('hset', KEYS[1], ARGV[1], ARGV[2])
+if not old then return {1} end
+return {2, old}
+"""
+
+
+class UnknownTopic(ValueError):
+    """The topic names no watched route."""
+
+
+@dataclass(slots=True)
+class Topic:
+    name: str
+    service: Service
+    route: Route
+    path: str
+    query: tuple[tuple[str, str], ...]
+    params: dict[str, str]
+    subscribers: set[Any] = field(default_factory=set)
+    static: bool = False
+    due: float = 0.0
+    polls: int = 0
+
+
+def _iso(epoch: float) -> str:
+    moment = datetime.fromtimestamp(epoch, tz=timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+class Watcher:
+    """Keeps the subscribed topics, polls the due ones, detects changes and emits events."""
+
+    def __init__(self, state: Any, outbox: Outbox, publish: Callable[[Event], Awaitable[None] | None], *,
+                 redis: Any = None, state_key: str = "rp:watch:last", emit: events.Subscriber = events.discard) -> None:
+        self._state = state              # .runtime (swapped on reload), .clock
+        self._outbox = outbox
+        self._publish = publish
+        self._redis = redis
+        self._state_key = state_key
+        self._emit = emit
+        self._last: dict[str, bytes] = {}  # without Redis: the last value per topic, in process
+        self.topics: dict[str, Topic] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    # --- topics --------------------------------------------------------------------------
+
+    def resolve(self, topic: str) -> Topic:
+        """Parse and check a topic; raises UnknownTopic with the reason."""
+        if not isinstance(topic, str) or not topic or len(topic) > 512:
+            raise UnknownTopic("a topic is a watched route's path, e.g. flights/status/KE001?date=2024-12-01")
+        path_part, _, query_part = topic.partition("?")
+        raw_path = "/" + path_part.lstrip("/")
+        try:
+            decoded = check_target(raw_path)
+        except (UnsafePath, UnicodeDecodeError) as exc:
+            raise UnknownTopic(str(exc)) from None
+        config = self._state.runtime.config
+        service = config.service_for(decoded)
+        route, params = service.route_for(decoded) if service else (None, {})
+        if service is None or route is None or route.watch is None:
+            raise UnknownTopic(f"no watched route matches {topic!r}")
+        query = tuple(sorted(parse_qsl(query_part, keep_blank_values=True)))
+        name = decoded.lstrip("/") + ("?" + urlencode(query) if query else "")
+        return Topic(name, service, route, raw_path, query, params)
+
+    def subscribe(self, topic: str, subscriber: Any) -> str:
+        resolved = self.resolve(topic)
+        current = self.topics.setdefault(resolved.name, resolved)
+        if not current.subscribers and not current.static:
+            current.due = 0.0  # a topic nobody watched before is polled at once (its baseline)
+        current.subscribers.add(subscriber)
+        self._emit(events.TopicSubscribers(current.route.name, current.name, len(current.subscribers)))
+        return current.name
+
+    def unsubscribe(self, topic: str, subscriber: Any) -> None:
+        current = self.topics.get(topic)
+        if current is None:
+            return
+        current.subscribers.discard(subscriber)
+        self._emit(events.TopicSubscribers(current.route.name, current.name, len(current.subscribers)))
+        if not current.subscribers and not current.static:
+            del self.topics[topic]  # nobody listens: stop polling it
+
+    def add_static_topics(self) -> list[str]:
+        """Topics a watch lists under `topics:` are always polled (for webhook-only consumers)."""
+        problems = []
+        for _, route in self._state.runtime.config.watched_routes():
+            for topic in route.watch.topics:  # type: ignore[union-attr]
+                try:
+                    resolved = self.resolve(topic)
+                except UnknownTopic as exc:
+                    problems.append(f"{topic}: {exc}")
+                    continue
+                self.topics.setdefault(resolved.name, resolved).static = True
+        return problems
+
+    # --- polling -------------------------------------------------------------------------
+
+    async def tick(self) -> int:
+        """Poll every topic that is due; returns how many were polled."""
+        now = self._state.clock.monotonic()
+        due = [t for t in list(self.topics.values()) if t.due <= now and (t.subscribers or t.static)]
+        for topic in due:
+            topic.due = now + topic.route.watch.interval  # type: ignore[union-attr]
+        await asyncio.gather(*(self._poll(topic) for topic in due))
+        return len(due)
+
+    async def run(self, granularity: float = 0.5) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("watch poll failed")
+            await asyncio.sleep(granularity)
+
+    def start(self, granularity: float = 0.5) -> None:
+        self._task = asyncio.get_running_loop().create_task(self.run(granularity))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    async def _poll(self, topic: Topic) -> None:
+        runtime = self._state.runtime
+        clock = runtime.clock
+        topic.polls += 1
+        exchange = Exchange(
+            request_id=f"watch-{topic.polls}-{topic.name}"[:128], method="GET", service=topic.service,
+            route=topic.route, params=topic.params, path=topic.path,
+            rest=topic.path[len(topic.service.prefix.rstrip("/")):], query=topic.query, headers=_NO_HEADERS,
+            deadline_at=clock.monotonic() + topic.service.deadline)
+        try:
+            answer = await runtime.chain(exchange)
+        except UpstreamsFailed as failure:
+            log.warning(f"Watch poll of {topic.name} failed: {failure.error}", kind="watch", topic=topic.name)
+            return
+        if answer.stream is not None:
+            answer.stream.release()
+            return
+        if answer.status != 200:
+            return
+        try:
+            selected = evaluate(topic.route.watch.fields, topic.params,  # type: ignore[union-attr]
+                                decode_json(answer.body, answer.headers))
+        except TransformError as exc:
+            log.warning(f"Watch of {topic.name} cannot read the answer: {exc}", kind="watch", topic=topic.name)
+            return
+        value = orjson.dumps(selected, option=orjson.OPT_SORT_KEYS)
+        changed, before = await self._swap(topic.name, value)
+        if not changed:
+            return
+        event = await self._outbox.append(topic.name, topic.route.name, _iso(clock.time()),
+                                          orjson.loads(before) if before is not None else None, selected)
+        self._emit(events.WatchEventEmitted(topic.service.name, topic.route.name, event.evt_id))
+        published = self._publish(event)
+        if published is not None:
+            await published
+
+    async def _swap(self, topic: str, value: bytes) -> tuple[bool, bytes | None]:
+        if self._redis is not None:
+            try:
+                result = await self._redis.eval(_SWAP, 1, self._state_key, topic, value)
+                return int(result[0]) == 2, (result[1] if len(result) > 1 else None)
+            except Exception as exc:  # Redis down: fall back to this replica's memory
+                log.warning(f"Watch state in Redis unavailable, using local state: {exc}", kind="watch")
+        old = self._last.get(topic)
+        self._last[topic] = value
+        if old is None or old == value:
+            return False, None
+        return True, old
+
+    def describe(self) -> dict[str, Any]:
+        return {name: {"subscribers": len(t.subscribers), "static": t.static, "route": t.route.name,
+                       "polls": t.polls} for name, t in self.topics.items()}
