@@ -1,10 +1,13 @@
-"""`python -m proxy.demo` (`make demo`): the proxy in front of mock providers, offline, in under 10 s.
+"""`python -m proxy.demo` (`make demo`): the proxy in front of mock providers, offline, in seconds.
 
-Starts the mock vendors of the committed routes.yaml on 127.0.0.1 (`proxy.mocks`), the proxy
-in this process in front of them, then sends real requests and prints what comes back:
-MISS then HIT; a dead primary and the secondary answering; both dead and a STALE copy; the
-primary's breaker opening, being skipped and being reset; the flights service. Nothing leaves
-127.0.0.1. `--fast` shortens the waits (the tests use it).
+Starts the mock vendors of the committed routes.yaml on 127.0.0.1 (`proxy.mocks`) and the proxy
+in this process, serving that same routes.yaml with only the vendors' base URLs swapped for the
+mocks', the listeners on 127.0.0.1:0 and demo-sized TTLs, timeouts and breaker. Then it sends
+real requests and prints what comes back: answers normalised by each upstream's `transform`;
+MISS then HIT; the derived route `/fx/rate/{base}/{quote}` answered from the cached
+`/fx/latest/{base}` copy; a dead primary and the secondary answering; both dead and a STALE
+copy; the primary's breaker opening, being skipped and being reset; the flights service.
+Nothing leaves 127.0.0.1. `--fast` shortens the waits (the tests use it).
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from typing import Any, TextIO
 import aiohttp
 
 from . import logs
-from .config import load_config
+from .config import Config, load_config
 from .logs import EventLog
 from .mocks import MockProviders
+from .mocks.providers import COMMITTED_ROUTES, VENDOR_URLS
 from .process import ProxyProcess
 
 _COLOURS = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "blue": "34", "magenta": "35",
@@ -90,47 +94,51 @@ class _Narrator:
     info = warning = error = _print
 
 
-def excerpt(body: bytes, limit: int = 110) -> str:
-    """A one-line summary of an answer body: the fields that tell what it is, not the whole thing."""
+def excerpt(body: bytes, limit: int = 160) -> str:
+    """A one-line summary of an answer body: its shape and the fields that tell what it is."""
     try:
         data = json.loads(body)
     except ValueError:
         text = " ".join(body.decode("utf-8", "replace").split())
         return text[:limit] + ("..." if len(text) > limit else "")
-    if isinstance(data, dict) and "rates" in data:
-        base = {k: data[k] for k in ("result", "base_code", "base", "date") if k in data}
-        rates = {k: data["rates"][k] for k in ("EUR", "KRW", "JPY", "USD") if k in data["rates"]}
-        return _short(dict(base, rates=dict(list(rates.items())[:2]))) + f" (+{len(data['rates']) - 2} rates)"
-    if isinstance(data, dict) and "response" in data:
-        header = data["response"].get("header", {})
-        body_part = data["response"].get("body", {})
-        items = body_part.get("items") or []
-        if isinstance(items, dict):
-            items = items.get("item") or []
-        if isinstance(items, dict):
-            items = [items]
-        flights = [_flight_summary(item) for item in items[:3]]
-        more = f" +{len(items) - 3} more" if len(items) > 3 else ""
-        return f'resultCode {header.get("resultCode")}, totalCount {body_part.get("totalCount")}: ' \
-               + "; ".join(flights) + more
+    if isinstance(data, dict) and isinstance(data.get("rates"), dict):
+        rates = data["rates"]
+        shown = {k: rates[k] for k in ("EUR", "KRW", "JPY", "USD") if k in rates}
+        shown = dict(list(shown.items())[:2])
+        fields = {k: (shown if k == "rates" else v) for k, v in data.items()}
+        more = len(rates) - len(shown)
+        return _short(fields, 1000) + (f" (+{more} rates)" if more else "")
+    if isinstance(data, dict) and isinstance(data.get("flights"), list):
+        flights = data["flights"]
+        first = _short(flights[0], 1000) if flights else ""
+        more = f", +{len(flights) - 1} more" if len(flights) > 1 else ""
+        rest = {k: v for k, v in data.items() if k != "flights"}
+        return f'{{"flights": [{first}{more}], {_short(rest, 1000)[1:]}'
     if isinstance(data, dict) and "attempts" in data:
         attempts = ", ".join(f"{a.get('upstream')}={a.get('outcome')}" for a in data["attempts"])
         return f'error {data.get("error")!r}, attempts: {attempts}'
     return _short(data, limit)
 
 
-def _flight_summary(item: dict[str, Any]) -> str:
-    number = item.get("airFln") or item.get("domesticNum") or item.get("flightId") or "?"
-    if "domesticStartTime" in item:
-        return f'{number} {item.get("startcityCode")}->{item.get("arrivalcityCode")} {item["domesticStartTime"]}'
-    status = item.get("rmkEng") or item.get("remark") or "SCHEDULED"
-    when = item.get("etd") or item.get("estimatedDateTime", "")[-4:]
-    return f"{number} {status} (etd {when})"
-
-
-def _short(value: Any, limit: int = 110) -> str:
+def _short(value: Any, limit: int = 160) -> str:
     text = json.dumps(value, ensure_ascii=False)
     return text[:limit] + ("..." if len(text) > limit else "")
+
+
+def fx_timings(config: Config) -> dict[str, str]:
+    """What the demo shortens, as the fx service of `config` has it."""
+    fx = config.services["fx"]
+    primary = fx.upstreams[0]
+    ttl = next((route.cache.ttl for route in fx.routes if route.cache.enabled), fx.cache.ttl)
+    return {"fx ttl": _seconds(ttl), "timeout": _seconds(primary.timeout), "deadline": _seconds(fx.deadline),
+            "breaker failures": str(primary.breaker.fail_threshold), "retries": str(primary.retry.retries)}
+
+
+def _seconds(value: float) -> str:
+    for unit, size in (("h", 3600), ("m", 60)):
+        if value >= size and value % size == 0:
+            return f"{value / size:g}{unit}"
+    return f"{value:g}s"
 
 
 class Demo:
@@ -139,7 +147,8 @@ class Demo:
     def __init__(self, transcript: Transcript, *, fast: bool) -> None:
         self.t = transcript
         self.fast = fast
-        self.fx_ttl = 1 if fast else 3
+        # Long enough that steps 1-2 run on one fresh copy even on a busy machine; step 4 waits it out.
+        self.fx_ttl = 2 if fast else 3
         self.pause = 0.0 if fast else 0.7
         self.mocks = MockProviders()
         self.process: ProxyProcess | None = None
@@ -150,16 +159,19 @@ class Demo:
         with tempfile.TemporaryDirectory(prefix="resilience-proxy-demo-") as folder:
             await self.mocks.start()
             try:
-                routes = self.mocks.write_routes(Path(folder) / "routes.yaml", fx_ttl=f"{self.fx_ttl}s")
-                config = load_config(routes, env={})
-                self.process = ProxyProcess(config, env={}, log_events=False)
+                routes = self.mocks.write_routes(Path(folder) / "routes.yaml", ttl={"fx": f"{self.fx_ttl}s"})
+                # Only what the committed table needs: no real API key from this shell reaches anything.
+                env = self.mocks.env
+                config = load_config(routes, env=env)
+                self.process = ProxyProcess(config, env=env, log_events=False)
                 self.process.bus.subscribe(EventLog(_Narrator(self.t)))
                 await self.process.start()
                 host, port = self.process.addresses["main"]
                 self.base = f"http://{host}:{port}"
                 async with aiohttp.ClientSession() as self.session:
-                    self.introduce(routes)
+                    self.introduce(load_config(COMMITTED_ROUTES, env=env), config)
                     await self.normal()
+                    await self.derived()
                     await self.primary_down()
                     await self.stale()
                     await self.breaker()
@@ -192,6 +204,9 @@ class Demo:
     async def wait(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
 
+    def fx_calls(self) -> int:
+        return self.mocks.fx_primary.calls + self.mocks.fx_secondary.calls
+
     async def circuits(self, only: str | None = None) -> dict[str, str]:
         data = await self.get_json("/health/integrations/circuits")
         states = {}
@@ -205,30 +220,44 @@ class Demo:
 
     # --- the steps -------------------------------------------------------------------------
 
-    def introduce(self, routes: Path) -> None:
+    def introduce(self, committed: Config, running: Config) -> None:
         t = self.t
         t.line(t.paint("resilience-proxy offline demo", "bold") + " - every request below goes to 127.0.0.1")
         for name, mock in self.mocks.all.items():
-            t.line(f"   {name:<16} {mock.url:<24} {mock.kind}")
-        t.line(f"   {'proxy':<16} {self.base:<24} route table {routes.name} "
-               f"(fx ttl {self.fx_ttl}s, timeout 1s, breaker FAST: 3 failures open it)")
+            t.line(f"   {name:<16} {mock.url:<24} {mock.kind}, instead of {VENDOR_URLS[name]}")
+        t.line(f"   {'proxy':<16} {self.base:<24} serving {COMMITTED_ROUTES} as committed, vendor URLs -> mocks;")
+        ours, theirs = fx_timings(running), fx_timings(committed)
+        t.line(f"   {'':<16} {'':<24} shortened to be quick: "
+               + ", ".join(f"{what} {theirs[what]} -> {ours[what]}" for what in ours))
 
     async def normal(self) -> None:
         self.t.step(1, "A first request is a MISS; the same request again is a HIT")
+        self.t.note("fx_primary's transform turns the vendor's answer into {base, rates, updated, source}")
         await self.send("GET", "/fx/latest/USD")
         await self.send("GET", "/fx/latest/USD")
         self.t.note(f"fx_primary was called {self.mocks.fx_primary.calls} time: the HIT came from the cache")
         await self.wait(self.pause)
 
+    async def derived(self) -> None:
+        self.t.step(2, "A derived route: /fx/rate/{base}/{quote} is answered from the cached /fx/latest/{base}")
+        before = self.fx_calls()
+        self.t.note(f"calls that reached the FX vendors so far: {before}")
+        await self.send("GET", "/fx/rate/USD/KRW")
+        self.t.note(f"calls that reached the FX vendors after it: {self.fx_calls()} "
+                    f"(no upstream call for the rate)")
+        self.t.note("a currency the rates do not have is a 404 with a JSON body, not a 500:")
+        await self.send("GET", "/fx/rate/USD/XYZ")
+        await self.wait(self.pause)
+
     async def primary_down(self) -> None:
-        self.t.step(2, "fx_primary goes down: fx_secondary answers")
+        self.t.step(3, "fx_primary goes down: fx_secondary answers, in the same shape")
         await self.mocks.fx_primary.go_down()
         self.t.note("fx_primary stopped listening (connection refused); asking for a rate not cached yet")
         await self.send("GET", "/fx/latest/EUR")
         await self.wait(self.pause)
 
     async def stale(self) -> None:
-        self.t.step(3, "Both FX vendors down: the stale copy is served, with its Age")
+        self.t.step(4, "Both FX vendors down: the stale copy is served, with its Age")
         await self.mocks.fx_secondary.go_down()
         wait = self.fx_ttl + 0.3
         self.t.note(f"fx_secondary stopped listening too; waiting {wait:.1f}s so the USD copy "
@@ -240,7 +269,7 @@ class Demo:
         await self.wait(self.pause)
 
     async def breaker(self) -> None:
-        self.t.step(4, "fx_primary's circuit breaker is OPEN: it is skipped until an operator resets it")
+        self.t.step(5, "fx_primary's circuit breaker is OPEN: it is skipped until an operator resets it")
         states = await self.circuits(only="fx_primary")
         for _ in range(5):
             if states.get("fx_primary") == "OPEN":
@@ -273,15 +302,16 @@ class Demo:
         await self.wait(self.pause)
 
     async def flights(self) -> None:
-        self.t.step(5, "The flights service: schedules, then live status")
-        self.t.note("the route table turns {airport} / {flight} into the vendor's query, with serviceKey and _type=json")
+        self.t.step(6, "The flights service: schedules, then live status, as {flights: [...], source}")
+        self.t.note("the route table turns {airport} / {flight} into the vendor's query, with serviceKey "
+                    "from KAC_API_KEY / ODCLOUD_API_KEY")
         await self.send("GET", "/flights/schedules/GMP")
         self.mocks.board.set_status("OZ8915", "DELAYED", estimated="0840")
         self.t.note("the airport now reports OZ8915 as DELAYED")
         await self.send("GET", "/flights/status/OZ8915")
         await self.send("GET", "/flights/status/OZ8915")
         self.mocks.flights_kac.fail(503)
-        self.t.note("flights_kac now answers 503 to everything: flights_odcloud takes over")
+        self.t.note("flights_kac now answers 503 to everything: flights_odcloud takes over, in the same shape")
         await self.send("GET", "/flights/status/7C103")
         self.mocks.flights_kac.heal()
 

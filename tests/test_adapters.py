@@ -7,7 +7,6 @@ bundled mock vendors that answer in each real vendor's shape.
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import orjson
 import pytest
@@ -16,19 +15,6 @@ import structlog
 from proxy import logs
 from proxy.mocks import MockProviders
 from tests.fakes import Fail, Ok, route_table, start_proxy, stop_proxy
-
-ROOT = Path(__file__).resolve().parent.parent
-REAL_VENDORS = {"fx_primary": "https://open.er-api.com", "fx_secondary": "https://api.frankfurter.app",
-                "flights_kac": "http://openapi.airport.co.kr", "flights_odcloud": "https://apis.data.go.kr"}
-
-
-def committed_table_against(mocks: MockProviders) -> str:
-    text = (ROOT / "routes.yaml").read_text()
-    for name, url in REAL_VENDORS.items():
-        assert url in text, url
-        text = text.replace(url, mocks[name].url)
-    return text.replace("0.0.0.0:8080", "127.0.0.1:0").replace("0.0.0.0:9090", "127.0.0.1:0")
-
 
 @pytest.fixture
 async def vendors():
@@ -40,8 +26,7 @@ async def vendors():
 
 @pytest.fixture
 async def committed(vendors, proxy_factory, clock):
-    env = {"KAC_API_KEY": vendors.service_key, "ODCLOUD_API_KEY": vendors.service_key}
-    return await proxy_factory(committed_table_against(vendors), clock=clock, env=env)
+    return await proxy_factory(vendors.committed_route_table(), clock=clock, env=vendors.env)
 
 
 async def test_both_fx_vendors_answer_in_one_shape(vendors, committed):

@@ -1,4 +1,4 @@
-"""`python -m proxy.demo --fast` runs offline, finishes by itself and shows every resilience step."""
+"""`python -m proxy.demo --fast` runs the committed routes.yaml offline, finishes by itself and shows every step."""
 
 from __future__ import annotations
 
@@ -39,10 +39,36 @@ def test_the_demo_sends_requests_only_to_loopback(demo):
     assert all(url.startswith("http://127.0.0.1:") for url in urls), urls
 
 
+def test_the_demo_serves_the_committed_routes_yaml_with_only_the_vendor_urls_and_timings_changed(demo):
+    out = demo.stdout
+    assert f"serving {REPO / 'routes.yaml'} as committed, vendor URLs -> mocks" in out
+    assert "instead of https://open.er-api.com" in out and "instead of https://apis.data.go.kr" in out
+    assert "fx ttl 24h -> 2s, timeout 5s -> 1s" in out
+
+
 def test_the_demo_shows_miss_then_hit(demo):
     out = demo.stdout
     miss = out.index("X-Cache: MISS  X-Upstream: fx_primary")
     assert re.search(r"X-Cache: HIT  X-Upstream: fx_primary  Age: \d+", out[miss:])
+
+
+def test_the_demo_shows_fx_answers_normalised_by_each_upstreams_transform(demo):
+    out = demo.stdout
+    assert re.search(r'\{"base": "USD", "rates": \{[^}]*\}, "updated": "[^"]+", "source": "fx_primary"\}', out)
+    assert re.search(r'\{"base": "EUR", "rates": \{[^}]*\}, "updated": "[^"]+", "source": "fx_secondary"\}', out)
+    assert "base_code" not in out and '"result"' not in out  # the vendors' own shape never reaches the app
+
+
+def test_the_demo_answers_a_derived_rate_from_the_cached_latest_copy_without_an_upstream_call(demo):
+    out = demo.stdout[demo.stdout.index("A derived route"):]
+    before = re.search(r"calls that reached the FX vendors so far: (\d+)", out)
+    after = re.search(r"calls that reached the FX vendors after it: (\d+)", out)
+    assert before and after and before.group(1) == after.group(1) != "0"
+    assert re.search(r"/fx/rate/USD/KRW\n\s+-> 200  X-Cache: HIT  X-Upstream: fx_primary", out)
+    assert '{"base": "USD", "quote": "KRW", "rate": 1396.5,' in out
+    unknown = out[out.index("/fx/rate/USD/XYZ"):]
+    assert re.match(r"/fx/rate/USD/XYZ\n\s+-> 404 ", unknown)
+    assert '{"error": "not_found"' in unknown.split("\n")[2]
 
 
 def test_the_demo_shows_the_secondary_serving_when_the_primary_is_down(demo):
@@ -66,16 +92,20 @@ def test_the_demo_shows_the_breaker_open_then_closed_after_the_reset(demo):
     assert "X-Cache: MISS  X-Upstream: fx_primary" in out[closed:]
 
 
-def test_the_demo_walks_through_the_flights_service(demo):
+def test_the_demo_walks_through_the_flights_service_in_the_normalised_shape(demo):
     out = demo.stdout[demo.stdout.index("The flights service"):]
     assert re.search(r"/flights/schedules/GMP\S*\n\s+-> 200  X-Cache: MISS  X-Upstream: flights_kac", out)
-    assert "OZ8915 DELAYED" in out
-    assert "X-Upstream: flights_odcloud" in out
+    assert re.search(r'\{"flights": \[\{"flight": "OZ8915", [^]]*"status": "DELAYED"\}\], "source": "flights_kac"\}', out)
+    assert re.search(r'\{"flights": \[\{"flight": "7C103", [^]]*\], "source": "flights_odcloud"\}', out)
 
 
-def test_excerpt_summarises_vendor_bodies_and_proxy_errors():
-    assert excerpt(b'{"amount": 1.0, "base": "USD", "date": "2024-12-01", "rates": {"EUR": 0.9, "KRW": 1400, "JPY": 150}}') \
-        == '{"base": "USD", "date": "2024-12-01", "rates": {"EUR": 0.9, "KRW": 1400}} (+1 rates)'
+def test_excerpt_summarises_normalised_bodies_and_proxy_errors():
+    rates = b'{"base": "USD", "rates": {"EUR": 0.9, "KRW": 1400, "JPY": 150}, "updated": "2024-12-01", "source": "p"}'
+    assert excerpt(rates) == '{"base": "USD", "rates": {"EUR": 0.9, "KRW": 1400}, "updated": "2024-12-01", ' \
+                             '"source": "p"} (+1 rates)'
+    flights = b'{"flights": [{"flight": "KE1", "status": "DELAYED"}, {"flight": "OZ2"}], "source": "kac"}'
+    assert excerpt(flights) == '{"flights": [{"flight": "KE1", "status": "DELAYED"}, +1 more], "source": "kac"}'
+    assert excerpt(b'{"flights": [], "source": "kac"}') == '{"flights": [], "source": "kac"}'
     assert excerpt(b'{"error": "all_upstreams_failed", "service": "fx", "attempts": '
                    b'[{"upstream": "fx_primary", "outcome": "connect_error"}]}') \
         == "error 'all_upstreams_failed', attempts: fx_primary=connect_error"

@@ -1,19 +1,19 @@
-"""The bundled mock providers: vendor shapes, fault switches, call counts, and the route table they write."""
+"""The bundled mock providers: vendor shapes, fault switches, call counts, and the committed route table pointed at them."""
 
 from __future__ import annotations
 
 import asyncio
 import re
-from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 
 from proxy.config import load_config, parse_config
 from proxy.mocks import (KAC_SCHEDULES, KAC_STATUS, MAX_HANG, ODCLOUD_ARRIVALS, ExchangeRateApiMock, FlightsMock,
                          FrankfurterMock, MockProviders)
+from proxy.mocks.providers import COMMITTED_ROUTES, VENDOR_URLS
 
-REPO = Path(__file__).resolve().parent.parent
 KEY = "demo-service-key"
 
 
@@ -217,27 +217,85 @@ async def test_come_up_needs_a_port_from_an_earlier_start():
 
 # --- the route table ------------------------------------------------------------------------
 
-async def test_route_table_has_the_committed_services_and_upstreams_pointed_at_the_mocks(mocks):
-    committed = load_config(REPO / "routes.yaml", env={})
-    config = parse_config(mocks.route_table(), "demo.yaml", {})
-    assert list(config.services) == list(committed.services)
-    for name, service in config.services.items():
-        theirs = committed.services[name]
-        assert service.prefix == theirs.prefix
-        assert [u.name for u in service.upstreams] == [u.name for u in theirs.upstreams]
-        their_routes = {r.pattern.text: r for r in theirs.routes}
-        for route in service.routes:  # every demo route is a committed one, sent to the same vendor paths
-            assert route.pattern.text in their_routes
-            assert {u: t.text for u, t in route.paths.items()} == \
-                {u: t.text for u, t in their_routes[route.pattern.text].paths.items()}
-        for upstream, their_upstream in zip(service.upstreams, theirs.upstreams):
-            assert upstream.path == their_upstream.path
-            # the committed query parameters, minus optional keys that are empty without the environment
-            assert {n for n, _ in upstream.query} >= {n for n, t in their_upstream.query if t.text}
+def changed_paths(ours: object, theirs: object, where: str = "") -> set[str]:
+    """Dotted paths where two parsed YAML documents differ."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        found = set()
+        for key in ours.keys() | theirs.keys():
+            found |= changed_paths(ours.get(key), theirs.get(key), f"{where}.{key}" if where else str(key))
+        return found
+    if isinstance(ours, list) and isinstance(theirs, list) and len(ours) == len(theirs):
+        return {p for n, (a, b) in enumerate(zip(ours, theirs)) for p in changed_paths(a, b, f"{where}.{n}")}
+    return set() if ours == theirs else {where}
+
+
+URLS = {f"services.{service}.upstreams.{n}.url" for service, count in (("fx", 2), ("flights", 2)) for n in range(count)}
+LISTENERS = {"server.listen", "server.metrics_listen"}
+
+
+async def test_the_committed_route_table_changes_only_the_vendor_urls_and_the_listeners(mocks):
+    committed = yaml.safe_load(COMMITTED_ROUTES.read_text())
+    ours = yaml.safe_load(mocks.committed_route_table())
+    assert changed_paths(ours, committed) == URLS | LISTENERS
+    assert ours["server"] == {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"}
+    for service in ours["services"].values():
+        for upstream in service["upstreams"]:
+            assert upstream["url"] == mocks[upstream["name"]].url
+    assert {u["name"]: u["url"] for s in committed["services"].values() for u in s["upstreams"]} == VENDOR_URLS
+
+
+async def test_the_demo_route_table_also_shortens_only_the_timings(mocks):
+    committed = yaml.safe_load(COMMITTED_ROUTES.read_text())
+    ours = yaml.safe_load(mocks.route_table())
+    timings = {"defaults.timeout", "defaults.deadline", "defaults.breaker", "defaults.retry",
+               # the committed services set their own breaker, and the nearest setting wins
+               "services.fx.breaker", "services.flights.breaker",
+               "services.fx.cache.ttl", "services.fx.routes.0.cache.ttl"}
+    assert changed_paths(ours, committed) == URLS | LISTENERS | timings
+    config = parse_config(mocks.route_table(), "demo.yaml", mocks.env)
     for upstream in config.upstreams():
         assert (upstream.url.host, upstream.url.port) == ("127.0.0.1", mocks[upstream.name].port)
-        assert upstream.breaker.fail_threshold == 3  # FAST
-    assert config.server.listen == ("127.0.0.1", 0)
+        assert (upstream.timeout, upstream.breaker.fail_threshold, upstream.retry.retries) == (1.0, 3, 1)
+    fx, flights = config.services["fx"], config.services["flights"]
+    assert fx.cache.ttl == 2.0 and {r.name: r.cache.ttl for r in fx.routes}["latest"] == 2.0
+    assert {r.name: r.cache.ttl for r in flights.routes} == {"schedules": 3600.0, "status": 300.0}
+    assert config.server.listen == ("127.0.0.1", 0) and config.server.metrics_listen == ("127.0.0.1", 0)
+
+
+async def test_an_override_replaces_a_demo_timing_and_none_keeps_the_committed_value(mocks):
+    config = parse_config(mocks.route_table(ttl={"fx": "7s"}, breaker=None), "demo.yaml", mocks.env)
+    assert config.services["fx"].cache.ttl == 7.0
+    assert [u.breaker.fail_threshold for u in config.upstreams()] == [8, 8, 5, 5]  # CRITICAL, STANDARD
+    with pytest.raises(ValueError, match="'nope'.* has no such service"):
+        mocks.route_table(ttl={"nope": "1s"})
+
+
+async def test_write_routes_writes_a_file_the_proxy_loads(mocks, tmp_path):
+    path = mocks.write_routes(tmp_path / "routes.yaml", ttl={"fx": "5s"})
+    config = load_config(path, env=mocks.env)
+    assert config.services["fx"].cache.ttl == 5.0
+    assert path.read_text().startswith(f"# {COMMITTED_ROUTES} as committed")
+
+
+async def test_the_mocks_env_gives_the_flights_vendors_their_service_key(mocks):
+    def service_keys(env: dict[str, str]) -> dict[str, str]:
+        config = parse_config(mocks.committed_route_table(), "routes.yaml", env)
+        return {u.name: dict(u.query)["serviceKey"].text for u in config.services["flights"].upstreams}
+
+    assert service_keys(mocks.env) == {"flights_kac": KEY, "flights_odcloud": KEY}
+    assert service_keys({}) == {"flights_kac": "", "flights_odcloud": ""}
+
+
+async def test_a_routes_file_whose_vendors_the_mocks_do_not_imitate_is_refused(mocks, tmp_path):
+    text = COMMITTED_ROUTES.read_text()
+    moved = tmp_path / "moved.yaml"
+    moved.write_text(text.replace("https://api.frankfurter.app", "https://api.exchangerate.host"))
+    with pytest.raises(ValueError, match="'fx_secondary' points at https://api.exchangerate.host"):
+        mocks.committed_route_table(moved)
+    renamed = tmp_path / "renamed.yaml"
+    renamed.write_text(text.replace("name: flights_odcloud", "name: flights_other"))
+    with pytest.raises(ValueError, match="'flights_other' has no mock provider"):
+        mocks.committed_route_table(renamed)
 
 
 async def test_route_table_needs_started_mocks():
@@ -245,22 +303,36 @@ async def test_route_table_needs_started_mocks():
         MockProviders().route_table()
 
 
-async def test_the_proxy_reaches_every_mock_through_the_route_table(mocks, proxy_factory):
-    proxy = await proxy_factory(mocks.route_table())
+async def test_the_proxy_reaches_every_mock_through_the_committed_table(mocks, proxy_factory):
+    proxy = await proxy_factory(mocks.route_table(), env=mocks.env)
     async with await proxy.get("/fx/latest/KRW") as response:
         assert (response.status, response.headers["X-Upstream"]) == (200, "fx_primary")
-        assert (await response.json())["base_code"] == "KRW"
+        body = await response.json()
+    assert (body["base"], body["source"]) == ("KRW", "fx_primary")  # normalised by the transform
+    assert mocks.fx_primary.seen[-1].path == "/v6/latest/KRW"
     await mocks.fx_primary.go_down()
     async with await proxy.get("/fx/latest/JPY") as response:
         assert (response.status, response.headers["X-Upstream"]) == (200, "fx_secondary")
-    assert mocks.fx_secondary.seen[-1].query == {"from": "JPY"}
+        assert set(await response.json()) == {"base", "rates", "updated", "source"}
+    assert mocks.fx_secondary.seen[-1].query == {"from": "JPY"}  # the empty optional key is not sent
     async with await proxy.get("/flights/status/KE1203") as response:
         assert (response.status, response.headers["X-Upstream"]) == (200, "flights_kac")
-        assert (await response.json())["response"]["body"]["totalCount"] == 1
+        assert [f["flight"] for f in (await response.json())["flights"]] == ["KE1203"]
     assert mocks.flights_kac.seen[-1].path == KAC_STATUS
     assert mocks.flights_kac.seen[-1].query == {"serviceKey": KEY, "_type": "json", "schFlightNum": "KE1203"}
     mocks.flights_kac.fail(503)
     async with await proxy.get("/flights/schedules/PUS") as response:
         assert (response.status, response.headers["X-Upstream"]) == (200, "flights_odcloud")
-        assert [i["flightId"] for i in (await response.json())["response"]["body"]["items"]] == ["KE1107", "BX8805"]
+        body = await response.json()
+    assert [f["flight"] for f in body["flights"]] == ["KE1107", "BX8805"] and body["source"] == "flights_odcloud"
     assert mocks.flights_odcloud.seen[-1].query == {"serviceKey": KEY, "type": "json", "airport_code": "PUS"}
+
+
+async def test_without_the_service_key_the_flights_answers_fail_their_transform(mocks, proxy_factory):
+    proxy = await proxy_factory(mocks.route_table(retry="NONE"), env={})
+    async with await proxy.get("/flights/status/KE1203") as response:
+        assert response.status == 502
+        attempts = (await response.json())["attempts"]
+    assert [(a["upstream"], a["outcome"]) for a in attempts] == \
+        [("flights_kac", "transform_failed"), ("flights_odcloud", "transform_failed")]
+    assert "serviceKey" not in mocks.flights_kac.seen[-1].query

@@ -1,21 +1,52 @@
-"""All mock providers of the committed routes.yaml at once, and a route table pointing at them.
+"""All mock providers of the committed routes.yaml at once, and that route table pointed at them.
 
     async with MockProviders() as mocks:
-        path = mocks.write_routes(tmp / "routes.yaml", fx_ttl="2s")
-        ... run the proxy on `path`; mocks.fx_primary.go_down(); mocks.board.set_status(...) ...
+        text = mocks.committed_route_table()           # routes.yaml as committed, vendors -> mocks
+        path = mocks.write_routes(tmp / "routes.yaml")  # the same with demo-sized timings
+        config = load_config(path, env=mocks.env)       # the flights vendors need their service key
+        ... run the proxy; mocks.fx_primary.go_down(); mocks.board.set_status(...) ...
+
+The route table is never a hand-written copy: it is the committed file, parsed, with only the
+vendors' base URLs swapped for the mocks' and the listeners moved to 127.0.0.1:0, plus any
+timing overrides asked for. So what runs against the mocks is what `make run` serves.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from .base import MockServer
 from .flights import FlightBoard, FlightsMock
 from .fx import ExchangeRateApiMock, FrankfurterMock, RateTable
 
 DEMO_SERVICE_KEY = "demo-service-key"
+
+#: The route table `make run` serves (the repository's routes.yaml; the package is installed editable).
+COMMITTED_ROUTES = Path(__file__).resolve().parents[2] / "routes.yaml"
+
+#: Each mock by upstream name, and the real vendor of the committed routes.yaml whose shape it answers in.
+VENDOR_URLS: dict[str, str] = {
+    "fx_primary": "https://open.er-api.com",
+    "fx_secondary": "https://api.frankfurter.app",
+    "flights_kac": "http://openapi.airport.co.kr",
+    "flights_odcloud": "https://apis.data.go.kr",
+}
+
+#: The variables the committed routes.yaml reads the flights vendors' service keys from.
+SERVICE_KEY_VARIABLES = ("KAC_API_KEY", "ODCLOUD_API_KEY")
+
+#: Timings that let a walk-through of failures finish in seconds: `route_table()`'s defaults.
+DEMO_TIMINGS: dict[str, Any] = {
+    "ttl": {"fx": "2s"},
+    "timeout": "1s",
+    "deadline": "3s",
+    "breaker": "FAST",
+    "retry": {"retries": 1, "base_delay": "50ms", "max_delay": "200ms"},
+}
 
 
 class MockProviders:
@@ -43,6 +74,11 @@ class MockProviders:
     def __getitem__(self, name: str) -> MockServer:
         return self.all[name]
 
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment the proxy needs for the committed table: the flights mocks' service key."""
+        return {name: self.service_key for name in SERVICE_KEY_VARIABLES}
+
     async def start(self) -> "MockProviders":
         started: list[MockServer] = []
         try:
@@ -69,75 +105,99 @@ class MockProviders:
         for mock in self.all.values():
             mock.heal()
 
-    def route_table(self, *, fx_ttl: str = "2s", schedules_ttl: str = "1h", status_ttl: str = "5m",
-                    timeout: str = "1s", deadline: str = "3s", breaker: str = "FAST", retries: int = 1,
-                    listen: str = "127.0.0.1:0", metrics_listen: str = "127.0.0.1:0") -> str:
-        """routes.yaml text with the committed file's services and upstreams, pointed at these mocks.
+    # --- the route table ---------------------------------------------------------------------
 
-        Short timeouts, a FAST breaker (3 failures open it for 30 s) and one quick retry suit a demo.
+    def committed_route_table(self, path: str | Path = COMMITTED_ROUTES, *, listen: str = "127.0.0.1:0",
+                              metrics_listen: str = "127.0.0.1:0", ttl: Mapping[str, str] | None = None,
+                              timeout: str | None = None, deadline: str | None = None,
+                              breaker: str | Mapping[str, Any] | None = None,
+                              retry: str | Mapping[str, Any] | None = None) -> str:
+        """The committed routes.yaml with each vendor's base URL swapped for its mock's.
+
+        Everything else (routes, paths, queries, transforms, derived routes, rate limits) is the
+        file's own. Overrides, each applied to the parsed YAML, never to its text:
+        `listen` / `metrics_listen` replace the listeners; `ttl={"fx": "3s"}` sets a service's
+        cache ttl and that of every route of it that sets one; `timeout`, `breaker` and `retry`
+        replace the setting in `defaults` and wherever a service or upstream sets its own (the
+        nearest one wins, so a default alone would not reach them); `deadline` likewise for
+        `defaults` and services. None keeps the file's value.
+
+        Raises ValueError when the file's upstreams and these mocks do not match one to one, or
+        an upstream points at another vendor than the one its mock imitates.
         """
         if any(not mock.port for mock in self.all.values()):
             raise RuntimeError("start the mock providers before writing a route table for them")
-        q = json.dumps  # a JSON string is a valid YAML scalar, quoted where needed
-        key = q(self.service_key)
-        return f"""\
-# Generated by proxy.mocks for the offline demo: the committed routes.yaml's services and
-# upstream names, pointed at mock providers on 127.0.0.1, with demo-sized timeouts and TTLs.
-version: 1
-server:
-  listen: {listen}
-  metrics_listen: {metrics_listen}
-cache:
-  backend: memory
-  max_stale: 7d
-defaults:
-  timeout: {timeout}
-  deadline: {deadline}
-  breaker: {breaker}
-  retry: {{retries: {retries}, base_delay: 50ms, max_delay: 200ms}}
-services:
-  fx:
-    prefix: /fx
-    cache: {{ttl: {fx_ttl}, stale: 7d}}
-    routes:
-      - match: /fx/latest/{{base}}
-        name: latest
-        cache: {{ttl: {fx_ttl}}}
-    upstreams:
-      - name: fx_primary        # {self.fx_primary.kind}
-        url: {self.fx_primary.url}
-        path: /v6/latest/{{base}}
-      - name: fx_secondary      # {self.fx_secondary.kind}
-        url: {self.fx_secondary.url}
-        path: /latest
-        query: {{from: "{{base}}"}}
-  flights:
-    prefix: /flights
-    cache: {{ttl: {schedules_ttl}, stale: 7d}}
-    routes:
-      - match: /flights/schedules/{{airport}}
-        name: schedules
-        cache: {{ttl: {schedules_ttl}}}
-        paths:
-          flights_kac: /service/rest/FlightScheduleList/getDflightScheduleList
-          flights_odcloud: /B551177/StatusOfPassengerFlightsDeOdp/getPassengerDeparturesDeOdp
-      - match: /flights/status/{{flight}}
-        name: status
-        cache: {{ttl: {status_ttl}}}
-        paths:
-          flights_kac: /service/rest/FlightStatusList/getFlightStatusList
-          flights_odcloud: /B551177/StatusOfPassengerFlightsOdp/getPassengerArrivalsOdp
-    upstreams:
-      - name: flights_kac       # {self.flights_kac.kind}
-        url: {self.flights_kac.url}
-        query: {{serviceKey: {key}, _type: json, schDeptCityCode: "{{airport}}", schFlightNum: "{{flight}}"}}
-      - name: flights_odcloud   # a second instance of the same mock, data.go.kr paths
-        url: {self.flights_odcloud.url}
-        query: {{serviceKey: {key}, type: json, airport_code: "{{airport}}", flight_id: "{{flight}}"}}
-"""
+        source = Path(path)
+        document = yaml.safe_load(source.read_text(encoding="utf-8"))
+        services = document.get("services") or {}
+        self._point_upstreams_at_mocks(services, source)
+
+        server = document.setdefault("server", {})
+        server["listen"], server["metrics_listen"] = listen, metrics_listen
+        changes = [f"vendor URLs -> mocks on {self.fx_primary.host}", f"listeners -> {listen}"]
+        for service_name, value in (ttl or {}).items():
+            service = services.get(service_name)
+            if service is None:
+                raise ValueError(f"ttl override for {service_name!r}: {source} has no such service")
+            service.setdefault("cache", {})["ttl"] = value
+            for route in service.get("routes") or []:
+                if isinstance(route.get("cache"), dict):
+                    route["cache"]["ttl"] = value
+            changes.append(f"{service_name} ttl {value}")
+        upstreams = [u for s in services.values() for u in s.get("upstreams") or []]
+        for key, value, levels in (("timeout", timeout, upstreams), ("deadline", deadline, []),
+                                   ("breaker", breaker, upstreams), ("retry", retry, upstreams)):
+            if value is None:
+                continue
+            document.setdefault("defaults", {})[key] = _plain(value)
+            for owner in [*services.values(), *levels]:
+                if key in owner:
+                    owner[key] = _plain(value)
+            changes.append(f"{key} {_describe(value)}")
+
+        header = "".join(f"#   {change}\n" for change in changes)
+        header = f"# {source} as committed, for the mock providers, except:\n{header}"
+        return header + yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=120)
+
+    def route_table(self, path: str | Path = COMMITTED_ROUTES, **overrides: Any) -> str:
+        """`committed_route_table` with demo-sized timings (`DEMO_TIMINGS`), each replaceable by `overrides`.
+
+        fx copies stay fresh 2 s, attempts time out after 1 s, the FAST breaker (3 failures open
+        it for 30 s) and one quick retry: a failure scenario plays out in seconds.
+        """
+        return self.committed_route_table(path, **{**DEMO_TIMINGS, **overrides})
 
     def write_routes(self, path: str | Path, **options: Any) -> Path:
         """Write `route_table(**options)` to `path` and return it."""
         target = Path(path)
         target.write_text(self.route_table(**options), encoding="utf-8")
         return target
+
+    def _point_upstreams_at_mocks(self, services: dict[str, Any], source: Path) -> None:
+        seen = set()
+        for service in services.values():
+            for upstream in service.get("upstreams") or []:
+                name = upstream.get("name")
+                if name not in self.all:
+                    raise ValueError(f"{source}: upstream {name!r} has no mock provider "
+                                     f"(mocks: {', '.join(self.all)})")
+                url = str(upstream.get("url", "")).rstrip("/")
+                if url != VENDOR_URLS[name]:
+                    raise ValueError(f"{source}: upstream {name!r} points at {url}, but its mock answers "
+                                     f"like {VENDOR_URLS[name]}")
+                upstream["url"] = self.all[name].url
+                seen.add(name)
+        missing = [name for name in self.all if name not in seen]
+        if missing:
+            raise ValueError(f"{source}: no upstream named {', '.join(missing)} for the mock providers to stand in for")
+
+
+def _plain(value: Any) -> Any:
+    """A plain dict/str for yaml.safe_dump (it refuses other Mapping types)."""
+    return dict(value) if isinstance(value, Mapping) else value
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
+    return str(value)
