@@ -128,7 +128,7 @@ class AttemptStage:
         self._emit(events.KeySpent(upstream.service, upstream.name, fingerprint(upstream.keys[index]), reply.status,
                                    until, 0 if left is None else len(upstream.keys) - left[0]))
         detail = f"key {fingerprint(upstream.keys[index])} refused ({reply.status})"
-        return AttemptResult(Outcome.KEYS_SPENT, reply, detail, rotated=left is not None)
+        return AttemptResult(Outcome.KEY_REFUSED, reply, detail, rotated=left is not None)
 
     def _normalise(self, upstream: Upstream, values: dict[str, str], reply: Reply) -> AttemptResult:
         try:

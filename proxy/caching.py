@@ -15,7 +15,7 @@ from typing import Any, Awaitable, Callable
 from multidict import CIMultiDict
 
 from . import events
-from .cache import Coalescer, Entry, Store, cache_key, request_bypass_reason, response_storable
+from .cache import Coalescer, Entry, Store, cache_key, parse_cache_control, request_bypass_reason, response_storable
 from .cache.coalesce import CoalescedCallCancelled
 from .clock import Clock
 from .config import CacheRule, CacheSettings
@@ -26,6 +26,24 @@ NAME = "resilience-proxy"
 _CLUSTER_LOCK_MAX = 30.0  # seconds a replica may hold a fetch lock; expiry frees it if the replica dies
 _CLUSTER_POLL = 0.02
 Forward = Callable[[Exchange], Awaitable[Answer]]
+
+
+_CONDITIONAL = ("If-None-Match", "If-Modified-Since", "If-Match", "If-Unmodified-Since", "If-Range", "Range")
+
+
+def _conditional(exchange: Exchange) -> bool:
+    """Conditional and range requests are answered by the upstream for this caller alone."""
+    headers = exchange.headers
+    return any(name in headers for name in _CONDITIONAL)
+
+
+def _public(answer: Answer) -> bool:
+    """No Set-Cookie and no private/no-store: an answer another caller may see."""
+    headers = CIMultiDict(answer.headers)
+    if "Set-Cookie" in headers:
+        return False
+    directives = parse_cache_control(headers)
+    return "private" not in directives and "no-store" not in directives
 
 
 def _credential(exchange: Exchange) -> str:
@@ -54,8 +72,8 @@ class CacheStage:
     async def __call__(self, exchange: Exchange) -> Answer:
         rule = self.rule_for(exchange)
         service = exchange.service.name
-        if not rule.enabled or request_bypass_reason(exchange.method, exchange.headers,
-                                                     keyed_by_credential=rule.key_by_credential):
+        if not rule.enabled or _conditional(exchange) or request_bypass_reason(
+                exchange.method, exchange.headers, keyed_by_credential=rule.key_by_credential):
             self._emit(events.CacheLookup(service, "bypass"))
             answer = await self._forward(exchange)
             answer.cache = "BYPASS"
@@ -76,14 +94,18 @@ class CacheStage:
         fetch = self._fetch_clustered if rule.coalesce == "cluster" and hasattr(self._store, "lock") else self._fetch
         try:
             try:
-                answer, shared = await self._coalescer.run(key, lambda: fetch(exchange, key, rule))
+                # HEAD shares GET's cache key but never its in-flight call: a HEAD answer has no body.
+                answer, shared = await self._coalescer.run(f"{exchange.method} {key}", lambda: fetch(exchange, key, rule))
             except CoalescedCallCancelled:
                 # The caller we were waiting on went away; ask upstream ourselves.
                 answer, shared = await self._fetch(exchange, key, rule), False
             if shared:
-                self._emit(events.Coalesced(service))
-                if answer.stream is not None:  # one streamed body cannot feed two callers
+                if answer.stream is not None or not answer.shareable:
+                    # One streamed body cannot feed two callers, and what may not be stored (Set-Cookie,
+                    # private, no-store) may not be handed to another caller either.
                     answer, shared = await self._fetch(exchange, key, rule), False
+                else:
+                    self._emit(events.Coalesced(service))
         except UpstreamsFailed as failure:
             now = self._clock.time()
             if entry is not None and entry.is_usable_stale(now):
@@ -95,7 +117,7 @@ class CacheStage:
             # Followers get their own copy of the answer object; the body bytes are shared.
             answer = Answer(status=answer.status, headers=answer.headers, body=answer.body, upstream=answer.upstream,
                             reason=answer.reason, cache=answer.cache, cache_status=answer.cache_status,
-                            fallback=answer.fallback)
+                            fallback=answer.fallback, shareable=True)
         return answer
 
     async def _fetch(self, exchange: Exchange, key: str, rule: CacheRule) -> Answer:
@@ -105,6 +127,8 @@ class CacheStage:
         reason = None if exchange.method == "GET" else "method"  # a HEAD answer has no body to keep
         reason = reason or response_storable(answer.status, CIMultiDict(answer.headers), body_len,
                                              cache_statuses=rule.statuses, max_body_bytes=self._settings.max_body_bytes)
+        # The same rules decide whether waiting callers may share this answer.
+        answer.shareable = reason is None or (reason in ("method", "status", "too-large") and _public(answer))
         if reason is None and answer.upstream is not None:
             now = self._clock.time()
             stale = min(rule.stale, self._settings.max_stale)
@@ -183,7 +207,9 @@ class CacheStage:
         task.add_done_callback(self._refreshing.discard)
 
     async def close(self) -> None:
-        for task in list(self._refreshing):
+        refreshing = list(self._refreshing)
+        for task in refreshing:
             task.cancel()
+        await asyncio.gather(*refreshing, return_exceptions=True)
         await self._store.close()
 

@@ -78,3 +78,4 @@ class Answer:
     cache_status: str | None = None  # RFC 9211 Cache-Status value
     stream: Any = None               # an open upstream response to stream (too large to buffer)
     fallback: bool = False           # produced by a non-primary upstream or a stale copy
+    shareable: bool = True           # may be handed to other callers waiting on the same key

@@ -15,8 +15,7 @@ from .exchange import AttemptRecord, Answer, Exchange
 from .outcome import SKIPPED, Outcome
 from .retrying import RetryStage
 
-# Outcomes after which the upstream certainly never processed the request: skipped, refused
-# before connecting, or refused for the API key it carried.
+# Outcomes after which the upstream certainly never received the request (nor its body).
 _NEVER_SENT = SKIPPED | {Outcome.CONNECT}
 _SKIP_VALUES = frozenset(o.value for o in SKIPPED)
 
@@ -67,8 +66,12 @@ class FallbackStage:
             if result.status is not None:
                 last_status = result.status
             result.discard()
-            if result.outcome not in _NEVER_SENT and not (exchange.idempotent and exchange.replayable):
-                break  # it may have reached the upstream: sending it elsewhere could do it twice
+            if result.outcome in _NEVER_SENT:
+                continue
+            if not exchange.replayable:
+                break  # the body was streamed to this upstream and is gone
+            if not exchange.idempotent and result.outcome is not Outcome.KEY_REFUSED:
+                break  # it may have been processed: sending it elsewhere could do it twice
         if deadline_hit or exchange.deadline_at - self._clock.monotonic() <= 0:
             raise UpstreamsFailed(504, "deadline_exceeded", service.name, exchange.attempts, last_status)
         if exchange.attempts and all(a.outcome in _SKIP_VALUES for a in exchange.attempts) \

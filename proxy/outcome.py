@@ -24,7 +24,8 @@ class Outcome(str, enum.Enum):
     DEADLINE = "deadline"          # no time left in the request's deadline to try
     BUDGET = "retry_budget"        # (retries only) the retry budget is spent
     RATE_LIMITED = "rate_limited"  # skipped: the upstream's rate limit has no token left
-    KEYS_SPENT = "keys_spent"      # every API key of the upstream was refused (quota or auth)
+    KEYS_SPENT = "keys_spent"      # skipped: every API key of the upstream is resting
+    KEY_REFUSED = "key_refused"    # the upstream refused the key it was sent (quota or auth), not the request
     TRANSFORM = "transform_failed"  # the answer could not be normalised (not JSON, failed expression)
     NO_PATH = "no_path"            # the route gives this upstream's templates no values: not tried
 

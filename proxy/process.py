@@ -124,8 +124,10 @@ class ProxyProcess:
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
-        for task in list(self._retiring):
+        retiring = list(self._retiring)
+        for task in retiring:
             task.cancel()
+        await asyncio.gather(*retiring, return_exceptions=True)
         await self.events.stop()
         await self.runtime.close()
 
@@ -150,7 +152,11 @@ class ProxyProcess:
             kept_budgets = {n: b for n, b in old.budgets.items() if n in kept_breakers}
             same_cache = config.cache == old.config.cache
             store = old.store if same_cache else None
-            runtime = Runtime(config, clock=self.clock, bus=self.bus, store=store, transport=old.transport,
+            if config.server.listen != old.config.server.listen or \
+                    config.server.metrics_listen != old.config.server.metrics_listen:
+                log.warning("server.listen / metrics_listen changes take effect at the next restart", kind="reload")
+            runtime = Runtime(config, clock=self.clock, bus=self.bus, store=store,
+                              transport=old.transport.with_settings(config.server),
                               breakers=kept_breakers, budgets=kept_budgets, previous=old)
             REDACTOR.add_secrets(config.secrets)
             removed_upstreams = {u.name for u in old.config.upstreams()} - {u.name for u in config.upstreams()}
@@ -218,7 +224,14 @@ async def serve(config: Config, *, listen: tuple[str, int] | None = None,
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(process.reload("sighup")))
+    reloads: set[asyncio.Task[list[str]]] = set()  # keep a reference, or the task may be collected mid-run
+
+    def on_sighup() -> None:
+        task = loop.create_task(process.reload("sighup"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     process.start_watching()
     main = process.addresses.get("main")
     log.info("resilience-proxy serving", listen=f"{main[0]}:{main[1]}" if main else None,

@@ -73,6 +73,7 @@ class Hub:
         self._by_topic: dict[str, set[Client]] = {}
         self._numbers = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
         self.counters = {"delivered": 0, "acked": 0, "redelivered": 0, "dropped": 0}
 
     # --- fan-out ---------------------------------------------------------------------------
@@ -113,7 +114,9 @@ class Hub:
             except Exception:
                 pass
 
-        asyncio.get_running_loop().create_task(tell_and_close())
+        task = asyncio.get_running_loop().create_task(tell_and_close())
+        self._closing.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._closing.discard)
 
     async def redeliver_due(self) -> int:
         """Send again every unacknowledged event whose wait is over; returns how many."""

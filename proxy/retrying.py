@@ -40,7 +40,7 @@ class RetryStage:
             result = await self._attempt(upstream, exchange, number)
             number += 1
             outcome = result.outcome
-            if result.rotated and rotations < len(upstream.keys):
+            if result.rotated and rotations < len(upstream.keys) and exchange.replayable:
                 # A refused key is not the upstream failing: the next key goes at once, outside the policy.
                 rotations += 1
                 result.discard()

@@ -14,6 +14,7 @@ import uuid
 from typing import Any, AsyncIterator
 
 import orjson
+import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -22,6 +23,7 @@ from .exchange import Answer, Exchange
 from .fallback import RequestBodyTooLarge, UpstreamsFailed
 from .routing import UnsafePath, check_target
 
+log = structlog.get_logger("resilience-proxy")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 _BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
 _CHUNK = 64 * 1024
@@ -85,14 +87,9 @@ class ProxyHandler:
             request_id=request_id, method=request.method, service=service, route=route, params=params,
             path=path, rest=_rest_of(path, service.prefix), query=tuple(request.rel_url.query.items()),
             headers=request.headers, deadline_at=started + service.deadline)
+        runtime.active += 1  # from here on this request holds the table it started on
         try:
             await self._read_body(request, exchange, settings.replay_buffer, settings.max_request_body)
-        except RequestBodyTooLarge:
-            return error_response(413, "request_body_too_large", request_id,
-                                  f"the limit is {settings.max_request_body} bytes", cache="BYPASS")
-
-        runtime.active += 1
-        try:
             answer = await runtime.chain(exchange)
         except UpstreamsFailed as failure:
             response = json_response(failure.status, failure.body(request_id),
@@ -104,7 +101,7 @@ class ProxyHandler:
             return error_response(413, "request_body_too_large", request_id,
                                   f"the limit is {settings.max_request_body} bytes", cache="BYPASS")
         else:
-            response = await self._write(request, answer, request_id)
+            response = await self._write(request, answer, request_id, settings.drain_timeout)
             self._finished(exchange, answer.status, answer.cache, answer.upstream, started, clock, answer.fallback)
             return response
         finally:
@@ -122,6 +119,9 @@ class ProxyHandler:
         """Buffer the body up to `replay` bytes; stream the rest (sent once, never replayed)."""
         if not request.body_exists:
             return
+        if request.headers.get("Expect", "").lower() == "100-continue":
+            # The low-level server does not answer Expect itself; the caller waits for this line.
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         content = request.content
         buffered = bytearray()
         while len(buffered) <= replay:
@@ -148,7 +148,8 @@ class ProxyHandler:
 
         exchange.body_stream = rest()
 
-    async def _write(self, request: web.BaseRequest, answer: Answer, request_id: str) -> web.StreamResponse:
+    async def _write(self, request: web.BaseRequest, answer: Answer, request_id: str,
+                     read_timeout: float) -> web.StreamResponse:
         headers = CIMultiDict(answer.headers)
         headers["X-Cache"] = answer.cache
         if answer.upstream:
@@ -169,14 +170,22 @@ class ProxyHandler:
             await response.prepare(request)
             if answer.body:
                 await response.write(answer.body)
-            timeout = self._state.runtime.config.server.drain_timeout
             while True:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(read_timeout):
                     chunk = await upstream_response.content.read(_CHUNK)
                 if not chunk:
                     break
                 await response.write(chunk)
             await response.write_eof()
+        except Exception as exc:
+            # The status line is out: no second answer can follow. Cut the connection so the caller
+            # sees a truncated body instead of trusting it, and keep the keep-alive stream in sync.
+            log.warning("streamed answer broken after its headers were sent; connection closed",
+                        kind="stream", request_id=request_id, upstream=answer.upstream,
+                        error=f"{type(exc).__name__}: {exc}"[:200])
+            response.force_close()
+            if request.transport is not None:
+                request.transport.abort()
         finally:
             upstream_response.release()
         return response

@@ -8,6 +8,7 @@ can fail turned into an `AttemptError` carrying its `Outcome`.
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,8 @@ from .exchange import Exchange
 from .outcome import Outcome
 
 _CHUNK = 64 * 1024
-_NEVER_FORWARDED = HOP_BY_HOP | {"host", "content-length", "x-forwarded-host"}
+# `Expect` is answered by the proxy itself (the body is read before any upstream is chosen).
+_NEVER_FORWARDED = HOP_BY_HOP | {"host", "content-length", "x-forwarded-host", "expect"}
 
 
 class AttemptError(Exception):
@@ -98,11 +100,14 @@ def build_url(upstream: Upstream, exchange: Exchange, values: dict[str, str]) ->
         upstream.url.with_path(base + path, encoded=True)
 
 
+_SECRET_NAME = re.compile(r"(key|token|secret|password|passwd|signature|sig|auth|credential|session)", re.I)
+
+
 def masked_url(url: URL, upstream: Upstream) -> str:
-    """The URL for logs: values of query parameters that came from ${VAR} are hidden."""
-    if not upstream.secret_query:
+    """The URL for logs: values of query parameters from ${VAR}, or named like a secret, are hidden."""
+    if not url.query_string:
         return str(url)
-    query = [(k, "***" if k in upstream.secret_query else v) for k, v in url.query.items()]
+    query = [(k, "***" if k in upstream.secret_query or _SECRET_NAME.search(k) else v) for k, v in url.query.items()]
     return str(url.with_query(query))
 
 
@@ -127,6 +132,12 @@ class HttpTransport:
             )
             self._sessions[upstream.name] = session
         return session
+
+    def with_settings(self, settings: ServerSettings) -> "HttpTransport":
+        """The same connection pools under new settings (a reloaded route table's `server:`)."""
+        other = HttpTransport(settings, limit_per_upstream=self._limit)
+        other._sessions = self._sessions
+        return other
 
     async def close(self, keep: set[str] | None = None) -> None:
         """Close sessions (all, or those of upstreams not in `keep`)."""
@@ -179,6 +190,9 @@ class HttpTransport:
 
     async def _read(self, response: aiohttp.ClientResponse) -> Reply:
         headers = end_to_end(response.headers)
+        if response.method == "HEAD" and "Content-Length" in response.headers:
+            # A HEAD answer's length describes the GET body it stands for: keep it.
+            headers.append(("Content-Length", response.headers["Content-Length"]))
         retry_after = response.headers.get("Retry-After")
         limit = self._settings.max_response_buffer
         length = response.content_length

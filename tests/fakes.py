@@ -85,6 +85,7 @@ class Huge:
     size: int
     chunked: bool = True
     times: int = 1
+    stall_after: int | None = None  # drop the connection after this many body bytes
 
 
 @dataclass
@@ -174,6 +175,10 @@ class FakeUpstream:
             chunk = b"x" * 65536
             left = step.size
             while left > 0:
+                if step.stall_after is not None and step.size - left >= step.stall_after:
+                    if request.transport is not None:
+                        request.transport.abort()
+                    raise asyncio.CancelledError()
                 await response.write(chunk[:left])
                 left -= len(chunk[:left])
             await response.write_eof()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from tests.fakes import Delay, Fail, Ok, Reset, SlowBody, free_port, route_table
 
 NO_RETRY = "NONE"
@@ -31,13 +29,15 @@ async def test_a_primary_that_times_out_is_answered_by_the_secondary_within_the_
     secondary = await fake_upstream("secondary")
     primary.default = Delay(2.0)
     proxy = await proxy_factory(two_upstreams(primary.url, secondary.url))
-    started = time.monotonic()
     response = await proxy.get("/fx/latest/USD")
-    elapsed = time.monotonic() - started
     assert response.status == 200
     assert response.headers["X-Upstream"] == "fx_secondary"
     assert primary.calls == 1 and secondary.calls == 1
-    assert elapsed < 2.0  # the primary's 2 s answer was not waited for: its 300 ms timeout ended it
+    # The primary's 2 s answer was not waited for: its 300 ms timeout ended the attempt.
+    primary_stats = proxy.process.stats.window(1)["providers"]["fx_primary"]
+    assert primary_stats["errors"] == 1
+    metrics = await (await proxy.client.get(proxy.metrics_url + "/metrics")).text()
+    assert 'external_request_errors_total{provider="fx_primary",reason="timeout",service="fx"} 1.0' in metrics
 
 
 async def test_a_slow_body_counts_as_a_timeout_and_falls_back(fake_upstream, proxy_factory):
@@ -90,11 +90,9 @@ async def test_deadline_passing_gives_504(fake_upstream, proxy_factory):
     secondary = await fake_upstream("secondary")
     primary.default = Delay(3.0)
     proxy = await proxy_factory(two_upstreams(primary.url, secondary.url, timeout="2s", deadline="400ms"))
-    started = time.monotonic()
     response = await proxy.get("/fx/a")
     body = await response.json()
     assert response.status == 504
-    assert time.monotonic() - started < 2.0
     assert body["error"] == "deadline_exceeded"
     assert [(a["upstream"], a["outcome"]) for a in body["attempts"]] == [
         ("fx_primary", "timeout"), ("fx_secondary", "deadline")]
