@@ -1,0 +1,980 @@
+"""The benchmark run: start everything on 127.0.0.1, measure, stop everything, write the report.
+
+Speed (closed loop, wrk or the Python generator): our proxy's memory and Redis HITs against a
+bare aiohttp server (the Python ceiling), pass-through against a minimal aiohttp proxy, added
+latency over a 20 ms provider, RSS; nginx measured in the same run for every figure.
+Resilience (open loop, fixed rate): faults switched on fake providers, for our proxy and for nginx.
+
+Every case runs `rounds` times, interleaved (case A, B, C, A, B, C, ...); medians are quoted
+with min–max. The proxy-side processes are pinned to one core and the load generator and the
+fake providers to the other when `taskset` is there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+from typing import Any
+
+import yaml
+
+from bench.loadgen import parse_wrk, percentile, wrk_command
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+PYTHON = sys.executable
+HIT_PATH = "/hit/latest/USD"
+PASS_PATH = "/pass/latest/USD"
+SLOW_PATH = "/pass/slow"
+KEYS = 20  # distinct paths per fault scenario
+
+THROUGHPUT_CASES = ("ceiling", "ours_memory_hit", "ours_redis_hit", "nginx_hit", "minimal_pass", "ours_pass",
+                    "nginx_pass")
+LATENCY_CASES = ("direct", "ours", "minimal", "nginx")
+SCENARIO_NAMES = ("healthy", "primary_refuses", "primary_hangs", "primary_fails_30pct", "primary_429",
+                  "all_down_warm_cache", "all_down_cold_cache", "redis_stopped")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    short: str          # the service name / URL prefix
+    primary: str        # fake mode, or "refuse" (nothing listens)
+    secondary: str
+    cached: bool
+    warm: bool = False
+    redis: bool = False
+    can_answer: bool = True      # a provider or a stale copy can answer every request
+    outage: bool = False         # a sustained outage: amplification and post-breaker p99 targets apply
+    what: str = ""
+
+
+SCENARIOS = (
+    Scenario("healthy", "healthy", "ok", "ok", False, what="both providers answer (the reference p99)"),
+    Scenario("primary_refuses", "refuse", "refuse", "ok", False, outage=True,
+             what="nothing listens on the primary's port"),
+    Scenario("primary_hangs", "hang", "hang", "ok", False, outage=True,
+             what="the primary accepts and never answers (attempt timeout 1 s)"),
+    Scenario("primary_fails_30pct", "fail30", "fail30", "ok", False, what="3 in 10 primary answers are 503"),
+    Scenario("primary_429", "quota", "429", "ok", False, what="the primary answers 429 with Retry-After: 2"),
+    Scenario("all_down_warm_cache", "warm", "down", "down", True, warm=True, outage=True,
+             what="both providers answer 503; every key was cached and is past its 1 s TTL (stale copies)"),
+    Scenario("all_down_cold_cache", "cold", "down", "down", True, can_answer=False, outage=True,
+             what="both providers answer 503; nothing cached"),
+    Scenario("redis_stopped", "redis", "ok", "ok", True, redis=True,
+             what="cache.backend redis on a throwaway redis-server, stopped halfway (our proxy only)"),
+)
+
+
+# --- processes ----------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Processes:
+    """Every process the run starts, so every one is stopped at the end (also on Ctrl-C)."""
+
+    def __init__(self, logdir: Path, pin: bool) -> None:
+        self.logdir = logdir
+        self.pin = pin
+        self.running: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.commands: list[str] = []
+
+    def cpu(self, cpu: str | None) -> list[str]:
+        return ["taskset", "-c", cpu] if self.pin and cpu is not None else []
+
+    def start(self, name: str, argv: list[str], cpu: str | None = None, env: dict[str, str] | None = None,
+              ) -> subprocess.Popen[bytes]:
+        command = self.cpu(cpu) + argv
+        self.commands.append(_shell(command, env))
+        log = open(self.logdir / f"{name}.log", "wb")
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                   env={**os.environ, **(env or {})}, start_new_session=True)
+        log.close()
+        self.running.append((name, process))
+        return process
+
+    def stop(self, process: subprocess.Popen[bytes]) -> None:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)  # its own session: nginx workers go with it
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(5)
+        self.running = [(n, p) for n, p in self.running if p is not process]
+
+    def stop_all(self) -> None:
+        for _, process in reversed(list(self.running)):
+            self.stop(process)
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        path = self.logdir / f"{name}.log"
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _shell(command: list[str], env: dict[str, str] | None = None) -> str:
+    prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
+    text = " ".join(shlex.quote(part) for part in command)
+    return f"{prefix} {text}".strip().replace(str(ROOT) + "/", "")
+
+
+def wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 20.0, ok: tuple[int, ...] = (200,)) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url}: the process exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as reply:
+                if reply.status in ok:
+                    return
+        except urllib.error.HTTPError as exc:
+            if exc.code in ok:
+                return
+            last = exc
+        except OSError as exc:
+            last = exc
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer within {timeout}s: {last}")
+
+
+def http(method: str, url: str, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, method=method, headers={"Accept-Encoding": "identity"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return reply.status, dict(reply.headers), reply.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of a process and of its children (nginx: master + worker), in KiB."""
+    total = 0
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        pids += [int(c) for c in children]
+    for one in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{one}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
+async def hold_connections(port: int, path: str, count: int) -> list[asyncio.StreamWriter]:
+    """Open `count` keep-alive connections, complete one request on each, and keep them open."""
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+
+    async def one() -> asyncio.StreamWriter:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        await reader.readexactly(length)
+        return writer
+
+    writers: list[asyncio.StreamWriter] = []
+    for start in range(0, count, 100):
+        writers += await asyncio.gather(*(one() for _ in range(min(100, count - start))))
+    return writers
+
+
+# --- tools --------------------------------------------------------------------------------------
+
+def ensure_tool(binary: str, packages: list[str], install: bool, notes: list[str]) -> str | None:
+    """The tool's path; installed with apt-get when allowed and running as root."""
+    found = shutil.which(binary) or (f"/usr/sbin/{binary}" if Path(f"/usr/sbin/{binary}").exists() else None)
+    if found:
+        return found
+    hint = f"apt-get install -y {packages[0]}"
+    if install and os.geteuid() == 0 and shutil.which("apt-get"):
+        print(f"bench: installing {binary} ({hint})", flush=True)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=300)
+        for package in packages:
+            done = subprocess.run(["apt-get", "install", "-y", "-qq", package], env=env, capture_output=True,
+                                  timeout=600)
+            if done.returncode == 0:
+                break
+        found = shutil.which(binary) or (f"/usr/sbin/{binary}" if Path(f"/usr/sbin/{binary}").exists() else None)
+        if found:
+            return found
+    notes.append(f"{binary} is not installed ({hint} as root to include it)")
+    return None
+
+
+def tool_version(argv: list[str]) -> str | None:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        text = (done.stdout + done.stderr).strip().splitlines()
+        return text[0] if text else None
+    return None
+
+
+def machine() -> dict[str, Any]:
+    cpu = None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory = None
+    with contextlib.suppress(OSError):
+        memory = int(Path("/proc/meminfo").read_text().split()[1]) // 1024
+    import aiohttp
+
+    try:
+        import uvloop
+        uvloop_version: str | None = uvloop.__version__
+    except ImportError:
+        uvloop_version = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_mib": memory, "kernel": platform.release(),
+            "python": platform.python_version(), "aiohttp": aiohttp.__version__, "uvloop": uvloop_version}
+
+
+# --- configs --------------------------------------------------------------------------------------
+
+def proxy_config(services: dict[str, Any], cache: dict[str, Any], defaults: dict[str, Any]) -> str:
+    document = {"version": 1, "server": {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"},
+                "cache": cache, "defaults": defaults, "services": services}
+    return yaml.safe_dump(document, sort_keys=False)
+
+
+def _upstreams(short: str, primary: int, secondary: int) -> list[dict[str, Any]]:
+    return [{"name": f"{short}_primary", "url": f"http://127.0.0.1:{primary}"},
+            {"name": f"{short}_secondary", "url": f"http://127.0.0.1:{secondary}"}]
+
+
+SPEED_DEFAULTS = {"timeout": "5s", "deadline": "15s", "breaker": "STANDARD", "retry": "DEFAULT"}
+FAULT_DEFAULTS = {"timeout": "1s", "deadline": "5s", "breaker": "STANDARD", "retry": "DEFAULT"}
+
+
+def speed_services(a: int, b: int) -> dict[str, Any]:
+    return {"hit": {"prefix": "/hit", "cache": {"ttl": "24h", "stale": "7d"}, "upstreams": _upstreams("hit", a, b)},
+            "pass": {"prefix": "/pass", "upstreams": _upstreams("pass", a, b)}}
+
+
+def scenario_service(scenario: Scenario, primary: int, secondary: int) -> dict[str, Any]:
+    service: dict[str, Any] = {"prefix": f"/{scenario.short}", "upstreams": _upstreams(scenario.short, primary, secondary)}
+    if scenario.cached:
+        service["cache"] = {"ttl": "24h" if scenario.redis else "1s", "stale": "1h"}
+    return service
+
+
+def nginx_config(tmp: Path, port: int, speed: tuple[int, int], scenarios: dict[str, tuple[int, int]],
+                 cached: dict[str, bool]) -> str:
+    blocks = []
+    locations = []
+
+    def upstream(name: str, primary: int, secondary: int) -> None:
+        blocks.append(f"    upstream {name} {{\n"
+                      f"        server 127.0.0.1:{primary} max_fails=3 fail_timeout=10s;\n"
+                      f"        server 127.0.0.1:{secondary} backup;\n"
+                      f"        keepalive 64;\n    }}")
+
+    upstream("speed", *speed)
+    locations.append("        location /hit/ {\n            proxy_pass http://speed/;\n"
+                     "            proxy_cache bench;\n            proxy_cache_valid 200 24h;\n"
+                     "            add_header X-Cache $upstream_cache_status;\n        }")
+    locations.append("        location /pass/ {\n            proxy_pass http://speed/;\n        }")
+    for short, (primary, secondary) in scenarios.items():
+        upstream(short, primary, secondary)
+        cache = ("            proxy_cache bench;\n            proxy_cache_valid 200 1s;\n"
+                 "            add_header X-Cache $upstream_cache_status;\n") if cached[short] else ""
+        locations.append(f"        location /{short}/ {{\n            proxy_pass http://{short}/;\n{cache}        }}")
+    template = Template((BENCH / "nginx.conf.tmpl").read_text())
+    return template.safe_substitute(
+        user="user root;" if os.geteuid() == 0 else "", tmp=str(tmp), port=str(port), timeout="1s", deadline="5s",
+        upstreams="\n".join(blocks), locations="\n".join(locations))
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.smoke = args.smoke
+        self.duration = args.duration or (1.0 if self.smoke else 5.0)
+        self.rounds = args.rounds or (1 if self.smoke else 3)
+        self.scenario_seconds = args.scenario_seconds or (1.0 if self.smoke else 12.0)
+        self.rate = args.rate
+        self.notes: list[str] = []
+        self.work = Path(tempfile.mkdtemp(prefix="rp-bench-"))
+        pin = shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2 and not args.no_pin
+        if not pin:
+            self.notes.append("processes are not pinned to cores (taskset missing, one core, or --no-pin)")
+        self.procs = Processes(self.work, pin)
+        self.subject_cpu, self.load_cpu = ("1", "0") if pin else (None, None)
+        install = not self.smoke and not args.no_install
+        self.wrk = None if args.loadgen == "python" else ensure_tool("wrk", ["wrk"], install, self.notes)
+        if args.loadgen == "wrk" and self.wrk is None:
+            raise SystemExit("bench: --loadgen wrk but wrk is not installed")
+        if self.wrk is None:
+            self.notes.append("load from the Python generator (bench/loadgen.py): its own ceiling is lower than wrk's")
+        self.nginx = None if args.skip_nginx else ensure_tool("nginx", ["nginx-light", "nginx"], install, self.notes)
+        if self.nginx is None and args.skip_nginx:
+            self.notes.append("nginx left out (--skip-nginx)")
+        if self.nginx is None:
+            print("bench: nginx parts skipped" + ("" if args.skip_nginx else " (nginx is not installed)"), flush=True)
+        self.redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+        self.redis_prefix = f"rp-bench:{uuid.uuid4().hex[:10]}:"
+        self.redis_server = shutil.which("redis-server")
+        self.ports: dict[str, int] = {}
+        self.proc: dict[str, subprocess.Popen[bytes]] = {}
+        self.results: dict[str, Any] = {}
+
+    # --- helpers ---
+
+    def port(self, name: str) -> int:
+        if name not in self.ports:
+            self.ports[name] = free_port()
+        return self.ports[name]
+
+    def load(self, url: str, connections: int, duration: float) -> dict[str, Any]:
+        if self.wrk:
+            command = self.procs.cpu(self.load_cpu) + wrk_command(url, connections, duration)
+            done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60)
+            if done.returncode != 0:
+                raise RuntimeError(f"wrk failed: {done.stderr.strip()}")
+            return parse_wrk(done.stdout)
+        command = self.procs.cpu(self.load_cpu) + [PYTHON, "-m", "bench.loadgen", "closed", "--url", url,
+                                                   "-c", str(connections), "-d", str(duration)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60, cwd=ROOT)
+        if done.returncode != 0:
+            raise RuntimeError(f"python load generator failed: {done.stderr.strip()}")
+        return json.loads(done.stdout)
+
+    def launch_proxy(self, name: str, text: str, env: dict[str, str] | None = None) -> str:
+        """Start our proxy on a route table; `wait_ready` before using the URL it returns."""
+        path = self.work / f"{name}.yaml"
+        path.write_text(text)
+        listen, metrics = self.port(name), self.port(name + "_metrics")
+        self.proc[name] = self.procs.start(name, [PYTHON, "-m", "proxy", "run", "--config", str(path),
+                                                  "--listen", f"127.0.0.1:{listen}", "--metrics-listen",
+                                                  f"127.0.0.1:{metrics}"],
+                                           cpu=self.subject_cpu, env={"LOG_LEVEL": "warning", **(env or {})})
+        return f"http://127.0.0.1:{listen}"
+
+    def wait_ready(self, name: str) -> None:
+        try:
+            wait_http(f"http://127.0.0.1:{self.port(name)}/health/ready", self.proc[name])
+        except RuntimeError as exc:
+            raise RuntimeError(f"{name}: {exc}\n{self.procs.log_tail(name)}") from None
+
+    def start_proxy(self, name: str, text: str, env: dict[str, str] | None = None) -> str:
+        url = self.launch_proxy(name, text, env)
+        self.wait_ready(name)
+        return url
+
+    def redis_answers(self, url: str) -> bool:
+        import redis
+
+        try:
+            client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+            ok = bool(client.ping())
+            client.close()
+            return ok
+        except Exception:
+            return False
+
+    def calls(self, port: int) -> int:
+        _, _, body = http("GET", f"http://127.0.0.1:{port}/__bench/calls")
+        return int(json.loads(body)["calls"])
+
+    def mode(self, port: int, mode: str) -> None:
+        status, _, body = http("POST", f"http://127.0.0.1:{port}/__bench/mode/{mode}")
+        if status != 200:
+            raise RuntimeError(f"fake provider on {port}: {body!r}")
+
+    # --- set-up ---
+
+    def start_all(self) -> None:
+        proxies = ["ours"] + (["nginx"] if self.nginx else [])
+        listeners = ["speed_a", "speed_b"]
+        for who in proxies:
+            for scenario in SCENARIOS:
+                if scenario.redis and who == "nginx":
+                    continue
+                if scenario.primary != "refuse":
+                    listeners.append(f"{who}_{scenario.short}_p")
+                listeners.append(f"{who}_{scenario.short}_s")
+        fakes = self.procs.start("fakes", [PYTHON, "-m", "bench.servers", "upstreams"] +
+                                 [f"{name}={self.port(name)}" for name in listeners], cpu=self.load_cpu)
+        for name in listeners:
+            wait_http(f"http://127.0.0.1:{self.port(name)}/__bench/calls", fakes)
+        a, b = self.port("speed_a"), self.port("speed_b")
+
+        # Started together, then waited for: each Python process takes about a second to import.
+        hello = self.procs.start("hello", [PYTHON, "-m", "bench.servers", "hello", "--port", str(self.port("hello"))],
+                                 cpu=self.subject_cpu)
+        minimal = self.procs.start("minimal", [PYTHON, "-m", "bench.servers", "minproxy", "--port",
+                                               str(self.port("minimal")), "--upstream", f"http://127.0.0.1:{a}"],
+                                   cpu=self.subject_cpu)
+        self.launch_proxy("ours_memory", proxy_config(speed_services(a, b), {"backend": "memory"}, SPEED_DEFAULTS))
+        if self.redis_answers(self.redis_url):
+            self.launch_proxy("ours_redis", proxy_config(
+                speed_services(a, b), {"backend": "redis", "url": self.redis_url, "prefix": self.redis_prefix},
+                SPEED_DEFAULTS))
+        else:
+            self.notes.append(f"no Redis answers at {self.redis_url}: the Redis-backed HIT case is skipped")
+
+        services = {}
+        for scenario in SCENARIOS:
+            if scenario.redis:
+                continue
+            primary = self.port(f"ours_{scenario.short}_p") if scenario.primary != "refuse" else self.port("refused_ours")
+            services[scenario.short] = scenario_service(scenario, primary, self.port(f"ours_{scenario.short}_s"))
+        self.launch_proxy("ours_faults", proxy_config(services, {"backend": "memory"}, FAULT_DEFAULTS))
+        wait_http(f"http://127.0.0.1:{self.port('hello')}/", hello)
+        wait_http(f"http://127.0.0.1:{self.port('minimal')}{PASS_PATH}", minimal)
+        for name in ("ours_memory", "ours_redis", "ours_faults"):
+            if name in self.proc:
+                self.wait_ready(name)
+
+        if self.nginx:
+            tmp = self.work / "nginx"
+            tmp.mkdir()
+            upstreams = {}
+            cached = {}
+            for scenario in SCENARIOS:
+                if scenario.redis:
+                    continue
+                primary = self.port(f"nginx_{scenario.short}_p") if scenario.primary != "refuse" \
+                    else self.port("refused_nginx")
+                upstreams[scenario.short] = (primary, self.port(f"nginx_{scenario.short}_s"))
+                cached[scenario.short] = scenario.cached
+            conf = tmp / "nginx.conf"
+            conf.write_text(nginx_config(tmp, self.port("nginx"), (a, b), upstreams, cached))
+            process = self.procs.start("nginx", [self.nginx, "-p", str(tmp), "-c", str(conf)], cpu=self.subject_cpu)
+            self.proc["nginx"] = process
+            try:
+                wait_http(f"http://127.0.0.1:{self.port('nginx')}{PASS_PATH}", process)
+            except RuntimeError as exc:
+                error_log = (tmp / "error.log").read_text() if (tmp / "error.log").exists() else ""
+                raise RuntimeError(f"nginx did not start: {exc}\n{self.procs.log_tail('nginx')}\n{error_log}") from None
+
+    def urls(self) -> dict[str, str]:
+        ours = f"http://127.0.0.1:{self.port('ours_memory')}"
+        nginx = f"http://127.0.0.1:{self.port('nginx')}"
+        urls = {"ceiling": f"http://127.0.0.1:{self.port('hello')}/",
+                "ours_memory_hit": ours + HIT_PATH,
+                "minimal_pass": f"http://127.0.0.1:{self.port('minimal')}{PASS_PATH}",
+                "ours_pass": ours + PASS_PATH}
+        if "ours_redis" in self.proc:
+            urls["ours_redis_hit"] = f"http://127.0.0.1:{self.port('ours_redis')}{HIT_PATH}"
+        if self.nginx:
+            urls["nginx_hit"] = nginx + HIT_PATH
+            urls["nginx_pass"] = nginx + PASS_PATH
+        return urls
+
+    def latency_urls(self) -> dict[str, str]:
+        urls = {"direct": f"http://127.0.0.1:{self.port('speed_a')}/slow",
+                "ours": f"http://127.0.0.1:{self.port('ours_memory')}{SLOW_PATH}",
+                "minimal": f"http://127.0.0.1:{self.port('minimal')}{SLOW_PATH}"}
+        if self.nginx:
+            urls["nginx"] = f"http://127.0.0.1:{self.port('nginx')}{SLOW_PATH}"
+        return urls
+
+    def check_headers(self) -> dict[str, Any]:
+        """What each case really exercises: X-Cache of a request made just before the runs."""
+        seen = {}
+        for case, url in self.urls().items():
+            http("GET", url)  # the first answer fills the caches
+            status, headers, _ = http("GET", url)
+            seen[case] = {"status": status, "x_cache": headers.get("X-Cache")}
+        for case, expected in (("ours_memory_hit", "HIT"), ("ours_redis_hit", "HIT"), ("ours_pass", "BYPASS"),
+                               ("nginx_hit", "HIT")):
+            if case in seen and (seen[case]["status"] != 200 or seen[case]["x_cache"] != expected):
+                raise RuntimeError(f"{case}: expected 200 with X-Cache {expected}, got {seen[case]}")
+        return seen
+
+    # --- speed ---
+
+    def run_speed(self) -> None:
+        urls = self.urls()
+        self.results["checks"] = self.check_headers()
+        warm = min(1.0, self.duration)
+        if not self.smoke:
+            for url in urls.values():  # JIT-free Python still warms caches, pools and allocators
+                self.load(url, 50, warm)
+        runs: dict[str, list[dict[str, Any]]] = {case: [] for case in THROUGHPUT_CASES}
+        latency: dict[str, list[dict[str, Any]]] = {case: [] for case in LATENCY_CASES}
+        lat_urls = self.latency_urls()
+        for round_number in range(self.rounds):
+            for case in THROUGHPUT_CASES:
+                if case in urls:
+                    result = self.load(urls[case], 50, self.duration)
+                    runs[case].append(result)
+                    print(f"bench: round {round_number + 1} {case}: {result['rps']:.0f} req/s", flush=True)
+            for case in LATENCY_CASES:
+                if case in lat_urls:
+                    result = self.load(lat_urls[case], 10, self.duration)
+                    latency[case].append(result)
+                    print(f"bench: round {round_number + 1} latency {case}: p50 {result['p50_ms']:.2f} ms", flush=True)
+        self.results["throughput"] = {case: summarize([r["rps"] for r in rs], rs, urls.get(case))
+                                      for case, rs in runs.items()}
+        self.results["latency"] = {case: summarize([r["p50_ms"] for r in rs], rs, lat_urls.get(case))
+                                   for case, rs in latency.items()}
+
+    # --- RSS ---
+
+    def run_rss(self) -> None:
+        rss: dict[str, Any] = {}
+        example = (ROOT / "routes.yaml").read_text()
+        url = self.start_proxy("ours_example", example)
+        pid = self.proc["ours_example"].pid
+        time.sleep(1.0)
+        rss["ours_idle_mib"] = rss_kib(pid) / 1024
+        port = int(url.rsplit(":", 1)[1])
+        rss["ours_1000_mib"] = asyncio.run(self._rss_holding(port, "/health/live", pid))
+        self.procs.stop(self.proc.pop("ours_example"))
+        if self.nginx:
+            pid = self.proc["nginx"].pid
+            rss["nginx_idle_mib"] = rss_kib(pid) / 1024  # after the speed runs, with its cache zone in use
+            rss["nginx_1000_mib"] = asyncio.run(self._rss_holding(self.port("nginx"), HIT_PATH, pid))
+        rss["connections"] = 1000
+        self.results["rss"] = rss
+
+    async def _rss_holding(self, port: int, path: str, pid: int) -> float:
+        writers = await hold_connections(port, path, 1000)
+        await asyncio.sleep(0.5)
+        value = rss_kib(pid) / 1024
+        for writer in writers:
+            writer.close()
+        return value
+
+    # --- resilience ---
+
+    def run_faults(self) -> None:
+        results: dict[str, dict[str, Any]] = {"ours": {}, "nginx": {}}
+        for scenario in SCENARIOS:
+            results["ours"][scenario.name] = self.fault_run("ours", scenario)
+            print(f"bench: fault {scenario.name} ours: {brief(results['ours'][scenario.name])}", flush=True)
+            if scenario.redis:
+                results["nginx"][scenario.name] = {"skipped": "nginx has no Redis cache to lose"}
+            elif self.nginx:
+                results["nginx"][scenario.name] = self.fault_run("nginx", scenario)
+                print(f"bench: fault {scenario.name} nginx: {brief(results['nginx'][scenario.name])}", flush=True)
+            else:
+                results["nginx"][scenario.name] = {"skipped": "nginx is not installed"}
+        self.results["faults"] = results
+
+    def fault_run(self, who: str, scenario: Scenario) -> dict[str, Any]:
+        redis_process = None
+        if scenario.redis:
+            if not self.redis_server:
+                return {"skipped": "redis-server is not installed"}
+            redis_port = self.port("throwaway_redis")
+            redis_process = self.procs.start("throwaway_redis", [
+                self.redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no"], cpu=self.load_cpu)
+            deadline = time.monotonic() + 5
+            while not self.redis_answers(f"redis://127.0.0.1:{redis_port}/0"):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the throwaway redis-server did not start")
+                time.sleep(0.05)
+            services = {scenario.short: scenario_service(scenario, self.port(f"ours_{scenario.short}_p"),
+                                                         self.port(f"ours_{scenario.short}_s"))}
+            base = self.start_proxy("ours_redis_faults", proxy_config(
+                services, {"backend": "redis", "url": f"redis://127.0.0.1:{redis_port}/0", "prefix": "rp-bench:",
+                           "op_timeout": "50ms"}, FAULT_DEFAULTS))
+        else:
+            base = f"http://127.0.0.1:{self.port('ours_faults' if who == 'ours' else 'nginx')}"
+        fakes = [self.port(f"{who}_{scenario.short}_{end}") for end in ("p", "s")
+                 if not (end == "p" and scenario.primary == "refuse")]
+        paths = [f"/{scenario.short}/item/{k}" for k in range(KEYS)]
+        try:
+            for port in fakes:
+                self.mode(port, "ok")
+            if scenario.warm:
+                for path in paths:
+                    http("GET", base + path)
+                time.sleep(1.3)  # past the 1 s TTL: what is cached is now stale
+            if scenario.primary != "refuse":
+                self.mode(fakes[0], scenario.primary)
+            self.mode(fakes[-1], scenario.secondary)
+            before = sum(self.calls(port) for port in fakes)
+            command = self.procs.cpu(self.load_cpu) + [
+                PYTHON, "-m", "bench.loadgen", "open", "--base", base, "--rate", str(self.rate),
+                "-d", str(self.scenario_seconds), "--timeout", "10"] + [arg for p in paths for arg in ("--path", p)]
+            generator = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                                         start_new_session=True)
+            stopped_at = None
+            try:
+                if redis_process is not None:
+                    time.sleep(self.scenario_seconds / 2)
+                    self.procs.stop(redis_process)
+                    stopped_at = self.scenario_seconds / 2
+                out, err = generator.communicate(timeout=self.scenario_seconds + 40)
+            finally:
+                if generator.poll() is None:
+                    os.killpg(generator.pid, signal.SIGKILL)
+                    generator.wait(5)
+            if generator.returncode != 0:
+                raise RuntimeError(f"open-loop generator failed: {err.decode(errors='replace')}")
+            calls = sum(self.calls(port) for port in fakes) - before
+        finally:
+            for port in fakes:
+                with contextlib.suppress(OSError):
+                    self.mode(port, "ok")
+            if scenario.redis:
+                if "ours_redis_faults" in self.proc:
+                    self.procs.stop(self.proc.pop("ours_redis_faults"))
+                if redis_process is not None:
+                    self.procs.stop(redis_process)
+        data = json.loads(out)
+        return scenario_summary(data["records"], calls, self.scenario_seconds, stopped_at)
+
+    # --- whole run ---
+
+    def run(self) -> dict[str, Any]:
+        started = time.time()
+        self.start_all()
+        self.run_speed()
+        self.run_rss()
+        self.run_faults()
+        return self.report(started)
+
+    def cleanup(self) -> None:
+        self.procs.stop_all()
+        if "ours_redis" in self.proc:
+            with contextlib.suppress(Exception):
+                import redis
+
+                client = redis.Redis.from_url(self.redis_url, socket_timeout=2)
+                keys = list(client.scan_iter(match=self.redis_prefix + "*", count=500))
+                if keys:
+                    client.unlink(*keys)
+                client.close()
+        if self.args.keep_logs:
+            print(f"bench: configs and process logs kept in {self.work}", flush=True)
+        else:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+    def report(self, started: float) -> dict[str, Any]:
+        r = self.results
+        versions = {"nginx": tool_version([self.nginx, "-v"]) if self.nginx else None,
+                    "wrk": tool_version([self.wrk, "-v"]) if self.wrk else None,
+                    "redis": tool_version([self.redis_server, "--version"]) if self.redis_server else None}
+        r["meta"] = {
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "mode": "smoke" if self.smoke else "full",
+            "machine": machine(), "tools": versions,
+            "load_generator": "wrk" if self.wrk else "python (bench/loadgen.py)",
+            "pinning": {"proxies": self.subject_cpu, "load_and_fakes": self.load_cpu} if self.procs.pin else None,
+            "seconds_per_run": self.duration, "rounds": self.rounds, "fault_seconds": self.scenario_seconds,
+            "fault_rate": self.rate, "wall_seconds": round(time.time() - started, 1),
+            "commands": self.procs.commands, "notes": self.notes,
+            "nginx": "included" if self.nginx else ("skipped (--skip-nginx)" if self.args.skip_nginx
+                                                    else "skipped (not installed)"),
+        }
+        r["scenarios"] = {s.name: s.what for s in SCENARIOS}
+        r["ratios"] = ratios(r)
+        r["targets"] = targets(r)
+        return r
+
+
+# --- summaries -------------------------------------------------------------------------------------
+
+def summarize(values: list[float | None], runs: list[dict[str, Any]], url: str | None) -> dict[str, Any]:
+    clean = [v for v in values if v is not None]
+    if not clean:
+        return {"skipped": "not run (see notes)", "runs": []}
+    return {"median": statistics.median(clean), "min": min(clean), "max": max(clean), "runs": clean,
+            "p50_ms": statistics.median([r["p50_ms"] for r in runs if r.get("p50_ms") is not None] or [0.0]),
+            "p99_ms": statistics.median([r["p99_ms"] for r in runs if r.get("p99_ms") is not None] or [0.0]),
+            "non_2xx": sum(r.get("non_2xx", 0) for r in runs), "errors": sum(r.get("socket_errors", 0) for r in runs),
+            "url": url}
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    if not values:
+        return {"skipped": "a side of the ratio was not run"}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+def paired(a: dict[str, Any], b: dict[str, Any], op: str = "div") -> dict[str, Any]:
+    """Per-round pairs (the runs were interleaved), so the min–max shows how much a round moved."""
+    left, right = a.get("runs", []), b.get("runs", [])
+    pairs = list(zip(left, right))
+    if op == "div":
+        return spread([x / y for x, y in pairs if y])
+    return spread([x - y for x, y in pairs])
+
+
+def ratios(r: dict[str, Any]) -> dict[str, Any]:
+    t, lat = r["throughput"], r["latency"]
+    out = {
+        "memory_hit_vs_ceiling": paired(t["ours_memory_hit"], t["ceiling"]),
+        "redis_hit_vs_ceiling": paired(t["ours_redis_hit"], t["ceiling"]),
+        "pass_vs_minimal": paired(t["ours_pass"], t["minimal_pass"]),
+        "memory_hit_vs_nginx": paired(t["ours_memory_hit"], t["nginx_hit"]),
+        "redis_hit_vs_nginx": paired(t["ours_redis_hit"], t["nginx_hit"]),
+        "ceiling_vs_nginx_hit": paired(t["ceiling"], t["nginx_hit"]),
+        "pass_vs_nginx": paired(t["ours_pass"], t["nginx_pass"]),
+        "minimal_pass_vs_nginx": paired(t["minimal_pass"], t["nginx_pass"]),
+        "added_ms_ours": paired(lat["ours"], lat["direct"], "sub"),
+        "added_ms_minimal": paired(lat["minimal"], lat["direct"], "sub"),
+        "added_ms_nginx": paired(lat["nginx"], lat["direct"], "sub"),
+    }
+    ours, nginx = out["added_ms_ours"], out["added_ms_nginx"]
+    if "runs" in ours and "runs" in nginx:
+        out["added_ms_ours_vs_nginx"] = spread([x / y for x, y in zip(ours["runs"], nginx["runs"]) if y > 0])
+    else:
+        out["added_ms_ours_vs_nginx"] = {"skipped": "nginx was not run"}
+    rss = r["rss"]
+    for state in ("idle", "1000"):
+        if rss.get(f"nginx_{state}_mib"):
+            out[f"rss_{state}_vs_nginx"] = spread([rss[f"ours_{state}_mib"] / rss[f"nginx_{state}_mib"]])
+        else:
+            out[f"rss_{state}_vs_nginx"] = {"skipped": "nginx was not run"}
+    return out
+
+
+def scenario_summary(records: list[list[float]], calls: int, seconds: float,
+                     stopped_at: float | None) -> dict[str, Any]:
+    sent = len(records)
+    latencies = [rec[2] for rec in records]
+    late = [rec[2] for rec in records if rec[0] >= seconds / 2]
+    statuses: dict[str, int] = {}
+    for rec in records:
+        statuses[str(int(rec[1]))] = statuses.get(str(int(rec[1])), 0) + 1
+    ok = sum(1 for rec in records if 200 <= rec[1] < 300)
+    summary = {"sent": sent, "share_2xx": ok / sent if sent else 0.0, "statuses": statuses,
+               "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
+               "p99_second_half_ms": percentile(late, 99), "upstream_calls": calls,
+               "amplification": calls / sent if sent else 0.0}
+    if stopped_at is not None:
+        after = [rec for rec in records if rec[0] >= stopped_at]
+        summary["redis_stopped_at_s"] = stopped_at
+        summary["share_2xx_after_stop"] = (sum(1 for rec in after if 200 <= rec[1] < 300) / len(after)) if after else 0.0
+    return summary
+
+
+def brief(summary: dict[str, Any]) -> str:
+    if "skipped" in summary:
+        return "skipped: " + summary["skipped"]
+    return (f"2xx {summary['share_2xx'] * 100:.1f}%, p50 {summary['p50_ms']:.1f} ms, p99 {summary['p99_ms']:.1f} ms, "
+            f"amplification {summary['amplification']:.2f}")
+
+
+def _met(value: float | None, limit: float, higher_is_better: bool) -> bool | None:
+    if value is None:
+        return None
+    return value >= limit if higher_is_better else value <= limit
+
+
+def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
+    ra, rss = r["ratios"], r["rss"]
+    rows = [
+        ("memory-cache HIT vs the Python ceiling", ">= 0.80x", ra["memory_hit_vs_ceiling"].get("median"), 0.80, True, "x"),
+        ("Redis-backed HIT vs the Python ceiling", ">= 0.70x", ra["redis_hit_vs_ceiling"].get("median"), 0.70, True, "x"),
+        ("pass-through vs the minimal aiohttp proxy", ">= 1.0x", ra["pass_vs_minimal"].get("median"), 1.0, True, "x"),
+        ("added latency p50 over a 20 ms upstream, c=10", "<= +0.6 ms", ra["added_ms_ours"].get("median"), 0.6, False, "ms"),
+        ("RSS idle, example config", "<= 64 MB", rss.get("ours_idle_mib"), 64.0, False, "MiB"),
+        ("RSS holding 1,000 connections", "<= 128 MB", rss.get("ours_1000_mib"), 128.0, False, "MiB"),
+    ]
+    out = [{"target": name, "goal": goal, "value": value, "unit": unit, "met": _met(value, limit, higher)}
+           for name, goal, value, limit, higher, unit in rows]
+    faults = r["faults"]["ours"]
+    healthy_p99 = faults.get("healthy", {}).get("p99_ms")
+    for scenario in SCENARIOS:
+        result = faults.get(scenario.name, {})
+        if "skipped" in result:
+            continue
+        if scenario.can_answer and scenario.name != "healthy":
+            out.append({"target": f"{scenario.name}: 2xx where a provider or stale copy can answer", "goal": "100%",
+                        "value": result["share_2xx"] * 100, "unit": "%", "met": result["share_2xx"] >= 1.0})
+        if scenario.outage:
+            out.append({"target": f"{scenario.name}: amplification under a sustained outage", "goal": "<= 1.2",
+                        "value": result["amplification"], "unit": "calls/request",
+                        "met": result["amplification"] <= 1.2})
+            if healthy_p99:
+                value = result["p99_second_half_ms"]
+                out.append({"target": f"{scenario.name}: p99 once the breaker is open (second half) vs healthy p99",
+                            "goal": "<= 2x", "value": value / healthy_p99 if value is not None else None, "unit": "x",
+                            "met": value is not None and value <= 2 * healthy_p99})
+    return out
+
+
+# --- markdown ---------------------------------------------------------------------------------------
+
+def _num(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _range(item: dict[str, Any], digits: int = 2, unit: str = "") -> str:
+    if "skipped" in item:
+        return "skipped"
+    return f"{_num(item['median'], digits)}{unit} ({_num(item['min'], digits)}–{_num(item['max'], digits)})"
+
+
+def markdown(r: dict[str, Any]) -> str:
+    meta, ra, t, lat, rss = r["meta"], r["ratios"], r["throughput"], r["latency"], r["rss"]
+    m = meta["machine"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Produced by `make bench` (`python -m bench`) on {meta['date']}; mode: {meta['mode']}.",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_mib']} MiB, Linux {m['kernel']}; Python {m['python']}, "
+        f"aiohttp {m['aiohttp']}, uvloop {m['uvloop']}; {meta['tools']['nginx'] or 'nginx: not run'}; "
+        f"{meta['tools']['wrk'] or 'wrk: not installed'}; {meta['tools']['redis'] or 'redis-server: not installed'}.",
+        "",
+        f"Load: {meta['load_generator']}; {meta['rounds']} interleaved rounds of {meta['seconds_per_run']:g} s per case; "
+        + (f"proxies pinned to CPU {meta['pinning']['proxies']}, load generator and fake providers to CPU "
+           f"{meta['pinning']['load_and_fakes']}." if meta["pinning"] else "no core pinning."),
+        "Figures are medians over the rounds, (min–max) in brackets; a ratio is taken per round, then the median.",
+        "",
+        "## Headline",
+        "",
+        "| figure | ours | ratio | vs nginx |",
+        "|---|---|---|---|",
+        f"| memory-cache HIT, c=50 | {_range(t['ours_memory_hit'], 0, ' req/s')} | "
+        f"{_range(ra['memory_hit_vs_ceiling'])}× the Python ceiling | {_range(ra['memory_hit_vs_nginx'])}× |",
+        f"| Redis-backed HIT, c=50 | {_range(t['ours_redis_hit'], 0, ' req/s')} | "
+        f"{_range(ra['redis_hit_vs_ceiling'])}× the Python ceiling | {_range(ra['redis_hit_vs_nginx'])}× |",
+        f"| pass-through, c=50 | {_range(t['ours_pass'], 0, ' req/s')} | "
+        f"{_range(ra['pass_vs_minimal'])}× the minimal aiohttp proxy | {_range(ra['pass_vs_nginx'])}× |",
+        f"| added p50 latency over a 20 ms upstream, c=10 | {_range(ra['added_ms_ours'], 2, ' ms')} | "
+        f"minimal aiohttp proxy: {_range(ra['added_ms_minimal'], 2, ' ms')} | "
+        f"nginx: {_range(ra['added_ms_nginx'], 2, ' ms')}; ours/nginx {_range(ra['added_ms_ours_vs_nginx'])}× |",
+        f"| RSS idle (routes.yaml) | {_num(rss.get('ours_idle_mib'), 1)} MiB | | "
+        f"nginx {_num(rss.get('nginx_idle_mib'), 1)} MiB; {_range(ra['rss_idle_vs_nginx'], 1)}× |",
+        f"| RSS holding 1,000 connections | {_num(rss.get('ours_1000_mib'), 1)} MiB | | "
+        f"nginx {_num(rss.get('nginx_1000_mib'), 1)} MiB; {_range(ra['rss_1000_vs_nginx'], 1)}× |",
+        "",
+        "## Targets (issue 7)",
+        "",
+        "| target | goal | measured | met |",
+        "|---|---|---|---|",
+    ]
+    for row in r["targets"]:
+        met = "n/a" if row["met"] is None else ("met" if row["met"] else "**not met**")
+        lines.append(f"| {row['target']} | {row['goal']} | {_num(row['value'])} {row['unit']} | {met} |")
+    lines += ["", "## Throughput (c=50, req/s)", "", "| case | what | req/s | p50 ms | p99 ms | non-2xx |",
+              "|---|---|---|---|---|---|"]
+    what = {"ceiling": "bare aiohttp server, fixed body (bench/servers.py hello)",
+            "ours_memory_hit": "our proxy, memory cache, HIT", "ours_redis_hit": "our proxy, cache.backend redis, HIT",
+            "nginx_hit": "nginx proxy_cache HIT", "minimal_pass": "minimal aiohttp proxy (one shared ClientSession)",
+            "ours_pass": "our proxy, service without cache (X-Cache: BYPASS)", "nginx_pass": "nginx proxy_pass, keepalive"}
+    for case in THROUGHPUT_CASES:
+        item = t[case]
+        if "skipped" in item:
+            lines.append(f"| {case} | {what[case]} | skipped | | | |")
+        else:
+            lines.append(f"| {case} | {what[case]} | {_range(item, 0)} | {_num(item['p50_ms'])} | "
+                         f"{_num(item['p99_ms'])} | {item['non_2xx'] + item['errors']} |")
+    lines += ["", "## Latency over a 20 ms upstream (c=10, p50 ms)", "", "| path | p50 ms | p99 ms |", "|---|---|---|"]
+    for case in LATENCY_CASES:
+        item = lat[case]
+        lines.append(f"| {case} | {_range(item)} | {_num(item.get('p99_ms'))} |" if "skipped" not in item
+                     else f"| {case} | skipped | |")
+    lines += ["", "## Resilience under faults", "",
+              f"Open loop at {meta['fault_rate']:g} req/s for {meta['fault_seconds']:g} s per scenario, "
+              f"{KEYS} distinct paths; latency from the planned send time; client timeout 10 s. Amplification = calls "
+              "the fake providers counted / client requests (connections refused by a closed port are not counted). "
+              "Our proxy: timeout 1s, deadline 5s, breaker STANDARD, retry DEFAULT, primary then secondary. "
+              "nginx: the same two servers with `backup`, max_fails=3 fail_timeout=10s, proxy_next_upstream on "
+              "error/timeout/5xx/429, timeouts 1s, proxy_cache_use_stale error timeout updating http_5xx, "
+              "proxy_cache_lock on.", "",
+              "| scenario | proxy | 2xx | p50 ms | p99 ms | p99 2nd half ms | amplification | statuses |",
+              "|---|---|---|---|---|---|---|---|"]
+    for scenario in SCENARIOS:
+        for who in ("ours", "nginx"):
+            item = r["faults"][who].get(scenario.name, {"skipped": "not run"})
+            if "skipped" in item:
+                lines.append(f"| {scenario.name} | {who} | skipped: {item['skipped']} | | | | | |")
+                continue
+            share = f"{item['share_2xx'] * 100:.1f}%"
+            if "share_2xx_after_stop" in item:
+                share += f" ({item['share_2xx_after_stop'] * 100:.1f}% after the stop)"
+            lines.append(f"| {scenario.name} | {who} | {share} | {_num(item['p50_ms'])} | {_num(item['p99_ms'])} | "
+                         f"{_num(item['p99_second_half_ms'])} | {_num(item['amplification'])} | "
+                         f"{', '.join(f'{k}: {v}' for k, v in sorted(item['statuses'].items()))} |")
+    lines += ["", "Scenarios:", ""] + [f"- `{name}`: {text}" for name, text in r["scenarios"].items()]
+    lines += ["", "## Notes", ""] + [f"- {note}" for note in meta["notes"] or ["none"]]
+    lines += ["", "## Commands", "", "The harness ran (ports picked free at run time; paths relative to the repo). "
+              "The route tables and nginx.conf are generated by `bench/harness.py` (`speed_services`, "
+              "`scenario_service`, `nginx_config` from `bench/nginx.conf.tmpl`); `python -m bench --keep-logs` keeps "
+              "them with every process's log in the temp dir it prints.",
+              "", "```"] + meta["commands"] + [
+              ("taskset -c 0 " if meta["pinning"] else "") + f"wrk -t1 -c50 -d{meta['seconds_per_run']:g}s --latency --timeout 10s <url>   (c=10 for latency)"
+              if meta["load_generator"] == "wrk" else
+              f"python -m bench.loadgen closed --url <url> -c 50 -d {meta['seconds_per_run']:g}",
+              ("taskset -c 0 " if meta["pinning"] else "") + f"python -m bench.loadgen open --base <proxy> --rate {meta['fault_rate']:g} -d {meta['fault_seconds']:g} "
+              "--timeout 10 --path ...", "```", ""]
+    return "\n".join(lines)
+
+
+# --- entry point ------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="every case and scenario once, ~1 s each, into a temp dir")
+    parser.add_argument("--out", help="directory for results.md and results.json (default: bench/, or a temp dir "
+                                      "with --smoke)")
+    parser.add_argument("--duration", type=float, help="seconds per speed run (default 5; smoke 1)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds per speed case (default 3; smoke 1)")
+    parser.add_argument("--scenario-seconds", type=float, help="seconds per fault scenario (default 12; smoke 1)")
+    parser.add_argument("--rate", type=float, default=200.0, help="open-loop request rate for faults (default 200)")
+    parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
+    parser.add_argument("--skip-nginx", action="store_true", help="leave nginx out")
+    parser.add_argument("--no-install", action="store_true", help="never apt-get install wrk/nginx")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir with configs and process logs")
+    args = parser.parse_args(argv)
+    out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="rp-bench-out-")) if args.smoke else BENCH)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    bench = Bench(args)
+    try:
+        results = bench.run()
+    except KeyboardInterrupt:
+        print("bench: interrupted; stopping everything", file=sys.stderr)
+        return 130
+    finally:
+        bench.cleanup()
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(results))
+    print(f"bench: wrote {out / 'results.md'} and {out / 'results.json'} in {results['meta']['wall_seconds']} s")
+    return 0

@@ -1,0 +1,143 @@
+"""The servers the harness measures against, each run as its own process on 127.0.0.1.
+
+    python -m bench.servers hello --port P                 the Python ceiling: aiohttp answering a fixed body
+    python -m bench.servers minproxy --port P --upstream URL   the minimal aiohttp proxy: one shared session
+    python -m bench.servers upstreams name=port ...        fake providers whose fault is switched at run time
+
+A fake provider answers the same JSON body as `hello`; a path ending in `/slow` waits 20 ms first.
+Its control endpoints (never counted as calls) sit on the same port:
+    POST /__bench/mode/<ok|hang|fail30|429|down>    GET /__bench/calls
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import orjson
+from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
+
+BODY = orjson.dumps({"result": "success", "base_code": "USD", "time_last_update_unix": 1732579201,
+                     "rates": {"USD": 1, "EUR": 0.9512, "GBP": 0.7963, "JPY": 154.21, "KRW": 1398.77,
+                               "CNY": 7.2441, "AUD": 1.5402, "CAD": 1.4011, "CHF": 0.8837, "SGD": 1.3444}})
+SLOW_DELAY = 0.020
+HANG_FOR = 20.0  # bounded: a hung request is answered eventually, long after every proxy gave up
+MODES = ("ok", "hang", "fail30", "429", "down")
+_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+                         "transfer-encoding", "upgrade", "host", "content-length"})
+
+
+def _run(main: object) -> None:
+    try:
+        import uvloop
+    except ImportError:  # the proxy uses uvloop when present; so do the baselines, for a fair ceiling
+        asyncio.run(main)  # type: ignore[arg-type]
+    else:
+        uvloop.run(main)  # type: ignore[arg-type]
+
+
+async def _serve(handler: object, port: int) -> None:
+    runner = web.ServerRunner(web.Server(handler, auto_decompress=False), access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
+    await asyncio.Event().wait()
+
+
+async def hello(port: int) -> None:
+    async def handle(request: web.BaseRequest) -> web.Response:
+        return web.Response(body=BODY, content_type="application/json")
+
+    await _serve(handle, port)
+
+
+async def minproxy(port: int, upstream: str) -> None:
+    """Forward every request to `upstream` with one shared ClientSession: nothing else."""
+    session = ClientSession(connector=TCPConnector(limit=256), auto_decompress=False,
+                            timeout=ClientTimeout(total=30))
+
+    async def handle(request: web.BaseRequest) -> web.Response:
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        body = await request.read() if request.body_exists else None
+        async with session.request(request.method, upstream + request.raw_path, headers=headers, data=body,
+                                   allow_redirects=False) as reply:
+            data = await reply.read()
+            out = {k: v for k, v in reply.headers.items() if k.lower() not in _HOP_BY_HOP}
+            return web.Response(status=reply.status, body=data, headers=out)
+
+    await _serve(handle, port)
+
+
+class FakeProvider:
+    """One fake provider: counts calls and answers according to its current mode."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.mode = "ok"
+        self.calls = 0
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        path = request.path
+        if path.startswith("/__bench/"):
+            return self._control(request, path)
+        self.calls += 1
+        if request.body_exists:
+            await request.read()
+        mode = self.mode
+        if mode == "hang":
+            await asyncio.sleep(HANG_FOR)
+        elif mode == "down" or (mode == "fail30" and self.calls % 10 in (1, 4, 7)):
+            return web.Response(status=503, body=b'{"error": "provider unavailable"}', content_type="application/json")
+        elif mode == "429":
+            return web.Response(status=429, body=b'{"error": "quota exceeded"}', content_type="application/json",
+                                headers={"Retry-After": "2"})
+        if path.endswith("/slow"):
+            await asyncio.sleep(SLOW_DELAY)
+        return web.Response(body=BODY, content_type="application/json")
+
+    def _control(self, request: web.BaseRequest, path: str) -> web.Response:
+        if path == "/__bench/calls":
+            return web.json_response({"name": self.name, "calls": self.calls, "mode": self.mode})
+        if path.startswith("/__bench/mode/") and request.method == "POST":
+            mode = path.rsplit("/", 1)[1]
+            if mode not in MODES:
+                return web.json_response({"error": f"unknown mode {mode}"}, status=400)
+            self.mode = mode
+            return web.json_response({"name": self.name, "mode": mode})
+        return web.json_response({"error": "unknown control"}, status=404)
+
+
+async def upstreams(listeners: list[tuple[str, int]]) -> None:
+    runners = []
+    for name, port in listeners:
+        # A hung request's handler ends when the proxy gives up and closes the connection.
+        server = web.Server(FakeProvider(name), auto_decompress=False, handler_cancellation=True)
+        runner = web.ServerRunner(server, access_log=None, shutdown_timeout=0.1)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
+        runners.append(runner)
+    await asyncio.Event().wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.servers")
+    kinds = parser.add_subparsers(dest="kind", required=True)
+    kinds.add_parser("hello").add_argument("--port", type=int, required=True)
+    proxy = kinds.add_parser("minproxy")
+    proxy.add_argument("--port", type=int, required=True)
+    proxy.add_argument("--upstream", required=True)
+    fakes = kinds.add_parser("upstreams")
+    fakes.add_argument("listeners", nargs="+", help="name=port")
+    args = parser.parse_args(argv)
+    if args.kind == "hello":
+        _run(hello(args.port))
+    elif args.kind == "minproxy":
+        _run(minproxy(args.port, args.upstream.rstrip("/")))
+    else:
+        pairs = [(item.split("=", 1)[0], int(item.split("=", 1)[1])) for item in args.listeners]
+        _run(upstreams(pairs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The benchmark harness: its smoke run covers every case and scenario and writes well-formed results.
+
+No timing thresholds: only that each figure is there and is a number, and that the harness measured
+what it claims (the fake providers counted the calls, the faults were switched on).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.harness import LATENCY_CASES, SCENARIO_NAMES, THROUGHPUT_CASES, markdown
+from bench.loadgen import parse_wrk, percentile
+
+ROOT = Path(__file__).resolve().parent.parent
+
+WRK_OUTPUT = """Running 5s test @ http://127.0.0.1:8080/hit/latest/USD
+  1 threads and 50 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     5.31ms  612.00us  19.84ms   92.11%
+    Req/Sec     9.45k   310.12     9.90k    80.00%
+  Latency Distribution
+     50%    5.21ms
+     75%    5.40ms
+     90%  850.00us
+     99%    1.02s
+  47012 requests in 5.00s, 14.12MB read
+  Non-2xx or 3xx responses: 12
+  Socket errors: connect 0, read 3, write 0, timeout 1
+Requests/sec:   9401.55
+Transfer/sec:      2.82MB
+"""
+
+
+def test_wrk_report_is_parsed_with_its_units():
+    report = parse_wrk(WRK_OUTPUT)
+    assert report["rps"] == 9401.55
+    assert report["requests"] == 47012
+    assert report["p50_ms"] == 5.21
+    assert report["p90_ms"] == 0.85
+    assert report["p99_ms"] == 1020.0
+    assert report["non_2xx"] == 12
+    assert report["socket_errors"] == 4
+
+
+def test_wrk_output_without_a_rate_is_an_error_not_a_zero():
+    with pytest.raises(ValueError, match="Requests/sec"):
+        parse_wrk("unable to connect to 127.0.0.1:1 Connection refused")
+
+
+def test_percentile_is_nearest_rank():
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([], 50) is None
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    done = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--no-install", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"smoke run failed:\n{done.stdout}\n{done.stderr}"
+    return out, done.stdout
+
+
+def test_smoke_writes_every_case_as_a_number_or_a_stated_skip(smoke):
+    out, stdout = smoke
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["mode"] == "smoke"
+    for group, cases in (("throughput", THROUGHPUT_CASES), ("latency", LATENCY_CASES)):
+        for case in cases:
+            item = results[group][case]
+            if "skipped" in item:
+                assert isinstance(item["skipped"], str) and item["skipped"]
+            else:
+                assert _number(item["median"]) and item["median"] > 0, (group, case, item)
+                assert item["min"] <= item["median"] <= item["max"]
+    # The cases that need nothing but Python are always measured.
+    for case in ("ceiling", "ours_memory_hit", "minimal_pass", "ours_pass"):
+        assert "median" in results["throughput"][case]
+    assert _number(results["rss"]["ours_idle_mib"]) and _number(results["rss"]["ours_1000_mib"])
+    assert results["rss"]["ours_1000_mib"] > 0
+    for row in results["targets"]:
+        assert row["met"] in (True, False, None) and (row["value"] is None or _number(row["value"]))
+    if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
+        assert "nginx parts skipped" in stdout
+        assert "skipped" in results["throughput"]["nginx_hit"]
+
+
+def test_smoke_runs_every_fault_scenario_against_counting_fakes(smoke):
+    out, _ = smoke
+    faults = json.loads((out / "results.json").read_text())["faults"]
+    for name in SCENARIO_NAMES:
+        for who in ("ours", "nginx"):
+            item = faults[who][name]
+            if "skipped" in item:
+                assert who == "nginx" or name == "redis_stopped", (who, name, item)
+                continue
+            assert item["sent"] > 0
+            for key in ("share_2xx", "p50_ms", "p99_ms", "amplification"):
+                assert _number(item[key]), (who, name, key, item)
+            assert 0.0 <= item["share_2xx"] <= 1.0
+    healthy = faults["ours"]["healthy"]
+    # Healthy providers, no cache: one upstream call per client request, every answer a 2xx.
+    assert healthy["share_2xx"] == 1.0 and healthy["upstream_calls"] == healthy["sent"]
+    # Both providers down and nothing cached: nothing can answer, so the faults really were on.
+    assert faults["ours"]["all_down_cold_cache"]["share_2xx"] == 0.0
+    assert "200" not in faults["ours"]["all_down_cold_cache"]["statuses"]
+
+
+def test_smoke_report_names_every_case_and_scenario(smoke):
+    out, _ = smoke
+    text = (out / "results.md").read_text()
+    results = json.loads((out / "results.json").read_text())
+    assert text == markdown(results)  # the report is rendered from the JSON alone
+    for name in THROUGHPUT_CASES + SCENARIO_NAMES:
+        assert f"| {name} |" in text, name
+    assert "## Targets" in text and "## Commands" in text and "python -m proxy run" in text
