@@ -363,39 +363,50 @@ def _name_list(value: Any) -> tuple[str, ...]:
     return tuple(v.lower() for v in value)
 
 
-_BREAKER_KEYS = {"profile", "fail_threshold", "open_timeout", "half_open_max_calls", "failure_rate", "window",
-                 "min_calls", "slow_call_duration", "slow_call_rate", "trip_on_429"}
-_RETRY_KEYS = {"policy", "retries", "base_delay", "max_delay", "retry_on"}
-
-
-def _breaker(check: _Checker, value: Any, where: str, line: int, base: BreakerPolicy) -> BreakerPolicy:
-    if isinstance(value, str):
-        if value.upper() not in PROFILES:
-            check.problem(line, f"{where}: unknown breaker profile {value!r} (use {', '.join(PROFILES)} or a mapping)")
-            return base
-        return PROFILES[value.upper()]
-    data = check.mapping(value, where, line)
-    if data is None:
-        return base
-    check.known_keys(data, _BREAKER_KEYS, where)
-    start = base
-    if "profile" in data:
-        start = _breaker(check, data["profile"], f"{where}.profile", line_of(data, "profile"), base)
+def _changes(check: _Checker, data: LineDict, where: str, fields: tuple[tuple[str, Callable[[Any], Any]], ...]) -> dict[str, Any]:
+    """The fields a mapping sets, converted; a bad value is reported and left out."""
     changes: dict[str, Any] = {}
-    for key, convert in (("fail_threshold", _positive_int), ("open_timeout", parse_duration),
-                         ("half_open_max_calls", _positive_int), ("failure_rate", _fraction),
-                         ("window", parse_duration), ("min_calls", _positive_int),
-                         ("slow_call_duration", parse_duration), ("slow_call_rate", _fraction),
-                         ("trip_on_429", _boolean)):
+    for key, convert in fields:
         if key in data:
             converted = check.get(data, key, where, convert, None)
             if converted is not None:
                 changes[key] = converted
+    return changes
+
+
+def _named_or_custom(check: _Checker, value: Any, where: str, line: int, base: Any, *, named: Mapping[str, Any],
+                     kind: str, start_key: str, fields: tuple[tuple[str, Callable[[Any], Any]], ...]) -> Any:
+    """A breaker profile or retry policy: a name, or a mapping of fields (optionally starting from a name)."""
+    if isinstance(value, str):
+        if value.upper() not in named:
+            check.problem(line, f"{where}: unknown {kind} {value!r} (use {', '.join(named)} or a mapping)")
+            return base
+        return named[value.upper()]
+    data = check.mapping(value, where, line)
+    if data is None:
+        return base
+    check.known_keys(data, {start_key, *(key for key, _ in fields)}, where)
+    start = base
+    if start_key in data:
+        start = _named_or_custom(check, data[start_key], f"{where}.{start_key}", line_of(data, start_key), base,
+                                 named=named, kind=kind, start_key=start_key, fields=fields)
     try:
-        return replace(start, **changes)
+        return replace(start, **_changes(check, data, where, fields))
     except (ValueError, TypeError) as exc:
         check.problem(line, f"{where}: {exc}")
         return base
+
+
+_BREAKER_FIELDS = (("fail_threshold", _positive_int), ("open_timeout", parse_duration),
+                   ("half_open_max_calls", _positive_int), ("failure_rate", _fraction),
+                   ("window", parse_duration), ("min_calls", _positive_int),
+                   ("slow_call_duration", parse_duration), ("slow_call_rate", _fraction),
+                   ("trip_on_429", _boolean))
+
+
+def _breaker(check: _Checker, value: Any, where: str, line: int, base: BreakerPolicy) -> BreakerPolicy:
+    return _named_or_custom(check, value, where, line, base, named=PROFILES, kind="breaker profile",
+                            start_key="profile", fields=_BREAKER_FIELDS)
 
 
 def _retry_on(value: Any) -> frozenset[str]:
@@ -411,30 +422,13 @@ def _retry_on(value: Any) -> frozenset[str]:
     return frozenset(names)
 
 
+_RETRY_FIELDS = (("retries", _retry_count), ("base_delay", parse_duration), ("max_delay", parse_duration),
+                 ("retry_on", _retry_on))
+
+
 def _retry(check: _Checker, value: Any, where: str, line: int, base: RetryPolicy) -> RetryPolicy:
-    if isinstance(value, str):
-        if value.upper() not in POLICIES:
-            check.problem(line, f"{where}: unknown retry policy {value!r} (use {', '.join(POLICIES)} or a mapping)")
-            return base
-        return POLICIES[value.upper()]
-    data = check.mapping(value, where, line)
-    if data is None:
-        return base
-    check.known_keys(data, _RETRY_KEYS, where)
-    start = base
-    if "policy" in data:
-        start = _retry(check, data["policy"], f"{where}.policy", line_of(data, "policy"), base)
-    changes: dict[str, Any] = {}
-    for key, convert in (("retries", _retry_count), ("base_delay", parse_duration), ("max_delay", parse_duration), ("retry_on", _retry_on)):
-        if key in data:
-            converted = check.get(data, key, where, convert, None)
-            if converted is not None:
-                changes[key] = converted
-    try:
-        return replace(start, **changes)
-    except (ValueError, TypeError) as exc:
-        check.problem(line, f"{where}: {exc}")
-        return base
+    return _named_or_custom(check, value, where, line, base, named=POLICIES, kind="retry policy",
+                            start_key="policy", fields=_RETRY_FIELDS)
 
 
 _CACHE_RULE_KEYS = {"ttl", "stale", "statuses", "vary", "key_by_credential", "stale_while_revalidate", "coalesce"}
@@ -451,15 +445,9 @@ def _cache_rule(check: _Checker, value: Any, where: str, line: int, base: CacheR
     if data is None:
         return base
     check.known_keys(data, _CACHE_RULE_KEYS, where)
-    changes: dict[str, Any] = {}
-    for key, convert in (("ttl", parse_duration), ("stale", parse_duration), ("statuses", _status_list),
-                         ("vary", _name_list), ("key_by_credential", _boolean),
-                         ("stale_while_revalidate", _boolean), ("coalesce", _coalesce_mode)):
-        if key in data:
-            converted = check.get(data, key, where, convert, None)
-            if converted is not None:
-                changes[key] = converted
-    rule = replace(base, **changes)
+    rule = replace(base, **_changes(check, data, where, (
+        ("ttl", parse_duration), ("stale", parse_duration), ("statuses", _status_list), ("vary", _name_list),
+        ("key_by_credential", _boolean), ("stale_while_revalidate", _boolean), ("coalesce", _coalesce_mode))))
     max_stale = cache.max_stale
     if rule.stale > max_stale:
         check.problem(line_of(data, "stale"), f"{where}.stale: {rule.stale:g}s is longer than cache.max_stale ({max_stale:g}s)")

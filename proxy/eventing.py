@@ -14,6 +14,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import structlog
 
+from .background import cancel_and_wait
 from .config import Config
 from .outbox import Event, MemoryOutbox, RedisOutbox, parse_event_fields
 from .push import Hub
@@ -84,12 +85,7 @@ class EventsSystem:
         await self.watcher.stop()
         await self.hub.stop()
         await self.webhooks.stop()
-        if self._tail_task is not None:
-            self._tail_task.cancel()
-            try:
-                await self._tail_task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait(self._tail_task)
         if self._redis is not None:
             await self._redis.aclose()
 

@@ -28,6 +28,7 @@ import structlog
 from aiohttp import WSMsgType, web
 
 from . import events
+from .background import cancel_and_wait
 from .clock import Clock
 from .config import EventsSettings
 from .outbox import Event, Outbox, id_key
@@ -154,8 +155,7 @@ class Hub:
         self._task = asyncio.get_running_loop().create_task(self.run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        await cancel_and_wait(self._task)
         for client in list(self._clients):
             await client.ws.close(code=1001, message=b"server shutting down")
 

@@ -25,6 +25,7 @@ import structlog
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from . import events
+from .background import cancel_and_wait
 from .config import Route, Service
 from .exchange import Exchange
 from .fallback import UpstreamsFailed
@@ -158,12 +159,7 @@ class Watcher:
         self._task = asyncio.get_running_loop().create_task(self.run(granularity))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait(self._task)
 
     async def _poll(self, topic: Topic) -> None:
         runtime = self._state.runtime

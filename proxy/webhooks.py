@@ -23,6 +23,7 @@ import orjson
 import structlog
 
 from . import events
+from .background import cancel_and_wait
 from .clock import Clock
 from .config import Config, Watch
 from .outbox import Event, parse_event_fields
@@ -158,12 +159,7 @@ class WebhookWorker:
         self._task = asyncio.get_running_loop().create_task(self.run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait(self._task)
         if self._session is not None:
             await self._session.close()
 
