@@ -1,5 +1,6 @@
 """The status page `GET /health/ui`: served with a strict Content-Security-Policy and no external
-assets, and drawn by a real headless Chromium from the proxy's JSON endpoints during an outage.
+assets, and drawn by a real headless Chromium from the proxy's JSON endpoints during an outage
+and while flight-status events flow to WebSocket subscribers (the Events panel).
 
 Chromium runs as a subprocess (`--dump-dom`, `--virtual-time-budget`), so no Selenium or
 Playwright is needed. Set STATUS_PAGE_SCREENSHOT=/some/file.png to also save a screenshot.
@@ -21,6 +22,7 @@ import warnings
 from html.parser import HTMLParser
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -30,7 +32,7 @@ from tests.fakes import Fail, Ok, route_table
 
 PAGE = "/health/ui"
 ENDPOINTS = ("/health", "/health/integrations/circuits", "/health/integrations/stats?minutes=60",
-             "/health/integrations/cache")
+             "/health/integrations/cache", "/health/integrations/outbox")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--enable-logging=stderr", "--v=0")
@@ -108,7 +110,8 @@ def console_problems(stderr: str) -> list[str]:
 
 
 class StatusDom(HTMLParser):
-    """What the rendered page shows: `data-field` texts by provider row, by service card and on the page."""
+    """What the rendered page shows: `data-field` texts by provider row, by service card, by event topic
+    row and on the page."""
 
     _VOID = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"})
 
@@ -120,6 +123,7 @@ class StatusDom(HTMLParser):
         self.page: dict[str, str] = {}
         self.services: dict[str, dict[str, str]] = {}
         self.providers: dict[str, dict[str, str]] = {}
+        self.topics: dict[str, dict[str, str]] = {}
         self.row_classes: dict[str, set[str]] = {}
         self.problems: dict[str, str] = {}
         self._open: list[tuple[str, dict[str, str]]] = []
@@ -145,17 +149,20 @@ class StatusDom(HTMLParser):
     def handle_data(self, data: str) -> None:
         if any(tag == "title" for tag, _ in self._open):
             self.title += data
-        field = provider = service = endpoint = None
+        field = provider = service = endpoint = topic = None
         for _, attributes in reversed(self._open):
             field = field or attributes.get("data-field")
             provider = provider or attributes.get("data-provider")
             service = service or attributes.get("data-service")
             endpoint = endpoint or attributes.get("data-endpoint")
+            topic = topic or attributes.get("data-topic")
         if endpoint is not None:
             self.problems[endpoint] = self.problems.get(endpoint, "") + data
         if field is None:
             return
-        if provider is not None:
+        if topic is not None:
+            scope = self.topics.setdefault(topic, {})
+        elif provider is not None:
             scope = self.providers.setdefault(provider, {})
         elif service is not None:
             scope = self.services.setdefault(service, {})
@@ -182,6 +189,31 @@ def outage_routes(primary_url: str, secondary_url: str) -> str:
         "prefix": "/fx", "cache": {"ttl": "1m", "stale": "1h"}, "breaker": "FAST", "retry": "NONE",
         "upstreams": [{"name": "fx_primary", "url": primary_url}, {"name": "fx_secondary", "url": secondary_url}],
     }})
+
+
+def watched_routes(flight_api_url: str) -> str:
+    """A watched flight-status route (memory outbox) whose fake API the test controls."""
+    return route_table({"flights": {
+        "retry": "NONE",
+        "routes": [{"match": "/flights/status/{flight}",
+                    "watch": {"interval": "5m", "fields": "{status: status, gate: gate}"}}],
+        "upstreams": [{"name": "flights_kac", "url": flight_api_url}],
+    }}, events={"ack_timeout": "30s"})
+
+
+def flight(status: str) -> Ok:
+    return Ok(body=orjson.dumps({"flight": "KE001", "status": status, "gate": "3"}))
+
+
+async def ws_frame(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
+    message = await ws.receive(timeout=5)
+    assert message.type == aiohttp.WSMsgType.TEXT, message
+    return orjson.loads(message.data)
+
+
+async def ws_subscribe(ws: aiohttp.ClientWebSocketResponse, topic: str) -> dict[str, Any]:
+    await ws.send_str(orjson.dumps({"op": "subscribe", "topic": topic}).decode())
+    return await ws_frame(ws)
 
 
 # --- served as plain HTTP ---------------------------------------------------------------------
@@ -297,6 +329,76 @@ async def test_chromium_shows_the_open_primary_the_healthy_secondary_and_the_sta
         assert os.path.getsize(screenshot) > 0
 
 
+# Percent-encoded markup in the flight segment; the proxy keeps the decoded text as the topic name.
+# (An encoded `/` would add a path segment, so no watched route would match and it would be refused.)
+HOSTILE_TOPIC = "flights/status/%3Cb%3Ex%3Cimg%20src%3Dx%20onerror%3Dalert(1)%3E"
+
+
+async def test_chromium_shows_the_events_panel_while_subscribers_receive_ack_and_miss_events(
+        chromium, fake_upstream, proxy_factory, clock):
+    api = await fake_upstream("kac")
+    api.default = flight("SCHEDULED")
+    proxy = await proxy_factory(watched_routes(api.url), clock=clock)
+    events = proxy.process.events
+    await events.watcher.stop()  # the test steps the clock and polls itself
+    acker = await proxy.client.ws_connect(proxy.url + "/events")
+    laggard = await proxy.client.ws_connect(proxy.url + "/events")
+    hostile = await proxy.client.ws_connect(proxy.url + "/events")
+    try:
+        assert await ws_subscribe(acker, "flights/status/KE001") == {"type": "subscribed", "topic": "flights/status/KE001"}
+        assert (await ws_subscribe(laggard, "flights/status/KE001"))["type"] == "subscribed"
+        answer = await ws_subscribe(hostile, HOSTILE_TOPIC)
+        assert answer["type"] == "subscribed", answer
+        hostile_name = answer["topic"]
+        assert hostile_name == "flights/status/<b>x<img src=x onerror=alert(1)>"  # markup, if ever parsed
+        assert await events.watcher.tick() == 2       # the baselines of both topics: no event
+        # The flight is delayed: one event per topic, written to the outbox, pushed to every subscriber.
+        api.default = flight("DELAYED")
+        clock.advance(300)
+        assert await events.watcher.tick() == 2
+        event = await ws_frame(acker)
+        assert (await ws_frame(laggard))["evtId"] == event["evtId"]
+        hostile_event = await ws_frame(hostile)
+        assert hostile_event["topic"] == hostile_name
+        for ws, evt_id in ((acker, event["evtId"]), (hostile, hostile_event["evtId"])):
+            await ws.send_str(orjson.dumps({"op": "ack", "evtId": evt_id}).decode())
+            assert await ws_frame(ws) == {"type": "acked", "evtId": evt_id}
+        # The laggard never acks: redelivered after the 30 s ack timeout, then still waiting 12 s later.
+        clock.advance(30)
+        assert await events.hub.redeliver_due() == 1
+        again = await ws_frame(laggard)
+        assert again["evtId"] == event["evtId"] and again["redelivery"] is True
+        clock.advance(12)
+        outbox = await (await proxy.get("/health/integrations/outbox")).json()
+        assert outbox["websocket"] == {"clients": 3, "unacked": 1, "oldestUnackedAge": 42.0, "delivered": 3,
+                                       "acked": 2, "ackRatio": 0.6667, "redelivered": 1, "dropped": 0}
+        assert outbox["length"] == 2 and outbox["durable"] is False
+
+        out, err = await run_chromium(chromium, proxy.url + PAGE, "--dump-dom")
+        screenshot = os.environ.get("STATUS_PAGE_SCREENSHOT")
+        if screenshot:
+            root, ext = os.path.splitext(screenshot)
+            await run_chromium(chromium, proxy.url + PAGE, f"--screenshot={root}-events{ext or '.png'}",
+                               "--window-size=1280,1100", "--hide-scrollbars")
+    finally:
+        for ws in (acker, laggard, hostile):
+            await ws.close()
+    dom = StatusDom(out)
+
+    assert console_problems(err) == [], "the page hit a CSP block or a script error"
+    assert dom.body.get("data-state") == "ok" and dom.problems == {}
+    page = dom.page
+    assert (page["outboxLength"], page["durable"], page["deadLetters"]) == ("2", "not durable (memory)", "0")
+    assert (page["wsClients"], page["unacked"], page["oldestUnackedAge"]) == ("3", "1", "42.0 s")
+    assert (page["ackRatio"], page["deliveredAcked"], page["redelivered"], page["dropped"]) == ("66.7 %", "3 / 2", "1", "0")
+    assert (page["webhooksDelivered"], page["webhookFailures"], page["webhooksDead"]) == ("0", "0", "0")
+    assert dom.topics["flights/status/KE001"] == {"topic": "flights/status/KE001", "route": "/flights/status/{flight}",
+                                                 "subscribers": "2", "polls": "2"}
+    # The caller-supplied topic is shown as text: no <b> or <img> element appears anywhere.
+    assert dom.topics[hostile_name]["topic"] == hostile_name and dom.topics[hostile_name]["subscribers"] == "1"
+    assert "b" not in dom.tags and "img" not in dom.tags
+
+
 HOSTILE_PROVIDER = "<img src=x onerror=\"document.title='pwned'\">"
 HOSTILE_SERVICE = "<b>svc</b>&amp;"
 HOSTILE_STATE = "OPEN\" class=\"pwned"
@@ -305,7 +407,8 @@ HOSTILE_STATE = "OPEN\" class=\"pwned"
 class _StatusBackend:
     """A real server on 127.0.0.1 serving the real page next to hostile or failing JSON endpoints."""
 
-    def __init__(self) -> None:
+    def __init__(self, outbox: Any = None) -> None:
+        self._outbox = outbox  # the outbox answer's body; None: the endpoint fails with 503
         self.calls: dict[str, int] = {}
         self._runner: web.ServerRunner | None = None
         self.url = ""
@@ -337,6 +440,8 @@ class _StatusBackend:
             return web.Response(status=500, text="boom")
         if request.path == "/health/integrations/cache":
             return web.Response(text="this is not JSON", content_type="text/plain")
+        if request.path == "/health/integrations/outbox":
+            return web.Response(status=503, text="no outbox") if self._outbox is None else self._json(self._outbox)
         return web.Response(status=404)
 
     @staticmethod
@@ -376,3 +481,45 @@ async def test_chromium_shows_failing_endpoints_as_unavailable_keeps_polling_and
     assert backend.calls[PAGE] == 1
     assert backend.calls["/health/integrations/stats"] >= 2
     assert int(dom.body["data-refreshes"]) >= 2
+    # The events panel says so too, and the outbox kept being asked.
+    assert "HTTP 503" in dom.problems["/health/integrations/outbox"]
+    for field in ("outboxLength", "durable", "wsClients", "unacked", "oldestUnackedAge", "ackRatio", "webhooksDead"):
+        assert dom.page[field] == "unavailable", field
+    assert dom.topics == {}
+    assert backend.calls["/health/integrations/outbox"] >= 2
+
+
+HOSTILE_TOPICS = {
+    "flights/status/<b>KE001</b>": {"subscribers": 4, "static": False, "route": "<img src=x onerror=alert(1)>", "polls": 9},
+    "__proto__": {"subscribers": "<i>many</i>", "static": True, "route": None, "polls": None},
+}
+
+
+async def test_chromium_shows_a_redis_outbox_that_cannot_count_and_hostile_topics_as_text(chromium):
+    backend = _StatusBackend(outbox={
+        "backend": "redis", "durable": True, "length": None, "deadLetters": 7, "topics": HOSTILE_TOPICS,
+        "websocket": {"clients": 2, "unacked": 5, "oldestUnackedAge": 185.5, "delivered": 40, "acked": 35,
+                      "ackRatio": 0.875, "redelivered": 6, "dropped": 1},
+        "webhooks": {"delivered": 12, "failed_attempts": 3, "dead": 2},
+    })
+    await backend.start()
+    try:
+        out, err = await run_chromium(chromium, backend.url + PAGE, "--dump-dom")
+    finally:
+        await backend.stop()
+    dom = StatusDom(out)
+
+    assert console_problems(err) == []
+    assert "/health/integrations/outbox" not in dom.problems
+    page = dom.page
+    # Redis did not answer XLEN in time: the length is unknown, not zero.
+    assert (page["outboxLength"], page["durable"], page["deadLetters"]) == ("unknown", "yes (redis)", "7")
+    assert (page["wsClients"], page["unacked"], page["oldestUnackedAge"], page["ackRatio"]) == ("2", "5", "3 min 5 s", "87.5 %")
+    assert (page["redelivered"], page["dropped"]) == ("6", "1")
+    assert (page["webhooksDelivered"], page["webhookFailures"], page["webhooksDead"]) == ("12", "3", "2")
+    assert dom.topics["flights/status/<b>KE001</b>"] == {"topic": "flights/status/<b>KE001</b>",
+                                                        "route": "<img src=x onerror=alert(1)>",
+                                                        "subscribers": "4", "polls": "9"}
+    # Values of the wrong type are not shown as numbers.
+    assert dom.topics["__proto__"] == {"topic": "__proto__", "route": "—", "subscribers": "—", "polls": "—"}
+    assert not {"b", "i", "img"} & set(dom.tags)
