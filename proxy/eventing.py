@@ -32,12 +32,11 @@ class EventsSystem:
         if config.cache.backend == "redis":
             # Its own connections: blocking stream reads must not share the cache's 50 ms budget.
             self._redis = aioredis.Redis.from_url(config.cache.url, socket_timeout=10, socket_connect_timeout=2)
-            self.outbox: Any = RedisOutbox(self._redis, f"{config.cache.prefix}{settings.stream}", settings.maxlen)
+            self.outbox: Any = RedisOutbox(self._redis, f"{config.cache.prefix}{{{settings.stream}}}", settings.maxlen)
         else:
             self.outbox = MemoryOutbox(state.clock, settings.maxlen)
         emit = state.bus.emit
-        self.watcher = Watcher(state, self.outbox, self._publish, redis=self._redis,
-                               state_key=f"{config.cache.prefix}watch:last", emit=emit)
+        self.watcher = Watcher(state, self.outbox, self._publish, emit=emit)
         self.hub = Hub(self.watcher, self.outbox, settings, state.clock, emit)
         self.webhooks = WebhookWorker(state, self.outbox, state.clock, emit, redis=self._redis)
         self._tail_task: asyncio.Task[None] | None = None

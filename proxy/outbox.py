@@ -59,7 +59,9 @@ def id_key(evt_id: str) -> tuple[int, int]:
 class Outbox(Protocol):
     durable: bool
 
-    async def append(self, topic: str, route: str, at: str, before: Any, after: Any) -> Event: ...
+    async def record_change(self, topic: str, route: str, at: str, value: bytes) -> Event | None:
+        """Compare a topic's new value with its last one; on a change append the event. Atomic."""
+
     async def after(self, evt_id: str, topics: set[str] | None = None, count: int = 1000) -> list[Event]: ...
     async def get(self, evt_id: str) -> Event | None: ...
     async def length(self) -> int | None: ...
@@ -73,6 +75,7 @@ class MemoryOutbox:
 
     def __init__(self, clock: Clock, maxlen: int) -> None:
         self._clock = clock
+        self._last: dict[str, bytes] = {}
         self._events: deque[Event] = deque(maxlen=maxlen)
         self._seq = itertools.count()
         self._last_ms = 0
@@ -89,6 +92,13 @@ class MemoryOutbox:
         event = Event(self._next_id(), topic, at, before, after, route)
         self._events.append(event)
         return event
+
+    async def record_change(self, topic: str, route: str, at: str, value: bytes) -> Event | None:
+        old = self._last.get(topic)
+        self._last[topic] = value
+        if old is None or old == value:  # the first value seen is a baseline, not a change
+            return None
+        return await self.append(topic, route, at, orjson.loads(old), orjson.loads(value))
 
     async def after(self, evt_id: str, topics: set[str] | None = None, count: int = 1000) -> list[Event]:
         start = id_key(evt_id)
@@ -108,8 +118,23 @@ class MemoryOutbox:
         self.dead.append((event, reason))
 
 
+# Compare-and-set of a topic's last value and, on a change, XADD of the event — in one step, so a
+# crash can never record the new value without its event (or emit a change twice across replicas).
+# Returns {0} unchanged, {1} first value seen (a baseline, no event), {2, old, id} changed.
+_RECORD = """
+local old = redis.call('hget', KEYS[1], ARGV[1])
+if old == ARGV[2] then return {0} end
+redis.call('hset', KEYS[1], ARGV[1], ARGV[2])
+if not old then return {1} end
+local data = '{"at":"' .. ARGV[4] .. '","before":' .. old .. ',"after":' .. ARGV[2] .. '}'
+local id = redis.call('xadd', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'topic', ARGV[1], 'route', ARGV[3], 'data', data)
+return {2, old, id}
+"""
+
+
 class RedisOutbox:
-    """A Redis Stream per deployment (`<prefix><stream>`), with `<...>:dead` for dead letters."""
+    """A Redis Stream per deployment, `<prefix>{<stream>}`, with `...:dead` for dead letters and
+    `...:last` for the last value of every watched topic (one hash tag: Redis Cluster friendly)."""
 
     durable = True
 
@@ -117,16 +142,19 @@ class RedisOutbox:
         self._client = client
         self.key = key
         self.dead_key = key + ":dead"
+        self.state_key = key + ":last"
         self._maxlen = maxlen
         self._timeout = op_timeout
 
-    async def append(self, topic: str, route: str, at: str, before: Any, after: Any) -> Event:
-        data = orjson.dumps({"at": at, "before": before, "after": after})
+    async def record_change(self, topic: str, route: str, at: str, value: bytes) -> Event | None:
         async with asyncio.timeout(self._timeout):
-            raw_id = await self._client.xadd(self.key, {"topic": topic, "route": route, "data": data},
-                                             maxlen=self._maxlen, approximate=True)
+            result = await self._client.eval(_RECORD, 2, self.state_key, self.key, topic, value, route, at,
+                                             self._maxlen)
+        if int(result[0]) != 2:
+            return None
+        raw_id = result[2]
         evt_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
-        return Event(evt_id, topic, at, before, after, route)
+        return Event(evt_id, topic, at, orjson.loads(result[1]), orjson.loads(value), route)
 
     async def after(self, evt_id: str, topics: set[str] | None = None, count: int = 1000) -> list[Event]:
         found: list[Event] = []

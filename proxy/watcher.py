@@ -7,8 +7,9 @@ any other — it goes through the chain, so the cache, breakers and fallback app
 outage does not multiply calls. When the fields a watch selects change, the event is written
 to the outbox first, then handed to delivery.
 
-With Redis, the last value of every topic lives in Redis and is compared-and-set atomically,
-so replicas polling the same topic emit each change once, and a restarted proxy still
+With Redis, the last value of every topic lives in Redis and is compared-and-set together
+with the event's XADD in one script, so replicas polling the same topic emit each change
+once, a crash can never record a value without its event, and a restarted proxy still
 notices a change that happened while it was down.
 """
 
@@ -35,16 +36,6 @@ from .transform import TransformError, decode_json, evaluate
 
 log = structlog.get_logger("resilience-proxy")
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
-
-# Compare-and-set of a topic's last value: 0 unchanged, 1 first value seen (no event), 2 changed.
-_SWAP = """
-local old = redis.call('hget', KEYS[1], ARGV[1])
-if old == ARGV[2] then return {0} end
-redis.call('hset', KEYS[1], ARGV[1], ARGV[2])
-if not old then return {1} end
-return {2, old}
-"""
-
 
 class UnknownTopic(ValueError):
     """The topic names no watched route."""
@@ -73,14 +64,11 @@ class Watcher:
     """Keeps the subscribed topics, polls the due ones, detects changes and emits events."""
 
     def __init__(self, state: Any, outbox: Outbox, publish: Callable[[Event], Awaitable[None] | None], *,
-                 redis: Any = None, state_key: str = "rp:watch:last", emit: events.Subscriber = events.discard) -> None:
+                 emit: events.Subscriber = events.discard) -> None:
         self._state = state              # .runtime (swapped on reload), .clock
         self._outbox = outbox
         self._publish = publish
-        self._redis = redis
-        self._state_key = state_key
         self._emit = emit
-        self._last: dict[str, bytes] = {}  # without Redis: the last value per topic, in process
         self.topics: dict[str, Topic] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -187,28 +175,19 @@ class Watcher:
             log.warning(f"Watch of {topic.name} cannot read the answer: {exc}", kind="watch", topic=topic.name)
             return
         value = orjson.dumps(selected, option=orjson.OPT_SORT_KEYS)
-        changed, before = await self._swap(topic.name, value)
-        if not changed:
+        try:
+            event = await self._outbox.record_change(topic.name, topic.route.name, _iso(clock.time()), value)
+        except Exception as exc:
+            # The last value stays as it was, so the change is found again at the next poll.
+            log.warning(f"Watch of {topic.name}: the outbox is unavailable ({exc}); will try again",
+                        kind="watch", topic=topic.name)
             return
-        event = await self._outbox.append(topic.name, topic.route.name, _iso(clock.time()),
-                                          orjson.loads(before) if before is not None else None, selected)
+        if event is None:
+            return
         self._emit(events.WatchEventEmitted(topic.service.name, topic.route.name, event.evt_id))
         published = self._publish(event)
         if published is not None:
             await published
-
-    async def _swap(self, topic: str, value: bytes) -> tuple[bool, bytes | None]:
-        if self._redis is not None:
-            try:
-                result = await self._redis.eval(_SWAP, 1, self._state_key, topic, value)
-                return int(result[0]) == 2, (result[1] if len(result) > 1 else None)
-            except Exception as exc:  # Redis down: fall back to this replica's memory
-                log.warning(f"Watch state in Redis unavailable, using local state: {exc}", kind="watch")
-        old = self._last.get(topic)
-        self._last[topic] = value
-        if old is None or old == value:
-            return False, None
-        return True, old
 
     def describe(self) -> dict[str, Any]:
         return {name: {"subscribers": len(t.subscribers), "static": t.static, "route": t.route.name,

@@ -317,7 +317,7 @@ async def test_two_replicas_deliver_each_webhook_event_once(fake_upstream, clock
         assert len(ids) == 4 and len(set(ids)) == 4
         assert [orjson.loads(s.body)["after"]["status"] for s in hook.seen] == ["DELAYED", "BOARDING", "DEPARTED", "ARRIVED"]
         client = aioredis.Redis.from_url(redis_url)
-        pending = await client.xpending(f"{redis_prefix}events", "webhooks")
+        pending = await client.xpending(f"{redis_prefix}{{events}}", "webhooks")
         await client.aclose()
         assert pending["pending"] == 0
     finally:
@@ -345,7 +345,7 @@ async def test_a_webhook_that_never_answers_ends_in_the_dead_letter_stream(fake_
             await asyncio.sleep(0.02)
         assert hook.calls == 4
         client = aioredis.Redis.from_url(redis_url)
-        dead = await client.xrange(f"{redis_prefix}events:dead")
+        dead = await client.xrange(f"{redis_prefix}{{events}}:dead")
         await client.aclose()
         assert len(dead) == 1 and dead[0][1][b"reason"] == b"HTTP 503"
         metrics = await (await proxy.client.get(proxy.metrics_url + "/metrics")).text()
