@@ -15,18 +15,25 @@ Subscriber = Callable[[Any], None]
 class EventBus:
     """Synchronous fan-out of events to subscribers; a failing subscriber never breaks a request."""
 
-    __slots__ = ("_subscribers", "_errors")
+    __slots__ = ("_subscribers", "_errors", "version")
 
     def __init__(self) -> None:
         self._subscribers: list[Subscriber] = []
         self._errors = 0
+        self.version = 0  # changes whenever the subscriber list does (fast paths cache decisions on it)
 
     def subscribe(self, subscriber: Subscriber) -> None:
         self._subscribers.append(subscriber)
+        self.version += 1
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         if subscriber in self._subscribers:
             self._subscribers.remove(subscriber)
+            self.version += 1
+
+    @property
+    def subscribers(self) -> tuple[Subscriber, ...]:
+        return tuple(self._subscribers)
 
     def emit(self, event: Any) -> None:
         for subscriber in self._subscribers:

@@ -92,16 +92,57 @@ def iso(epoch: float | None) -> str | None:
     return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+_STRUCTLOG_CONFIG = getattr(getattr(structlog, "_config", None), "_CONFIG", None)  # configure() mutates it in place
+
+
+def _wrapper_class() -> Any:
+    if _STRUCTLOG_CONFIG is not None:
+        return _STRUCTLOG_CONFIG.default_wrapper_class  # read per event: get_config() builds a dict
+    return structlog.get_config()["wrapper_class"]
+
+
+_INFO_ENABLED: dict[Any, bool] = {}
+
+
+def info_enabled() -> bool:
+    """Whether the configured structlog wrapper writes info lines (a filtering logger below warning)."""
+    wrapper = _wrapper_class()
+    enabled = _INFO_ENABLED.get(wrapper)
+    if enabled is None:
+        method = getattr(wrapper, "info", None)
+        enabled = _INFO_ENABLED[wrapper] = getattr(method, "__name__", "info") != "_nop"
+    return enabled
+
+
+# Events whose only line is at info level: skipped whole (no formatting) when info is filtered out.
+_INFO_ONLY = frozenset({"RequestFinished", "RetryScheduled", "ConfigReloadedOk"})
+
+
 class EventLog:
     """Turns chain events into log lines."""
 
     def __init__(self, logger: Any | None = None) -> None:
         self._log = logger or structlog.get_logger("resilience-proxy")
+        self._own_logger = logger is None  # a given logger may filter differently: always call it
+        self._handlers: dict[type, Any] = {}
+
+    def quiet_for_requests(self) -> bool:
+        """True when a proxied request's line would be filtered out (the level is above info)."""
+        return self._own_logger and not info_enabled()
 
     def __call__(self, event: Any) -> None:
-        handler = getattr(self, "_" + type(event).__name__, None)
-        if handler is not None:
-            handler(event)
+        kind = type(event)
+        handler = self._handlers.get(kind)
+        if handler is None:
+            handler = self._handlers[kind] = getattr(self, "_" + kind.__name__, False)
+        if handler is False:
+            return
+        if self._own_logger and kind.__name__ in _INFO_ONLY and not info_enabled():
+            return
+        if kind is events.AttemptFinished and self._own_logger and event.outcome in ("success", "client_error") \
+                and not info_enabled():
+            return
+        handler(event)
 
     def _BreakerFailure(self, e: events.BreakerFailure) -> None:
         self._log.warning(f"Circuit breaker: FAILURE for {e.provider}, error count: {e.failures}/{e.threshold}",

@@ -10,10 +10,12 @@ from __future__ import annotations
 import enum
 import math
 import threading
+from bisect import bisect_left
 from collections import deque
 from typing import Any, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.registry import Collector
 
 from . import events
 from .clock import Clock
@@ -67,16 +69,17 @@ class _HitWindow:
         self.hits = 0
         self.lookups = 0
 
-    def add(self, second: int, hit: bool) -> None:
+    def add(self, second: int, hit: bool, count: int = 1) -> None:
         if self.seconds and self.seconds[-1][0] == second:
             slot = self.seconds[-1]
         else:
             slot = [second, 0, 0]
             self.seconds.append(slot)
-        slot[1] += hit
-        slot[2] += 1
-        self.hits += hit
-        self.lookups += 1
+        hits = count if hit else 0
+        slot[1] += hits
+        slot[2] += count
+        self.hits += hits
+        self.lookups += count
 
     def expire(self, second: int) -> None:
         oldest_kept = second - HIT_RATE_WINDOW + 1
@@ -87,6 +90,32 @@ class _HitWindow:
 
     def percent(self) -> float | None:
         return 100.0 * self.hits / self.lookups if self.lookups else None
+
+
+class _PendingHits:
+    """Fresh-copy answers recorded by the fast path, not yet added to the Prometheus series.
+
+    One instance covers one second of the monotonic clock (so `cache_hit_rate` windows stay exact);
+    it is folded into the real series when the second changes and before anything reads them.
+    """
+
+    __slots__ = ("second", "services")
+
+    def __init__(self, second: int) -> None:
+        self.second = second
+        # service -> [hits, {status code: count}, bucket counts, duration sum]
+        self.services: dict[str, list[Any]] = {}
+
+
+class _Flusher(Collector):
+    """Registered first in the registry: any collection folds pending fast-path counts in first."""
+
+    def __init__(self, flush: Callable[[], None]) -> None:
+        self._flush = flush
+
+    def collect(self) -> Any:
+        self._flush()
+        return iter(())
 
 
 class Metrics:
@@ -109,6 +138,9 @@ class Metrics:
         self._clock = clock
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
+        self._pending: _PendingHits | None = None
+        self._hit_lock = threading.RLock()  # render() may run on a scrape thread
+        r.register(_Flusher(self.flush))
         sp = ("service", "provider")
 
         def counter(name: str, doc: str, labels: tuple[str, ...]) -> _Labelled:
@@ -180,7 +212,6 @@ class Metrics:
                                                 self._stale_age, self._coalesced, self._proxy_requests,
                                                 self._proxy_duration)
         self._hit_windows: dict[str, _HitWindow] = {}
-        self._hit_lock = threading.Lock()  # render() may run on a scrape thread
         self._handlers: dict[type, Callable[[Any], None]] = {
             events.AttemptFinished: self._attempt_finished,
             events.UpstreamSkipped: self._upstream_skipped,
@@ -234,6 +265,7 @@ class Metrics:
 
     def forget_service(self, service: str) -> None:
         """Remove every series of a service (and of its upstreams) that a reload took out."""
+        self.flush()
         for family in self._by_service:
             family.drop(lambda labels: labels[0] == service)
         with self._hit_lock:
@@ -243,6 +275,7 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type (hit rates refreshed first)."""
+        self.flush()
         second = int(self._clock.monotonic())
         with self._hit_lock:
             for service in list(self._hit_windows):
@@ -251,12 +284,66 @@ class Metrics:
 
     def hit_rate(self, service: str) -> float | None:
         """The service's `cache_hit_rate` right now, or None with no lookups in the last 5 minutes."""
+        self.flush()
         with self._hit_lock:
             window = self._hit_windows.get(service)
             if window is None:
                 return None
             window.expire(int(self._clock.monotonic()))
             return window.percent()
+
+    # --- the fast path's recording -------------------------------------------------------------
+
+    def record_hit(self, service: str, status: int, duration: float, monotonic_now: float) -> None:
+        """What `CacheLookup(service, "hit")` + `RequestFinished(...)` of a HIT would count, batched.
+
+        The counts reach the Prometheus series within the second, and always before a scrape,
+        `render()`, `hit_rate()` or any collection of the registry.
+        """
+        second = int(monotonic_now)
+        pending = self._pending
+        if pending is None or pending.second != second:
+            if pending is not None:
+                self.flush()
+            pending = self._pending = _PendingHits(second)
+        tally = pending.services.get(service)
+        if tally is None:
+            tally = pending.services[service] = [0, {}, [0] * (len(DURATION_BUCKETS) + 1), 0.0]
+        tally[0] += 1
+        codes = tally[1]
+        codes[status] = codes.get(status, 0) + 1
+        tally[2][bisect_left(DURATION_BUCKETS, duration)] += 1
+        tally[3] += duration
+
+    def flush(self) -> None:
+        """Fold the fast path's pending counts into the Prometheus series."""
+        pending = self._pending
+        if pending is None:
+            return
+        self._pending = None
+        with self._hit_lock:
+            for service, (hits, codes, buckets, total) in pending.services.items():
+                self._cache_requests(service, "hit").inc(hits)
+                window = self._hit_windows.get(service)
+                if window is None:
+                    window = self._hit_windows[service] = _HitWindow()
+                window.add(pending.second, True, hits)
+                self._refresh_hit_rate(service, pending.second)
+                for code, count in codes.items():
+                    self._proxy_requests(service, str(code)).inc(count)
+                histogram = self._proxy_duration(service)
+                try:
+                    slots, total_value = histogram._buckets, histogram._sum
+                except AttributeError:  # a prometheus_client without these internals: observe one by one
+                    for index, count in enumerate(buckets):
+                        bound = DURATION_BUCKETS[index] if index < len(DURATION_BUCKETS) else DURATION_BUCKETS[-1] * 2
+                        for _ in range(count):
+                            histogram.observe(bound)
+                    continue
+                for index, count in enumerate(buckets):
+                    if count:
+                        slots[index].inc(count)
+                total_value.inc(total)
 
     # --- event handlers -------------------------------------------------------------------
 
@@ -306,6 +393,8 @@ class Metrics:
         self._keys_spent(e.service, e.provider).inc()
 
     def _cache_lookup(self, e: events.CacheLookup) -> None:
+        if self._pending is not None:
+            self.flush()  # keep the hit-rate window's seconds in order
         result = _text(e.result)
         self._cache_requests(e.service, result).inc()
         second = int(self._clock.monotonic())

@@ -21,7 +21,7 @@ from .eventing import EventsSystem
 from .health import Health
 from .logs import REDACTOR, EventLog
 from .metrics import Metrics
-from .server import ProxyHandler, error_response, request_id_of
+from .server import HitPath, ProxyHandler, error_response, request_id_of
 from .stats import Stats
 
 log = structlog.get_logger("resilience-proxy")
@@ -52,6 +52,7 @@ class ProxyProcess:
         self._config_digest = _digest(config.source)
         self._reload_lock = asyncio.Lock()
         self._proxy = ProxyHandler(self)
+        self._hit = HitPath(self)
         self._health = Health(self)
         self._runners: list[web.BaseRunner] = []
         self.addresses: dict[str, tuple[str, int]] = {}
@@ -68,6 +69,13 @@ class ProxyProcess:
     # --- requests ---------------------------------------------------------------------------
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        try:
+            fast = self._hit(request)  # a fresh in-process copy, answered without the chain
+        except Exception:
+            log.exception("unhandled error on the cache fast path", path=request.raw_path)
+            fast = None
+        if fast is not None:
+            return fast
         request_id = request_id_of(request)
         if request.method == "CONNECT" or not request.raw_path.startswith("/"):
             return error_response(400, "bad_request", request_id,

@@ -87,6 +87,9 @@ def check_target(raw_path: str) -> str:
     if not raw_path.startswith("/"):
         raise UnsafePath("the request target must be a path (absolute-form and authority-form are refused)")
     path = raw_path.split("?", 1)[0]
+    if "%" not in path and "." not in path and "\\" not in path and "//" not in path and path.isprintable() \
+            and path.isascii():
+        return path  # nothing to decode and nothing that could be a dot segment, a // or a control character
     if path.startswith("//"):
         raise UnsafePath("the path must not start with //")
     decoded = path

@@ -9,8 +9,9 @@ and bodies, unknown prefixes. What passes becomes an `Exchange`; the chain's `An
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import re
-import uuid
 from typing import Any, AsyncIterator
 
 import orjson
@@ -19,8 +20,10 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from . import events
+from .cache import cache_key
 from .exchange import Answer, Exchange
 from .fallback import RequestBodyTooLarge, UpstreamsFailed
+from .logs import EventLog
 from .routing import UnsafePath, check_target
 
 log = structlog.get_logger("resilience-proxy")
@@ -44,11 +47,182 @@ def error_response(status: int, error: str, request_id: str, detail: str | None 
     return json_response(status, body, {"X-Cache": cache, "X-Request-ID": request_id})
 
 
+# Request ids: 16 random hex digits per process and a 16-digit counter: unique, 32 hex characters,
+# and far cheaper than uuid4 (a urandom call per request).
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count(int.from_bytes(os.urandom(4), "big"))
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def _reseed_ids() -> None:
+    """A forked child must not repeat its parent's ids."""
+    global _ID_PREFIX, _ID_COUNTER
+    _ID_PREFIX = os.urandom(8).hex()
+    _ID_COUNTER = itertools.count(int.from_bytes(os.urandom(4), "big"))
+
+
+os.register_at_fork(after_in_child=_reseed_ids)
+
+
 def request_id_of(request: web.BaseRequest) -> str:
     given = request.headers.get("X-Request-ID")
     if given and _REQUEST_ID.match(given):
         return given
-    return uuid.uuid4().hex
+    return new_request_id()
+
+
+# Request headers that change what the cache may answer (credentials, no-store, conditional and range
+# requests) or mean a body: a request carrying one goes the full way through the chain.
+_NOT_FAST = frozenset({b"authorization", b"cookie", b"cache-control", b"if-none-match", b"if-modified-since",
+                       b"if-match", b"if-unmodified-since", b"if-range", b"range", b"expect", b"content-length",
+                       b"transfer-encoding"})
+_PROXY_HEADERS = ("X-Cache", "X-Upstream", "X-Request-ID", "Age", "Cache-Status")
+_MEMO_MAX = 4096
+CACHE_NAME = "resilience-proxy"
+
+
+class _Resolved:
+    """What the full chain would decide for one (request target, Accept-Encoding) before the cache."""
+
+    __slots__ = ("service", "route", "path", "key", "entry", "headers")
+
+    def __init__(self, service: str, route: str, path: str, key: str) -> None:
+        self.service = service
+        self.route = route
+        self.path = path
+        self.key = key
+        self.entry: Any = None                       # the entry `headers` were rendered for
+        self.headers: CIMultiDict[str] | None = None  # its replay headers plus X-Cache/X-Upstream
+
+
+class HitPath:
+    """Answers a plain GET from a fresh in-process copy without building the chain's objects.
+
+    Only what the full path would answer with `X-Cache: HIT` from the same copy, with the same
+    headers, events (or their direct counterparts in metrics and stats) and log line; anything
+    else (credentials, no-store, conditional, vary, a copy to re-read from Redis, a stale or
+    missing copy, percent-encoded paths, ...) returns None and goes the full way.
+    """
+
+    def __init__(self, state: Any) -> None:
+        self._state = state  # a ProxyProcess: .runtime, .bus, .metrics, .stats
+        self._direct_for: tuple[int, tuple[EventLog, ...] | None] = (-1, None)
+
+    def _direct(self) -> bool:
+        """Whether metrics and stats can be fed directly: nobody else would see the events."""
+        bus = self._state.bus
+        version, logs = self._direct_for
+        if version != bus.version:
+            subscribers = bus.subscribers
+            plain = (self._state.metrics, self._state.stats)
+            others = tuple(s for s in subscribers if not any(s is p for p in plain))
+            usable = len(subscribers) - len(others) == 2 and all(isinstance(s, EventLog) for s in others)
+            logs = others if usable else None  # type: ignore[assignment]
+            self._direct_for = (bus.version, logs)
+        if logs is None:
+            return False
+        for log_ in logs:
+            if not log_.quiet_for_requests():
+                return False
+        return True
+
+    def __call__(self, request: web.BaseRequest) -> web.Response | None:
+        if request.method != "GET":
+            return None
+        runtime = self._state.runtime
+        peek = getattr(runtime.store, "peek", None)
+        if peek is None:
+            return None
+        clock = runtime.clock
+        started = clock.monotonic()
+        encoding = given_id = None
+        size = 0
+        for name, value in request.raw_headers:
+            size += len(name) + len(value) + 4
+            lower = name.lower()
+            if lower in _NOT_FAST:
+                return None
+            if lower == b"accept-encoding":
+                if encoding is not None:
+                    return None
+                encoding = value
+            elif lower == b"x-request-id":
+                given_id = value
+        if size > runtime.config.server.max_header_bytes:
+            return None
+        raw_path = request.raw_path
+        memo = runtime.hit_memo
+        resolved = memo.get((raw_path, encoding))
+        if resolved is None:
+            resolved = _resolve(runtime, request, raw_path)
+            if len(memo) >= _MEMO_MAX:
+                memo.clear()
+            memo[(raw_path, encoding)] = resolved
+        if resolved is False:
+            return None
+        now = clock.time()
+        entry = peek(resolved.key, now)
+        if entry is None or not now < entry.fresh_until:
+            return None
+        if given_id is not None:
+            request_id = request_id_of(request)
+        else:
+            request_id = new_request_id()
+        headers = resolved.headers
+        if resolved.entry is not entry:
+            headers = CIMultiDict(entry.headers)
+            for name in _PROXY_HEADERS:
+                headers.popall(name, None)
+            headers.add("X-Cache", "HIT")
+            if entry.upstream:
+                headers.add("X-Upstream", entry.upstream)
+            resolved.entry, resolved.headers = entry, headers
+        response = web.Response(status=entry.status, headers=headers, body=entry.body)
+        out = response.headers
+        out.add("X-Request-ID", request_id)
+        age = now - entry.stored_at
+        out.add("Age", str(int(age)) if age > 0 else "0")
+        out.add("Cache-Status", f"{CACHE_NAME}; hit; ttl={int(entry.fresh_until - now)}")
+        duration = clock.monotonic() - started
+        if self._direct():
+            state = self._state
+            state.metrics.record_hit(resolved.service, entry.status, duration, started + duration)
+            state.stats.record_hit(resolved.service, entry.status, duration)
+        else:
+            emit = self._state.bus.emit
+            emit(events.CacheLookup(resolved.service, "hit", max(0.0, age)))
+            emit(events.RequestFinished(
+                service=resolved.service, route=resolved.route, method="GET", path=resolved.path,
+                status=entry.status, cache="HIT", upstream=entry.upstream, attempts=(), duration=duration,
+                request_id=request_id, fallback=False))
+        return response
+
+
+def _resolve(runtime: Any, request: web.BaseRequest, raw_path: str) -> _Resolved | bool:
+    """The service, route and cache key the full path would use, or False when it must take the full path."""
+    path = raw_path.split("?", 1)[0]
+    if "%" in path:
+        return False  # the proxy's own endpoints are matched on the decoded path: leave encodings to it
+    try:
+        decoded = check_target(raw_path)
+    except (UnsafePath, UnicodeDecodeError):
+        return False
+    if decoded in ("/events", "/health") or decoded.startswith("/health/"):
+        return False
+    service = runtime.config.service_for(decoded)
+    if service is None:
+        return False
+    route, _ = service.route_for(decoded)
+    if route is not None and route.derive is not None:
+        return False
+    rule = route.cache if route is not None else service.cache
+    if not rule.enabled or rule.vary or rule.key_by_credential:
+        return False
+    key = cache_key(service.name, "GET", path, tuple(request.rel_url.query.items()), request.headers)
+    return _Resolved(service.name, route.name if route is not None else service.prefix, path, key)
 
 
 class ProxyHandler:

@@ -309,6 +309,32 @@ class Stats:
         elif result == "bypass":
             tally.bypass += 1
 
+    def record_hit(self, service: str, status: int, duration: float) -> None:
+        """What `CacheLookup(service, "hit")` + `RequestFinished(...)` of a HIT would record."""
+        minutes = self._minutes
+        if minutes and minutes[-1].minute == int(self._clock.time() // 60):
+            bucket = minutes[-1]
+        else:
+            bucket = self._bucket()
+        tally = bucket.services.get(service)
+        if tally is None:
+            tally = bucket.service(service)
+        tally.hit += 1
+        tally.requests += 1
+        if status >= 500:
+            tally.errors += 1
+        ms = duration * 1000.0
+        if 0.0 <= ms <= 1.0 and tally.latency.count:
+            latency = tally.latency
+            latency.bins[0] += 1
+            latency.count += 1
+            if ms < latency.smallest:
+                latency.smallest = ms
+            if ms > latency.largest:
+                latency.largest = ms
+        else:
+            tally.latency.add(ms)
+
     def _request_finished(self, e: events.RequestFinished) -> None:
         tally = self._bucket().service(e.service)
         tally.requests += 1

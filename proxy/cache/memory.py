@@ -50,6 +50,17 @@ class MemoryStore:
         self._slots.move_to_end(key)
         return slot.entry, self._clock.monotonic() - slot.stored_mono
 
+    def peek(self, key: str, now_wall: float) -> Entry | None:
+        """Synchronous `get` for the fast path (`now_wall` is the caller's `clock.time()`)."""
+        slot = self._slots.get(key)
+        if slot is None:
+            return None
+        if now_wall >= slot.entry.stale_until:
+            self._drop(key)
+            return None
+        self._slots.move_to_end(key)
+        return slot.entry
+
     def put(self, key: str, entry: Entry) -> None:
         """Synchronous `set`."""
         if key in self._slots:

@@ -51,6 +51,13 @@ class TwoLevelStore:
         self._local.discard(key)  # the remote answered: gone there (purged, expired) means gone
         return None
 
+    def peek(self, key: str, now_wall: float) -> Entry | None:
+        """The local copy while it may answer without asking the remote (younger than `local_ttl`), else None."""
+        local = self._local.lookup(key)
+        if local is not None and local[1] < self._local_ttl:
+            return local[0]
+        return None
+
     async def get_shared(self, key: str) -> Entry | None:
         """Ask the remote, skipping the local tier (to see a copy another replica just wrote)."""
         entry = await self._remote.get(key)
