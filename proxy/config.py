@@ -230,6 +230,7 @@ class EventsSettings:
     ack_timeout: float = 30.0        # unacknowledged events are sent again after this (then backing off)
     client_queue: int = 1000         # events waiting for one client; past it the client is told and closed
     max_frame: int = 64 * 1024       # largest frame a client may send
+    max_topics: int = 1000           # topics watched at once (each is an upstream call per interval)
 
 
 @dataclass(frozen=True, slots=True)
@@ -676,13 +677,14 @@ def _events(check: _Checker, value: Any, line: int) -> EventsSettings:
     defaults = EventsSettings()
     if data is None:
         return defaults
-    check.known_keys(data, {"stream", "maxlen", "ack_timeout", "client_queue", "max_frame"}, "events")
+    check.known_keys(data, {"stream", "maxlen", "ack_timeout", "client_queue", "max_frame", "max_topics"}, "events")
     return EventsSettings(
         stream=check.get(data, "stream", "events", _string, defaults.stream),
         maxlen=check.get(data, "maxlen", "events", _positive_int, defaults.maxlen),
         ack_timeout=check.get(data, "ack_timeout", "events", parse_duration, defaults.ack_timeout),
         client_queue=check.get(data, "client_queue", "events", _positive_int, defaults.client_queue),
-        max_frame=check.get(data, "max_frame", "events", parse_size, defaults.max_frame))
+        max_frame=check.get(data, "max_frame", "events", parse_size, defaults.max_frame),
+        max_topics=check.get(data, "max_topics", "events", _positive_int, defaults.max_topics))
 
 
 def _watch(check: _Checker, value: Any, where: str, line: int, names: set[str]) -> Watch | None:

@@ -36,7 +36,7 @@ class EventsSystem:
         else:
             self.outbox = MemoryOutbox(state.clock, settings.maxlen)
         emit = state.bus.emit
-        self.watcher = Watcher(state, self.outbox, self._publish, emit=emit)
+        self.watcher = Watcher(state, self.outbox, self._publish, emit=emit, max_topics=settings.max_topics)
         self.hub = Hub(self.watcher, self.outbox, settings, state.clock, emit)
         self.webhooks = WebhookWorker(state, self.outbox, state.clock, emit, redis=self._redis)
         self._tail_task: asyncio.Task[None] | None = None
@@ -64,8 +64,6 @@ class EventsSystem:
                 await asyncio.sleep(1.0)
 
     def start(self) -> None:
-        for problem in self.watcher.add_static_topics():
-            log.warning(f"watch topic ignored: {problem}", kind="watch")
         self.watcher.start()
         self.hub.start()
         if self._redis is not None:
@@ -73,9 +71,9 @@ class EventsSystem:
         self.config_changed()
 
     def config_changed(self) -> None:
-        """After a reload: start the webhook worker if a webhook appeared, poll new static topics."""
-        if self._state.runtime is not None:
-            self.watcher.add_static_topics()
+        """After a reload: re-resolve topics (telling subscribers of dropped ones), start webhooks if new."""
+        for topic in self.watcher.reconfigure():
+            self.hub.forget_topic(topic, "the route table no longer watches this topic")
         if not self._started_webhooks and self.webhooks.any_webhooks():
             self._started_webhooks = True
             self.webhooks.start()

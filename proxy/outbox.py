@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -47,13 +48,15 @@ def _fields(event_id: str, fields: dict[Any, Any]) -> Event:
                  after=data.get("after"), route=text("route"))
 
 
+_EVT_ID = re.compile(r"^(\d{1,19})-(\d{1,19})$")
+
+
 def id_key(evt_id: str) -> tuple[int, int]:
-    """Order of stream ids (`<ms>-<seq>`)."""
-    ms, _, seq = evt_id.partition("-")
-    try:
-        return int(ms), int(seq or 0)
-    except ValueError:
-        raise ValueError(f"not an event id: {evt_id!r}") from None
+    """Order of stream ids (`<ms>-<seq>`); ValueError for anything else."""
+    found = _EVT_ID.match(evt_id) if isinstance(evt_id, str) else None
+    if found is None:
+        raise ValueError(f"not an event id: {evt_id!r} (expected <milliseconds>-<sequence>)")
+    return int(found.group(1)), int(found.group(2))
 
 
 class Outbox(Protocol):
@@ -61,6 +64,9 @@ class Outbox(Protocol):
 
     async def record_change(self, topic: str, route: str, at: str, value: bytes) -> Event | None:
         """Compare a topic's new value with its last one; on a change append the event. Atomic."""
+
+    def forget(self, topic: str) -> None:
+        """The topic is not polled any more."""
 
     async def after(self, evt_id: str, topics: set[str] | None = None, count: int = 1000) -> list[Event]: ...
     async def get(self, evt_id: str) -> Event | None: ...
@@ -93,6 +99,9 @@ class MemoryOutbox:
         self._events.append(event)
         return event
 
+    def forget(self, topic: str) -> None:
+        self._last.pop(topic, None)
+
     async def record_change(self, topic: str, route: str, at: str, value: bytes) -> Event | None:
         old = self._last.get(topic)
         self._last[topic] = value
@@ -122,9 +131,9 @@ class MemoryOutbox:
 # crash can never record the new value without its event (or emit a change twice across replicas).
 # Returns {0} unchanged, {1} first value seen (a baseline, no event), {2, old, id} changed.
 _RECORD = """
-local old = redis.call('hget', KEYS[1], ARGV[1])
+local old = redis.call('get', KEYS[1])
+redis.call('set', KEYS[1], ARGV[2], 'EX', ARGV[6])
 if old == ARGV[2] then return {0} end
-redis.call('hset', KEYS[1], ARGV[1], ARGV[2])
 if not old then return {1} end
 local data = '{"at":"' .. ARGV[4] .. '","before":' .. old .. ',"after":' .. ARGV[2] .. '}'
 local id = redis.call('xadd', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'topic', ARGV[1], 'route', ARGV[3], 'data', data)
@@ -132,9 +141,13 @@ return {2, old, id}
 """
 
 
+# How long a topic's last value is kept after its last poll (a restart within it notices changes).
+_LAST_VALUE_TTL = 7 * 86400
+
+
 class RedisOutbox:
     """A Redis Stream per deployment, `<prefix>{<stream>}`, with `...:dead` for dead letters and
-    `...:last` for the last value of every watched topic (one hash tag: Redis Cluster friendly)."""
+    `...:last:<topic>` for the last value of each watched topic (one hash tag: Redis Cluster friendly)."""
 
     durable = True
 
@@ -146,10 +159,13 @@ class RedisOutbox:
         self._maxlen = maxlen
         self._timeout = op_timeout
 
+    def forget(self, topic: str) -> None:
+        """Nothing to do: a topic's last value expires by itself when nobody polls it any more."""
+
     async def record_change(self, topic: str, route: str, at: str, value: bytes) -> Event | None:
         async with asyncio.timeout(self._timeout):
-            result = await self._client.eval(_RECORD, 2, self.state_key, self.key, topic, value, route, at,
-                                             self._maxlen)
+            result = await self._client.eval(_RECORD, 2, f"{self.state_key}:{topic}", self.key, topic, value, route,
+                                             at, self._maxlen, _LAST_VALUE_TTL)
         if int(result[0]) != 2:
             return None
         raw_id = result[2]

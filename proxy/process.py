@@ -15,6 +15,7 @@ from aiohttp import web
 
 from . import events
 from .app import Runtime
+from .background import cancel_and_wait
 from .clock import SYSTEM_CLOCK, Clock
 from .config import Config, ConfigError, load_config
 from .eventing import EventsSystem
@@ -127,8 +128,10 @@ class ProxyProcess:
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to drain_timeout), close pools."""
         self.ready = False
-        if self._watch_task is not None:
-            self._watch_task.cancel()
+        await cancel_and_wait(self._watch_task)
+        # WebSocket clients are told first (1001, going away) so they reconnect elsewhere instead of
+        # holding the drain open until its timeout.
+        await self.events.stop()
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
@@ -136,7 +139,6 @@ class ProxyProcess:
         for task in retiring:
             task.cancel()
         await asyncio.gather(*retiring, return_exceptions=True)
-        await self.events.stop()
         await self.runtime.close()
 
     # --- reload -----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,10 +33,12 @@ from .background import cancel_and_wait
 from .clock import Clock
 from .config import EventsSettings
 from .outbox import Event, Outbox, id_key
-from .watcher import UnknownTopic, Watcher
+from .watcher import TooManyTopics, UnknownTopic, Watcher
 
 log = structlog.get_logger("resilience-proxy")
 _MAX_REDELIVERIES = 20
+_MAX_TOPICS_PER_CLIENT = 100
+_DELIVERED_MEMORY = 4096  # ids per connection remembered to drop duplicate fan-out (local + stream tail)
 
 
 @dataclass(slots=True)
@@ -56,7 +59,9 @@ class Client:
     number: int
     topics: set[str] = field(default_factory=set)
     unacked: dict[str, _Pending] = field(default_factory=dict)
-    delivered: set[str] = field(default_factory=set)  # ids sent on this connection (no duplicate fan-out)
+    delivered: OrderedDict[str, None] = field(default_factory=OrderedDict)  # recent ids sent (no duplicate fan-out)
+    replays: set[asyncio.Task[None]] = field(default_factory=set)
+    replaying: set[str] = field(default_factory=set)  # topics whose backlog is still being sent
     closing: bool = False
 
 
@@ -82,7 +87,8 @@ class Hub:
     def publish(self, event: Event) -> None:
         """A new event (from this replica's watcher or the stream tail) for the local clients."""
         for client in list(self._by_topic.get(event.topic, ())):
-            self._offer(client, event)
+            if event.topic not in client.replaying:  # a replay in progress delivers it, in order
+                self._offer(client, event)
 
     def _offer(self, client: Client, event: Event, redelivery: bool = False) -> None:
         if client.closing or (not redelivery and event.evt_id in client.delivered):
@@ -93,7 +99,9 @@ class Hub:
         except asyncio.QueueFull:
             self._overflow(client)
             return
-        client.delivered.add(event.evt_id)
+        client.delivered[event.evt_id] = None
+        if len(client.delivered) > _DELIVERED_MEMORY:
+            client.delivered.popitem(last=False)
         if not redelivery:
             wait = self._settings.ack_timeout
             now = self._clock.monotonic()
@@ -180,6 +188,8 @@ class Hub:
         finally:
             client.closing = True
             writer.cancel()
+            for task in list(client.replays):
+                task.cancel()
             self._clients.discard(client)
             for topic in client.topics:
                 self._by_topic.get(topic, set()).discard(client)
@@ -234,24 +244,72 @@ class Hub:
             await self._send(client, _error("malformed", f"unknown op {op!r}"))
 
     async def _subscribe(self, client: Client, topic: Any, last_evt_id: Any) -> None:
+        if last_evt_id is not None:
+            try:
+                id_key(last_evt_id)
+            except ValueError as exc:
+                await self._send(client, _error("malformed", str(exc)))
+                return
+        if len(client.topics) >= _MAX_TOPICS_PER_CLIENT:
+            await self._send(client, _error("too_many_topics", f"at most {_MAX_TOPICS_PER_CLIENT} topics per connection"))
+            return
         try:
             name = self._watcher.subscribe(topic, client)
         except UnknownTopic as exc:
             await self._send(client, _error("unknown_topic", str(exc)))
             return
-        if last_evt_id is not None:
-            try:
-                id_key(str(last_evt_id))
-            except ValueError as exc:
-                self._watcher.unsubscribe(name, client)
-                await self._send(client, _error("malformed", str(exc)))
-                return
+        except TooManyTopics as exc:
+            await self._send(client, _error("too_many_topics", str(exc)))
+            return
         client.topics.add(name)
         self._by_topic.setdefault(name, set()).add(client)
         await self._send(client, orjson.dumps({"type": "subscribed", "topic": name}))
         if last_evt_id is not None:
-            for event in await self._outbox.after(str(last_evt_id), {name}):
+            client.replaying.add(name)
+            task = asyncio.get_running_loop().create_task(self._replay(client, name, last_evt_id))
+            client.replays.add(task)
+            task.add_done_callback(client.replays.discard)
+
+    async def _replay(self, client: Client, topic: str, after: str) -> None:
+        """Send a topic's events after `after`, a page at a time, as fast as the client takes them.
+
+        Pages only fill half the client's queue, so live events keep room and a long backlog never
+        overflows the queue it is catching up through.
+        """
+        room = max(1, self._settings.client_queue // 2)
+        cursor = after
+        try:
+            while not client.closing:
+                while client.queue.qsize() >= room:
+                    await asyncio.sleep(0.01)
+                    if client.closing:
+                        return
+                page = await self._outbox.after(cursor, {topic}, count=room - client.queue.qsize())
+                if not page:
+                    break
+                for event in page:
+                    self._offer(client, event)
+                    cursor = event.evt_id
+            # Live delivery takes over; one last read catches what was written while it was paused
+            # (the delivered-ids memory drops anything sent twice).
+            client.replaying.discard(topic)
+            for event in await self._outbox.after(cursor, {topic}):
                 self._offer(client, event)
+        except Exception as exc:
+            client.replaying.discard(topic)
+            await self._send(client, _error("unavailable", f"the outbox cannot be read now ({type(exc).__name__}); "
+                                            "resubscribe with last_evt_id later"))
+
+    def forget_topic(self, topic: str, detail: str) -> None:
+        """A reload took the topic's watch away: tell its subscribers."""
+        for client in list(self._by_topic.pop(topic, ())):
+            client.topics.discard(topic)
+            frame = orjson.loads(_error("unknown_topic", detail))
+            frame["topic"] = topic
+            try:
+                client.queue.put_nowait(orjson.dumps(frame))
+            except asyncio.QueueFull:
+                self._overflow(client)
 
     def describe(self) -> dict[str, Any]:
         now = self._clock.monotonic()

@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import os
 import re
+import weakref
 from typing import Any, AsyncIterator
 
 import orjson
@@ -81,6 +82,7 @@ _NOT_FAST = frozenset({b"authorization", b"cookie", b"cache-control", b"if-none-
                        b"transfer-encoding"})
 _PROXY_HEADERS = ("X-Cache", "X-Upstream", "X-Request-ID", "Age", "Cache-Status")
 _MEMO_MAX = 4096
+_MEMO_KEY_MAX = 1024
 CACHE_NAME = "resilience-proxy"
 
 
@@ -94,7 +96,7 @@ class _Resolved:
         self.route = route
         self.path = path
         self.key = key
-        self.entry: Any = None                       # the entry `headers` were rendered for
+        self.entry: Any = None                       # weak reference to the entry `headers` were rendered for
         self.headers: CIMultiDict[str] | None = None  # its replay headers plus X-Cache/X-Upstream
 
 
@@ -160,7 +162,8 @@ class HitPath:
             resolved = _resolve(runtime, request, raw_path)
             if len(memo) >= _MEMO_MAX:
                 memo.clear()
-            memo[(raw_path, encoding)] = resolved
+            if len(raw_path) + len(encoding or "") <= _MEMO_KEY_MAX:  # long targets are not worth their memory
+                memo[(raw_path, encoding)] = resolved
         if resolved is False:
             return None
         now = clock.time()
@@ -172,14 +175,16 @@ class HitPath:
         else:
             request_id = new_request_id()
         headers = resolved.headers
-        if resolved.entry is not entry:
+        if resolved.entry is None or resolved.entry() is not entry:
             headers = CIMultiDict(entry.headers)
             for name in _PROXY_HEADERS:
                 headers.popall(name, None)
             headers.add("X-Cache", "HIT")
             if entry.upstream:
                 headers.add("X-Upstream", entry.upstream)
-            resolved.entry, resolved.headers = entry, headers
+            # A weak reference: the memo must never keep a body alive after the store has let it go.
+            resolved.entry, resolved.headers = weakref.ref(entry), headers
+        # web.Response copies `headers` into its own CIMultiDict: the rendered ones stay untouched.
         response = web.Response(status=entry.status, headers=headers, body=entry.body)
         out = response.headers
         out.add("X-Request-ID", request_id)

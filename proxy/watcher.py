@@ -41,6 +41,10 @@ class UnknownTopic(ValueError):
     """The topic names no watched route."""
 
 
+class TooManyTopics(ValueError):
+    """The proxy watches as many topics as it may (events.max_topics)."""
+
+
 @dataclass(slots=True)
 class Topic:
     name: str
@@ -64,11 +68,13 @@ class Watcher:
     """Keeps the subscribed topics, polls the due ones, detects changes and emits events."""
 
     def __init__(self, state: Any, outbox: Outbox, publish: Callable[[Event], Awaitable[None] | None], *,
-                 emit: events.Subscriber = events.discard) -> None:
+                 emit: events.Subscriber = events.discard, max_topics: int = 1000, concurrency: int = 16) -> None:
         self._state = state              # .runtime (swapped on reload), .clock
         self._outbox = outbox
         self._publish = publish
         self._emit = emit
+        self._max_topics = max_topics    # across every client: each topic is an upstream call per interval
+        self._polls = asyncio.Semaphore(concurrency)  # a burst of due topics must not be a burst upstream
         self.topics: dict[str, Topic] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -95,6 +101,8 @@ class Watcher:
 
     def subscribe(self, topic: str, subscriber: Any) -> str:
         resolved = self.resolve(topic)
+        if resolved.name not in self.topics and len(self.topics) >= self._max_topics:
+            raise TooManyTopics(f"this proxy already watches {self._max_topics} topics (events.max_topics)")
         current = self.topics.setdefault(resolved.name, resolved)
         if not current.subscribers and not current.static:
             current.due = 0.0  # a topic nobody watched before is polled at once (its baseline)
@@ -109,7 +117,11 @@ class Watcher:
         current.subscribers.discard(subscriber)
         self._emit(events.TopicSubscribers(current.route.name, current.name, len(current.subscribers)))
         if not current.subscribers and not current.static:
-            del self.topics[topic]  # nobody listens: stop polling it
+            self._drop(topic)  # nobody listens: stop polling it
+
+    def _drop(self, topic: str) -> None:
+        self.topics.pop(topic, None)
+        self._outbox.forget(topic)
 
     def add_static_topics(self) -> list[str]:
         """Topics a watch lists under `topics:` are always polled (for webhook-only consumers)."""
@@ -123,6 +135,30 @@ class Watcher:
                     continue
                 self.topics.setdefault(resolved.name, resolved).static = True
         return problems
+
+    def reconfigure(self) -> dict[str, list[Any]]:
+        """After a reload: resolve every topic against the new table.
+
+        Topics keep their subscribers and last values when their route is still watched (with
+        the new route's upstreams, interval and fields); the others are dropped, and their
+        subscribers returned so they can be told. Static topics follow the new `topics:` lists.
+        """
+        orphans: dict[str, list[Any]] = {}
+        for name, topic in list(self.topics.items()):
+            try:
+                fresh = self.resolve(name)
+            except UnknownTopic:
+                orphans[name] = list(topic.subscribers)
+                self._drop(name)
+                continue
+            topic.service, topic.route, topic.params = fresh.service, fresh.route, fresh.params
+            topic.static = False
+        for problem in self.add_static_topics():
+            log.warning(f"watch topic ignored: {problem}", kind="watch")
+        for name, topic in list(self.topics.items()):
+            if not topic.subscribers and not topic.static:
+                self._drop(name)
+        return orphans
 
     # --- polling -------------------------------------------------------------------------
 
@@ -150,6 +186,10 @@ class Watcher:
         await cancel_and_wait(self._task)
 
     async def _poll(self, topic: Topic) -> None:
+        async with self._polls:
+            await self._poll_now(topic)
+
+    async def _poll_now(self, topic: Topic) -> None:
         runtime = self._state.runtime
         clock = runtime.clock
         topic.polls += 1

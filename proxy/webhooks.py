@@ -5,8 +5,9 @@ delivered by one replica ("scale out the workers" means adding replicas); an eve
 took but never finished (it crashed) is claimed by another after `claim_idle`. With the memory
 backend the worker takes events from an in-process queue.
 
-Each POST carries the event as JSON, `X-Event-Id`, and `X-Signature: sha256=<hex>` — an HMAC
-of the body with the watch's `secret`. A delivery is done when the webhook answers 2xx; after
+Each POST carries the event as JSON, `X-Event-Id`, `X-Signature-Timestamp: <unix seconds>` and
+`X-Signature: sha256=<hex>` — an HMAC with the watch's `secret` of `<timestamp>.<body>`, so a
+receiver can refuse old (replayed) deliveries. A delivery is done when the webhook answers 2xx; after
 `attempts` failures the event goes to the dead-letter stream.
 """
 
@@ -39,7 +40,7 @@ def signature(secret: str, body: bytes) -> str:
 class WebhookWorker:
     def __init__(self, state: Any, outbox: Any, clock: Clock, emit: events.Subscriber, *, redis: Any = None,
                  consumer: str | None = None, base_delay: float = 1.0, max_delay: float = 60.0,
-                 timeout: float = 10.0, claim_idle: float = 60.0) -> None:
+                 timeout: float = 10.0, claim_idle: float = 600.0) -> None:
         self._state = state          # .runtime.config (current route table)
         self._outbox = outbox
         self._clock = clock
@@ -77,12 +78,14 @@ class WebhookWorker:
             return True  # no webhook for this route (any more): nothing to do
         body = orjson.dumps(event.as_json())
         headers = {"Content-Type": "application/json", "X-Event-Id": event.evt_id}
-        if watch.secret:
-            headers["X-Signature"] = signature(watch.secret, body)
         if self._session is None:
             self._session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
         reason = ""
         for attempt in range(1, watch.attempts + 1):
+            if watch.secret:  # signed at each attempt, so a late retry carries a fresh timestamp
+                timestamp = str(int(self._clock.time()))
+                headers["X-Signature-Timestamp"] = timestamp
+                headers["X-Signature"] = signature(watch.secret, timestamp.encode() + b"." + body)
             try:
                 async with self._session.post(str(watch.webhook), data=body, headers=headers,
                                               timeout=aiohttp.ClientTimeout(total=self._timeout),
@@ -110,9 +113,11 @@ class WebhookWorker:
 
     # --- Redis: a consumer group over the outbox stream ---------------------------------------
 
-    async def ensure_group(self) -> None:
+    async def ensure_group(self, start: str = "$") -> None:
+        """Create the consumer group: at the stream's end the first time, from its start when the
+        stream itself was deleted and recreated (then everything in it is new)."""
         try:
-            await self._redis.xgroup_create(self._outbox.key, GROUP, id="$", mkstream=True)
+            await self._redis.xgroup_create(self._outbox.key, GROUP, id=start, mkstream=True)
         except Exception as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -142,16 +147,21 @@ class WebhookWorker:
         return 1
 
     async def run(self) -> None:
-        if self._redis is not None:
-            await self.ensure_group()
+        group_ready = self._redis is None
+        start = "$"
         while True:
             try:
+                if not group_ready:
+                    await self.ensure_group(start)  # in the loop: Redis may be down at start, or the stream deleted
+                    group_ready = True
                 await self.work_once()
             except TimeoutError:
                 continue
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if "NOGROUP" in str(exc):
+                    group_ready, start = False, "0"
                 log.warning(f"webhook worker: {exc}", kind="webhook")
                 await asyncio.sleep(1.0)
 

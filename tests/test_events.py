@@ -239,7 +239,9 @@ async def test_a_webhook_that_fails_three_times_gets_the_event_once_it_answers(f
     body = orjson.loads(last.body)
     assert body["topic"] == "flights/status/KE001" and body["after"]["status"] == "DELAYED"
     assert last.headers["X-Event-Id"] == body["evtId"]
-    expected = "sha256=" + hmac.new(b"whsec-5e6f7a8b", last.body, hashlib.sha256).hexdigest()
+    timestamp = last.headers["X-Signature-Timestamp"]
+    assert timestamp == str(int(clock.time()))
+    expected = "sha256=" + hmac.new(b"whsec-5e6f7a8b", timestamp.encode() + b"." + last.body, hashlib.sha256).hexdigest()
     assert last.headers["X-Signature"] == expected
     assert {s.body for s in hook.seen} == {last.body}   # the same event each time
     assert proxy.process.events.webhooks.counters == {"delivered": 1, "failed_attempts": 3, "dead": 0}
@@ -350,5 +352,127 @@ async def test_a_webhook_that_never_answers_ends_in_the_dead_letter_stream(fake_
         assert len(dead) == 1 and dead[0][1][b"reason"] == b"HTTP 503"
         metrics = await (await proxy.client.get(proxy.metrics_url + "/metrics")).text()
         assert 'event_dead_letters_total{route="/flights/status/{flight}"} 1.0' in metrics
+    finally:
+        await stop_proxy(proxy)
+
+
+async def test_topics_are_capped_per_connection_and_per_proxy(fake_upstream, proxy_factory, clock):
+    api = await fake_upstream("kac")
+    proxy = await proxy_factory(watched(api.url, events={"max_topics": 3}), clock=clock)
+    await quiet(proxy)
+    ws = await connect(proxy)
+    answers = [await subscribe(ws, f"flights/status/KE00{n}") for n in range(4)]
+    assert [a["type"] for a in answers[:3]] == ["subscribed"] * 3
+    assert answers[3]["error"] == "too_many_topics"
+    assert len(proxy.process.events.watcher.topics) == 3
+    assert (await subscribe(ws, "flights/status/KE000"))["type"] == "subscribed"  # one it already has
+
+
+async def test_a_reload_that_removes_a_watch_tells_its_subscribers(fake_upstream, tmp_path, clock):
+    from proxy.config import load_config
+    from proxy.process import ProxyProcess
+
+    api = await fake_upstream("kac")
+    other = await fake_upstream("other")
+    api.default = other.default = flight("SCHEDULED")
+    path = tmp_path / "routes.yaml"
+    path.write_text(watched(api.url))
+    process = ProxyProcess(load_config(path, {}), clock=clock, env={})
+    await process.start()
+    await process.events.watcher.stop()
+    host, port = process.addresses["main"]
+    async with aiohttp.ClientSession() as client:
+        try:
+            ws = await client.ws_connect(f"http://{host}:{port}/events")
+            await subscribe(ws)
+            await subscribe(ws, "flights/status/OZ8915")
+            await process.events.watcher.tick()
+            assert api.calls == 2
+            # The same watch on another upstream: topics follow the new table.
+            path.write_text(watched(other.url))
+            assert await process.reload("test") == []
+            clock.advance(300)
+            await process.events.watcher.tick()
+            assert (api.calls, other.calls) == (2, 2)
+            # The watch goes away: subscribers are told, nothing is polled any more.
+            path.write_text(route_table({"flights": {"retry": "NONE", "routes": [{"match": "/flights/status/{flight}"}],
+                                                     "upstreams": [{"name": "flights_kac", "url": other.url}]}}))
+            assert await process.reload("test") == []
+            told = [await frame(ws), await frame(ws)]
+            assert {f["topic"] for f in told} == {"flights/status/KE001", "flights/status/OZ8915"}
+            assert {f["error"] for f in told} == {"unknown_topic"}
+            assert process.events.watcher.topics == {}
+            clock.advance(300)
+            assert await process.events.watcher.tick() == 0
+        finally:
+            await process.stop()
+
+
+async def test_a_long_backlog_is_replayed_whole_and_in_order_through_a_small_queue(fake_upstream, proxy_factory, clock):
+    api = await fake_upstream("kac")
+    proxy = await proxy_factory(watched(api.url, events={"client_queue": 10}), clock=clock)
+    await quiet(proxy)
+    outbox = proxy.process.events.outbox
+    ids = []
+    for n in range(30):
+        clock.advance(1)
+        event = await outbox.record_change("flights/status/KE001", "/flights/status/{flight}", "t",
+                                           orjson.dumps({"n": n}))
+        if event is not None:
+            ids.append(event.evt_id)
+    assert len(ids) == 29  # the first value is a baseline
+    ws = await connect(proxy)
+    await subscribe(ws, last_evt_id="0-0")
+    got, acked = [], 0
+    while len(got) < 29 or acked < 29:
+        message = await frame(ws)
+        if message["type"] == "acked":
+            acked += 1
+            continue
+        assert message["type"] == "event", message
+        got.append(message["evtId"])
+        await ws.send_str(orjson.dumps({"op": "ack", "evtId": message["evtId"]}).decode())
+    assert got == ids
+    assert proxy.process.events.hub.describe()["dropped"] == 0
+
+
+@pytest.mark.parametrize("bad", ["1_000-0", "99999999999999999999999-0", "12", "-1-0", "abc-1"])
+async def test_an_odd_last_evt_id_is_refused_and_the_connection_stays(fake_upstream, proxy_factory, clock, bad):
+    api = await fake_upstream("kac")
+    proxy = await proxy_factory(watched(api.url), clock=clock)
+    await quiet(proxy)
+    ws = await connect(proxy)
+    assert (await subscribe(ws, last_evt_id=bad))["error"] == "malformed"
+    assert (await subscribe(ws))["type"] == "subscribed"
+
+
+async def test_the_webhook_worker_recreates_its_group_when_the_stream_is_deleted(fake_upstream, clock, redis_url,
+                                                                                redis_prefix, cleanup):
+    api = await fake_upstream("kac")
+    hook = await fake_upstream("hook")
+    api.default = flight("SCHEDULED")
+    text = watched(api.url, webhook=hook.url + "/hook", topics=["flights/status/KE001"],
+                   **redis_cache(redis_url, redis_prefix))
+    proxy = await start_proxy(text, clock=clock, env={"WEBHOOK_SECRET": "s3cret-2222"})
+    try:
+        await proxy.process.events.watcher.stop()
+        await poll(proxy, clock)
+        client = aioredis.Redis.from_url(redis_url)
+        for _ in range(100):  # the worker has created its group
+            groups = await client.xinfo_groups(f"{redis_prefix}{{events}}") if await client.exists(
+                f"{redis_prefix}{{events}}") else []
+            if groups:
+                break
+            await asyncio.sleep(0.02)
+        await client.delete(f"{redis_prefix}{{events}}")  # takes the consumer group with it
+        await client.aclose()
+        api.default = flight("DIVERTED")
+        await poll(proxy, clock)
+        for _ in range(200):
+            if hook.calls:
+                break
+            await asyncio.sleep(0.02)
+        assert hook.calls == 1
+        assert orjson.loads(hook.seen[0].body)["after"]["status"] == "DIVERTED"
     finally:
         await stop_proxy(proxy)

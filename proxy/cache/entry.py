@@ -15,7 +15,7 @@ _ENTRY_OVERHEAD = 100  # struct, key and bookkeeping, roughly
 _FORBIDDEN_IN_HEADERS = ("\r", "\n", "\0")
 
 
-class Entry(msgspec.Struct, frozen=True, array_like=False):
+class Entry(msgspec.Struct, frozen=True, array_like=False, weakref=True):
     """One stored response. Times are wall-clock epoch seconds, so every replica reads the same age."""
 
     status: int
