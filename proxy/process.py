@@ -243,9 +243,9 @@ async def serve(config: Config, *, listen: tuple[str, int] | None = None,
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
     process.start_watching()
-    main = process.addresses.get("main")
+    main, metrics = process.addresses.get("main"), process.addresses.get("metrics")
     log.info("resilience-proxy serving", listen=f"{main[0]}:{main[1]}" if main else None,
-             metrics=process.addresses.get("metrics"), config=config.source,
+             metrics=f"{metrics[0]}:{metrics[1]}" if metrics else None, config=config.source,
              services=sorted(config.services), cache=config.cache.backend)
     await stop.wait()
     log.info("draining: no new connections, finishing in-flight requests",
