@@ -21,7 +21,7 @@ from .outcome import Outcome, from_status, is_breaker_failure
 from .quota import KeyRing, SharedTokenBucket, TokenBucket, fingerprint
 from .retry import parse_retry_after
 from .transform import TransformError, apply
-from .transport import AttemptError, HttpTransport, NoPathForUpstream, Reply, build_url, masked_url
+from .transport import AttemptError, HttpTransport, MaskedUrl, NoPathForUpstream, Reply, build_url
 
 # Words in a 403 answer that say the key (not the request) is the problem.
 _KEY_WORDS = ("quota", "limit", "key", "auth", "token", "credential", "subscription", "exceeded", "expired")
@@ -94,8 +94,8 @@ class AttemptStage:
             permit.release()
             return self._skip(upstream, exchange, Outcome.RATE_LIMITED, "over the upstream's rate limit")
         clock = self._clock
-        timeout = min(upstream.timeout, exchange.deadline_at - clock.monotonic())
         started = clock.monotonic()
+        timeout = min(upstream.timeout, exchange.deadline_at - started)
         try:
             reply = await self._transport.send(upstream, exchange, url, headers, timeout)
         except AttemptError as exc:
@@ -117,7 +117,7 @@ class AttemptStage:
         exchange.attempts.append(AttemptRecord(upstream.name, result.outcome.value, result.status, result.detail))
         self._emit(events.AttemptFinished(
             service=upstream.service, provider=upstream.name, outcome=result.outcome.value, status=result.status,
-            duration=duration, attempt=number, method=exchange.method, url=masked_url(url, upstream),
+            duration=duration, attempt=number, method=exchange.method, url=MaskedUrl(url, upstream),
             request_id=exchange.request_id, error=result.detail))
         return result
 

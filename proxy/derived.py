@@ -23,10 +23,17 @@ class DerivedStage:
     def __init__(self, chain: Chain) -> None:
         self._chain = chain
 
-    async def __call__(self, exchange: Exchange) -> Answer:
+    def __call__(self, exchange: Exchange) -> Awaitable[Answer]:
         route = exchange.route
         if route is None or route.derive is None:
-            return await self._chain(exchange)
+            # Not derived: hand back the next stage's awaitable itself, so this stage adds no
+            # coroutine frame that every suspension of the request would pass through.
+            return self._chain(exchange)
+        return self._derive(exchange)
+
+    async def _derive(self, exchange: Exchange) -> Answer:
+        route = exchange.route
+        assert route is not None and route.derive is not None
         derive = route.derive
         path = derive.source.render(exchange.params, encode=True)
         source_route, source_params = exchange.service.route_for(derive.source.render(exchange.params, encode=False))

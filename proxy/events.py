@@ -87,7 +87,7 @@ class AttemptFinished:
     duration: float       # seconds
     attempt: int          # 1 for the first try on this upstream
     method: str
-    url: str              # the upstream URL with secret query values masked
+    url: Any              # the upstream URL with secret query values masked, as `str(url)` gives it
     request_id: str
     error: str | None = None
 

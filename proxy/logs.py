@@ -166,7 +166,7 @@ class EventLog:
         level = self._log.info if e.outcome in ("success", "client_error") else self._log.warning
         level("upstream attempt", kind="attempt", service=e.service, provider=e.provider, outcome=e.outcome,
               status=e.status, duration_ms=round(e.duration * 1000, 2), attempt=e.attempt, method=e.method,
-              url=e.url, request_id=e.request_id, error=e.error)
+              url=str(e.url), request_id=e.request_id, error=e.error)
 
     def _RetryScheduled(self, e: events.RetryScheduled) -> None:
         self._log.info(f"Retrying {e.provider} in {e.delay * 1000:.0f}ms (attempt {e.attempt})", kind="retry",

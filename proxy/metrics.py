@@ -35,6 +35,8 @@ _ANSWERED = frozenset(o.value for o in Outcome if o.answered)
 
 def _text(value: Any) -> str:
     """A label value; an enum member gives its value, not `Outcome.SUCCESS`."""
+    if type(value) is str:
+        return value
     return value.value if isinstance(value, enum.Enum) else str(value)
 
 

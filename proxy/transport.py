@@ -65,7 +65,9 @@ def connection_tokens(headers: Any) -> set[str]:
 
 def end_to_end(headers: Any, extra_drop: frozenset[str] | set[str] = frozenset()) -> list[tuple[str, str]]:
     """Headers minus hop-by-hop ones (and what `Connection` names), order and duplicates kept."""
-    drop = _NEVER_FORWARDED | connection_tokens(headers) | extra_drop
+    drop = _NEVER_FORWARDED | extra_drop if extra_drop else _NEVER_FORWARDED
+    if "Connection" in headers:
+        drop = drop | connection_tokens(headers)
     return [(str(name), value) for name, value in headers.items() if name.lower() not in drop]
 
 
@@ -111,6 +113,35 @@ def masked_url(url: URL, upstream: Upstream) -> str:
     return str(url.with_query(query))
 
 
+class MaskedUrl:
+    """An attempt's URL for logs, masked (`masked_url`) only when something turns it into text.
+
+    Attempt events carry one of these: at the default level nothing writes a successful
+    attempt's line, so the masking (and the URL's text) is never paid for on that path.
+    """
+
+    __slots__ = ("_url", "_upstream", "_text")
+
+    def __init__(self, url: URL, upstream: Upstream) -> None:
+        self._url = url
+        self._upstream = upstream
+        self._text: str | None = None
+
+    def __str__(self) -> str:
+        if self._text is None:
+            self._text = masked_url(self._url, self._upstream)
+        return self._text
+
+    def __repr__(self) -> str:
+        return repr(str(self))
+
+    def __eq__(self, other: object) -> bool:
+        return str(self) == (str(other) if isinstance(other, MaskedUrl) else other)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+
 class HttpTransport:
     """Sends attempts to upstreams over one pooled session per upstream."""
 
@@ -118,6 +149,7 @@ class HttpTransport:
         self._settings = settings
         self._limit = limit_per_upstream
         self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._strip: dict[frozenset[str], frozenset[str]] = {}  # a service's forward_headers -> what is stripped
 
     def _session(self, upstream: Upstream) -> aiohttp.ClientSession:
         session = self._sessions.get(upstream.name)
@@ -146,7 +178,10 @@ class HttpTransport:
                 await self._sessions.pop(name).close()
 
     def request_headers(self, upstream: Upstream, exchange: Exchange, values: dict[str, str]) -> CIMultiDict[str]:
-        strip = self._settings.strip_headers - exchange.service.forward_headers
+        forward = exchange.service.forward_headers
+        strip = self._strip.get(forward)
+        if strip is None:
+            strip = self._strip[forward] = self._settings.strip_headers - forward
         headers = CIMultiDict(end_to_end(exchange.headers, strip))
         for name, template in upstream.headers:
             if any(n not in values for n in template.names):
@@ -198,6 +233,11 @@ class HttpTransport:
         length = response.content_length
         if length is not None and length > limit:
             return Reply(response.status, response.reason or "", headers, b"", stream=response, retry_after=retry_after)
+        if length is not None:
+            # A declared length within the buffer limit: read it whole, in one go.
+            body_bytes = await response.read()
+            response.release()
+            return Reply(response.status, response.reason or "", headers, body_bytes, retry_after=retry_after)
         body = bytearray()
         while True:
             chunk = await response.content.read(_CHUNK)
