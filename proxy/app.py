@@ -103,6 +103,3 @@ class Runtime:
     async def close(self) -> None:
         await self.cache.close()
         await self.transport.close()
-
-    def describe_cache(self) -> dict[str, Any]:
-        return self.store.describe()

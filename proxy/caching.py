@@ -152,31 +152,37 @@ class CacheStage:
         held = await store.lock(key, token, lock_ttl)
         if held:
             # Double-check: the previous holder may have stored a copy between our lookup and the lock.
-            entry = await store.get_shared(key)
-            if entry is not None and entry.is_fresh(self._clock.time()):
+            entry = await self._fresh_shared(store, key)
+            if entry is not None:
                 await store.unlock(key, token)
-                return self._from_entry(entry, self._clock.time(), "MISS", f"{NAME}; fwd=miss; detail=coalesced-cluster")
+                return self._cluster_answer(entry)
         if held is False:
             entry = await self._await_cluster_copy(store, key, exchange.deadline_at)
             if entry is not None:
                 self._emit(events.Coalesced(exchange.service.name))
-                now = self._clock.time()
-                return self._from_entry(entry, now, "MISS", f"{NAME}; fwd=miss; detail=coalesced-cluster")
+                return self._cluster_answer(entry)
         try:
             return await self._fetch(exchange, key, rule)
         finally:
             if held:
                 await store.unlock(key, token)
 
+    async def _fresh_shared(self, store: Any, key: str) -> Entry | None:
+        """The copy in Redis (not the local tier) if it is fresh."""
+        entry = await store.get_shared(key)
+        return entry if entry is not None and entry.is_fresh(self._clock.time()) else None
+
+    def _cluster_answer(self, entry: Entry) -> Answer:
+        return self._from_entry(entry, self._clock.time(), "MISS", f"{NAME}; fwd=miss; detail=coalesced-cluster")
+
     async def _await_cluster_copy(self, store: Any, key: str, deadline_at: float) -> Entry | None:
         while self._clock.monotonic() < deadline_at:
             await asyncio.sleep(_CLUSTER_POLL)  # polling Redis, not a backoff: real time on purpose
-            entry = await store.get_shared(key)
-            if entry is not None and entry.is_fresh(self._clock.time()):
+            entry = await self._fresh_shared(store, key)
+            if entry is not None:
                 return entry
             if not await store.locked(key):  # released (or Redis gone) without a fresh copy
-                entry = await store.get_shared(key)
-                return entry if entry is not None and entry.is_fresh(self._clock.time()) else None
+                return await self._fresh_shared(store, key)
         return None
 
     def _from_entry(self, entry: Entry, now: float, state: str, cache_status: str, *, fallback: bool = False) -> Answer:

@@ -115,7 +115,7 @@ def info_enabled() -> bool:
 
 
 # Events whose only line is at info level: skipped whole (no formatting) when info is filtered out.
-_INFO_ONLY = frozenset({"RequestFinished", "RetryScheduled", "ConfigReloadedOk"})
+_INFO_ONLY = frozenset({"RequestFinished", "RetryScheduled"})
 
 
 class EventLog:

@@ -109,6 +109,11 @@ class _Tally:
         self.errors = 0
         self.latency = _Latency()
 
+    def merge(self, other: "_Tally") -> None:
+        self.requests += other.requests
+        self.errors += other.errors
+        self.latency.merge(other.latency)
+
 
 class _ServiceTally(_Tally):
     __slots__ = ("hit", "miss", "stale", "bypass")
@@ -116,6 +121,13 @@ class _ServiceTally(_Tally):
     def __init__(self) -> None:
         super().__init__()
         self.hit = self.miss = self.stale = self.bypass = 0
+
+    def merge(self, other: "_ServiceTally") -> None:  # type: ignore[override]
+        super().merge(other)
+        self.hit += other.hit
+        self.miss += other.miss
+        self.stale += other.stale
+        self.bypass += other.bypass
 
 
 class _Minute:
@@ -215,23 +227,9 @@ class Stats:
         services: dict[str, _ServiceTally] = {self._service_of[name]: _ServiceTally() for name in self._registered}
         for bucket in buckets:
             for name, tally in bucket.providers.items():
-                total = providers.get(name)
-                if total is None:
-                    total = providers[name] = _Tally()
-                total.requests += tally.requests
-                total.errors += tally.errors
-                total.latency.merge(tally.latency)
-            for name, tally in bucket.services.items():
-                sum_ = services.get(name)
-                if sum_ is None:
-                    sum_ = services[name] = _ServiceTally()
-                sum_.requests += tally.requests
-                sum_.errors += tally.errors
-                sum_.latency.merge(tally.latency)
-                sum_.hit += tally.hit
-                sum_.miss += tally.miss
-                sum_.stale += tally.stale
-                sum_.bypass += tally.bypass
+                providers.setdefault(name, _Tally()).merge(tally)
+            for name, service_tally in bucket.services.items():
+                services.setdefault(name, _ServiceTally()).merge(service_tally)
         for name in providers:
             services.setdefault(self._service_of[name], _ServiceTally())
 

@@ -37,13 +37,6 @@ class Substituted(str):
     values: tuple[str, ...]
 
 
-class YamlProblem(Exception):
-    def __init__(self, line: int, message: str) -> None:
-        super().__init__(message)
-        self.line = line
-        self.message = message
-
-
 def substitute(text: str, env: Mapping[str, str], line: int, problems: list[tuple[int, str]]) -> str:
     """Replace `${VAR}` / `${VAR:-default}`; an unset variable without a default is a problem."""
     if "${" not in text:
