@@ -14,7 +14,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import structlog
 
-from .background import cancel_and_wait
+from .background import cancel_and_wait, stop_if_asked
 from .config import Config
 from .outbox import Event, MemoryOutbox, RedisOutbox, parse_event_fields
 from .push import Hub
@@ -51,6 +51,7 @@ class EventsSystem:
         """Hand events other replicas wrote to this replica's WebSocket clients."""
         last = "$"
         while True:
+            stop_if_asked()
             try:
                 batches = await self._redis.xread({self.outbox.key: last}, block=1000, count=100)
                 for _, entries in batches or []:
@@ -60,6 +61,7 @@ class EventsSystem:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                stop_if_asked()
                 log.warning(f"outbox tail: {exc}", kind="events")
                 await asyncio.sleep(1.0)
 

@@ -29,7 +29,7 @@ import structlog
 from aiohttp import WSMsgType, web
 
 from . import events
-from .background import cancel_and_wait
+from .background import cancel_and_wait, stop_if_asked
 from .clock import Clock
 from .config import EventsSettings
 from .outbox import Event, Outbox, id_key
@@ -147,12 +147,14 @@ class Hub:
 
     async def run(self, granularity: float = 0.2, report_every: int = 25) -> None:
         for turn in itertools.count():
+            stop_if_asked()
             await asyncio.sleep(granularity)
             try:
                 await self.redeliver_due()
                 if turn % report_every == 0:
                     await self.report()
             except Exception:
+                stop_if_asked()
                 log.exception("redelivery failed")
 
     async def report(self) -> None:

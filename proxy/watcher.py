@@ -26,7 +26,7 @@ import structlog
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from . import events
-from .background import cancel_and_wait
+from .background import cancel_and_wait, stop_if_asked
 from .config import Route, Service
 from .exchange import Exchange
 from .fallback import UpstreamsFailed
@@ -173,9 +173,11 @@ class Watcher:
 
     async def run(self, granularity: float = 0.5) -> None:
         while True:
+            stop_if_asked()
             try:
                 await self.tick()
             except Exception:
+                stop_if_asked()
                 log.exception("watch poll failed")
             await asyncio.sleep(granularity)
 

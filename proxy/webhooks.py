@@ -24,7 +24,7 @@ import orjson
 import structlog
 
 from . import events
-from .background import cancel_and_wait
+from .background import cancel_and_wait, stop_if_asked
 from .clock import Clock
 from .config import Config, Watch
 from .outbox import Event, parse_event_fields
@@ -150,16 +150,18 @@ class WebhookWorker:
         group_ready = self._redis is None
         start = "$"
         while True:
+            stop_if_asked()
             try:
                 if not group_ready:
                     await self.ensure_group(start)  # in the loop: Redis may be down at start, or the stream deleted
                     group_ready = True
                 await self.work_once()
-            except TimeoutError:
-                continue
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                stop_if_asked()
+                if isinstance(exc, TimeoutError):
+                    continue
                 if "NOGROUP" in str(exc):
                     group_ready, start = False, "0"
                 log.warning(f"webhook worker: {exc}", kind="webhook")
