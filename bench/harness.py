@@ -358,7 +358,11 @@ class Bench:
 
     def port(self, name: str) -> int:
         if name not in self.ports:
-            self.ports[name] = free_port()
+            taken = set(self.ports.values())
+            port = free_port()
+            while port in taken:  # the kernel may hand a closed port out again: one listener per port
+                port = free_port()
+            self.ports[name] = port
         return self.ports[name]
 
     def load(self, url: str, connections: int, duration: float) -> dict[str, Any]:
@@ -432,7 +436,10 @@ class Bench:
         fakes = self.procs.start("fakes", [PYTHON, "-m", "bench.servers", "upstreams"] +
                                  [f"{name}={self.port(name)}" for name in listeners], cpu=self.load_cpu)
         for name in listeners:
-            wait_http(f"http://127.0.0.1:{self.port(name)}/__bench/calls", fakes)
+            try:
+                wait_http(f"http://127.0.0.1:{self.port(name)}/__bench/calls", fakes)
+            except RuntimeError as exc:
+                raise RuntimeError(f"fake providers: {exc}\n{self.procs.log_tail('fakes')}") from None
         a, b = self.port("speed_a"), self.port("speed_b")
 
         # Started together, then waited for: each Python process takes about a second to import.
