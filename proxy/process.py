@@ -22,7 +22,7 @@ from .eventing import EventsSystem
 from .health import Health
 from .logs import REDACTOR, EventLog
 from .metrics import Metrics
-from .server import HitPath, ProxyHandler, error_response, request_id_of
+from .server import HitPath, ProxyHandler, RawAnswer, error_response, request_id_of
 from .stats import Stats
 
 log = structlog.get_logger("resilience-proxy")
@@ -69,7 +69,7 @@ class ProxyProcess:
 
     # --- requests ---------------------------------------------------------------------------
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse | RawAnswer:
         try:
             fast = self._hit(request)  # a fresh in-process copy, answered without the chain
         except Exception:

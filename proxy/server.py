@@ -12,12 +12,16 @@ import asyncio
 import itertools
 import os
 import re
+import time
 import weakref
+from email.utils import formatdate
+from http import HTTPStatus
 from typing import Any, AsyncIterator
 
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 from multidict import CIMultiDict
 
 from . import events
@@ -81,23 +85,110 @@ _NOT_FAST = frozenset({b"authorization", b"cookie", b"cache-control", b"if-none-
                        b"if-match", b"if-unmodified-since", b"if-range", b"range", b"expect", b"content-length",
                        b"transfer-encoding"})
 _PROXY_HEADERS = ("X-Cache", "X-Upstream", "X-Request-ID", "Age", "Cache-Status")
+_PROXY_LOWER = frozenset(name.lower() for name in _PROXY_HEADERS)
+# A stored copy carrying one of these is answered by the full path, which knows what to do with it.
+_NOT_RENDERED = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
 _MEMO_MAX = 4096
 _MEMO_KEY_MAX = 1024
+_DRAIN_ABOVE = 256 * 1024  # bytes waiting in the socket's buffer before a fast answer waits for the caller
 CACHE_NAME = "resilience-proxy"
 
 
 class _Resolved:
     """What the full chain would decide for one (request target, Accept-Encoding) before the cache."""
 
-    __slots__ = ("service", "route", "path", "key", "entry", "headers")
+    __slots__ = ("service", "route", "path", "key", "entry", "head", "dated")
 
     def __init__(self, service: str, route: str, path: str, key: str) -> None:
         self.service = service
         self.route = route
         self.path = path
         self.key = key
-        self.entry: Any = None                       # weak reference to the entry `headers` were rendered for
-        self.headers: CIMultiDict[str] | None = None  # its replay headers plus X-Cache/X-Upstream
+        self.entry: Any = None          # weak reference to the entry `head` was rendered for
+        self.head: bytes | None = None  # its status line and fixed headers, or None: not renderable
+        self.dated = False              # the copy carries its own Date header
+
+
+class RawAnswer:
+    """A whole HTTP/1.1 answer already rendered to bytes, written to the socket in one call.
+
+    aiohttp's server only calls `prepare` and `write_eof` on what a handler returns and reads
+    its `keep_alive`; this gives it exactly that, without the per-answer header objects and
+    serialisation of `web.Response`. Only for answers the HIT path has rendered itself.
+    """
+
+    __slots__ = ("data", "status", "keep_alive")
+
+    def __init__(self, data: bytes, status: int) -> None:
+        self.data = data
+        self.status = status
+        self.keep_alive = True
+
+    async def prepare(self, request: web.BaseRequest) -> None:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the caller closed the connection")
+        transport.write(self.data)
+        if transport.get_write_buffer_size() > _DRAIN_ABOVE:
+            await request.writer.drain()  # a caller that does not read holds this connection, not our memory
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None
+
+
+def render_head(entry: Any, upstream: str | None) -> tuple[bytes, bool] | None:
+    """The status line and the headers `web.Response` would send for a HIT on `entry`, minus the
+    per-request ones (Date, X-Request-ID, Age, Cache-Status), and whether the copy has its own Date.
+
+    None when the answer is not a plain one (bodiless statuses, framing headers in the copy,
+    characters aiohttp would refuse): those go through `web.Response` on the full path.
+    """
+    status = entry.status
+    if status < 200 or status in (204, 304):
+        return None
+    try:
+        reason = HTTPStatus(status).phrase
+    except ValueError:
+        reason = ""
+    lines = [f"HTTP/1.1 {status} {reason}"]
+    names = set()
+    for name, value in entry.headers:
+        lower = name.lower()
+        if lower in _NOT_RENDERED:
+            return None
+        if lower in _PROXY_LOWER:
+            continue
+        names.add(lower)
+        lines.append(f"{name}: {value}")
+    lines.append("X-Cache: HIT")
+    if upstream:
+        lines.append(f"X-Upstream: {upstream}")
+    if entry.body and "content-type" not in names:
+        lines.append("Content-Type: application/octet-stream")
+    if "server" not in names:
+        lines.append(f"Server: {SERVER_SOFTWARE}")
+    lines.append(f"Content-Length: {len(entry.body)}")
+    text = "\r\n".join(lines) + "\r\n"
+    if any(c in line for line in lines for c in "\r\n"):
+        return None  # aiohttp refuses to send these too (response splitting)
+    try:
+        return text.encode("utf-8"), "date" in names
+    except UnicodeEncodeError:
+        return None
+
+
+_date_second = -1
+_date_line = b""
+
+
+def _date_header() -> bytes:
+    """`Date: ...` for the current second, formatted once per second."""
+    global _date_second, _date_line
+    now = int(time.time())
+    if now != _date_second:
+        _date_line = b"Date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
+        _date_second = now
+    return _date_line
 
 
 class HitPath:
@@ -106,7 +197,8 @@ class HitPath:
     Only what the full path would answer with `X-Cache: HIT` from the same copy, with the same
     headers, events (or their direct counterparts in metrics and stats) and log line; anything
     else (credentials, no-store, conditional, vary, a copy to re-read from Redis, a stale or
-    missing copy, percent-encoded paths, ...) returns None and goes the full way.
+    missing copy, percent-encoded paths, HTTP/1.0 or `Connection: close`, ...) returns None and
+    goes the full way.
     """
 
     def __init__(self, state: Any) -> None:
@@ -131,8 +223,8 @@ class HitPath:
                 return False
         return True
 
-    def __call__(self, request: web.BaseRequest) -> web.Response | None:
-        if request.method != "GET":
+    def __call__(self, request: web.BaseRequest) -> RawAnswer | None:
+        if request.method != "GET" or request.version != HttpVersion11 or not request.keep_alive:
             return None
         runtime = self._state.runtime
         peek = getattr(runtime.store, "peek", None)
@@ -170,27 +262,25 @@ class HitPath:
         entry = peek(resolved.key, now)
         if entry is None or not now < entry.fresh_until:
             return None
+        if resolved.entry is None or resolved.entry() is not entry:
+            rendered = render_head(entry, entry.upstream)
+            # A weak reference: the memo must never keep a body alive after the store has let it go.
+            resolved.entry = weakref.ref(entry)
+            resolved.head, resolved.dated = rendered if rendered is not None else (None, False)
+        head = resolved.head
+        if head is None:
+            return None
         if given_id is not None:
             request_id = request_id_of(request)
         else:
             request_id = new_request_id()
-        headers = resolved.headers
-        if resolved.entry is None or resolved.entry() is not entry:
-            headers = CIMultiDict(entry.headers)
-            for name in _PROXY_HEADERS:
-                headers.popall(name, None)
-            headers.add("X-Cache", "HIT")
-            if entry.upstream:
-                headers.add("X-Upstream", entry.upstream)
-            # A weak reference: the memo must never keep a body alive after the store has let it go.
-            resolved.entry, resolved.headers = weakref.ref(entry), headers
-        # web.Response copies `headers` into its own CIMultiDict: the rendered ones stay untouched.
-        response = web.Response(status=entry.status, headers=headers, body=entry.body)
-        out = response.headers
-        out.add("X-Request-ID", request_id)
         age = now - entry.stored_at
-        out.add("Age", str(int(age)) if age > 0 else "0")
-        out.add("Cache-Status", f"{CACHE_NAME}; hit; ttl={int(entry.fresh_until - now)}")
+        answer = RawAnswer(b"".join((
+            head,
+            b"" if resolved.dated else _date_header(),
+            f"X-Request-ID: {request_id}\r\nAge: {int(age) if age > 0 else 0}\r\n"
+            f"Cache-Status: {CACHE_NAME}; hit; ttl={int(entry.fresh_until - now)}\r\n\r\n".encode(),
+            entry.body)), entry.status)
         duration = clock.monotonic() - started
         if self._direct():
             state = self._state
@@ -203,7 +293,7 @@ class HitPath:
                 service=resolved.service, route=resolved.route, method="GET", path=resolved.path,
                 status=entry.status, cache="HIT", upstream=entry.upstream, attempts=(), duration=duration,
                 request_id=request_id, fallback=False))
-        return response
+        return answer
 
 
 def _resolve(runtime: Any, request: web.BaseRequest, raw_path: str) -> _Resolved | bool:

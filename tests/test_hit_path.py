@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
+
 import pytest
 import structlog
+from aiohttp.http import SERVER_SOFTWARE
 from yarl import URL
 
 from proxy import logs
+from proxy.cache.entry import Entry
+from proxy.server import render_head
 from tests.fakes import Ok
 from tests.test_caching import RATES, cached, redis_table
 
@@ -163,3 +169,153 @@ async def test_a_local_copy_is_re_read_from_redis_after_local_ttl(fake_upstream,
     assert chain.count == 2
     assert (await proxy.get("/fx/latest/USD")).headers["X-Cache"] == "HIT"
     assert chain.count == 2 and primary.calls == 1
+
+
+async def raw_exchange(proxy, data: bytes, *, answers: int | None = None, rcvbuf: int | None = None,
+                       before_reading=None) -> bytes:
+    """Send `data` as-is on one connection; read until EOF, or until `answers` complete answers."""
+    import socket
+
+    host, port = proxy.process.addresses["main"]
+    sock = socket.socket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # small: the kernel holds little for us
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(data)
+    await writer.drain()
+    if before_reading is not None:
+        await before_reading()
+    received = bytearray()
+    try:
+        async with asyncio.timeout(5):
+            while answers is None or count_answers(received) < answers:
+                chunk = await reader.read(1024 * 1024)
+                if not chunk:
+                    break
+                received += chunk
+    finally:
+        writer.close()
+    return bytes(received)
+
+
+def count_answers(data: bytearray) -> int:
+    """How many complete answers `data` holds (framed by Content-Length), without copying bodies."""
+    count = start = 0
+    while (end := data.find(b"\r\n\r\n", start)) != -1:
+        length = int(re.search(rb"(?im)^content-length: *(\d+)", data[start:end]).group(1))
+        start = end + 4 + length
+        if start > len(data):
+            break
+        count += 1
+    return count
+
+
+def split_answers(data: bytes) -> list[tuple[bytes, bytes]]:
+    """Complete (head, body) pairs in `data`, framed by Content-Length."""
+    out = []
+    while b"\r\n\r\n" in data:
+        head, rest = data.split(b"\r\n\r\n", 1)
+        length = int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1))
+        if len(rest) < length:
+            break
+        out.append((head, rest[:length]))
+        data = rest[length:]
+    return out
+
+
+PLAIN_GET = b"GET /fx/latest/USD HTTP/1.1\r\nHost: t\r\n\r\n"  # no Accept-Encoding: its own cache key
+
+
+def header(head: bytes, name: str) -> str | None:
+    found = re.search(rb"(?im)^" + name.encode() + rb": *([^\r\n]*)", head)
+    return found.group(1).decode() if found else None
+
+
+async def test_pipelined_fast_hits_come_back_whole_and_in_order(fake_upstream, proxy_factory, clock):
+    _, proxy, chain = await start(fake_upstream, proxy_factory, clock)
+    await raw_exchange(proxy, PLAIN_GET, answers=1)
+    requests = b"".join(b"GET /fx/latest/USD HTTP/1.1\r\nHost: t\r\nX-Request-ID: req-%d\r\n\r\n" % n for n in range(5))
+    answers = split_answers(await raw_exchange(proxy, requests, answers=5))
+    assert [header(head, "X-Request-ID") for head, _ in answers] == [f"req-{n}" for n in range(5)]
+    assert all(head.startswith(b"HTTP/1.1 200 OK\r\n") and header(head, "X-Cache") == "HIT" for head, _ in answers)
+    assert [body for _, body in answers] == [RATES] * 5
+    assert chain.count == 1  # all five on the fast path
+
+
+@pytest.mark.parametrize("request_line, extra", [
+    (b"GET /fx/latest/USD HTTP/1.0", b""),
+    (b"GET /fx/latest/USD HTTP/1.1", b"Connection: close\r\n"),
+], ids=["http-1.0", "connection-close"])
+async def test_answers_that_close_the_connection_take_the_full_path(fake_upstream, proxy_factory, clock,
+                                                                    request_line, extra):
+    _, proxy, chain = await start(fake_upstream, proxy_factory, clock)
+    await raw_exchange(proxy, PLAIN_GET, answers=1)
+    received = await raw_exchange(proxy, request_line + b"\r\nHost: t\r\n" + extra + b"\r\n")  # read to EOF
+    [(head, body)] = split_answers(received)
+    assert header(head, "X-Cache") == "HIT" and body == RATES
+    assert chain.count == 2  # the chain answered, from the same copy, and the server closed the connection
+
+
+async def test_a_fast_hit_keeps_the_copy_s_own_date_and_renders_empty_bodies_like_the_chain(
+        fake_upstream, proxy_factory, clock):
+    primary = await fake_upstream("primary")
+    primary.default = Ok(body=b"", headers={"Date": "Tue, 01 Jan 2030 00:00:00 GMT", "X-Upstream": "spoofed"})
+    proxy = await proxy_factory(cached(primary.url), clock=clock)
+    chain = ChainCalls(proxy.process.runtime)
+    await proxy.get("/fx/latest/USD")
+    fast = await proxy.get("/fx/latest/USD")
+    slow = await proxy.client.get(URL(proxy.url + "/fx/latest/%55SD", encoded=True))
+    assert chain.count == 2  # the miss and the encoded path
+    assert fast.headers.getall("Date") == slow.headers.getall("Date") == ["Tue, 01 Jan 2030 00:00:00 GMT"]
+    assert fast.headers.getall("X-Upstream") == ["fx_primary"]  # the provider's own value never passes
+    assert fast.headers["Content-Length"] == "0" and "Content-Type" not in fast.headers
+    assert comparable(fast) == comparable(slow)
+
+
+async def test_a_large_copy_waits_for_a_caller_that_does_not_read(fake_upstream, proxy_factory, clock):
+    big = b"x" * (1024 * 1024)
+    primary = await fake_upstream("primary")
+    primary.default = Ok(body=big)
+    proxy = await proxy_factory(cached(primary.url, top={"cache": {"max_body_bytes": "2MiB"}}),
+                                clock=clock)
+    chain = ChainCalls(proxy.process.runtime)
+    await raw_exchange(proxy, PLAIN_GET, answers=1)
+    count = 8
+    hits = proxy.process.metrics.registry
+
+    async def nothing_read_yet():
+        await asyncio.sleep(0.3)
+        proxy.process.metrics.flush()
+        seen = hits.get_sample_value("cache_requests_total", {"service": "fx", "result": "hit"}) or 0
+        # Without waiting for the socket to drain, all eight would be answered into memory by now.
+        assert seen < count
+
+    requests = PLAIN_GET * count
+    answers = split_answers(await raw_exchange(proxy, requests, answers=count, rcvbuf=64 * 1024,
+                                               before_reading=nothing_read_yet))
+    assert [body == big for _, body in answers] == [True] * count  # nothing lost once the caller reads
+    assert chain.count == 1
+
+
+@pytest.mark.parametrize("status, headers, why", [
+    (204, [], "a bodiless status"),
+    (200, [("Transfer-Encoding", "chunked")], "framing headers in the copy"),
+    (200, [("X-Note", "a\r\nSet-Cookie: x=1")], "a line break in a value"),
+    (200, [("X-Name", "caf\udce9")], "text that is not UTF-8"),
+], ids=["204", "framing", "newline", "surrogate"])
+def test_copies_the_fast_path_cannot_render_exactly_go_the_full_way(status, headers, why):
+    entry = Entry(status=status, headers=headers, body=b"{}", stored_at=0.0, fresh_until=10.0, stale_until=20.0,
+                  upstream="fx_primary")
+    assert render_head(entry, "fx_primary") is None, why
+
+
+def test_the_rendered_head_is_what_web_response_would_send():
+    entry = Entry(status=404, headers=[("Content-Type", "application/json"), ("X-Cache", "MISS"), ("ETag", '"1"')],
+                  body=b"{}", stored_at=0.0, fresh_until=10.0, stale_until=20.0, upstream="fx_primary")
+    head, dated = render_head(entry, "fx_primary")
+    assert not dated
+    assert head.decode().split("\r\n") == [
+        "HTTP/1.1 404 Not Found", "Content-Type: application/json", 'ETag: "1"', "X-Cache: HIT",
+        "X-Upstream: fx_primary", f"Server: {SERVER_SOFTWARE}", "Content-Length: 2", ""]
