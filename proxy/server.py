@@ -34,7 +34,6 @@ from .routing import UnsafePath, check_target
 log = structlog.get_logger("resilience-proxy")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 _BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
-_CHUNK = 64 * 1024
 
 
 def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
@@ -136,45 +135,51 @@ class RawAnswer:
         return None
 
 
-def render_head(entry: Any, upstream: str | None) -> tuple[bytes, bool] | None:
-    """The status line and the headers `web.Response` would send for a HIT on `entry`, minus the
-    per-request ones (Date, X-Request-ID, Age, Cache-Status), and whether the copy has its own Date.
+def render_head(status: int, reason: str | None, headers: list[tuple[str, str]], own: list[tuple[str, str]],
+                drop: frozenset[str] | set[str], body_length: int) -> tuple[bytes, bool] | None:
+    """The status line and headers `web.Response` would send for this answer, each line ending
+    in CRLF, and whether `headers` carry their own Date (else one is to be added).
 
-    None when the answer is not a plain one (bodiless statuses, framing headers in the copy,
-    characters aiohttp would refuse): those go through `web.Response` on the full path.
+    `headers` minus the names in `drop` (lower case), then `own`; Content-Type, Server and
+    Content-Length are filled in as aiohttp does. None when the answer is not a plain one
+    (bodiless statuses, framing headers, characters aiohttp would refuse): those go through
+    `web.Response`.
     """
-    status = entry.status
     if status < 200 or status in (204, 304):
         return None
-    try:
-        reason = HTTPStatus(status).phrase
-    except ValueError:
-        reason = ""
+    if not reason:
+        try:
+            reason = HTTPStatus(status).phrase
+        except ValueError:
+            reason = ""
     lines = [f"HTTP/1.1 {status} {reason}"]
     names = set()
-    for name, value in entry.headers:
+    for name, value in headers:
         lower = name.lower()
         if lower in _NOT_RENDERED:
             return None
-        if lower in _PROXY_LOWER:
+        if lower in drop:
             continue
         names.add(lower)
         lines.append(f"{name}: {value}")
-    lines.append("X-Cache: HIT")
-    if upstream:
-        lines.append(f"X-Upstream: {upstream}")
-    if entry.body and "content-type" not in names:
+    lines.extend(f"{name}: {value}" for name, value in own)
+    if body_length and "content-type" not in names:
         lines.append("Content-Type: application/octet-stream")
     if "server" not in names:
         lines.append(f"Server: {SERVER_SOFTWARE}")
-    lines.append(f"Content-Length: {len(entry.body)}")
+    lines.append(f"Content-Length: {body_length}")
     text = "\r\n".join(lines) + "\r\n"
-    if any(c in line for line in lines for c in "\r\n"):
-        return None  # aiohttp refuses to send these too (response splitting)
+    if text.count("\n") != len(lines) or text.count("\r") != len(lines):
+        return None  # a line break inside a line: aiohttp refuses to send these too (response splitting)
     try:
         return text.encode("utf-8"), "date" in names
     except UnicodeEncodeError:
         return None
+
+
+def plain_keep_alive(request: web.BaseRequest) -> bool:
+    """An HTTP/1.1 request whose connection stays open: one that a `RawAnswer` may answer."""
+    return request.version == HttpVersion11 and request.keep_alive
 
 
 _date_second = -1
@@ -224,7 +229,7 @@ class HitPath:
         return True
 
     def __call__(self, request: web.BaseRequest) -> RawAnswer | None:
-        if request.method != "GET" or request.version != HttpVersion11 or not request.keep_alive:
+        if request.method != "GET" or not plain_keep_alive(request):
             return None
         runtime = self._state.runtime
         peek = getattr(runtime.store, "peek", None)
@@ -263,7 +268,8 @@ class HitPath:
         if entry is None or not now < entry.fresh_until:
             return None
         if resolved.entry is None or resolved.entry() is not entry:
-            rendered = render_head(entry, entry.upstream)
+            own = [("X-Cache", "HIT"), ("X-Upstream", entry.upstream)] if entry.upstream else [("X-Cache", "HIT")]
+            rendered = render_head(entry.status, None, entry.headers, own, _PROXY_LOWER, len(entry.body))
             # A weak reference: the memo must never keep a body alive after the store has let it go.
             resolved.entry = weakref.ref(entry)
             resolved.head, resolved.dated = rendered if rendered is not None else (None, False)
@@ -418,7 +424,11 @@ class ProxyHandler:
         exchange.body_stream = rest()
 
     async def _write(self, request: web.BaseRequest, answer: Answer, request_id: str,
-                     read_timeout: float) -> web.StreamResponse:
+                     read_timeout: float) -> web.StreamResponse | RawAnswer:
+        if answer.stream is None and request.method != "HEAD" and plain_keep_alive(request):
+            raw = _raw_answer(answer, request_id)
+            if raw is not None:
+                return raw
         headers = CIMultiDict(answer.headers)
         headers["X-Cache"] = answer.cache
         if answer.upstream:
@@ -441,7 +451,7 @@ class ProxyHandler:
                 await response.write(answer.body)
             while True:
                 async with asyncio.timeout(read_timeout):
-                    chunk = await upstream_response.content.read(_CHUNK)
+                    chunk = await upstream_response.read()
                 if not chunk:
                     break
                 await response.write(chunk)
@@ -458,6 +468,24 @@ class ProxyHandler:
         finally:
             upstream_response.release()
         return response
+
+
+def _raw_answer(answer: Answer, request_id: str) -> RawAnswer | None:
+    """A buffered answer rendered to bytes with the proxy's headers, as `_write` would send it."""
+    own = [("X-Cache", answer.cache)]
+    if answer.upstream:
+        own.append(("X-Upstream", answer.upstream))
+    own.append(("X-Request-ID", request_id))
+    if answer.age is not None:
+        own.append(("Age", str(int(answer.age))))
+    if answer.cache_status:
+        own.append(("Cache-Status", answer.cache_status))
+    rendered = render_head(answer.status, answer.reason, answer.headers, own,
+                           {name.lower() for name, _ in own}, len(answer.body))
+    if rendered is None:
+        return None
+    head, dated = rendered
+    return RawAnswer(b"".join((head, b"" if dated else _date_header(), b"\r\n", answer.body)), answer.status)
 
 
 def _rest_of(path: str, prefix: str) -> str:

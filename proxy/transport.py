@@ -1,6 +1,6 @@
 """The HTTP call to one upstream: the narrow cut between the chain's logic and the network.
 
-One pooled `ClientSession` per upstream (keep-alive, no cookie jar, no redirects, no
+One keep-alive connection pool per upstream (`http1.Pool`: no cookies, no redirects, no
 decompression), URL and headers built from the route table, and every way an attempt
 can fail turned into an `AttemptError` carrying its `Outcome`.
 """
@@ -12,15 +12,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
+from . import http1
 from .config import HOP_BY_HOP, ServerSettings, Upstream
 from .exchange import Exchange
 from .outcome import Outcome
 
-_CHUNK = 64 * 1024
 # `Expect` is answered by the proxy itself (the body is read before any upstream is chosen).
 _NEVER_FORWARDED = HOP_BY_HOP | {"host", "content-length", "x-forwarded-host", "expect"}
 
@@ -46,7 +45,7 @@ class Reply:
     reason: str
     headers: list[tuple[str, str]]
     body: bytes
-    stream: aiohttp.ClientResponse | None = None
+    stream: http1.Response | None = None
     retry_after: str | None = None
 
     def release(self) -> None:
@@ -61,6 +60,17 @@ def connection_tokens(headers: Any) -> set[str]:
     for value in headers.getall("Connection", ()):
         names.update(token.strip().lower() for token in value.split(",") if token.strip())
     return names
+
+
+def end_to_end_pairs(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """`end_to_end` for an answer's header list as it came off the wire."""
+    drop = _NEVER_FORWARDED
+    for name, value in pairs:
+        if name.lower() == "connection":
+            if drop is _NEVER_FORWARDED:
+                drop = set(_NEVER_FORWARDED)
+            drop.update(token.strip().lower() for token in value.split(",") if token.strip())
+    return [(name, value) for name, value in pairs if name.lower() not in drop]
 
 
 def end_to_end(headers: Any, extra_drop: frozenset[str] | set[str] = frozenset()) -> list[tuple[str, str]]:
@@ -143,39 +153,34 @@ class MaskedUrl:
 
 
 class HttpTransport:
-    """Sends attempts to upstreams over one pooled session per upstream."""
+    """Sends attempts to upstreams over one keep-alive connection pool per upstream."""
 
     def __init__(self, settings: ServerSettings, *, limit_per_upstream: int = 256) -> None:
         self._settings = settings
         self._limit = limit_per_upstream
-        self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._pools: dict[str, http1.Pool] = {}
         self._strip: dict[frozenset[str], frozenset[str]] = {}  # a service's forward_headers -> what is stripped
 
-    def _session(self, upstream: Upstream) -> aiohttp.ClientSession:
-        session = self._sessions.get(upstream.name)
-        if session is None or session.closed:
-            connector = aiohttp.TCPConnector(limit=self._limit, keepalive_timeout=30, ttl_dns_cache=300)
-            session = aiohttp.ClientSession(
-                connector=connector,
-                auto_decompress=False,            # gzip passes through untouched
-                cookie_jar=aiohttp.DummyCookieJar(),  # never carry one caller's cookies to another
-                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-                read_bufsize=_CHUNK,
-            )
-            self._sessions[upstream.name] = session
-        return session
+    def _pool(self, upstream: Upstream) -> http1.Pool:
+        pool = self._pools.get(upstream.name)
+        url = upstream.url
+        if pool is None or pool.closed or pool.origin != (url.scheme, url.host, url.port):
+            if pool is not None:
+                pool.close()  # the upstream moved (a reload kept its name): its old connections go
+            pool = self._pools[upstream.name] = http1.Pool(url, limit=self._limit, keepalive=30.0)
+        return pool
 
     def with_settings(self, settings: ServerSettings) -> "HttpTransport":
         """The same connection pools under new settings (a reloaded route table's `server:`)."""
         other = HttpTransport(settings, limit_per_upstream=self._limit)
-        other._sessions = self._sessions
+        other._pools = self._pools
         return other
 
     async def close(self, keep: set[str] | None = None) -> None:
-        """Close sessions (all, or those of upstreams not in `keep`)."""
-        for name in list(self._sessions):
+        """Close the pools (all, or those of upstreams not in `keep`)."""
+        for name in list(self._pools):
             if keep is None or name not in keep:
-                await self._sessions.pop(name).close()
+                self._pools.pop(name).close()
 
     def request_headers(self, upstream: Upstream, exchange: Exchange, values: dict[str, str]) -> CIMultiDict[str]:
         forward = exchange.service.forward_headers
@@ -194,62 +199,44 @@ class HttpTransport:
     async def send(self, upstream: Upstream, exchange: Exchange, url: URL, headers: CIMultiDict[str],
                    timeout: float) -> Reply:
         """One HTTP attempt, bounded by `timeout` seconds until the body is buffered."""
-        session = self._session(upstream)
-        data: Any = exchange.body_stream if exchange.body_stream is not None else (exchange.body or None)
+        pool = self._pool(upstream)
+        body: Any = exchange.body_stream if exchange.body_stream is not None else (exchange.body or None)
+        target = url.raw_path_qs
         try:
             async with asyncio.timeout(timeout):
-                response = await session.request(
-                    exchange.method, url, headers=headers, data=data,
-                    allow_redirects=False, timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout),
-                )
+                response = await pool.request(exchange.method, target, headers, body, timeout)
                 try:
-                    return await self._read(response)
+                    return await self._read(response, exchange.method)
                 except BaseException:
                     response.release()
                     raise
-        # aiohttp's timeout errors subclass TimeoutError: the most specific come first.
-        except aiohttp.ConnectionTimeoutError:
+        except http1.ConnectTimeout:
             raise AttemptError(Outcome.CONNECT, "connect timeout") from None
-        except aiohttp.ServerTimeoutError:
-            raise AttemptError(Outcome.TIMEOUT, "read timeout") from None
+        except http1.ConnectFailed as exc:
+            raise AttemptError(Outcome.CONNECT, _describe(exc)) from None
         except TimeoutError:
             raise AttemptError(Outcome.TIMEOUT, f"no complete answer within {timeout:.3g}s") from None
-        except aiohttp.ClientConnectorError as exc:
-            raise AttemptError(Outcome.CONNECT, _describe(exc)) from None
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError) as exc:
-            raise AttemptError(Outcome.RESET, _describe(exc)) from None
-        except aiohttp.ClientResponseError as exc:
-            raise AttemptError(Outcome.MALFORMED, f"invalid HTTP answer: {exc.message}") from None
-        except aiohttp.ClientError as exc:
+        except http1.BadAnswer as exc:
+            raise AttemptError(Outcome.MALFORMED, f"invalid HTTP answer: {_describe(exc)}") from None
+        except (http1.Disconnected, OSError) as exc:
             raise AttemptError(Outcome.RESET, _describe(exc)) from None
 
-    async def _read(self, response: aiohttp.ClientResponse) -> Reply:
-        headers = end_to_end(response.headers)
-        if response.method == "HEAD" and "Content-Length" in response.headers:
-            # A HEAD answer's length describes the GET body it stands for: keep it.
-            headers.append(("Content-Length", response.headers["Content-Length"]))
-        retry_after = response.headers.get("Retry-After")
-        limit = self._settings.max_response_buffer
+    async def _read(self, response: http1.Response, method: str) -> Reply:
+        headers = end_to_end_pairs(response.headers)
         length = response.content_length
+        if method == "HEAD" and length is not None:
+            # A HEAD answer's length describes the GET body it stands for: keep it.
+            headers.append(("Content-Length", str(length)))
+        retry_after = response.header("Retry-After")
+        limit = self._settings.max_response_buffer
         if length is not None and length > limit:
-            return Reply(response.status, response.reason or "", headers, b"", stream=response, retry_after=retry_after)
-        if length is not None:
-            # A declared length within the buffer limit: read it whole, in one go.
-            body_bytes = await response.read()
-            response.release()
-            return Reply(response.status, response.reason or "", headers, body_bytes, retry_after=retry_after)
-        body = bytearray()
-        while True:
-            chunk = await response.content.read(_CHUNK)
-            if not chunk:
-                break
-            body += chunk
-            if len(body) > limit:
-                # Unknown length and larger than we buffer: stream what is left behind what we have.
-                return Reply(response.status, response.reason or "", headers, bytes(body), stream=response,
-                             retry_after=retry_after)
+            return Reply(response.status, response.reason, headers, b"", stream=response, retry_after=retry_after)
+        body, complete = await response.read_all(limit)
+        if not complete:
+            # Larger than we buffer: stream what is left behind what we have.
+            return Reply(response.status, response.reason, headers, body, stream=response, retry_after=retry_after)
         response.release()
-        return Reply(response.status, response.reason or "", headers, bytes(body), retry_after=retry_after)
+        return Reply(response.status, response.reason, headers, body, retry_after=retry_after)
 
 
 def _describe(exc: BaseException) -> str:

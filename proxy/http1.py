@@ -1,0 +1,486 @@
+"""A lean HTTP/1.1 client for the calls to upstreams: pooled keep-alive connections, no more.
+
+aiohttp's ClientSession cost as much per request as all the rest of a minimal proxy:
+request and response objects with tracing hooks, cookie, redirect, proxy and
+decompression machinery that the transport turns off anyway. This client does what an
+attempt needs: one connection pool per origin (a limit, LIFO reuse, idle connections
+closed after `keepalive` seconds), the request written in one call, the answer parsed by
+httptools (llhttp, the parser of Node.js) and handed back once its headers are in, the
+body buffered or read in chunks with back-pressure. Timeouts are the caller's
+(`asyncio.timeout`); only the connect step has its own.
+
+A request on a *reused* connection that closes before any byte of the answer arrives is
+sent once more on a new connection when the method is idempotent and the body is in
+memory: the upstream closed an idle connection as we picked it up (the race every
+keep-alive client meets), and that is not a failure of the upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httptools
+from yarl import URL
+
+_REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+_LENGTH_EXPECTED = frozenset({"POST", "PUT", "PATCH"})
+MAX_HEAD_BYTES = 64 * 1024    # status line and headers of one answer
+_PAUSE_ABOVE = 256 * 1024     # body bytes waiting for the reader before the socket is paused
+
+
+class ConnectFailed(Exception):
+    """No connection could be made (refused, unreachable, DNS, TLS handshake)."""
+
+
+class ConnectTimeout(ConnectFailed):
+    """The connection was not made within the connect timeout."""
+
+
+class Disconnected(Exception):
+    """The upstream closed the connection before its answer was complete."""
+
+
+class BadAnswer(Exception):
+    """What the upstream sent is not a valid HTTP/1.1 answer."""
+
+
+class Response:
+    """An upstream's answer: status and headers at once, the body as it arrives."""
+
+    __slots__ = ("status", "reason", "headers", "content_length", "_chunks", "_buffered", "_done", "_error",
+                 "_waiter", "_connection")
+
+    def __init__(self, connection: "_Connection") -> None:
+        self.status = 0
+        self.reason = ""
+        self.headers: list[tuple[str, str]] = []
+        self.content_length: int | None = None
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._done = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._connection: _Connection | None = connection
+
+    def header(self, name: str) -> str | None:
+        """The first value of header `name` (case-insensitive), or None."""
+        name = name.lower()
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+    async def read(self) -> bytes:
+        """The next piece of the body; b"" once it is complete. Raises Disconnected or BadAnswer."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        chunk = self._chunks.popleft()
+        self._buffered -= len(chunk)
+        connection = self._connection
+        if connection is not None and connection.reading_paused and self._buffered <= _PAUSE_ABOVE // 2:
+            connection.resume_reading()
+        return chunk
+
+    async def read_all(self, limit: int) -> tuple[bytes, bool]:
+        """The body up to `limit` bytes, and whether that was all of it (else the rest is to `read`)."""
+        if self._done and self._error is None and self._buffered <= limit:
+            body = b"".join(self._chunks) if len(self._chunks) != 1 else self._chunks[0]
+            self._chunks.clear()
+            self._buffered = 0
+            return body, True
+        parts = []
+        size = 0
+        while True:
+            chunk = await self.read()
+            if not chunk:
+                return b"".join(parts), True
+            parts.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                return b"".join(parts), False
+
+    def release(self) -> None:
+        """Done with this answer: its connection goes back to the pool, or is closed if the body was not all read."""
+        connection = self._connection
+        if connection is not None:
+            self._connection = None
+            connection.finished(self, clean=self._done and self._error is None)
+
+    # --- fed by the connection ---
+
+    def _feed(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+        self._buffered += len(chunk)
+        self._wake()
+
+    def _finish(self) -> None:
+        self._done = True
+        self._wake()
+
+    def _fail(self, error: BaseException) -> None:
+        if not self._done:
+            self._error = error
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection; one request at a time."""
+
+    def __init__(self, pool: "Pool") -> None:
+        self._pool = pool
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.idle_since = 0.0
+        self.reading_paused = False
+        self._response: Response | None = None
+        self._head: asyncio.Future[Response] | None = None
+        self._head_bytes = 0
+        self._received = False      # any byte of the current answer arrived
+        self._head_only = False     # a HEAD request: the answer ends with its headers
+        self._until_close = False   # the body ends when the connection does
+        self._informational = False
+        self._reusable = False
+        self._drain: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self.counted_out = False    # the pool no longer counts it against its limit
+
+    # --- asyncio.Protocol ---
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self._response is None:
+            self._abort()  # bytes nobody asked for: this connection cannot be trusted with another request
+            return
+        self._received = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._error(BadAnswer("an upgrade nobody asked for"))
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            self._error(cause if isinstance(cause, BadAnswer) else BadAnswer(f"{type(cause).__name__}: {cause}"))
+        except httptools.HttpParserError as exc:
+            self._error(BadAnswer(str(exc) or type(exc).__name__))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.transport = None
+        response = self._response
+        if response is not None:
+            if self._until_close and self._head is not None and self._head.done():
+                response._finish()  # the body was delimited by the close
+            elif not self._received:
+                self._error(Disconnected("Server disconnected"), before_answer=True)
+            else:
+                self._error(Disconnected("Server disconnected before the answer was complete"))
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(Disconnected("Server disconnected while the request was sent"))
+        self._pool.lost(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    # --- httptools callbacks ---
+
+    def on_message_begin(self) -> None:
+        if self._response is None:
+            raise BadAnswer("bytes after the end of the answer")
+        self._head_bytes = 0
+
+    def on_status(self, reason: bytes) -> None:
+        assert self._response is not None
+        self._response.reason = reason.decode("utf-8", "surrogateescape")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise BadAnswer(f"headers larger than {MAX_HEAD_BYTES} bytes")
+        assert self._response is not None
+        self._response.headers.append((name.decode("utf-8", "surrogateescape"),
+                                       value.decode("utf-8", "surrogateescape")))
+
+    def on_headers_complete(self) -> None:
+        response = self._response
+        assert response is not None
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
+            self._informational = True  # 100 Continue, 103 Early Hints: the real answer follows
+            response.headers.clear()
+            return
+        response.status = status
+        length = response.header("Content-Length")
+        if length is not None:
+            try:
+                response.content_length = int(length)
+            except ValueError:
+                raise BadAnswer(f"invalid Content-Length {length[:40]!r}") from None
+        chunked = "chunked" in (response.header("Transfer-Encoding") or "").lower()
+        self._until_close = length is None and not chunked and status not in (204, 304)
+        head = self._head
+        if head is not None and not head.done():
+            head.set_result(response)
+        if self._head_only:
+            # llhttp cannot be told the request was HEAD: end the answer here and never reuse the connection.
+            self._reusable = False
+            response._finish()
+            self._response = None
+            self._abort()
+
+    def on_body(self, body: bytes) -> None:
+        response = self._response
+        if response is None:
+            return
+        response._feed(body)
+        if response._buffered > _PAUSE_ABOVE and not self.reading_paused and self.transport is not None:
+            self.transport.pause_reading()
+            self.reading_paused = True
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            return
+        response = self._response
+        if response is None:
+            return
+        self._reusable = self._parser.should_keep_alive() and not self._until_close
+        self._response = None
+        response._finish()
+
+    # --- used by the pool and the response ---
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    async def send(self, head: bytes, body: bytes | AsyncIterator[bytes] | None, head_only: bool) -> Response:
+        transport = self.transport
+        if transport is None or self.closed:
+            raise Disconnected("Server disconnected")
+        response = Response(self)
+        self._response = response
+        self._received = False
+        self._head_only = head_only
+        self._until_close = self._informational = self._reusable = False
+        self._head = asyncio.get_running_loop().create_future()
+        if body is None or isinstance(body, bytes):
+            transport.write(head + body if body else head)
+        else:
+            transport.write(head)
+            async for chunk in body:
+                if chunk:
+                    transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                    if self._write_paused:
+                        self._drain = asyncio.get_running_loop().create_future()
+                        await self._drain
+                if self._head.done():
+                    break  # answered before the whole body was sent: the rest is not wanted
+            else:
+                transport.write(b"0\r\n\r\n")
+        return await self._head
+
+    def finished(self, response: Response, clean: bool) -> None:
+        """The caller is done with `response`: keep the connection if the exchange ended cleanly."""
+        if self._response is response:
+            self._response = None
+            clean = False  # released before the answer was complete
+        self._pool.put_back(self, clean and self._reusable and not self.closed)
+
+    def discard(self) -> None:
+        """The exchange broke off (an error or a timeout in the caller): never reuse this connection."""
+        self._response = None
+        self._reusable = False
+        self._pool.put_back(self, False)
+
+    def _error(self, error: BaseException, before_answer: bool = False) -> None:
+        response = self._response
+        self._reusable = False
+        head = self._head
+        if head is not None and not head.done():
+            if before_answer:
+                error = _NothingReceived(str(error))
+            head.set_exception(error)
+        elif response is not None:
+            response._fail(error)
+        self._response = None
+        self._abort()
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class _NothingReceived(Disconnected):
+    """Closed before any byte of the answer: on a reused connection, the request may be sent again."""
+
+
+class Pool:
+    """Keep-alive connections to one origin, at most `limit` at a time."""
+
+    def __init__(self, url: URL, *, limit: int = 256, keepalive: float = 30.0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        if url.scheme not in ("http", "https"):
+            raise ValueError(f"unsupported scheme {url.scheme!r}")
+        self.origin = (url.scheme, url.host, url.port)
+        self._host = url.raw_host or ""
+        self._port = url.port or (443 if url.scheme == "https" else 80)
+        self._ssl = (ssl_context or ssl.create_default_context()) if url.scheme == "https" else None
+        self.host_header = url.host_port_subcomponent or self._host
+        self.authorization = None
+        if url.user is not None:  # credentials in the URL, as a browser or aiohttp would send them
+            token = base64.b64encode(f"{url.user}:{url.password or ''}".encode()).decode()
+            self.authorization = f"Basic {token}"
+        self._limit = limit
+        self._keepalive = keepalive
+        self._idle: list[_Connection] = []
+        self._open = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self.closed = False
+
+    async def request(self, method: str, target: str, headers: Any,
+                      body: bytes | AsyncIterator[bytes] | None, connect_timeout: float) -> Response:
+        """Send one request; returns once the answer's status and headers are in."""
+        head = self._head(method, target, headers, body)
+        head_only = method == "HEAD"
+        connection, reused = await self._acquire(connect_timeout)
+        try:
+            return await connection.send(head, body, head_only)
+        except _NothingReceived:
+            if not (reused and method in _REPLAYABLE and not isinstance(body, AsyncIterator)):
+                raise Disconnected("Server disconnected") from None
+        except BaseException:
+            connection.discard()
+            raise
+        connection, _ = await self._acquire(connect_timeout, fresh=True)
+        try:
+            return await connection.send(head, body, head_only)
+        except _NothingReceived:
+            raise Disconnected("Server disconnected") from None
+        except BaseException:
+            connection.discard()
+            raise
+
+    def _head(self, method: str, target: str, headers: Any, body: Any) -> bytes:
+        """The request line and headers; `headers` is a multidict (every value of every name is sent)."""
+        lines = [f"{method} {target} HTTP/1.1\r\nHost: {self.host_header}\r\n"]
+        if self.authorization is not None and "Authorization" not in headers:
+            lines.append(f"Authorization: {self.authorization}\r\n")
+        for name, value in headers.items():
+            if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
+                raise ValueError(f"header {name!r} holds a line break or a colon: refused (request splitting)")
+            lines.append(f"{name}: {value}\r\n")
+        if isinstance(body, bytes) or body is None:
+            if body or method in _LENGTH_EXPECTED:
+                lines.append(f"Content-Length: {len(body or b'')}\r\n")
+        else:
+            lines.append("Transfer-Encoding: chunked\r\n")
+        lines.append("\r\n")
+        return "".join(lines).encode("utf-8", "surrogateescape")
+
+    async def _acquire(self, connect_timeout: float, fresh: bool = False) -> tuple[_Connection, bool]:
+        if self.closed:
+            raise ConnectFailed("the upstream's connection pool is closed (route table reloaded)")
+        loop = asyncio.get_running_loop()
+        while True:
+            if not fresh:
+                now = loop.time()
+                while self._idle:
+                    connection = self._idle.pop()
+                    if not connection.closed and now - connection.idle_since < self._keepalive:
+                        return connection, True
+                    self._close(connection)
+            if self._open < self._limit:
+                break
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                elif waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # pass the slot we were given on
+                raise
+        self._open += 1
+        try:
+            async with asyncio.timeout(connect_timeout):
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(self), self._host, self._port, ssl=self._ssl,
+                    server_hostname=(self._host.strip("[]") if self._ssl else None))
+        except TimeoutError:
+            self._slot_freed()
+            raise ConnectTimeout("connect timeout") from None
+        except OSError as exc:
+            self._slot_freed()
+            raise ConnectFailed(f"Cannot connect to host {self.host_header} [{exc.strerror or exc}]") from None
+        except BaseException:
+            self._slot_freed()
+            raise
+        return connection, False
+
+    def put_back(self, connection: _Connection, reusable: bool) -> None:
+        if reusable and not self.closed:
+            connection.idle_since = asyncio.get_running_loop().time()
+            self._idle.append(connection)
+            self._wake_one()
+        else:
+            self._close(connection)
+
+    def lost(self, connection: _Connection) -> None:
+        """A connection closed (by either side): it no longer counts against the limit."""
+        if connection in self._idle:
+            self._idle.remove(connection)
+        if not connection.counted_out:
+            connection.counted_out = True
+            self._slot_freed()
+
+    def _close(self, connection: _Connection) -> None:
+        connection._abort() if connection.transport is not None else self.lost(connection)
+
+    def _slot_freed(self) -> None:
+        self._open -= 1
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def close(self) -> None:
+        """Close idle connections now; connections in use close when their answer is released."""
+        self.closed = True
+        for connection in list(self._idle):
+            self._close(connection)
+        self._idle.clear()
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(ConnectFailed("the upstream's connection pool is closed"))
+        self._waiters.clear()

@@ -1,0 +1,187 @@
+"""The upstream HTTP/1.1 client (proxy.http1) against raw scripted servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from yarl import URL
+
+from proxy import http1
+
+
+class RawServer:
+    """Answers each request on a connection with the next scripted reply (bytes, or a callable)."""
+
+    def __init__(self, replies: list[bytes]) -> None:
+        self.replies = list(replies)
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.open_now = 0
+        self.most_open = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> URL:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return URL(f"http://127.0.0.1:{port}")
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.open_now += 1
+        self.most_open = max(self.most_open, self.open_now)
+        try:
+            while self.replies:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.requests.append(head)
+                reply = self.replies.pop(0)
+                if reply == b"CLOSE":
+                    break
+                if reply.startswith(b"SLOW:"):
+                    await asyncio.sleep(0.05)
+                    reply = reply[5:]
+                writer.write(reply)
+                await writer.drain()
+                if b"Connection: close" in reply:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.open_now -= 1
+            writer.close()
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Seq: %d\r\n\r\nok"
+
+
+@pytest.fixture
+async def raw_server():
+    servers = []
+
+    async def start(replies: list[bytes]) -> tuple[RawServer, URL]:
+        server = RawServer(replies)
+        servers.append(server)
+        return server, await server.start()
+
+    yield start
+    for server in servers:
+        await server.stop()
+
+
+async def get(pool: http1.Pool, method: str = "GET", body: bytes | None = None) -> tuple[http1.Response, bytes]:
+    response = await pool.request(method, "/x", {}, body, 1.0)
+    data, complete = await response.read_all(1 << 20)
+    assert complete
+    response.release()
+    return response, data
+
+
+async def test_sequential_requests_reuse_one_keep_alive_connection(raw_server):
+    server, url = await raw_server([OK % n for n in range(3)])
+    pool = http1.Pool(url)
+    seen = [(await get(pool))[0].header("X-Seq") for _ in range(3)]
+    assert seen == ["0", "1", "2"] and server.connections == 1
+    assert server.requests[0].startswith(b"GET /x HTTP/1.1\r\nHost: 127.0.0.1:")
+    pool.close()
+
+
+async def test_the_pool_never_opens_more_than_its_limit(raw_server):
+    server, url = await raw_server([b"SLOW:" + OK % n for n in range(6)])
+    pool = http1.Pool(url, limit=2)
+    answers = await asyncio.gather(*(get(pool) for _ in range(6)))
+    assert sorted(int(r.header("X-Seq")) for r, _ in answers) == list(range(6))
+    assert server.most_open == 2 and server.connections == 2
+    pool.close()
+
+
+async def test_a_body_delimited_by_the_close_is_read_whole(raw_server):
+    _, url = await raw_server([b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"y" * 70000])
+    pool = http1.Pool(url)
+    response, data = await get(pool)
+    assert response.status == 200 and data == b"y" * 70000 and response.content_length is None
+    pool.close()
+
+
+async def test_informational_answers_are_skipped(raw_server):
+    _, url = await raw_server([b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+                               + OK % 7])
+    pool = http1.Pool(url)
+    response, data = await get(pool)
+    assert (response.status, response.header("X-Seq"), response.header("Link"), data) == (200, "7", None, b"ok")
+    pool.close()
+
+
+async def test_a_head_answer_ends_with_its_headers_even_with_a_content_length(raw_server):
+    server, url = await raw_server([b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n", OK % 1])
+    pool = http1.Pool(url)
+    response, data = await asyncio.wait_for(get(pool, "HEAD"), 2.0)
+    assert response.status == 200 and response.content_length == 5000 and data == b""
+    assert (await get(pool))[1] == b"ok"
+    assert server.connections == 2  # the HEAD connection is never reused: its framing cannot be trusted
+    pool.close()
+
+
+@pytest.mark.parametrize("reply, message", [
+    (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (70 * 1024) + b"\r\nContent-Length: 0\r\n\r\n", "headers larger than"),
+    (b"THIS IS NOT HTTP\r\n\r\n", None),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: ten\r\n\r\n", None),
+], ids=["huge-headers", "garbage", "bad-length"])
+async def test_what_is_not_http_is_a_bad_answer(raw_server, reply, message):
+    _, url = await raw_server([reply])
+    pool = http1.Pool(url)
+    with pytest.raises(http1.BadAnswer, match=message):
+        await get(pool)
+    pool.close()
+
+
+async def test_a_close_mid_body_is_a_disconnect_not_a_short_answer(raw_server):
+    _, url = await raw_server([b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nConnection: close\r\n\r\nonly this"])
+    pool = http1.Pool(url)
+    response = await pool.request("GET", "/x", {}, None, 1.0)
+    with pytest.raises(http1.Disconnected):
+        await response.read_all(1 << 20)
+    response.release()
+    pool.close()
+
+
+async def test_a_reused_connection_closed_under_us_is_retried_once_for_idempotent_methods(raw_server):
+    # The second request meets a connection the server closed: sent again on a new one.
+    server, url = await raw_server([OK % 1, b"CLOSE", OK % 2])
+    pool = http1.Pool(url)
+    await get(pool)
+    await asyncio.sleep(0.05)
+    assert (await get(pool))[0].header("X-Seq") == "2"
+    assert server.connections == 2 and len(server.requests) == 3
+
+
+async def test_a_post_on_a_closed_reused_connection_is_not_sent_twice(raw_server):
+    server, url = await raw_server([OK % 1, b"CLOSE", OK % 2])
+    pool = http1.Pool(url)
+    await get(pool)
+    await asyncio.sleep(0.05)
+    with pytest.raises(http1.Disconnected):
+        await get(pool, "POST", b"{}")
+    assert len(server.requests) == 2
+
+
+async def test_connect_failures_and_header_injection_are_refused(raw_server):
+    server, url = await raw_server([])
+    await server.stop()
+    await asyncio.sleep(0)
+    with pytest.raises(http1.ConnectFailed, match="Cannot connect"):
+        await http1.Pool(URL("http://127.0.0.1:1")).request("GET", "/", {}, None, 1.0)
+    with pytest.raises(ValueError, match="line break"):
+        await http1.Pool(url).request("GET", "/", {"X-A": "1\r\nX-Injected: 1"}, None, 1.0)
+
+
+async def test_credentials_in_the_url_become_basic_auth_and_bodies_carry_their_length(raw_server):
+    server, url = await raw_server([OK % 1])
+    pool = http1.Pool(url.with_user("me").with_password("pw"))
+    await get(pool, "POST", b'{"a": 1}')
+    head = server.requests[0].decode()
+    assert "Authorization: Basic bWU6cHc=\r\n" in head and "Content-Length: 8\r\n" in head
+    pool.close()
