@@ -94,19 +94,42 @@ class _HitWindow:
         return 100.0 * self.hits / self.lookups if self.lookups else None
 
 
-class _PendingHits:
-    """Fresh-copy answers recorded by the fast path, not yet added to the Prometheus series.
+class _Pending:
+    """Per-request counts not yet added to the Prometheus series: plain integers, no locks.
 
-    One instance covers one second of the monotonic clock (so `cache_hit_rate` windows stay exact);
-    it is folded into the real series when the second changes and before anything reads them.
+    One instance covers one second of the monotonic clock (so `cache_hit_rate` windows stay
+    exact); it is folded into the real series when the second changes and before anything
+    reads them (a scrape, `render()`, `hit_rate()`, any collection of the registry).
     """
 
-    __slots__ = ("second", "services")
+    __slots__ = ("second", "counts", "histograms", "lookups")
 
     def __init__(self, second: int) -> None:
         self.second = second
-        # service -> [hits, {status code: count}, bucket counts, duration sum]
-        self.services: dict[str, list[Any]] = {}
+        self.counts: dict[tuple[_Labelled, tuple[str, ...]], int] = {}
+        self.histograms: dict[tuple[_Labelled, tuple[str, ...]], list[Any]] = {}  # [bucket counts, sum]
+        self.lookups: dict[str, list[int]] = {}  # service -> [hits, lookups], bypasses not included
+
+    def count(self, family: _Labelled, labels: tuple[str, ...], n: int = 1) -> None:
+        key = (family, labels)
+        counts = self.counts
+        counts[key] = counts.get(key, 0) + n
+
+    def observe(self, family: _Labelled, labels: tuple[str, ...], value: float) -> None:
+        key = (family, labels)
+        slot = self.histograms.get(key)
+        if slot is None:
+            slot = self.histograms[key] = [[0] * (len(DURATION_BUCKETS) + 1), 0.0]
+        slot[0][bisect_left(DURATION_BUCKETS, value)] += 1
+        slot[1] += value
+
+    def lookup(self, service: str, hit: bool) -> None:
+        tally = self.lookups.get(service)
+        if tally is None:
+            tally = self.lookups[service] = [0, 0]
+        if hit:
+            tally[0] += 1
+        tally[1] += 1
 
 
 class _Flusher(Collector):
@@ -140,7 +163,7 @@ class Metrics:
         self._clock = clock
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
-        self._pending: _PendingHits | None = None
+        self._pending: _Pending | None = None
         self._hit_lock = threading.RLock()  # render() may run on a scrape thread
         r.register(_Flusher(self.flush))
         sp = ("service", "provider")
@@ -261,6 +284,7 @@ class Metrics:
 
     def forget_provider(self, service: str, provider: str) -> None:
         """Remove every series of an upstream that a reload took out of the route table."""
+        self.flush()  # pending counts would otherwise bring its series back
         key = (service, provider)
         for family in self._by_provider:
             family.drop(lambda labels: labels[:2] == key)
@@ -294,67 +318,55 @@ class Metrics:
             window.expire(int(self._clock.monotonic()))
             return window.percent()
 
-    # --- the fast path's recording -------------------------------------------------------------
+    # --- batched per-request counts ---------------------------------------------------------
 
-    def record_hit(self, service: str, status: int, duration: float, monotonic_now: float) -> None:
-        """What `CacheLookup(service, "hit")` + `RequestFinished(...)` of a HIT would count, batched.
-
-        The counts reach the Prometheus series within the second, and always before a scrape,
-        `render()`, `hit_rate()` or any collection of the registry.
-        """
+    def _batch(self, monotonic_now: float) -> _Pending:
         second = int(monotonic_now)
         pending = self._pending
         if pending is None or pending.second != second:
             if pending is not None:
                 self.flush()
-            pending = self._pending = _PendingHits(second)
-        tally = pending.services.get(service)
-        if tally is None:
-            tally = pending.services[service] = [0, {}, [0] * (len(DURATION_BUCKETS) + 1), 0.0]
-        tally[0] += 1
-        codes = tally[1]
-        codes[status] = codes.get(status, 0) + 1
-        tally[2][bisect_left(DURATION_BUCKETS, duration)] += 1
-        tally[3] += duration
+            pending = self._pending = _Pending(second)
+        return pending
+
+    def record_hit(self, service: str, status: int, duration: float, monotonic_now: float) -> None:
+        """What `CacheLookup(service, "hit")` + `RequestFinished(...)` of a HIT would count (the fast path)."""
+        pending = self._batch(monotonic_now)
+        pending.count(self._cache_requests, (service, "hit"))
+        pending.lookup(service, True)
+        pending.count(self._proxy_requests, (service, str(status)))
+        pending.observe(self._proxy_duration, (service,), duration)
 
     def flush(self) -> None:
-        """Fold the fast path's pending counts into the Prometheus series."""
+        """Fold the pending per-request counts into the Prometheus series."""
         pending = self._pending
         if pending is None:
             return
         self._pending = None
         with self._hit_lock:
-            for service, (hits, codes, buckets, total) in pending.services.items():
-                self._cache_requests(service, "hit").inc(hits)
+            for (family, labels), count in pending.counts.items():
+                family(*labels).inc(count)
+            for (family, labels), (buckets, total) in pending.histograms.items():
+                _add_observations(family(*labels), buckets, total)
+            second = pending.second
+            for service, (hits, lookups) in pending.lookups.items():
                 window = self._hit_windows.get(service)
                 if window is None:
                     window = self._hit_windows[service] = _HitWindow()
-                window.add(pending.second, True, hits)
-                self._refresh_hit_rate(service, pending.second)
-                for code, count in codes.items():
-                    self._proxy_requests(service, str(code)).inc(count)
-                histogram = self._proxy_duration(service)
-                try:
-                    slots, total_value = histogram._buckets, histogram._sum
-                except AttributeError:  # a prometheus_client without these internals: observe one by one
-                    for index, count in enumerate(buckets):
-                        bound = DURATION_BUCKETS[index] if index < len(DURATION_BUCKETS) else DURATION_BUCKETS[-1] * 2
-                        for _ in range(count):
-                            histogram.observe(bound)
-                    continue
-                for index, count in enumerate(buckets):
-                    if count:
-                        slots[index].inc(count)
-                total_value.inc(total)
+                window.add(second, True, hits)
+                if lookups > hits:
+                    window.add(second, False, lookups - hits)
+                self._refresh_hit_rate(service, second)
 
     # --- event handlers -------------------------------------------------------------------
 
     def _attempt_finished(self, e: events.AttemptFinished) -> None:
         outcome = _text(e.outcome)
-        self._requests(e.service, e.provider, outcome).inc()
+        pending = self._batch(self._clock.monotonic())
+        pending.count(self._requests, (e.service, e.provider, outcome))
         if outcome not in _ANSWERED:
-            self._errors(e.service, e.provider, outcome).inc()
-        self._duration(e.service, e.provider).observe(e.duration)
+            pending.count(self._errors, (e.service, e.provider, outcome))
+        pending.observe(self._duration, (e.service, e.provider), e.duration)
 
     def _upstream_skipped(self, e: events.UpstreamSkipped) -> None:
         self._skipped(e.service, e.provider, _text(e.reason)).inc()
@@ -395,19 +407,11 @@ class Metrics:
         self._keys_spent(e.service, e.provider).inc()
 
     def _cache_lookup(self, e: events.CacheLookup) -> None:
-        if self._pending is not None:
-            self.flush()  # keep the hit-rate window's seconds in order
         result = _text(e.result)
-        self._cache_requests(e.service, result).inc()
-        second = int(self._clock.monotonic())
-        with self._hit_lock:
-            window = self._hit_windows.get(e.service)
-            if result != "bypass":
-                if window is None:
-                    window = self._hit_windows[e.service] = _HitWindow()
-                window.add(second, result == "hit")
-            if window is not None:
-                self._refresh_hit_rate(e.service, second)
+        pending = self._batch(self._clock.monotonic())
+        pending.count(self._cache_requests, (e.service, result))
+        if result != "bypass":
+            pending.lookup(e.service, result == "hit")
 
     def _refresh_hit_rate(self, service: str, second: int) -> None:
         window = self._hit_windows[service]
@@ -427,11 +431,12 @@ class Metrics:
         self._coalesced(e.service).inc()
 
     def _request_finished(self, e: events.RequestFinished) -> None:
-        self._proxy_requests(e.service, str(e.status)).inc()
-        self._proxy_duration(e.service).observe(e.duration)
+        pending = self._batch(self._clock.monotonic())
+        pending.count(self._proxy_requests, (e.service, str(e.status)))
+        pending.observe(self._proxy_duration, (e.service,), e.duration)
         if e.fallback:
             # For a stale answer `upstream` is the one that produced the copy.
-            self._fallbacks(e.service, e.upstream or "none").inc()
+            pending.count(self._fallbacks, (e.service, e.upstream or "none"))
 
     def _backend_state(self, e: events.CacheBackendState) -> None:
         self._backend_up(e.backend).set(1 if e.connected else 0)
@@ -445,3 +450,19 @@ class Metrics:
             self._last_reload.set(self._clock.time())
         else:
             self._reloads("error").inc()
+
+
+def _add_observations(histogram: Any, buckets: list[int], total: float) -> None:
+    """Add counted observations to a histogram child: per-bucket counts and their sum."""
+    try:
+        slots, total_value = histogram._buckets, histogram._sum
+    except AttributeError:  # a prometheus_client without these internals: observe one by one
+        for index, count in enumerate(buckets):
+            bound = DURATION_BUCKETS[index] if index < len(DURATION_BUCKETS) else DURATION_BUCKETS[-1] * 2
+            for _ in range(count):
+                histogram.observe(bound)
+        return
+    for index, count in enumerate(buckets):
+        if count:
+            slots[index].inc(count)
+    total_value.inc(total)
