@@ -159,6 +159,7 @@ class _Connection(asyncio.Protocol):
         self._until_close = False   # the body ends when the connection does
         self._informational = False
         self._reusable = False
+        self._body_cut = False      # the request body was not sent to its end: the framing is broken
         self._drain: asyncio.Future[None] | None = None
         self._write_paused = False
         self.counted_out = False    # the pool no longer counts it against its limit
@@ -287,7 +288,7 @@ class _Connection(asyncio.Protocol):
         self._response = response
         self._received = False
         self._head_only = head_only
-        self._until_close = self._informational = self._reusable = False
+        self._until_close = self._informational = self._reusable = self._body_cut = False
         self._head = asyncio.get_running_loop().create_future()
         if body is None or isinstance(body, bytes):
             transport.write(head + body if body else head)
@@ -300,7 +301,8 @@ class _Connection(asyncio.Protocol):
                         self._drain = asyncio.get_running_loop().create_future()
                         await self._drain
                 if self._head.done():
-                    break  # answered before the whole body was sent: the rest is not wanted
+                    self._body_cut = True  # answered before the whole body was sent: the rest is not wanted
+                    break
             else:
                 transport.write(b"0\r\n\r\n")
         return await self._head
@@ -310,7 +312,7 @@ class _Connection(asyncio.Protocol):
         if self._response is response:
             self._response = None
             clean = False  # released before the answer was complete
-        self._pool.put_back(self, clean and self._reusable and not self.closed)
+        self._pool.put_back(self, clean and self._reusable and not self._body_cut and not self.closed)
 
     def discard(self) -> None:
         """The exchange broke off (an error or a timeout in the caller): never reuse this connection."""

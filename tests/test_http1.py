@@ -185,3 +185,69 @@ async def test_credentials_in_the_url_become_basic_auth_and_bodies_carry_their_l
     head = server.requests[0].decode()
     assert "Authorization: Basic bWU6cHc=\r\n" in head and "Content-Length: 8\r\n" in head
     pool.close()
+
+
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory):
+    """A certificate for 127.0.0.1 made by the openssl command line, and its key."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not on PATH")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+async def test_https_upstreams_are_verified_and_spoken_to_over_tls(self_signed):
+    import ssl
+
+    cert, key = self_signed
+    served = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            served.append(await reader.readuntil(b"\r\n\r\n"))
+            writer.write(OK % 9)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(cert, key)
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_side)
+    url = URL(f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    try:
+        with pytest.raises(http1.ConnectFailed, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+            await http1.Pool(url).request("GET", "/x", {}, None, 2.0)  # the system's CAs do not know it
+        trusting = ssl.create_default_context(cafile=str(cert))
+        response, data = await get(http1.Pool(url, ssl_context=trusting))
+        assert (response.status, response.header("X-Seq"), data) == (200, "9", b"ok")
+        assert served[-1].startswith(b"GET /x HTTP/1.1\r\nHost: 127.0.0.1:")
+    finally:
+        server.close()
+
+
+async def test_a_request_body_cut_short_by_an_early_answer_never_reuses_the_connection(raw_server):
+    server, url = await raw_server([b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n", OK % 2])
+    pool = http1.Pool(url)
+
+    async def body():
+        yield b"a" * 1000
+        await asyncio.sleep(0.1)  # the upstream has answered by now
+        yield b"b" * 1000
+        yield b"c" * 1000
+
+    response = await pool.request("POST", "/x", {}, body(), 1.0)
+    assert response.status == 413
+    await response.read_all(1 << 20)
+    response.release()
+    assert (await get(pool))[0].header("X-Seq") == "2"
+    assert server.connections == 2  # a half-sent chunked body leaves the old connection out of step
+    pool.close()
