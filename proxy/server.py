@@ -113,7 +113,8 @@ class RawAnswer:
 
     aiohttp's server only calls `prepare` and `write_eof` on what a handler returns and reads
     its `keep_alive`; this gives it exactly that, without the per-answer header objects and
-    serialisation of `web.Response`. Only for answers the HIT path has rendered itself.
+    serialisation of `web.Response`. Only for answers `render_head` could render exactly (fast
+    HITs and buffered answers to keep-alive HTTP/1.1 requests); everything else is a web.Response.
     """
 
     __slots__ = ("data", "status", "keep_alive")
