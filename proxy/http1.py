@@ -154,6 +154,7 @@ class _Connection(asyncio.Protocol):
         self._response: Response | None = None
         self._head: asyncio.Future[Response] | None = None
         self._head_bytes = 0
+        self._in_head = False       # between the status line and the end of the headers
         self._received = False      # any byte of the current answer arrived
         self._head_only = False     # a HEAD request: the answer ends with its headers
         self._until_close = False   # the body ends when the connection does
@@ -189,14 +190,13 @@ class _Connection(asyncio.Protocol):
         self.transport = None
         response = self._response
         if response is not None:
-            if self._until_close and self._head is not None and self._head.done():
-                response._finish()  # the body was delimited by the close
+            if self._until_close and exc is None and self._head is not None and self._head.done():
+                response._finish()  # the body was delimited by the close (a reset is no such end)
             elif not self._received:
                 self._error(Disconnected("Server disconnected"), before_answer=True)
             else:
                 self._error(Disconnected("Server disconnected before the answer was complete"))
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_exception(Disconnected("Server disconnected while the request was sent"))
+        self._wake_drain()  # `send` stops writing; the answer (or its absence) says what happened
         self._pool.lost(self)
 
     def pause_writing(self) -> None:
@@ -204,8 +204,7 @@ class _Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
+        self._wake_drain()
 
     # --- httptools callbacks ---
 
@@ -213,6 +212,7 @@ class _Connection(asyncio.Protocol):
         if self._response is None:
             raise BadAnswer("bytes after the end of the answer")
         self._head_bytes = 0
+        self._in_head = True
 
     def on_status(self, reason: bytes) -> None:
         assert self._response is not None
@@ -222,6 +222,8 @@ class _Connection(asyncio.Protocol):
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > MAX_HEAD_BYTES:
             raise BadAnswer(f"headers larger than {MAX_HEAD_BYTES} bytes")
+        if not self._in_head:
+            return  # a trailer after a chunked body: too late to pass on as a header, and rarely meant for us
         assert self._response is not None
         self._response.headers.append((name.decode("utf-8", "surrogateescape"),
                                        value.decode("utf-8", "surrogateescape")))
@@ -229,6 +231,7 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         response = self._response
         assert response is not None
+        self._in_head = False
         status = self._parser.get_status_code()
         if 100 <= status < 200:
             self._informational = True  # 100 Continue, 103 Early Hints: the real answer follows
@@ -246,6 +249,7 @@ class _Connection(asyncio.Protocol):
         head = self._head
         if head is not None and not head.done():
             head.set_result(response)
+        self._wake_drain()  # answered while the request body is still going out: `send` stops there
         if self._head_only:
             # llhttp cannot be told the request was HEAD: end the answer here and never reuse the connection.
             self._reusable = False
@@ -297,14 +301,19 @@ class _Connection(asyncio.Protocol):
             async for chunk in body:
                 if chunk:
                     transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-                    if self._write_paused:
+                    if self._write_paused:  # woken by the socket draining, by an answer or by the close
                         self._drain = asyncio.get_running_loop().create_future()
-                        await self._drain
+                        try:
+                            await self._drain
+                        finally:
+                            self._drain = None
                 if self._head.done():
-                    self._body_cut = True  # answered before the whole body was sent: the rest is not wanted
+                    # Answered (or gone) before the whole body was sent: the rest is not wanted.
+                    self._body_cut = True
                     break
             else:
-                transport.write(b"0\r\n\r\n")
+                if not self.closed:
+                    transport.write(b"0\r\n\r\n")
         return await self._head
 
     def finished(self, response: Response, clean: bool) -> None:
@@ -312,7 +321,10 @@ class _Connection(asyncio.Protocol):
         if self._response is response:
             self._response = None
             clean = False  # released before the answer was complete
-        self._pool.put_back(self, clean and self._reusable and not self._body_cut and not self.closed)
+        reusable = clean and self._reusable and not self._body_cut and not self.closed
+        if reusable:
+            self.resume_reading()  # paused under a large body that ended while the reader lagged
+        self._pool.put_back(self, reusable)
 
     def discard(self) -> None:
         """The exchange broke off (an error or a timeout in the caller): never reuse this connection."""
@@ -332,6 +344,11 @@ class _Connection(asyncio.Protocol):
             response._fail(error)
         self._response = None
         self._abort()
+
+    def _wake_drain(self) -> None:
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
 
     def _abort(self) -> None:
         if self.transport is not None:
@@ -417,6 +434,9 @@ class Pool:
                     if not connection.closed and now - connection.idle_since < self._keepalive:
                         return connection, True
                     self._close(connection)
+            elif self._open >= self._limit and self._idle:
+                # A new connection is wanted (the re-send): the oldest idle one makes room for it.
+                self._retire(self._idle.pop(0), wake=False)
             if self._open < self._limit:
                 break
             waiter = loop.create_future()
@@ -430,21 +450,33 @@ class Pool:
                     self._wake_one()  # pass the slot we were given on
                 raise
         self._open += 1
+        made: list[_Connection] = []
+
+        def protocol() -> _Connection:
+            made.append(_Connection(self))
+            return made[0]
+
         try:
             async with asyncio.timeout(connect_timeout):
-                _, connection = await loop.create_connection(
-                    lambda: _Connection(self), self._host, self._port, ssl=self._ssl,
-                    server_hostname=(self._host.strip("[]") if self._ssl else None))
+                await loop.create_connection(protocol, self._host, self._port, ssl=self._ssl,
+                                             server_hostname=(self._host.strip("[]") if self._ssl else None))
         except TimeoutError:
-            self._slot_freed()
+            self._abandon(made)
             raise ConnectTimeout("connect timeout") from None
         except OSError as exc:
-            self._slot_freed()
+            self._abandon(made)
             raise ConnectFailed(f"Cannot connect to host {self.host_header} [{exc.strerror or exc}]") from None
         except BaseException:
-            self._slot_freed()
+            self._abandon(made)
             raise
-        return connection, False
+        return made[0], False
+
+    def _abandon(self, made: list[_Connection]) -> None:
+        """A connect that did not finish gives its slot back, once: its connection may already be lost."""
+        if made:
+            self._retire(made[0])
+        else:
+            self._slot_freed()
 
     def put_back(self, connection: _Connection, reusable: bool) -> None:
         if reusable and not self.closed:
@@ -464,6 +496,17 @@ class Pool:
 
     def _close(self, connection: _Connection) -> None:
         connection._abort() if connection.transport is not None else self.lost(connection)
+
+    def _retire(self, connection: _Connection, wake: bool = True) -> None:
+        """Close `connection` and give its slot back now rather than when asyncio reports it lost."""
+        if connection in self._idle:
+            self._idle.remove(connection)
+        connection._abort()
+        if not connection.counted_out:
+            connection.counted_out = True
+            self._open -= 1
+            if wake:
+                self._wake_one()
 
     def _slot_freed(self) -> None:
         self._open -= 1

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 
 import pytest
 from yarl import URL
@@ -250,4 +252,146 @@ async def test_a_request_body_cut_short_by_an_early_answer_never_reuses_the_conn
     response.release()
     assert (await get(pool))[0].header("X-Seq") == "2"
     assert server.connections == 2  # a half-sent chunked body leaves the old connection out of step
+    pool.close()
+
+
+async def test_a_connection_paused_under_a_large_body_reads_again_when_pooled(raw_server):
+    # Bodies larger than the read-ahead pause the socket; the paused connection must not go back to the pool
+    # still paused, or the next request on it waits for an answer nobody reads.
+    big = b"x" * (400 * 1024)
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Seq: %%d\r\n\r\n%b" % (len(big), big)
+    server, url = await raw_server([reply % n for n in range(3)])
+    pool = http1.Pool(url)
+    for n in range(3):
+        async with asyncio.timeout(2):
+            response = await pool.request("GET", "/x", {}, None, 1.0)
+            await asyncio.sleep(0.05)  # the whole body arrives (and pauses the socket) before it is read
+            body, complete = await response.read_all(1 << 20)
+        response.release()
+        assert complete and len(body) == len(big) and response.header("X-Seq") == str(n)
+    assert server.connections == 1
+    pool.close()
+
+
+async def serve_once(handler) -> tuple[asyncio.Server, URL]:
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    return server, URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+
+
+def endless_upload(sent: list[int]):
+    async def body():
+        for _ in range(2000):  # 128 MB at most: far beyond what loopback buffers hold
+            sent[0] += 1
+            yield b"u" * 65536
+    return body()
+
+
+@pytest.mark.parametrize("then_close", [False, True])
+async def test_an_upload_answered_early_returns_the_answer_not_a_stall(then_close):
+    # The upstream refuses the body (413) and stops reading it; the client is blocked writing. The answer
+    # must end the upload: with the connection kept open, and with the upstream closing after its answer.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.read(65536)
+        close = b"Connection: close\r\n" if then_close else b""
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\n%b\r\nbig!" % close)
+        if then_close:
+            writer.write_eof()
+            await asyncio.sleep(0.05)
+            writer.transport.abort()
+        else:
+            await asyncio.sleep(3)
+            writer.close()
+
+    server, url = await serve_once(handler)
+    pool = http1.Pool(url)
+    sent = [0]
+    async with asyncio.timeout(2):
+        response = await pool.request("POST", "/x", {}, endless_upload(sent), 1.0)
+        assert response.status == 413
+        body, _ = await response.read_all(1024)
+    response.release()
+    assert body == b"big!" and sent[0] < 2000
+    pool.close()
+    server.close()
+
+
+async def test_a_reset_cuts_a_body_delimited_by_the_close(raw_server):
+    # A close-delimited body ends with a clean close (FIN); a reset mid-body is a broken answer.
+    go = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nthe first half")
+        await writer.drain()
+        await go.wait()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # close with linger 0: a reset
+
+    server, url = await serve_once(handler)
+    pool = http1.Pool(url)
+    async with asyncio.timeout(2):
+        response = await pool.request("GET", "/x", {}, None, 1.0)
+        assert await response.read() == b"the first half"
+        go.set()
+        with pytest.raises(http1.Disconnected):
+            await response.read_all(1 << 20)
+    response.release()
+    pool.close()
+    server.close()
+
+
+async def test_a_connect_cancelled_as_it_completes_gives_its_slot_back_once(raw_server, monkeypatch):
+    # Cancelled between the connection being made and create_connection returning, asyncio reports the
+    # connection lost *and* the connect fails: the pool must count the slot free once, or its limit breaks.
+    server, url = await raw_server([b"SLOW:" + OK % 1, b"SLOW:" + OK % 2])
+    pool = http1.Pool(url, limit=1)
+    made = http1._Connection.connection_made
+    cancelled = []
+
+    def cancel_as_made(self, transport):
+        made(self, transport)
+        if not cancelled:
+            cancelled.append(True)
+            victim.cancel()
+
+    monkeypatch.setattr(http1._Connection, "connection_made", cancel_as_made)
+    victim = asyncio.create_task(pool.request("GET", "/x", {}, None, 1.0))
+    with pytest.raises(asyncio.CancelledError):
+        await victim
+    assert cancelled
+    async with asyncio.timeout(2):
+        while server.open_now:  # the server sees the abandoned connection go
+            await asyncio.sleep(0.005)
+    # With the slot freed twice the pool would think it had room for two connections.
+    results = await asyncio.gather(get(pool), get(pool))
+    assert sorted(r[0].header("X-Seq") for r in results) == ["1", "2"]
+    assert server.most_open == 1
+    pool.close()
+
+
+async def test_a_fresh_connection_at_the_limit_makes_room_by_closing_an_idle_one(raw_server):
+    # The re-send after a lost keep-alive race wants a new connection; at the pool's limit it must close an
+    # idle one rather than wait for a slot that only frees when another connection dies.
+    server, url = await raw_server([OK % 1, OK % 2])
+    pool = http1.Pool(url, limit=1)
+    await get(pool)
+    async with asyncio.timeout(2):
+        connection, reused = await pool._acquire(1.0, fresh=True)
+        assert not reused
+        response = await connection.send(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n", None, False)
+    await response.read_all(1024)
+    response.release()
+    assert response.header("X-Seq") == "2" and server.connections == 2
+    pool.close()
+
+
+async def test_trailers_after_a_chunked_body_are_not_taken_for_headers(raw_server):
+    reply = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n"
+             b"2\r\nok\r\n0\r\nX-Checksum: abc\r\n\r\n")
+    _, url = await raw_server([reply])
+    pool = http1.Pool(url)
+    response, body = await get(pool)
+    assert body == b"ok" and response.header("X-Checksum") is None and response.header("Trailer") == "X-Checksum"
     pool.close()
