@@ -236,6 +236,10 @@ class HitPath:
         peek = getattr(runtime.store, "peek", None)
         if peek is None:
             return None
+        raw_path = request.raw_path
+        memo = runtime.hit_memo
+        if memo.get(raw_path) is False:
+            return None  # a target the cache never answers (an uncached service, a proxy endpoint)
         clock = runtime.clock
         started = clock.monotonic()
         encoding = given_id = None
@@ -253,15 +257,16 @@ class HitPath:
                 given_id = value
         if size > runtime.config.server.max_header_bytes:
             return None
-        raw_path = request.raw_path
-        memo = runtime.hit_memo
         resolved = memo.get((raw_path, encoding))
         if resolved is None:
             resolved = _resolve(runtime, request, raw_path)
             if len(memo) >= _MEMO_MAX:
                 memo.clear()
             if len(raw_path) + len(encoding or "") <= _MEMO_KEY_MAX:  # long targets are not worth their memory
+                # A refusal depends on the target alone: remembered under the bare target as well.
                 memo[(raw_path, encoding)] = resolved
+                if resolved is False:
+                    memo[raw_path] = False
         if resolved is False:
             return None
         now = clock.time()

@@ -315,3 +315,34 @@ def test_the_rendered_head_is_what_web_response_would_send():
     assert head.decode().split("\r\n") == [
         "HTTP/1.1 404 Not Found", "Content-Type: application/json", 'ETag: "1"', "X-Cache: HIT",
         "X-Upstream: fx_primary", f"Server: {SERVER_SOFTWARE}", "Content-Length: 2", ""]
+
+
+async def test_a_target_the_cache_never_answers_is_remembered_per_route_table(fake_upstream, clock, tmp_path):
+    # An uncached service's target is refused by the fast path once and then by the bare target alone;
+    # a reload that caches the service starts from a new memo, so its copies are answered fast.
+    from proxy.config import load_config
+    from proxy.process import ProxyProcess
+    from tests.fakes import RunningProxy, stop_proxy
+
+    primary = await fake_upstream("primary")
+    primary.default = Ok(body=RATES, headers={"Content-Type": "application/json"})
+    path = tmp_path / "routes.yaml"
+    path.write_text(cached(primary.url, cache={"ttl": "0s"}))
+    process = ProxyProcess(load_config(path, {}), clock=clock, env={})
+    await process.start()
+    import aiohttp
+    proxy = RunningProxy(process, aiohttp.ClientSession())
+    try:
+        chain = ChainCalls(process.runtime)
+        for _ in range(2):
+            assert (await proxy.get("/fx/latest/USD")).headers["X-Cache"] == "BYPASS"
+        assert chain.count == 2 and primary.calls == 2
+        assert process.runtime.hit_memo.get("/fx/latest/USD") is False
+        path.write_text(cached(primary.url))
+        assert await process.reload("test") == []
+        chain = ChainCalls(process.runtime)
+        assert (await proxy.get("/fx/latest/USD")).headers["X-Cache"] == "MISS"
+        hit = await proxy.get("/fx/latest/USD")
+        assert hit.headers["X-Cache"] == "HIT" and chain.count == 1 and primary.calls == 3
+    finally:
+        await stop_proxy(proxy)
