@@ -6,6 +6,7 @@ subscribe to them. That is why no resilience module imports prometheus_client or
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -13,14 +14,22 @@ Subscriber = Callable[[Any], None]
 
 
 class EventBus:
-    """Synchronous fan-out of events to subscribers; a failing subscriber never breaks a request."""
+    """Fan-out of events to subscribers; a failing subscriber never breaks a request.
 
-    __slots__ = ("_subscribers", "_errors", "version")
+    Events are delivered at once, except the types given as `later`: those wait for the
+    callbacks the loop already has due, so that counting and logging a request runs after
+    the answers ready in the same burst have been written, not before them. Order is kept:
+    any other event delivers the waiting ones first. Without a running loop, all is at once.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_subscribers", "_errors", "version", "_later", "_waiting")
+
+    def __init__(self, later: frozenset[type] = frozenset()) -> None:
         self._subscribers: list[Subscriber] = []
         self._errors = 0
         self.version = 0  # changes whenever the subscriber list does (fast paths cache decisions on it)
+        self._later = later
+        self._waiting: list[Any] = []
 
     def subscribe(self, subscriber: Subscriber) -> None:
         self._subscribers.append(subscriber)
@@ -36,6 +45,27 @@ class EventBus:
         return tuple(self._subscribers)
 
     def emit(self, event: Any) -> None:
+        if type(event) in self._later:
+            if not self._waiting:
+                try:
+                    asyncio.get_running_loop().call_soon(self.deliver_waiting)
+                except RuntimeError:  # no loop: nothing to wait for
+                    self._deliver(event)
+                    return
+            self._waiting.append(event)
+            return
+        if self._waiting:
+            self.deliver_waiting()
+        self._deliver(event)
+
+    def deliver_waiting(self) -> None:
+        """Deliver the events held back by `later`, in the order they were emitted."""
+        while self._waiting:
+            waiting, self._waiting = self._waiting, []
+            for event in waiting:
+                self._deliver(event)
+
+    def _deliver(self, event: Any) -> None:
         for subscriber in self._subscribers:
             try:
                 subscriber(event)
@@ -242,3 +272,7 @@ class OutboxState:
     """Reported every few seconds: the outbox's length and the oldest unacknowledged event's age."""
     length: int | None
     oldest_unacked_age: float | None
+
+
+# Counted and logged once the answers due in the same loop turn are out (`EventBus(later=...)`).
+PER_REQUEST = frozenset({AttemptFinished, CacheLookup, RequestFinished})

@@ -38,7 +38,7 @@ class ProxyProcess:
                  log_events: bool = True) -> None:
         self.env = os.environ if env is None else env
         self.clock = clock
-        self.bus = events.EventBus()
+        self.bus = events.EventBus(later=events.PER_REQUEST)
         self.stats = Stats(clock)
         self.metrics = Metrics(clock)
         self.bus.subscribe(self.metrics)
@@ -135,6 +135,7 @@ class ProxyProcess:
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
+        self.bus.deliver_waiting()
         retiring = list(self._retiring)
         for task in retiring:
             task.cancel()
