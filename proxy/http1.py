@@ -190,8 +190,11 @@ class _Connection(asyncio.Protocol):
         self.transport = None
         response = self._response
         if response is not None:
-            if self._until_close and exc is None and self._head is not None and self._head.done():
-                response._finish()  # the body was delimited by the close (a reset is no such end)
+            # The body was delimited by the close. A reset is no such end, unless we stopped sending an
+            # upload the upstream had refused: its kernel resets a socket closed with our bytes unread.
+            if self._until_close and (exc is None or self._body_cut) and self._head is not None \
+                    and self._head.done():
+                response._finish()
             elif not self._received:
                 self._error(Disconnected("Server disconnected"), before_answer=True)
             else:
@@ -298,23 +301,43 @@ class _Connection(asyncio.Protocol):
             transport.write(head + body if body else head)
         else:
             transport.write(head)
-            async for chunk in body:
-                if chunk:
-                    transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-                    if self._write_paused:  # woken by the socket draining, by an answer or by the close
-                        self._drain = asyncio.get_running_loop().create_future()
-                        try:
-                            await self._drain
-                        finally:
-                            self._drain = None
-                if self._head.done():
-                    # Answered (or gone) before the whole body was sent: the rest is not wanted.
-                    self._body_cut = True
-                    break
-            else:
+            await self._stream(transport, body)
+        return await self._head
+
+    async def _stream(self, transport: asyncio.Transport, body: AsyncIterator[bytes]) -> None:
+        """Send `body` chunked until it ends, or until the answer (or the close) makes the rest unwanted."""
+        head = self._head
+        assert head is not None
+        chunks = body.__aiter__()
+        while True:
+            # The next chunk comes from our caller, who may be slow: an answer must not wait for it.
+            following = asyncio.ensure_future(chunks.__anext__())
+            try:
+                await asyncio.wait((following, head), return_when=asyncio.FIRST_COMPLETED)
+            except BaseException:
+                _abandon_chunk(following)
+                raise
+            if not following.done():
+                _abandon_chunk(following)
+                self._body_cut = True  # answered (or gone) before the whole body was sent
+                return
+            try:
+                chunk = following.result()
+            except StopAsyncIteration:
                 if not self.closed:
                     transport.write(b"0\r\n\r\n")
-        return await self._head
+                return
+            if chunk:
+                transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                if self._write_paused:  # woken by the socket draining, by an answer or by the close
+                    self._drain = asyncio.get_running_loop().create_future()
+                    try:
+                        await self._drain
+                    finally:
+                        self._drain = None
+            if head.done():
+                self._body_cut = True
+                return
 
     def finished(self, response: Response, clean: bool) -> None:
         """The caller is done with `response`: keep the connection if the exchange ended cleanly."""
@@ -353,6 +376,12 @@ class _Connection(asyncio.Protocol):
     def _abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+
+def _abandon_chunk(following: asyncio.Future[bytes]) -> None:
+    """Stop waiting for the caller's next chunk; whatever its end, nobody is waiting for it."""
+    following.cancel()
+    following.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 class _NothingReceived(Disconnected):

@@ -395,3 +395,61 @@ async def test_trailers_after_a_chunked_body_are_not_taken_for_headers(raw_serve
     response, body = await get(pool)
     assert body == b"ok" and response.header("X-Checksum") is None and response.header("Trailer") == "X-Checksum"
     pool.close()
+
+
+async def test_an_answer_ends_an_upload_waiting_on_a_slow_caller():
+    # The caller's next chunk is slow to come; the upstream has already refused the upload. The answer is
+    # passed on at once and the caller's body is no longer read.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.read(65536)
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\n\r\nbig!")
+        await asyncio.sleep(3)
+        writer.close()
+
+    server, url = await serve_once(handler)
+    pool = http1.Pool(url)
+    closed = []
+
+    async def body():
+        try:
+            yield b"a" * 1000
+            await asyncio.Event().wait()  # the caller sends nothing more (bounded by the timeout below)
+            yield b"never"
+        finally:
+            closed.append(True)
+
+    async with asyncio.timeout(1):
+        response = await pool.request("POST", "/x", {}, body(), 1.0)
+        assert response.status == 413
+        data, _ = await response.read_all(1024)
+        response.release()
+        await asyncio.sleep(0)
+    assert data == b"big!" and closed == [True]
+    pool.close()
+    server.close()
+
+
+async def test_a_refused_upload_s_answer_delimited_by_the_close_survives_the_reset_that_ends_it():
+    # The upstream answers an upload it will not read, without a length, and closes: with our bytes still
+    # unread its kernel resets the connection. The answer was whole; the reset is our unread upload's doing.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.read(65536)
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nConnection: close\r\nContent-Type: text/plain\r\n\r\n"
+                     b"too big, sorry")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()  # unread bytes in its buffer: a reset, not a clean close
+
+    server, url = await serve_once(handler)
+    pool = http1.Pool(url)
+    sent = [0]
+    async with asyncio.timeout(2):
+        response = await pool.request("POST", "/x", {}, endless_upload(sent), 1.0)
+        await asyncio.sleep(0.2)  # the reset has arrived
+        body, complete = await response.read_all(1024)
+    response.release()
+    assert response.status == 413 and body == b"too big, sorry" and complete
+    pool.close()
+    server.close()
