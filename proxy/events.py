@@ -22,7 +22,7 @@ class EventBus:
     any other event delivers the waiting ones first. Without a running loop, all is at once.
     """
 
-    __slots__ = ("_subscribers", "_errors", "version", "_later", "_waiting")
+    __slots__ = ("_subscribers", "_errors", "version", "_later", "_waiting", "_scheduled_on")
 
     def __init__(self, later: frozenset[type] = frozenset()) -> None:
         self._subscribers: list[Subscriber] = []
@@ -30,6 +30,7 @@ class EventBus:
         self.version = 0  # changes whenever the subscriber list does (fast paths cache decisions on it)
         self._later = later
         self._waiting: list[Any] = []
+        self._scheduled_on: asyncio.AbstractEventLoop | None = None  # the loop a delivery turn is due on
 
     def subscribe(self, subscriber: Subscriber) -> None:
         self._subscribers.append(subscriber)
@@ -46,24 +47,34 @@ class EventBus:
 
     def emit(self, event: Any) -> None:
         if type(event) in self._later:
-            if not self._waiting:
-                try:
-                    asyncio.get_running_loop().call_soon(self.deliver_waiting)
-                except RuntimeError:  # no loop: nothing to wait for
-                    self._deliver(event)
-                    return
-            self._waiting.append(event)
-            return
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop: nothing to wait for
+                loop = None
+            if loop is not None:
+                if self._scheduled_on is not loop:
+                    loop.call_soon(self._turn)
+                    self._scheduled_on = loop
+                self._waiting.append(event)
+                return
         if self._waiting:
             self.deliver_waiting()
         self._deliver(event)
+
+    def _turn(self) -> None:
+        self._scheduled_on = None
+        self.deliver_waiting()
 
     def deliver_waiting(self) -> None:
         """Deliver the events held back by `later`, in the order they were emitted."""
         while self._waiting:
             waiting, self._waiting = self._waiting, []
-            for event in waiting:
-                self._deliver(event)
+            for index, event in enumerate(waiting):
+                try:
+                    self._deliver(event)
+                except BaseException:  # interrupted (not a subscriber's error): keep the rest for later
+                    self._waiting[:0] = waiting[index + 1:]
+                    raise
 
     def _deliver(self, event: Any) -> None:
         for subscriber in self._subscribers:

@@ -77,3 +77,50 @@ async def test_waiting_events_can_be_delivered_on_demand():
     assert seen == [event]
     await asyncio.sleep(0)
     assert seen == [event]
+
+
+class Interrupted(BaseException):
+    pass
+
+
+async def test_an_interrupted_delivery_keeps_the_rest_for_the_next_one():
+    bus = events.EventBus(later=events.PER_REQUEST)
+    seen = []
+    interrupt = [True]
+
+    def subscriber(event):
+        if interrupt and event.status == 500:
+            interrupt.clear()
+            raise Interrupted()
+        seen.append(event.status)
+
+    bus.subscribe(subscriber)
+    for status in (200, 500, 502):
+        bus.emit(request_finished(status))
+    try:
+        bus.deliver_waiting()
+    except Interrupted:
+        pass
+    assert seen == [200]
+    await asyncio.sleep(0)  # the turn already scheduled delivers what was left
+    assert seen == [200, 502]
+    bus.emit(request_finished(204))  # and later events still get a turn of their own
+    await asyncio.sleep(0)
+    assert seen == [200, 502, 204]
+
+
+def test_events_left_by_a_closed_loop_are_delivered_before_the_next_one():
+    bus = events.EventBus(later=events.PER_REQUEST)
+    seen = []
+    bus.subscribe(lambda event: seen.append(event.status))
+    loop = asyncio.new_event_loop()
+
+    def emit_then_stop():
+        bus.emit(request_finished(200))
+        loop.stop()
+
+    loop.call_soon(emit_then_stop)
+    loop.run_forever()
+    loop.close()  # its delivery turn never ran
+    bus.emit(request_finished(201))
+    assert seen == [200, 201]

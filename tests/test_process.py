@@ -229,3 +229,28 @@ async def test_a_changed_file_on_disk_is_picked_up_by_the_watcher(fake_upstream,
     finally:
         await client.close()
         await process.stop()
+
+
+async def test_counts_held_for_the_loop_turn_do_not_bring_a_removed_upstream_back(fake_upstream, tmp_path, clock):
+    # A request's attempt on an upstream is counted one loop turn later; a reload in that same turn that
+    # removes the upstream must count it first and then forget it, not the other way round.
+    from proxy import events
+    from tests.test_metrics import value
+
+    a = await fake_upstream("a")
+    b = await fake_upstream("b")
+    path = tmp_path / "routes.yaml"
+    _write(path, {"fx": {"retry": "NONE", "upstreams": [{"name": "fx_a", "url": a.url}, {"name": "fx_b", "url": b.url}]}})
+    process, client, url = await _process(path, clock)
+    try:
+        process.bus.emit(events.AttemptFinished(service="fx", provider="fx_a", outcome="success", status=200,
+                                                duration=0.01, attempt=1, method="GET", url="http://a", request_id="r1"))
+        _write(path, {"fx": {"retry": "NONE", "upstreams": [{"name": "fx_b", "url": b.url}]}})
+        assert await process.reload("test") == []
+        await asyncio.sleep(0)
+        assert value(process.metrics, "external_requests_total", service="fx", provider="fx_a", outcome="success") is None
+        assert value(process.metrics, "external_requests_total", service="fx", provider="fx_b", outcome="success") == 0
+        assert "fx_a" not in process.stats.window(5)["providers"]
+    finally:
+        await client.close()
+        await process.stop()
