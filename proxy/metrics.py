@@ -237,6 +237,9 @@ class Metrics:
                                                 self._stale_age, self._coalesced, self._proxy_requests,
                                                 self._proxy_duration)
         self._hit_windows: dict[str, _HitWindow] = {}
+        # Taken out by a reload: requests still finishing on the old table must not bring their series back.
+        self._forgotten_providers: set[tuple[str, str]] = set()
+        self._forgotten_services: set[str] = set()
         self._handlers: dict[type, Callable[[Any], None]] = {
             events.AttemptFinished: self._attempt_finished,
             events.UpstreamSkipped: self._upstream_skipped,
@@ -262,8 +265,18 @@ class Metrics:
 
     def __call__(self, event: Any) -> None:
         handler = self._handlers.get(type(event))
-        if handler is not None:
-            handler(event)
+        if handler is None:
+            return
+        if (self._forgotten_providers or self._forgotten_services) and self._forgotten(event):
+            return
+        handler(event)
+
+    def _forgotten(self, event: Any) -> bool:
+        service = getattr(event, "service", None)
+        if service in self._forgotten_services:
+            return True
+        provider = getattr(event, "provider", None)
+        return provider is not None and (service, provider) in self._forgotten_providers
 
     # --- lifecycle of label sets ------------------------------------------------------------
 
@@ -274,6 +287,8 @@ class Metrics:
         (the breaker's current state) after a reload that replaced or kept a breaker, so the
         breaker gauges match it without waiting for the next transition.
         """
+        self._forgotten_providers.discard((service, provider))
+        self._forgotten_services.discard(service)
         if state is not None:
             self._set_breaker(service, provider, _text(state))
         elif (service, provider) not in self._breaker_open.children:
@@ -286,12 +301,14 @@ class Metrics:
         """Remove every series of an upstream that a reload took out of the route table."""
         self.flush()  # pending counts would otherwise bring its series back
         key = (service, provider)
+        self._forgotten_providers.add(key)
         for family in self._by_provider:
             family.drop(lambda labels: labels[:2] == key)
 
     def forget_service(self, service: str) -> None:
         """Remove every series of a service (and of its upstreams) that a reload took out."""
         self.flush()
+        self._forgotten_services.add(service)
         for family in self._by_service:
             family.drop(lambda labels: labels[0] == service)
         with self._hit_lock:
@@ -434,7 +451,7 @@ class Metrics:
         pending = self._batch(self._clock.monotonic())
         pending.count(self._proxy_requests, (e.service, str(e.status)))
         pending.observe(self._proxy_duration, (e.service,), e.duration)
-        if e.fallback:
+        if e.fallback and (e.service, e.upstream) not in self._forgotten_providers:
             # For a stale answer `upstream` is the one that produced the copy.
             pending.count(self._fallbacks, (e.service, e.upstream or "none"))
 

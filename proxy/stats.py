@@ -185,6 +185,7 @@ class Stats:
         self._minutes: deque[_Minute] = deque(maxlen=MAX_MINUTES)
         self._service_of: dict[str, str] = {}  # provider -> service, from register() and events
         self._registered: set[str] = set()
+        self._forgotten: set[str] = set()  # removed by a reload: late attempts on the old table are not counted
         self._handlers = {
             events.AttemptFinished: self._attempt_finished,
             events.CacheLookup: self._cache_lookup,
@@ -193,17 +194,22 @@ class Stats:
 
     def __call__(self, event: Any) -> None:
         handler = self._handlers.get(type(event))
-        if handler is not None:
-            handler(event)
+        if handler is None:
+            return
+        if self._forgotten and getattr(event, "provider", None) in self._forgotten:
+            return
+        handler(event)
 
     def register(self, service: str, provider: str) -> None:
         """Make the upstream (and its service) appear in every window, with zeros until it has traffic."""
         self._service_of[provider] = service
         self._registered.add(provider)
+        self._forgotten.discard(provider)
 
     def forget(self, provider: str) -> None:
         """Drop an upstream that a reload removed, with its history."""
         self._registered.discard(provider)
+        self._forgotten.add(provider)
         self._service_of.pop(provider, None)
         for bucket in self._minutes:
             bucket.providers.pop(provider, None)

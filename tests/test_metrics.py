@@ -139,7 +139,15 @@ def test_forget_provider_removes_its_series_and_keeps_the_others(metrics: Metric
     assert not [s for s in samples if s.labels.get("provider") == PRIMARY]
     assert value(metrics, "circuit_breaker_open", service=SERVICE, provider=SECONDARY) == 0
     assert value(metrics, "external_request_errors_total", service=SERVICE, provider=SECONDARY, reason="http_5xx") == 1
-    metrics(attempt(provider=PRIMARY))  # traffic after forgetting starts a fresh series, no KeyError
+    # A request still finishing on the old route table: counted nowhere, and no series comes back.
+    metrics(attempt(provider=PRIMARY))
+    metrics(events.BreakerTransition(SERVICE, PRIMARY, "CLOSED", "OPEN", "threshold"))
+    metrics(finished(upstream=PRIMARY, fallback=True))
+    assert not [s for s in parse(metrics) if s.labels.get("provider") == PRIMARY]
+    assert value(metrics, "proxy_requests_total", service=SERVICE, code="200") == 2  # the service still counts
+    # Put back by a later reload: registered again, counted again.
+    metrics.register_provider(SERVICE, PRIMARY)
+    metrics(attempt(provider=PRIMARY))
     assert value(metrics, "external_requests_total", service=SERVICE, provider=PRIMARY, outcome="success") == 1
 
 
@@ -153,6 +161,10 @@ def test_forget_service_removes_every_series_labelled_with_it(metrics: Metrics) 
     assert not [s for s in samples if s.labels.get("service") == SERVICE]
     assert value(metrics, "circuit_breaker_open", service="flights", provider="kac") == 0
     assert metrics.hit_rate(SERVICE) is None
+    metrics(lookup("hit"))  # late events of the removed service bring nothing back
+    metrics(finished())
+    metrics(attempt())
+    assert not [s for s in parse(metrics) if s.labels.get("service") == SERVICE]
 
 
 def test_cache_lookups_are_counted_by_result(metrics: Metrics) -> None:

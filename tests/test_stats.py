@@ -195,6 +195,11 @@ def test_forget_drops_a_provider_and_its_history(stats: Stats) -> None:
     assert PRIMARY not in window["providers"]
     assert SECONDARY in window["providers"]
     assert stats.recent_error_rate(PRIMARY) is None
+    stats(attempt(provider=PRIMARY))  # a request still finishing on the old route table
+    assert PRIMARY not in stats.window(60)["providers"] and stats.recent_error_rate(PRIMARY) is None
+    stats.register(SERVICE, PRIMARY)  # put back by a later reload: counted again
+    stats(attempt(provider=PRIMARY))
+    assert stats.window(60)["providers"][PRIMARY]["requests"] == 1
 
 
 def test_unknown_events_are_ignored(stats: Stats) -> None:
