@@ -196,10 +196,25 @@ class FakeUpstream:
 
 
 def free_port() -> int:
-    """A loopback port with nothing listening (connections to it are refused)."""
+    """A loopback port free right now, for a listener the test starts on it."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+_REFUSING: list[socket.socket] = []
+
+
+def refused_port() -> int:
+    """A loopback port that refuses connections for the rest of the run.
+
+    It stays bound and never listens: a port merely found free could be handed to the next
+    listener bound to port 0 (the proxy's own, say), and a "dead" upstream would then answer.
+    """
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    _REFUSING.append(sock)
+    return sock.getsockname()[1]
 
 
 def route_table(services: dict[str, Any], **top: Any) -> str:

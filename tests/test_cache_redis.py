@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import pickle
 import shutil
-import socket
 import subprocess
 import time
 
@@ -20,6 +19,7 @@ from proxy.cache.redis_store import RedisStore
 from proxy.cache.two_level import TwoLevelStore
 from proxy.clock import FakeClock
 from proxy.events import CacheBackendState, CacheError
+from tests.fakes import refused_port
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 KEY = "fx:" + "a" * 64
@@ -30,12 +30,6 @@ def make_entry(clock: FakeClock, *, fresh: float = 60, stale: float = 3600, body
                upstream: str = "fx_primary") -> Entry:
     now = clock.time()
     return Entry(200, [("Content-Type", "application/json")], body, now, now + fresh, now + stale, upstream)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def backend_states(events: list) -> list[CacheBackendState]:
@@ -206,7 +200,7 @@ async def test_a_store_on_another_prefix_does_not_see_the_entries(make_store, ra
 # --- failing open -------------------------------------------------------------------------------
 
 async def test_unreachable_redis_answers_nothing_fast_and_reports_down_once(make_store, clock, events):
-    store = make_store(f"redis://127.0.0.1:{free_port()}/0", op_timeout=0.05, backoff=5.0)
+    store = make_store(f"redis://127.0.0.1:{refused_port()}/0", op_timeout=0.05, backoff=5.0)
     for _ in range(20):
         started = time.perf_counter()
         assert await store.get(KEY) is None
@@ -330,7 +324,7 @@ async def test_a_redis_restart_between_calls_is_survived_without_going_down(make
 
 async def test_ping_reports_whether_redis_answers(make_store, clock):
     assert await make_store().ping() is True
-    assert await make_store(f"redis://127.0.0.1:{free_port()}/0", op_timeout=0.05).ping() is False
+    assert await make_store(f"redis://127.0.0.1:{refused_port()}/0", op_timeout=0.05).ping() is False
 
 
 # --- TwoLevelStore ---------------------------------------------------------------------------
@@ -400,7 +394,7 @@ async def test_two_level_purge_clears_both_levels(two_level, raw, redis_prefix, 
 
 
 async def test_two_level_serves_local_copies_while_redis_is_down_within_their_stale_window(make_store, two_level, clock, events):
-    remote = make_store(f"redis://127.0.0.1:{free_port()}/0", op_timeout=0.05)
+    remote = make_store(f"redis://127.0.0.1:{refused_port()}/0", op_timeout=0.05)
     store = two_level(remote, local_ttl=1.0)
     entry = make_entry(clock, fresh=10, stale=100)
     await store.set(KEY, entry)

@@ -26,7 +26,7 @@ import yaml
 
 from proxy.config import ConfigError, load_config, parse_config
 from proxy.process import ProxyProcess
-from tests.fakes import free_port
+from tests.fakes import refused_port
 
 REPO = Path(__file__).resolve().parents[1]
 KUBE = REPO / "deploy" / "kubernetes"
@@ -225,7 +225,7 @@ async def run_healthcheck(dockerfile: dict[str, Any], base: str) -> int:
 async def test_the_healthcheck_command_passes_on_a_live_proxy_and_fails_without_one(dockerfile, proxy_factory):
     proxy = await proxy_factory(listening_on_loopback((REPO / "routes.yaml").read_text()))
     assert await run_healthcheck(dockerfile, proxy.url) == 0
-    assert await run_healthcheck(dockerfile, f"http://127.0.0.1:{free_port()}") != 0, \
+    assert await run_healthcheck(dockerfile, f"http://127.0.0.1:{refused_port()}") != 0, \
         "nothing listening must make the container unhealthy"
 
 

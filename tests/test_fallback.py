@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.fakes import Delay, Fail, Ok, Reset, SlowBody, free_port, route_table
+from tests.fakes import Delay, Fail, Ok, Reset, SlowBody, refused_port, route_table
 
 NO_RETRY = "NONE"
 
@@ -16,7 +16,7 @@ def two_upstreams(primary: str, secondary: str, **service: object) -> str:
 
 async def test_a_dead_primary_is_answered_by_the_secondary(fake_upstream, proxy_factory):
     secondary = await fake_upstream("secondary")
-    proxy = await proxy_factory(two_upstreams(f"http://127.0.0.1:{free_port()}", secondary.url))
+    proxy = await proxy_factory(two_upstreams(f"http://127.0.0.1:{refused_port()}", secondary.url))
     response = await proxy.get("/fx/latest/USD")
     assert response.status == 200
     assert response.headers["X-Upstream"] == "fx_secondary"
@@ -138,7 +138,7 @@ async def test_post_is_not_sent_to_a_second_upstream_after_the_first_may_have_se
 
 async def test_post_moves_on_when_the_first_upstream_certainly_never_received_it(fake_upstream, proxy_factory):
     secondary = await fake_upstream("secondary")
-    proxy = await proxy_factory(two_upstreams(f"http://127.0.0.1:{free_port()}", secondary.url))
+    proxy = await proxy_factory(two_upstreams(f"http://127.0.0.1:{refused_port()}", secondary.url))
     response = await proxy.request("POST", "/fx/orders", data=b'{"buy": 1}')
     assert response.status == 200
     assert response.headers["X-Upstream"] == "fx_secondary"

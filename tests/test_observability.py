@@ -120,11 +120,11 @@ async def test_a_provider_with_a_high_recent_error_rate_is_degraded(fake_upstrea
 
 
 async def test_liveness_and_readiness_never_depend_on_upstreams_or_redis(proxy_factory, clock):
-    from tests.fakes import free_port
+    from tests.fakes import refused_port
 
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = f"http://127.0.0.1:{refused_port()}"
     text = route_table({"fx": {"upstreams": [{"name": "p", "url": dead}]}},
-                       cache={"backend": "redis", "url": f"redis://127.0.0.1:{free_port()}/0"})
+                       cache={"backend": "redis", "url": f"redis://127.0.0.1:{refused_port()}/0"})
     proxy = await proxy_factory(text, clock=clock)
     proxy.breaker("p").force_open()
     live = await proxy.get("/health/live")
