@@ -517,20 +517,20 @@ class Pool:
 
     def lost(self, connection: _Connection) -> None:
         """A connection closed (by either side): it no longer counts against the limit."""
-        if connection in self._idle:
-            self._idle.remove(connection)
-        if not connection.counted_out:
-            connection.counted_out = True
-            self._slot_freed()
+        self._count_out(connection)
 
     def _close(self, connection: _Connection) -> None:
         connection._abort() if connection.transport is not None else self.lost(connection)
 
     def _retire(self, connection: _Connection, wake: bool = True) -> None:
         """Close `connection` and give its slot back now rather than when asyncio reports it lost."""
+        connection._abort()
+        self._count_out(connection, wake)
+
+    def _count_out(self, connection: _Connection, wake: bool = True) -> None:
+        """Take `connection` off the pool's books, once, whichever of `lost` and `_retire` comes first."""
         if connection in self._idle:
             self._idle.remove(connection)
-        connection._abort()
         if not connection.counted_out:
             connection.counted_out = True
             self._open -= 1

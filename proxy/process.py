@@ -170,7 +170,6 @@ class ProxyProcess:
                               transport=old.transport.with_settings(config.server),
                               breakers=kept_breakers, budgets=kept_budgets, previous=old)
             REDACTOR.add_secrets(config.secrets)
-            self.bus.deliver_waiting()  # counts held for this loop turn must not bring forgotten series back
             removed_upstreams = {u.name for u in old.config.upstreams()} - {u.name for u in config.upstreams()}
             for name in removed_upstreams:
                 upstream = old.upstream(name)

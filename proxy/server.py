@@ -263,10 +263,8 @@ class HitPath:
             if len(memo) >= _MEMO_MAX:
                 memo.clear()
             if len(raw_path) + len(encoding or "") <= _MEMO_KEY_MAX:  # long targets are not worth their memory
-                # A refusal depends on the target alone: remembered under the bare target as well.
-                memo[(raw_path, encoding)] = resolved
-                if resolved is False:
-                    memo[raw_path] = False
+                # A refusal depends on the target alone: remembered under the bare target, checked first.
+                memo[raw_path if resolved is False else (raw_path, encoding)] = resolved
         if resolved is False:
             return None
         now = clock.time()

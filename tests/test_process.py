@@ -233,7 +233,7 @@ async def test_a_changed_file_on_disk_is_picked_up_by_the_watcher(fake_upstream,
 
 async def test_counts_held_for_the_loop_turn_do_not_bring_a_removed_upstream_back(fake_upstream, tmp_path, clock):
     # A request's attempt on an upstream is counted one loop turn later; a reload in that same turn that
-    # removes the upstream must count it first and then forget it, not the other way round.
+    # removes the upstream forgets it, and the attempt delivered afterwards must not bring it back.
     from proxy import events
     from tests.test_metrics import value
 
