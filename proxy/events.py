@@ -16,21 +16,29 @@ Subscriber = Callable[[Any], None]
 class EventBus:
     """Fan-out of events to subscribers; a failing subscriber never breaks a request.
 
-    Events are delivered at once, except the types given as `later`: those wait for the
-    callbacks the loop already has due, so that counting and logging a request runs after
-    the answers ready in the same burst have been written, not before them. Order is kept:
-    any other event delivers the waiting ones first. Without a running loop, all is at once.
+    Events are delivered at once, except the types given as `later`: those are held for up
+    to `hold` seconds (0: until the callbacks the loop already has due have run) and then
+    delivered together, so that counting and logging requests runs after the answers of a
+    burst have been written and in one batch, not once between every two answers. At
+    `batch` held events, they go out on the next loop turn (a bound on memory and on how
+    long one delivery blocks the loop). Order is kept: any other event delivers the held
+    ones first, and so does `deliver_waiting()`, which whoever reads what subscribers count
+    calls first. Without a running loop, all is at once.
     """
 
-    __slots__ = ("_subscribers", "_errors", "version", "_later", "_waiting", "_scheduled_on")
+    __slots__ = ("_subscribers", "_errors", "version", "_later", "_hold", "_batch", "_waiting", "_scheduled_on",
+                 "_timer")
 
-    def __init__(self, later: frozenset[type] = frozenset()) -> None:
+    def __init__(self, later: frozenset[type] = frozenset(), hold: float = 0.0, batch: int = 256) -> None:
         self._subscribers: list[Subscriber] = []
         self._errors = 0
         self.version = 0  # changes whenever the subscriber list does (fast paths cache decisions on it)
         self._later = later
+        self._hold = hold
+        self._batch = batch
         self._waiting: list[Any] = []
-        self._scheduled_on: asyncio.AbstractEventLoop | None = None  # the loop a delivery turn is due on
+        self._scheduled_on: asyncio.AbstractEventLoop | None = None  # the loop a delivery is due on
+        self._timer: asyncio.TimerHandle | None = None  # that delivery, while it waits for `hold`
 
     def subscribe(self, subscriber: Subscriber) -> None:
         self._subscribers.append(subscriber)
@@ -52,10 +60,18 @@ class EventBus:
             except RuntimeError:  # no loop: nothing to wait for
                 loop = None
             if loop is not None:
+                waiting = self._waiting
+                waiting.append(event)
                 if self._scheduled_on is not loop:
-                    loop.call_soon(self._turn)
                     self._scheduled_on = loop
-                self._waiting.append(event)
+                    if self._hold > 0:
+                        self._timer = loop.call_later(self._hold, self._turn)
+                    else:
+                        loop.call_soon(self._turn)
+                elif self._timer is not None and len(waiting) >= self._batch:
+                    self._timer.cancel()
+                    self._timer = None
+                    loop.call_soon(self._turn)
                 return
         if self._waiting:
             self.deliver_waiting()
@@ -63,6 +79,7 @@ class EventBus:
 
     def _turn(self) -> None:
         self._scheduled_on = None
+        self._timer = None
         self.deliver_waiting()
 
     def deliver_waiting(self) -> None:
@@ -285,5 +302,7 @@ class OutboxState:
     oldest_unacked_age: float | None
 
 
-# Counted and logged once the answers due in the same loop turn are out (`EventBus(later=...)`).
+# Counted and logged in batches, after the answers are out (`EventBus(later=..., hold=...)`).
 PER_REQUEST = frozenset({AttemptFinished, CacheLookup, RequestFinished})
+# How long the proxy holds them at most: a scrape or a health read delivers them at once.
+PER_REQUEST_HOLD = 0.05

@@ -75,7 +75,7 @@ class Health:
     """Dispatches `/health...` requests."""
 
     def __init__(self, state: Any) -> None:
-        self._state = state  # .runtime, .stats, .metrics, .admin_token, .ready, .reload()
+        self._state = state  # .runtime, .bus, .stats, .metrics, .admin_token, .ready, .reload()
 
     async def __call__(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
         path = request.path.rstrip("/") or "/"
@@ -85,6 +85,7 @@ class Health:
             handler = self._reads.get(path)
             if handler is None:
                 return json_response(404, {"error": "not_found", "request_id": request_id})
+            self._state.bus.deliver_waiting()  # what is read counts every request answered before it
             return await handler(self, request)
         admin = self._admin_route(method, parts)
         if admin is None:

@@ -38,7 +38,7 @@ class ProxyProcess:
                  log_events: bool = True) -> None:
         self.env = os.environ if env is None else env
         self.clock = clock
-        self.bus = events.EventBus(later=events.PER_REQUEST)
+        self.bus = events.EventBus(later=events.PER_REQUEST, hold=events.PER_REQUEST_HOLD)
         self.stats = Stats(clock)
         self.metrics = Metrics(clock)
         self.bus.subscribe(self.metrics)
@@ -97,6 +97,7 @@ class ProxyProcess:
     async def handle_metrics(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.path != "/metrics":
             return web.Response(status=404, text="only /metrics here\n")
+        self.bus.deliver_waiting()  # a scrape counts every request answered before it
         body, content_type = self.metrics.render()
         return web.Response(body=body, headers={"Content-Type": content_type})
 

@@ -120,8 +120,8 @@ async def test_a_broken_transform_or_non_json_answer_falls_back(fake_upstream, p
         response = await proxy.get("/fx/latest/USD")
         assert response.headers["X-Upstream"] == "fx_secondary"
         assert await response.json() == {"base": "USD"}
-    failures = proxy.process.stats.window(1)["providers"]["fx_primary"]["errors"]
-    assert failures == 2
+    stats = await (await proxy.get("/health/integrations/stats?minutes=1")).json()
+    assert stats["providers"]["fx_primary"]["errors"] == 2
 
 
 async def test_a_transform_failure_is_named_in_the_error_attempts(fake_upstream, proxy_factory, clock):

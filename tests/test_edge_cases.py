@@ -168,6 +168,7 @@ async def test_query_values_named_like_secrets_are_masked_in_attempt_logs(fake_u
     logs.configure("info", "json", stream=buffer)
     try:
         await proxy.get("/fx/a?api_key=callers-own-4f5e&symbols=KRW&access_token=tok-9a9a")
+        proxy.process.bus.deliver_waiting()  # per-request lines are written in batches, after the answer
     finally:
         structlog.reset_defaults()
     lines = [orjson.loads(line) for line in buffer.getvalue().splitlines()]

@@ -124,3 +124,54 @@ def test_events_left_by_a_closed_loop_are_delivered_before_the_next_one():
     loop.close()  # its delivery turn never ran
     bus.emit(request_finished(201))
     assert seen == [200, 201]
+
+
+async def test_held_events_wait_for_the_hold_then_go_out_together():
+    bus = events.EventBus(later=events.PER_REQUEST, hold=0.02)
+    seen = []
+    bus.subscribe(lambda event: seen.append(event.status))
+    bus.emit(request_finished(200))
+    bus.emit(request_finished(201))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert seen == []  # several loop turns later: still held
+    await asyncio.sleep(0.05)
+    assert seen == [200, 201]
+    bus.emit(request_finished(202))  # the next batch gets a hold of its own
+    await asyncio.sleep(0)
+    assert seen == [200, 201]
+    await asyncio.sleep(0.05)
+    assert seen == [200, 201, 202]
+
+
+async def test_a_full_batch_goes_out_on_the_next_turn_without_waiting_for_the_hold():
+    bus = events.EventBus(later=events.PER_REQUEST, hold=60.0, batch=3)
+    seen = []
+    bus.subscribe(lambda event: seen.append(event.status))
+    bus.emit(request_finished(200))
+    bus.emit(request_finished(201))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert seen == []
+    bus.emit(request_finished(202))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert seen == [200, 201, 202]
+    bus.emit(request_finished(203))  # a new hold starts: nothing goes out early
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert seen == [200, 201, 202]
+    bus.deliver_waiting()
+    assert seen == [200, 201, 202, 203]
+
+
+async def test_a_held_delivery_read_early_is_not_repeated_by_its_timer():
+    bus = events.EventBus(later=events.PER_REQUEST, hold=0.02)
+    seen = []
+    bus.subscribe(lambda event: seen.append(event.status))
+    bus.emit(request_finished(200))
+    bus.deliver_waiting()  # a scrape came first
+    bus.emit(request_finished(201))  # held until the same timer
+    assert seen == [200]
+    await asyncio.sleep(0.05)
+    assert seen == [200, 201]

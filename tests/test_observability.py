@@ -226,3 +226,22 @@ async def test_log_lines_per_request_and_attempt_and_no_secret_anywhere(fake_ups
     assert all(line["request_id"] == "trace-1" for line in attempts)
     assert any(line["event"].startswith("Circuit breaker: OPENED for fx_primary") for line in lines)
     assert all("timestamp" in line and "level" in line for line in lines)
+
+
+async def test_a_scrape_and_a_health_read_count_requests_the_bus_still_holds(fake_upstream, proxy_factory, clock,
+                                                                            monkeypatch):
+    from proxy import events
+
+    monkeypatch.setattr(events, "PER_REQUEST_HOLD", 3600.0)  # held for the whole test unless a read delivers
+    upstream = await fake_upstream("primary")
+    proxy = await proxy_factory(route_table({"fx": {"retry": "NONE", "upstreams": [
+        {"name": "fx_primary", "url": upstream.url}]}}), clock=clock)
+    assert (await proxy.get("/fx/a")).status == 200
+    assert proxy.process.stats.window(1)["services"].get("fx", {}).get("requests", 0) == 0  # still held
+    scraped = await (await proxy.client.get(proxy.metrics_url + "/metrics")).text()
+    assert value(scraped, "proxy_requests_total", service="fx", code="200") == 1
+    assert value(scraped, "external_requests_total", service="fx", provider="fx_primary", outcome="success") == 1
+    assert (await proxy.get("/fx/b")).status == 200
+    stats = await (await proxy.get("/health/integrations/stats?minutes=1")).json()
+    assert stats["services"]["fx"]["requests"] == 2
+    assert stats["providers"]["fx_primary"]["requests"] == 2
