@@ -322,6 +322,36 @@ async def test_a_redis_restart_between_calls_is_survived_without_going_down(make
     assert [s.connected for s in backend_states(events)] == [True]
 
 
+async def test_a_burst_past_the_client_default_pool_waits_for_connections_instead_of_going_down(
+        make_store, raw, clock, events):
+    # redis-py's plain pool refuses a call past 100 connections (MaxConnectionsError); the store took
+    # that for Redis failing and served without it for its back-off after any burst of 100+ requests.
+    store = make_store()
+    entry = make_entry(clock)
+    await store.set(KEY, entry)
+    results = await asyncio.gather(*(store.get(KEY) for _ in range(150)))
+    assert results == [entry] * 150
+    assert errors(events) == [] and store.connected
+
+
+async def test_the_store_opens_at_most_max_connections_however_many_calls_wait(make_store, throwaway_redis, clock,
+                                                                                events):
+    store = make_store(throwaway_redis.url, max_connections=4)
+    entry = make_entry(clock)
+    before = await connections_received(throwaway_redis.url)
+    await asyncio.gather(*(store.set(f"fx:{n:064x}", entry) for n in range(40)))
+    results = await asyncio.gather(*(store.get(f"fx:{n:064x}") for n in range(40)))
+    assert results == [entry] * 40
+    # our 4, plus the INFO call that counts them
+    assert await connections_received(throwaway_redis.url) - before == 4 + 1
+    assert errors(events) == [] and store.connected
+
+
+def test_max_connections_must_be_positive(clock):
+    with pytest.raises(ValueError, match="max_connections"):
+        RedisStore("redis://127.0.0.1:6379/0", clock=clock, max_connections=0)
+
+
 async def test_ping_reports_whether_redis_answers(make_store, clock):
     assert await make_store().ping() is True
     assert await make_store(f"redis://127.0.0.1:{refused_port()}/0", op_timeout=0.05).ping() is False
