@@ -6,7 +6,9 @@ latency over a 20 ms provider, RSS; nginx measured in the same run for every fig
 Resilience (open loop, fixed rate): faults switched on fake providers, for our proxy and for nginx.
 
 Every case runs `rounds` times, interleaved (case A, B, C, A, B, C, ...); medians are quoted
-with min–max. The proxy-side processes are pinned to one core and the load generator and the
+with min–max. The latency cases run `latency_rounds` times (5 by default): one 5 s run's p50
+at c=10 over the 20 ms provider varies far more from run to run than a throughput figure does
+(one build, one bench run: +0.18 to +0.76 ms added). The proxy-side processes are pinned to one core and the load generator and the
 fake providers to the other when `taskset` is there.
 """
 
@@ -327,6 +329,7 @@ class Bench:
         self.smoke = args.smoke
         self.duration = args.duration or (1.0 if self.smoke else 5.0)
         self.rounds = args.rounds or (1 if self.smoke else 3)
+        self.latency_rounds = args.latency_rounds or (1 if self.smoke else 5)
         self.scenario_seconds = args.scenario_seconds or (1.0 if self.smoke else 12.0)
         self.rate = args.rate
         self.notes: list[str] = []
@@ -538,14 +541,14 @@ class Bench:
         runs: dict[str, list[dict[str, Any]]] = {case: [] for case in THROUGHPUT_CASES}
         latency: dict[str, list[dict[str, Any]]] = {case: [] for case in LATENCY_CASES}
         lat_urls = self.latency_urls()
-        for round_number in range(self.rounds):
+        for round_number in range(max(self.rounds, self.latency_rounds)):
             for case in THROUGHPUT_CASES:
-                if case in urls:
+                if case in urls and round_number < self.rounds:
                     result = self.load(urls[case], 50, self.duration)
                     runs[case].append(result)
                     print(f"bench: round {round_number + 1} {case}: {result['rps']:.0f} req/s", flush=True)
             for case in LATENCY_CASES:
-                if case in lat_urls:
+                if case in lat_urls and round_number < self.latency_rounds:
                     result = self.load(lat_urls[case], 10, self.duration)
                     latency[case].append(result)
                     print(f"bench: round {round_number + 1} latency {case}: p50 {result['p50_ms']:.2f} ms", flush=True)
@@ -700,7 +703,8 @@ class Bench:
             "machine": machine(), "tools": versions,
             "load_generator": "wrk" if self.wrk else "python (bench/loadgen.py)",
             "pinning": {"proxies": self.subject_cpu, "load_and_fakes": self.load_cpu} if self.procs.pin else None,
-            "seconds_per_run": self.duration, "rounds": self.rounds, "fault_seconds": self.scenario_seconds,
+            "seconds_per_run": self.duration, "rounds": self.rounds,
+            "latency_rounds": self.latency_rounds, "fault_seconds": self.scenario_seconds,
             "fault_rate": self.rate, "wall_seconds": round(time.time() - started, 1),
             "commands": self.procs.commands, "notes": self.notes,
             "nginx": "included" if self.nginx else ("skipped (--skip-nginx)" if self.args.skip_nginx
@@ -863,7 +867,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"aiohttp {m['aiohttp']}, uvloop {m['uvloop']}; {meta['tools']['nginx'] or 'nginx: not run'}; "
         f"{meta['tools']['wrk'] or 'wrk: not installed'}; {meta['tools']['redis'] or 'redis-server: not installed'}.",
         "",
-        f"Load: {meta['load_generator']}; {meta['rounds']} interleaved rounds of {meta['seconds_per_run']:g} s per case; "
+        f"Load: {meta['load_generator']}; {meta['rounds']} interleaved rounds of {meta['seconds_per_run']:g} s per case "
+        f"({meta['latency_rounds']} for the latency cases); "
         + (f"proxies pinned to CPU {meta['pinning']['proxies']}, load generator and fake providers to CPU "
            f"{meta['pinning']['load_and_fakes']}." if meta["pinning"] else "no core pinning."),
         "Figures are medians over the rounds, (min–max) in brackets; a ratio is taken per round, then the median.",
@@ -958,6 +963,7 @@ def main(argv: list[str] | None = None) -> int:
                                       "with --smoke)")
     parser.add_argument("--duration", type=float, help="seconds per speed run (default 5; smoke 1)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds per speed case (default 3; smoke 1)")
+    parser.add_argument("--latency-rounds", type=int, help="rounds per latency case (default 5; smoke 1)")
     parser.add_argument("--scenario-seconds", type=float, help="seconds per fault scenario (default 12; smoke 1)")
     parser.add_argument("--rate", type=float, default=200.0, help="open-loop request rate for faults (default 200)")
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
