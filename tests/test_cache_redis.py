@@ -322,7 +322,7 @@ async def test_a_redis_restart_between_calls_is_survived_without_going_down(make
     assert [s.connected for s in backend_states(events)] == [True]
 
 
-async def test_a_burst_past_the_client_default_pool_waits_for_connections_instead_of_going_down(
+async def test_a_burst_past_the_client_default_pool_waits_for_a_slot_instead_of_going_down(
         make_store, raw, clock, events):
     # redis-py's plain pool refuses a call past 100 connections (MaxConnectionsError); the store took
     # that for Redis failing and served without it for its back-off after any burst of 100+ requests.
@@ -334,7 +334,7 @@ async def test_a_burst_past_the_client_default_pool_waits_for_connections_instea
     assert errors(events) == [] and store.connected
 
 
-async def test_the_store_opens_at_most_max_connections_however_many_calls_wait(make_store, throwaway_redis, clock,
+async def test_the_store_keeps_at_most_max_connections_calls_in_flight_however_many_wait(make_store, throwaway_redis, clock,
                                                                                 events):
     store = make_store(throwaway_redis.url, max_connections=4)
     entry = make_entry(clock)

@@ -75,22 +75,23 @@ class RedisStore:
         self._op_timeout = op_timeout
         self._backoff = backoff
         self._scan_count = scan_count
-        # asyncio.timeout in _call is the budget; the socket and pool timeouts are only a backstop.
-        # One quick retry lets a pooled connection that died with a Redis restart be replaced at once.
-        # A burst of more concurrent calls than connections waits for one (LIFO, within the budget):
-        # redis-py's plain pool refuses the call past its limit instead, and we would take that
-        # refusal for Redis failing and serve without it for `backoff` seconds.
-        pool = aioredis.BlockingConnectionPool.from_url(
+        # asyncio.timeout in _call is the budget; the socket timeouts are only a backstop. One
+        # quick retry lets a pooled connection that died with a Redis restart be replaced at once.
+        # At most `max_connections` calls are in flight; more wait for a slot, within the budget.
+        # redis-py's pool refuses a call past its own limit instead (MaxConnectionsError), which we
+        # would take for Redis failing and serve without it for `backoff` seconds; its waiting
+        # pool costs a lock round per call (a fifth of the calls per second). The pool's limit
+        # stays above ours for the others on this client (the rate-limit buckets).
+        self._slots = asyncio.Semaphore(max_connections)
+        self._client = aioredis.Redis.from_url(
             url,
-            max_connections=max_connections,
-            timeout=op_timeout * 2,
+            max_connections=2 * max_connections,
             socket_timeout=op_timeout * 2,
             socket_connect_timeout=op_timeout * 2,
             health_check_interval=health_check_interval,
             retry=Retry(NoBackoff(), 1),
             decode_responses=False,
         )
-        self._client = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
         self._connected: bool | None = None  # unknown until the first call
         self._down_until = float("-inf")
         self._probing = False
@@ -189,7 +190,7 @@ class RedisStore:
                 return _UNAVAILABLE
             self._probing = True  # one call probes; the others keep answering at once
         try:
-            async with asyncio.timeout(self._op_timeout):
+            async with asyncio.timeout(self._op_timeout), self._slots:
                 result = await command()
         except ResponseError as exc:
             # Redis answered (e.g. WRONGTYPE): the backend is fine, this operation is not.
