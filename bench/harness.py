@@ -8,8 +8,8 @@ Resilience (open loop, fixed rate): faults switched on fake providers, for our p
 Every case runs `rounds` times, interleaved (case A, B, C, A, B, C, ...); medians are quoted
 with min–max. The latency cases run `latency_rounds` times (5 by default): one 5 s run's p50
 at c=10 over the 20 ms provider varies far more from run to run than a throughput figure does
-(one build, one bench run: +0.18 to +0.76 ms added). The proxy-side processes are pinned to one core and the load generator and the
-fake providers to the other when `taskset` is there.
+(one build, one bench run: +0.18 to +0.76 ms added). The proxy-side processes are pinned to
+one core and the load generator and the fake providers to the other when `taskset` is there.
 """
 
 from __future__ import annotations

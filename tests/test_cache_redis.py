@@ -334,8 +334,8 @@ async def test_a_burst_past_the_client_default_pool_waits_for_a_slot_instead_of_
     assert errors(events) == [] and store.connected
 
 
-async def test_the_store_keeps_at_most_max_connections_calls_in_flight_however_many_wait(make_store, throwaway_redis, clock,
-                                                                                events):
+async def test_the_store_keeps_at_most_max_connections_calls_in_flight_however_many_wait(
+        make_store, throwaway_redis, clock, events):
     store = make_store(throwaway_redis.url, max_connections=4)
     entry = make_entry(clock)
     before = await connections_received(throwaway_redis.url)

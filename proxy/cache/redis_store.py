@@ -23,8 +23,9 @@ from proxy.events import CacheBackendState, CacheError, discard
 
 T = TypeVar("T")
 BACKEND = "redis"
-# Connections to Redis per process. A call holds one for a round trip (well under a millisecond
-# in a pod's network), so 64 carry tens of thousands of calls a second.
+# Cache calls in flight to Redis per process (so at most that many of its connections). A call
+# holds one for a round trip (well under a millisecond in a pod's network), so 64 carry tens
+# of thousands of calls a second.
 MAX_CONNECTIONS = 64
 
 
