@@ -136,12 +136,16 @@ class ProxyProcess:
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
-        self.bus.deliver_waiting()
         retiring = list(self._retiring)
         for task in retiring:
             task.cancel()
         await asyncio.gather(*retiring, return_exceptions=True)
-        await self.runtime.close()
+        try:
+            await self.runtime.close()
+        finally:
+            # Last: background work may finish a request while the table closes, and held counts
+            # and log lines would otherwise wait for a timer the ending loop never runs.
+            self.bus.deliver_waiting()
 
     # --- reload -----------------------------------------------------------------------------
 

@@ -347,6 +347,18 @@ async def test_the_store_keeps_at_most_max_connections_calls_in_flight_however_m
     assert errors(events) == [] and store.connected
 
 
+async def test_a_call_that_waits_out_its_budget_for_a_slot_does_without_redis_without_taking_it_down(
+        make_store, clock, events):
+    store = make_store(op_timeout=0.05, max_connections=2)
+    entry = make_entry(clock)
+    await store.set(KEY, entry)
+    async with store._slots, store._slots:  # every slot taken, as by a burst of slow calls
+        assert await store.get(KEY) is None
+    assert [e.error for e in errors(events, "get")] == ["busy: all 2 Redis slots taken for the whole budget"]
+    assert [s.connected for s in backend_states(events)] == [True] and store.connected  # not down, no back-off
+    assert await store.get(KEY) == entry
+
+
 def test_max_connections_must_be_positive(clock):
     with pytest.raises(ValueError, match="max_connections"):
         RedisStore("redis://127.0.0.1:6379/0", clock=clock, max_connections=0)

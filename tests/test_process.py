@@ -232,8 +232,9 @@ async def test_a_changed_file_on_disk_is_picked_up_by_the_watcher(fake_upstream,
 
 
 async def test_counts_held_for_the_loop_turn_do_not_bring_a_removed_upstream_back(fake_upstream, tmp_path, clock):
-    # A request's attempt on an upstream is counted one loop turn later; a reload in that same turn that
-    # removes the upstream forgets it, and the attempt delivered afterwards must not bring it back.
+    # A request's attempt on an upstream is counted when the held per-request events go out; a reload
+    # before that which removes the upstream forgets it, and the attempt delivered afterwards must not
+    # bring it back.
     from proxy import events
     from tests.test_metrics import value
 
@@ -254,3 +255,28 @@ async def test_counts_held_for_the_loop_turn_do_not_bring_a_removed_upstream_bac
     finally:
         await client.close()
         await process.stop()
+
+
+async def test_counts_of_a_request_finishing_while_the_table_closes_are_not_lost_at_stop(
+        fake_upstream, tmp_path, clock, monkeypatch):
+    from proxy import events
+
+    monkeypatch.setattr(events, "PER_REQUEST_HOLD", 3600.0)  # nothing goes out by its timer in this test
+    a = await fake_upstream("a")
+    path = tmp_path / "routes.yaml"
+    _write(path, {"fx": {"retry": "NONE", "upstreams": [{"name": "fx_a", "url": a.url}]}})
+    process, client, url = await _process(path, clock)
+    await client.close()
+    seen = []
+    process.bus.subscribe(seen.append)
+    close = process.runtime.close
+
+    async def close_while_background_work_finishes_a_request():
+        process.bus.emit(events.RequestFinished(
+            service="fx", route="/fx", method="GET", path="/fx/a", status=200, cache="MISS", upstream="fx_a",
+            attempts=(("fx_a", "success"),), duration=0.01, request_id="late-1"))
+        await close()
+
+    monkeypatch.setattr(process.runtime, "close", close_while_background_work_finishes_a_request)
+    await process.stop()
+    assert [e.request_id for e in seen if isinstance(e, events.RequestFinished)] == ["late-1"]

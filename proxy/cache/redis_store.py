@@ -84,6 +84,7 @@ class RedisStore:
         # pool costs a lock round per call (a fifth of the calls per second). The pool's limit
         # stays above ours for the others on this client (the rate-limit buckets).
         self._slots = asyncio.Semaphore(max_connections)
+        self._max_calls = max_connections
         self._client = aioredis.Redis.from_url(
             url,
             max_connections=2 * max_connections,
@@ -190,8 +191,10 @@ class RedisStore:
             if self._probing or self._clock.monotonic() < self._down_until:
                 return _UNAVAILABLE
             self._probing = True  # one call probes; the others keep answering at once
+        slotted = False
         try:
             async with asyncio.timeout(self._op_timeout), self._slots:
+                slotted = True
                 result = await command()
         except ResponseError as exc:
             # Redis answered (e.g. WRONGTYPE): the backend is fine, this operation is not.
@@ -199,6 +202,12 @@ class RedisStore:
             self._up()
             return _UNAVAILABLE
         except Exception as exc:  # connection, timeout, protocol: fail open
+            if not slotted:
+                # The budget went by while every slot was taken: this process is busy, Redis did not
+                # fail. This call does without the cache; the others go on using it.
+                self._emit(CacheError(backend=BACKEND, operation=operation,
+                                      error=f"busy: all {self._max_calls} Redis slots taken for the whole budget"))
+                return _UNAVAILABLE
             self._down(operation, exc)
             return _UNAVAILABLE
         finally:
