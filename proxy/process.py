@@ -183,6 +183,7 @@ class ProxyProcess:
                     self.stats.forget(name)
             for service in old.config.services.keys() - config.services.keys():
                 self.metrics.forget_service(service)
+                self.stats.forget_service(service)
             self._register(config, runtime.breakers)  # a replaced breaker starts CLOSED: say so
             self.runtime = runtime  # atomic for requests: each reads `runtime` once
             self.events.config_changed()

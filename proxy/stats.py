@@ -186,6 +186,7 @@ class Stats:
         self._service_of: dict[str, str] = {}  # provider -> service, from register() and events
         self._registered: set[str] = set()
         self._forgotten: set[str] = set()  # removed by a reload: late attempts on the old table are not counted
+        self._forgotten_services: set[str] = set()  # likewise, services
         self._handlers = {
             events.AttemptFinished: self._attempt_finished,
             events.CacheLookup: self._cache_lookup,
@@ -198,6 +199,8 @@ class Stats:
             return
         if self._forgotten and getattr(event, "provider", None) in self._forgotten:
             return
+        if self._forgotten_services and event.service in self._forgotten_services:
+            return
         handler(event)
 
     def register(self, service: str, provider: str) -> None:
@@ -205,6 +208,7 @@ class Stats:
         self._service_of[provider] = service
         self._registered.add(provider)
         self._forgotten.discard(provider)
+        self._forgotten_services.discard(service)
 
     def forget(self, provider: str) -> None:
         """Drop an upstream that a reload removed, with its history."""
@@ -213,6 +217,12 @@ class Stats:
         self._service_of.pop(provider, None)
         for bucket in self._minutes:
             bucket.providers.pop(provider, None)
+
+    def forget_service(self, service: str) -> None:
+        """Drop a service that a reload removed, with its history (its upstreams are forgotten one by one)."""
+        self._forgotten_services.add(service)
+        for bucket in self._minutes:
+            bucket.services.pop(service, None)
 
     @property
     def buckets_kept(self) -> int:

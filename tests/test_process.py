@@ -161,6 +161,9 @@ async def test_admin_reload_keeps_breakers_and_copies_of_unchanged_upstreams_and
         assert process.runtime.store.describe()["entries"] == 1  # the removed service's copy is gone
         circuits = await (await client.get(url + "/health/integrations/circuits")).json()
         assert [c["provider"] for c in circuits["circuits"]] == ["fx_primary", "new_primary"]
+        stats = await (await client.get(url + "/health/integrations/stats?minutes=5")).json()
+        assert sorted(stats["services"]) == ["fx", "new"]
+        assert sorted(stats["providers"]) == ["fx_primary", "new_primary"]
     finally:
         await client.close()
         await process.stop()

@@ -202,6 +202,23 @@ def test_forget_drops_a_provider_and_its_history(stats: Stats) -> None:
     assert stats.window(60)["providers"][PRIMARY]["requests"] == 1
 
 
+def test_forget_service_drops_its_history_and_late_requests(stats: Stats) -> None:
+    stats.register(SERVICE, PRIMARY)
+    stats.register("flights", "flights_primary")
+    stats(finished())
+    stats(finished(service="flights"))
+    stats.forget(PRIMARY)
+    stats.forget_service(SERVICE)
+    window = stats.window(60)
+    assert SERVICE not in window["services"] and window["services"]["flights"]["requests"] == 1
+    stats(finished())  # a request still finishing on the old route table
+    stats(events.CacheLookup(SERVICE, "hit", 1.0))
+    assert SERVICE not in stats.window(60)["services"]
+    stats.register(SERVICE, PRIMARY)  # put back by a later reload: counted again, from zero
+    stats(finished())
+    assert stats.window(60)["services"][SERVICE]["requests"] == 1
+
+
 def test_unknown_events_are_ignored(stats: Stats) -> None:
     stats(object())
     stats(events.Coalesced(SERVICE))
