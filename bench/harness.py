@@ -956,16 +956,29 @@ def markdown(r: dict[str, Any]) -> str:
 
 # --- entry point ------------------------------------------------------------------------------------
 
+def _positive(kind: type) -> Any:
+    """An argparse type: a number of `kind` above zero (0 would otherwise read as "the default")."""
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its error for an unparsable value
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="every case and scenario once, ~1 s each, into a temp dir")
     parser.add_argument("--out", help="directory for results.md and results.json (default: bench/, or a temp dir "
                                       "with --smoke)")
-    parser.add_argument("--duration", type=float, help="seconds per speed run (default 5; smoke 1)")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds per speed case (default 3; smoke 1)")
-    parser.add_argument("--latency-rounds", type=int, help="rounds per latency case (default 5; smoke 1)")
-    parser.add_argument("--scenario-seconds", type=float, help="seconds per fault scenario (default 12; smoke 1)")
-    parser.add_argument("--rate", type=float, default=200.0, help="open-loop request rate for faults (default 200)")
+    parser.add_argument("--duration", type=_positive(float), help="seconds per speed run (default 5; smoke 1)")
+    parser.add_argument("--rounds", type=_positive(int), help="interleaved rounds per speed case (default 3; smoke 1)")
+    parser.add_argument("--latency-rounds", type=_positive(int), help="rounds per latency case (default 5; smoke 1)")
+    parser.add_argument("--scenario-seconds", type=_positive(float),
+                        help="seconds per fault scenario (default 12; smoke 1)")
+    parser.add_argument("--rate", type=_positive(float), default=200.0,
+                        help="open-loop request rate for faults (default 200)")
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--skip-nginx", action="store_true", help="leave nginx out")
     parser.add_argument("--no-install", action="store_true", help="never apt-get install wrk/nginx")

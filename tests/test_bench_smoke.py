@@ -53,6 +53,17 @@ def test_wrk_output_without_a_rate_is_an_error_not_a_zero():
         parse_wrk("unable to connect to 127.0.0.1:1 Connection refused")
 
 
+@pytest.mark.parametrize("argv", [["--rounds", "0"], ["--latency-rounds", "0"], ["--duration", "-1"],
+                                  ["--scenario-seconds", "0"], ["--rate", "0"]])
+def test_a_count_or_length_of_zero_or_less_is_refused_not_read_as_the_default(argv, capsys):
+    from bench.harness import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert f"argument {argv[0]}: must be above 0, not {argv[1]}" in capsys.readouterr().err
+
+
 def test_percentile_is_nearest_rank():
     values = [float(v) for v in range(1, 101)]
     assert percentile(values, 50) == 50.0
