@@ -17,6 +17,7 @@ from yarl import URL
 
 from . import http1
 from .config import HOP_BY_HOP, ServerSettings, Upstream
+from .deadlines import Deadlines
 from .exchange import Exchange
 from .outcome import Outcome
 
@@ -160,6 +161,7 @@ class HttpTransport:
         self._limit = limit_per_upstream
         self._pools: dict[str, http1.Pool] = {}
         self._strip: dict[frozenset[str], frozenset[str]] = {}  # a service's forward_headers -> what is stripped
+        self._deadlines: Deadlines | None = None  # the attempts' time limits, on the loop they run on
 
     def _pool(self, upstream: Upstream) -> http1.Pool:
         pool = self._pools.get(upstream.name)
@@ -174,6 +176,7 @@ class HttpTransport:
         """The same connection pools under new settings (a reloaded route table's `server:`)."""
         other = HttpTransport(settings, limit_per_upstream=self._limit)
         other._pools = self._pools
+        other._deadlines = self._deadlines
         return other
 
     async def close(self, keep: set[str] | None = None) -> None:
@@ -202,8 +205,11 @@ class HttpTransport:
         pool = self._pool(upstream)
         body: Any = exchange.body_stream if exchange.body_stream is not None else (exchange.body or None)
         target = url.raw_path_qs
+        deadlines = self._deadlines
+        if deadlines is None or deadlines.loop is not asyncio.get_running_loop():
+            deadlines = self._deadlines = Deadlines(asyncio.get_running_loop())
         try:
-            async with asyncio.timeout(timeout):
+            async with deadlines.after(timeout):
                 response = await pool.request(exchange.method, target, headers, body, timeout)
                 try:
                     return await self._read(response, exchange.method)
