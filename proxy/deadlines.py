@@ -19,6 +19,12 @@ from types import TracebackType
 _NEVER = float("inf")
 
 
+def for_running_loop(deadlines: Deadlines | None) -> Deadlines:
+    """`deadlines` if it belongs to the running loop, else a new Deadlines for that loop."""
+    loop = asyncio.get_running_loop()
+    return deadlines if deadlines is not None and deadlines.loop is loop else Deadlines(loop)
+
+
 class Deadlines:
     """The deadlines of one event loop's awaits; see the module's text."""
 

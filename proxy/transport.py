@@ -17,7 +17,7 @@ from yarl import URL
 
 from . import http1
 from .config import HOP_BY_HOP, ServerSettings, Upstream
-from .deadlines import Deadlines
+from .deadlines import Deadlines, for_running_loop
 from .exchange import Exchange
 from .outcome import Outcome
 
@@ -205,9 +205,7 @@ class HttpTransport:
         pool = self._pool(upstream)
         body: Any = exchange.body_stream if exchange.body_stream is not None else (exchange.body or None)
         target = url.raw_path_qs
-        deadlines = self._deadlines
-        if deadlines is None or deadlines.loop is not asyncio.get_running_loop():
-            deadlines = self._deadlines = Deadlines(asyncio.get_running_loop())
+        deadlines = self._deadlines = for_running_loop(self._deadlines)
         try:
             async with deadlines.after(timeout):
                 response = await pool.request(exchange.method, target, headers, body, timeout)

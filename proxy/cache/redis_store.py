@@ -19,6 +19,7 @@ from redis.exceptions import ResponseError
 
 from proxy.cache.entry import Entry, decode_entry, encode_entry
 from proxy.clock import Clock
+from proxy.deadlines import Deadlines, for_running_loop
 from proxy.events import CacheBackendState, CacheError, discard
 
 T = TypeVar("T")
@@ -76,7 +77,7 @@ class RedisStore:
         self._op_timeout = op_timeout
         self._backoff = backoff
         self._scan_count = scan_count
-        # asyncio.timeout in _call is the budget; the socket timeouts are only a backstop. One
+        # The deadline in _call is the budget; the socket timeouts are only a backstop. One
         # quick retry lets a pooled connection that died with a Redis restart be replaced at once.
         # At most `max_connections` calls are in flight; more wait for a slot, within the budget.
         # redis-py's pool refuses a call past its own limit instead (MaxConnectionsError), which we
@@ -84,6 +85,7 @@ class RedisStore:
         # pool costs a lock round per call (a fifth of the calls per second). The pool's limit
         # stays above ours for the others on this client (the rate-limit buckets).
         self._slots = asyncio.Semaphore(max_connections)
+        self._deadlines: Deadlines | None = None  # the commands' time limits (one timer, not one per call)
         self._max_calls = max_connections
         self._client = aioredis.Redis.from_url(
             url,
@@ -192,8 +194,9 @@ class RedisStore:
                 return _UNAVAILABLE
             self._probing = True  # one call probes; the others keep answering at once
         slotted = False
+        deadlines = self._deadlines = for_running_loop(self._deadlines)
         try:
-            async with asyncio.timeout(self._op_timeout), self._slots:
+            async with deadlines.after(self._op_timeout), self._slots:
                 slotted = True
                 result = await command()
         except ResponseError as exc:
