@@ -262,7 +262,29 @@ def machine() -> dict[str, Any]:
     except ImportError:
         uvloop_version = None
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_mib": memory, "kernel": platform.release(),
-            "python": platform.python_version(), "aiohttp": aiohttp.__version__, "uvloop": uvloop_version}
+            "python": platform.python_version(), "aiohttp": aiohttp.__version__, "uvloop": uvloop_version,
+            "idle": idle_policy()}
+
+
+def idle_policy() -> str | None:
+    """How an idle core sleeps: the latency figures depend on it (see the README's Benchmarks).
+
+    On a virtual machine whose idle cores halt at once (haltpoll with guest_halt_poll_ns 0),
+    every write that wakes a process on the other core pays for waking that core.
+    """
+    def read(path: str) -> str | None:
+        with contextlib.suppress(OSError):
+            return Path(path).read_text().strip()
+        return None
+
+    driver = read("/sys/devices/system/cpu/cpuidle/current_driver")
+    if driver is None:
+        return None
+    governor = read("/sys/devices/system/cpu/cpuidle/current_governor") or read(
+        "/sys/devices/system/cpu/cpuidle/current_governor_ro")
+    text = f"cpuidle {driver}" + (f"/{governor}" if governor and governor != driver else "")
+    poll = read("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+    return text + (f", guest_halt_poll_ns {poll}" if poll is not None else "")
 
 
 # --- configs --------------------------------------------------------------------------------------
@@ -864,7 +886,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"Produced by `make bench` (`python -m bench`) on {meta['date']}; mode: {meta['mode']}.",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_mib']} MiB, Linux {m['kernel']}; Python {m['python']}, "
-        f"aiohttp {m['aiohttp']}, uvloop {m['uvloop']}; {meta['tools']['nginx'] or 'nginx: not run'}; "
+        f"aiohttp {m['aiohttp']}, uvloop {m['uvloop']}; idle cores: {m.get('idle') or 'unknown'}; "
+        f"{meta['tools']['nginx'] or 'nginx: not run'}; "
         f"{meta['tools']['wrk'] or 'wrk: not installed'}; {meta['tools']['redis'] or 'redis-server: not installed'}.",
         "",
         f"Load: {meta['load_generator']}; {meta['rounds']} interleaved rounds of {meta['seconds_per_run']:g} s per case "

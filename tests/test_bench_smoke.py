@@ -89,6 +89,10 @@ def test_smoke_writes_every_case_as_a_number_or_a_stated_skip(smoke):
     out, stdout = smoke
     results = json.loads((out / "results.json").read_text())
     assert results["meta"]["mode"] == "smoke"
+    # How idle cores sleep is part of what a latency figure means: stated, or stated unknown.
+    idle = results["meta"]["machine"]["idle"]
+    assert idle is None or idle.startswith("cpuidle ")
+    assert f"idle cores: {idle or 'unknown'};" in (out / "results.md").read_text()
     for group, cases in (("throughput", THROUGHPUT_CASES), ("latency", LATENCY_CASES)):
         for case in cases:
             item = results[group][case]
