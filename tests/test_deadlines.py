@@ -49,6 +49,16 @@ class SteppedLoop:
         self.fire()
 
 
+@pytest.fixture
+def stepped() -> SteppedLoop:
+    return SteppedLoop()
+
+
+@pytest.fixture
+def deadlines(stepped: SteppedLoop) -> Deadlines:
+    return Deadlines(stepped)  # type: ignore[arg-type]
+
+
 async def settle() -> None:
     for _ in range(3):
         await asyncio.sleep(0)
@@ -60,9 +70,7 @@ async def limited(deadlines: Deadlines, seconds: float, wait: asyncio.Event) -> 
     return "done"
 
 
-async def test_a_block_past_its_deadline_raises_timeout_and_leaves_the_task_uncancelled():
-    clock = SteppedLoop()
-    deadlines = Deadlines(clock)  # type: ignore[arg-type]
+async def test_a_block_past_its_deadline_raises_timeout_and_leaves_the_task_uncancelled(stepped, deadlines):
     seen = {}
 
     async def body():
@@ -76,10 +84,10 @@ async def test_a_block_past_its_deadline_raises_timeout_and_leaves_the_task_unca
 
     task = asyncio.create_task(body())
     await settle()
-    clock.advance(4.9)
+    stepped.advance(4.9)
     await settle()
     assert not task.done()
-    clock.advance(0.1)
+    stepped.advance(0.1)
     await settle()
     with pytest.raises(TimeoutError):
         await task
@@ -87,9 +95,7 @@ async def test_a_block_past_its_deadline_raises_timeout_and_leaves_the_task_unca
     assert len(deadlines) == 0
 
 
-async def test_blocks_that_end_in_time_are_never_cancelled_later():
-    clock = SteppedLoop()
-    deadlines = Deadlines(clock)  # type: ignore[arg-type]
+async def test_blocks_that_end_in_time_are_never_cancelled_later(stepped, deadlines):
     gate = asyncio.Event()
     tasks = [asyncio.create_task(limited(deadlines, 5, gate)) for _ in range(20)]
     await settle()
@@ -98,74 +104,66 @@ async def test_blocks_that_end_in_time_are_never_cancelled_later():
     assert await asyncio.gather(*tasks) == ["done"] * 20
     assert len(deadlines) == 0
     # The timer still fires at the first deadline, finds nothing due and arms nothing more.
-    assert clock.armed() == [105.0]
-    clock.advance(10)
-    assert clock.armed() == []
+    assert stepped.armed() == [105.0]
+    stepped.advance(10)
+    assert stepped.armed() == []
 
     after = asyncio.create_task(asyncio.sleep(0, result="untouched"))
     assert await after == "untouched"
 
 
-async def test_one_timer_serves_many_deadlines_and_only_the_overdue_block_times_out():
-    clock = SteppedLoop()
-    deadlines = Deadlines(clock)  # type: ignore[arg-type]
+async def test_one_timer_serves_many_deadlines_and_only_the_overdue_block_times_out(stepped, deadlines):
     slow, fast = asyncio.Event(), asyncio.Event()
     first = asyncio.create_task(limited(deadlines, 5, slow))
     await settle()
-    clock.now += 1
+    stepped.now += 1
     others = [asyncio.create_task(limited(deadlines, 5, fast)) for _ in range(10)]
     await settle()
-    assert clock.armed() == [105.0]  # later deadlines arm nothing
-    clock.advance(4)  # the first block's 5 s are up; the others have 1 s left
+    assert stepped.armed() == [105.0]  # later deadlines arm nothing
+    stepped.advance(4)  # the first block's 5 s are up; the others have 1 s left
     await settle()
     with pytest.raises(TimeoutError):
         await first
-    assert clock.armed() == [106.0]  # re-armed for the earliest remaining deadline
+    assert stepped.armed() == [106.0]  # re-armed for the earliest remaining deadline
     fast.set()
     assert await asyncio.gather(*others) == ["done"] * 10
-    clock.advance(5)
-    assert clock.armed() == [] and len(deadlines) == 0
+    stepped.advance(5)
+    assert stepped.armed() == [] and len(deadlines) == 0
 
 
-async def test_an_earlier_deadline_entered_later_rearms_the_timer():
-    clock = SteppedLoop()
-    deadlines = Deadlines(clock)  # type: ignore[arg-type]
+async def test_an_earlier_deadline_entered_later_rearms_the_timer(stepped, deadlines):
     wait = asyncio.Event()
     long = asyncio.create_task(limited(deadlines, 30, wait))
     await settle()
     short = asyncio.create_task(limited(deadlines, 0.25, wait))
     await settle()
-    assert clock.armed() == [100.25]
-    clock.advance(0.25)
+    assert stepped.armed() == [100.25]
+    stepped.advance(0.25)
     await settle()
     with pytest.raises(TimeoutError):
         await short
-    assert not long.done() and clock.armed() == [130.0]
-    clock.advance(30)
+    assert not long.done() and stepped.armed() == [130.0]
+    stepped.advance(30)
     await settle()
     with pytest.raises(TimeoutError):
         await long
 
 
-async def test_a_timer_that_fires_early_arms_again_for_the_same_deadline():
+async def test_a_timer_that_fires_early_arms_again_for_the_same_deadline(stepped, deadlines):
     # libuv keeps time in milliseconds, so uvloop can run a timer a fraction of one early.
-    clock = SteppedLoop()
-    deadlines = Deadlines(clock)  # type: ignore[arg-type]
     task = asyncio.create_task(limited(deadlines, 5, asyncio.Event()))
     await settle()
-    clock.now = 104.9995
-    clock.fire(at=105.0)
+    stepped.now = 104.9995
+    stepped.fire(at=105.0)
     await settle()
-    assert not task.done() and clock.armed() == [105.0]
-    clock.advance(0.0005)
+    assert not task.done() and stepped.armed() == [105.0]
+    stepped.advance(0.0005)
     await settle()
     with pytest.raises(TimeoutError):
         await task
 
 
-async def test_a_cancel_from_elsewhere_stays_a_cancel():
-    clock = SteppedLoop()
-    deadlines = Deadlines(clock)  # type: ignore[arg-type]
+async def test_a_cancel_from_elsewhere_stays_a_cancel(stepped, deadlines):
     task = asyncio.create_task(limited(deadlines, 5, asyncio.Event()))
     await settle()
     task.cancel()
@@ -174,20 +172,16 @@ async def test_a_cancel_from_elsewhere_stays_a_cancel():
     assert len(deadlines) == 0
 
 
-async def test_a_cancel_from_elsewhere_at_the_same_time_as_the_deadline_stays_a_cancel():
-    clock = SteppedLoop()
-    deadlines = Deadlines(clock)  # type: ignore[arg-type]
+async def test_a_cancel_from_elsewhere_at_the_same_time_as_the_deadline_stays_a_cancel(stepped, deadlines):
     task = asyncio.create_task(limited(deadlines, 5, asyncio.Event()))
     await settle()
-    clock.advance(5)  # our cancel ...
+    stepped.advance(5)  # our cancel ...
     task.cancel()     # ... and someone else's, before the task runs again
     with pytest.raises(asyncio.CancelledError):
         await task
 
 
-async def test_the_deadline_inside_an_asyncio_timeout_and_around_one():
-    clock = SteppedLoop()
-    deadlines = Deadlines(clock)  # type: ignore[arg-type]
+async def test_the_deadline_inside_an_asyncio_timeout_and_around_one(stepped, deadlines):
 
     async def ours_outside():
         async with deadlines.after(5):
@@ -202,7 +196,7 @@ async def test_the_deadline_inside_an_asyncio_timeout_and_around_one():
     outside = asyncio.create_task(ours_outside())
     inside = asyncio.create_task(ours_inside())
     await settle()
-    clock.advance(5)
+    stepped.advance(5)
     await settle()
     with pytest.raises(TimeoutError):
         await outside  # raised by ours: asyncio's own timeout had not expired
@@ -231,9 +225,7 @@ async def test_on_the_real_loop_a_block_that_outlasts_its_deadline_times_out():
     assert len(deadlines) == 0
 
 
-async def test_a_task_that_carried_on_after_an_earlier_cancel_still_gets_timeout():
-    clock = SteppedLoop()
-    deadlines = Deadlines(clock)  # type: ignore[arg-type]
+async def test_a_task_that_carried_on_after_an_earlier_cancel_still_gets_timeout(stepped, deadlines):
     entered = asyncio.Event()
 
     async def body():
@@ -249,6 +241,6 @@ async def test_a_task_that_carried_on_after_an_earlier_cancel_still_gets_timeout
     await settle()
     task.cancel()
     await entered.wait()
-    clock.advance(5)
+    stepped.advance(5)
     with pytest.raises(TimeoutError):
         await task
