@@ -12,9 +12,10 @@ from .config import Route, Service
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class AttemptRecord:
-    """One line of the `attempts` list in error bodies and logs."""
+    """One line of the `attempts` list in error bodies and logs (one per attempt: not frozen for
+    the same reason as `events.PER_REQUEST`, and never changed once made)."""
 
     upstream: str
     outcome: str

@@ -175,3 +175,10 @@ async def test_a_held_delivery_read_early_is_not_repeated_by_its_timer():
     assert seen == [200]
     await asyncio.sleep(0.05)
     assert seen == [200, 201]
+
+
+def test_per_request_events_compare_and_hash_by_value_like_the_frozen_ones():
+    # Not frozen (they are made on every request), but still usable as values: in sets, as keys.
+    assert request_finished() == request_finished() and request_finished() != request_finished(status=500)
+    assert len({request_finished(), request_finished(), request_finished(status=500)}) == 2
+    assert len({breaker_failure(), breaker_failure()}) == 1
