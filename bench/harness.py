@@ -8,7 +8,8 @@ Resilience (open loop, fixed rate): faults switched on fake providers, for our p
 Every case runs `rounds` times, interleaved (case A, B, C, A, B, C, ...); medians are quoted
 with min–max. The latency cases run `latency_rounds` times (5 by default): one 5 s run's p50
 at c=10 over the 20 ms provider varies far more from run to run than a throughput figure does
-(one build, one bench run: +0.18 to +0.76 ms added). The proxy-side processes are pinned to
+(one build, one bench run: +0.18 to +0.76 ms added, while the fake still timed its 20 ms with
+libuv's millisecond timers; see bench.servers.PreciseTimer). The proxy-side processes are pinned to
 one core and the load generator and the fake providers to the other when `taskset` is there.
 """
 
@@ -935,7 +936,10 @@ def markdown(r: dict[str, Any]) -> str:
         else:
             lines.append(f"| {case} | {what[case]} | {_range(item, 0)} | {_num(item['p50_ms'])} | "
                          f"{_num(item['p99_ms'])} | {item['non_2xx'] + item['errors']} |")
-    lines += ["", "## Latency over a 20 ms upstream (c=10, p50 ms)", "", "| path | p50 ms | p99 ms |", "|---|---|---|"]
+    lines += ["", "## Latency over a 20 ms upstream (c=10, p50 ms)", "",
+              "The fake provider answers 20 ms after it read the request, timed by a timerfd (not by uvloop's "
+              "millisecond timers, whose error depended on how the requests arrived).", "",
+              "| path | p50 ms | p99 ms |", "|---|---|---|"]
     for case in LATENCY_CASES:
         item = lat[case]
         lines.append(f"| {case} | {_range(item)} | {_num(item.get('p99_ms'))} |" if "skipped" not in item
