@@ -158,7 +158,7 @@ class PreciseTimer:
 class FakeProvider:
     """One fake provider: counts calls and answers according to its current mode."""
 
-    def __init__(self, name: str, timer: PreciseTimer | None = None) -> None:
+    def __init__(self, name: str, timer: PreciseTimer) -> None:
         self.name = name
         self.mode = "ok"
         self.calls = 0
@@ -180,10 +180,7 @@ class FakeProvider:
             return web.Response(status=429, body=b'{"error": "quota exceeded"}', content_type="application/json",
                                 headers={"Retry-After": "2"})
         if path.endswith("/slow"):
-            if self._timer is not None:
-                await self._timer.sleep(SLOW_DELAY)
-            else:
-                await asyncio.sleep(SLOW_DELAY)
+            await self._timer.sleep(SLOW_DELAY)
         return web.Response(body=BODY, content_type="application/json")
 
     def _control(self, request: web.BaseRequest, path: str) -> web.Response:
