@@ -19,6 +19,7 @@ from .background import cancel_and_wait
 from .clock import SYSTEM_CLOCK, Clock
 from .config import Config, ConfigError, load_config
 from .eventing import EventsSystem
+from .front import LeanFront
 from .health import Health
 from .logs import REDACTOR, EventLog
 from .metrics import Metrics
@@ -56,6 +57,8 @@ class ProxyProcess:
         self._hit = HitPath(self)
         self._health = Health(self)
         self._runners: list[web.BaseRunner] = []
+        self._front: LeanFront | None = None
+        self._listener: asyncio.AbstractServer | None = None
         self.addresses: dict[str, tuple[str, int]] = {}
         self._watch_task: asyncio.Task[None] | None = None
         self.events = EventsSystem(self, config)
@@ -70,13 +73,20 @@ class ProxyProcess:
     # --- requests ---------------------------------------------------------------------------
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse | RawAnswer:
-        try:
-            fast = self._hit(request)  # a fresh in-process copy, answered without the chain
-        except Exception:
-            log.exception("unhandled error on the cache fast path", path=request.raw_path)
-            fast = None
+        fast = self.answer_from_cache(request)
         if fast is not None:
             return fast
+        return await self.handle_rest(request)
+
+    def answer_from_cache(self, request: web.BaseRequest) -> RawAnswer | None:
+        """A fresh in-process copy, answered without the chain; None: `handle_rest` answers."""
+        try:
+            return self._hit(request)
+        except Exception:
+            log.exception("unhandled error on the cache fast path", path=request.raw_path)
+            return None
+
+    async def handle_rest(self, request: web.BaseRequest) -> web.StreamResponse | RawAnswer:
         request_id = request_id_of(request)
         if request.method == "CONNECT" or not request.raw_path.startswith("/"):
             return error_response(400, "bad_request", request_id,
@@ -109,14 +119,17 @@ class ProxyProcess:
         await self.runtime.store.ping()  # learn the cache backend's state before the first request
         self.events.start()
         settings = self.runtime.config.server
+        # Connections start on the lean front end (plain GETs); aiohttp's server takes every other one.
         main = web.ServerRunner(web.Server(self.handle, auto_decompress=False, **_PARSER_LIMITS),
                                 shutdown_timeout=settings.drain_timeout, access_log=None)
         await main.setup()
+        assert main.server is not None
+        self._front = LeanFront(main.server, self.handle_rest, self.answer_from_cache, **_PARSER_LIMITS)
         host, port = listen or settings.listen
-        site = web.TCPSite(main, host, port, backlog=1024)  # bursts of new connections must not wait for SYN retries
-        await site.start()
+        # backlog: bursts of new connections must not wait for SYN retries
+        self._listener = await asyncio.get_running_loop().create_server(self._front, host, port, backlog=1024)
         self._runners.append(main)
-        self.addresses["main"] = main.addresses[0][:2]
+        self.addresses["main"] = self._listener.sockets[0].getsockname()[:2]
         target = settings.metrics_listen if metrics_listen is True else metrics_listen
         if target:
             metrics = web.ServerRunner(web.Server(self.handle_metrics), access_log=None)
@@ -133,8 +146,13 @@ class ProxyProcess:
         # WebSocket clients are told first (1001, going away) so they reconnect elsewhere instead of
         # holding the drain open until its timeout.
         await self.events.stop()
-        for runner in self._runners:
-            await runner.cleanup()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        waits = [runner.cleanup() for runner in self._runners]
+        if self._front is not None:
+            waits.append(self._front.shutdown(self.runtime.config.server.drain_timeout))
+        await asyncio.gather(*waits)
         self._runners.clear()
         retiring = list(self._retiring)
         for task in retiring:

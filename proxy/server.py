@@ -137,23 +137,19 @@ class RawAnswer:
 
 
 def render_head(status: int, reason: str | None, headers: list[tuple[str, str]], own: list[tuple[str, str]],
-                drop: frozenset[str] | set[str], body_length: int) -> tuple[bytes, bool] | None:
+                drop: frozenset[str] | set[str], body_length: int | None) -> tuple[bytes, bool] | None:
     """The status line and headers `web.Response` would send for this answer, each line ending
     in CRLF, and whether `headers` carry their own Date (else one is to be added).
 
     `headers` minus the names in `drop` (lower case), then `own`; Content-Type, Server and
-    Content-Length are filled in as aiohttp does. None when the answer is not a plain one
-    (bodiless statuses, framing headers, characters aiohttp would refuse): those go through
-    `web.Response`.
+    Content-Length are filled in as aiohttp does; a `body_length` of None means a body of
+    unknown length, sent chunked (as `web.StreamResponse` sends it). None when the answer is
+    not a plain one (bodiless statuses, framing headers, characters aiohttp would refuse):
+    those go through `web.Response`.
     """
     if status < 200 or status in (204, 304):
         return None
-    if not reason:
-        try:
-            reason = HTTPStatus(status).phrase
-        except ValueError:
-            reason = ""
-    lines = [f"HTTP/1.1 {status} {reason}"]
+    lines = [f"HTTP/1.1 {status} {reason or _phrase(status)}"]
     names = set()
     for name, value in headers:
         lower = name.lower()
@@ -164,11 +160,38 @@ def render_head(status: int, reason: str | None, headers: list[tuple[str, str]],
         names.add(lower)
         lines.append(f"{name}: {value}")
     lines.extend(f"{name}: {value}" for name, value in own)
-    if body_length and "content-type" not in names:
+    if body_length != 0 and "content-type" not in names:
         lines.append("Content-Type: application/octet-stream")
     if "server" not in names:
         lines.append(f"Server: {SERVER_SOFTWARE}")
-    lines.append(f"Content-Length: {body_length}")
+    lines.append("Transfer-Encoding: chunked" if body_length is None else f"Content-Length: {body_length}")
+    return _encoded(lines, names)
+
+
+def render_bodiless(status: int, reason: str | None, headers: list[tuple[str, str]]) -> tuple[bytes, bool] | None:
+    """`render_head` for the statuses that never carry a body (1xx, 204, 304): no framing headers,
+    as aiohttp sends them."""
+    lines = [f"HTTP/1.1 {status} {reason or _phrase(status)}"]
+    names = set()
+    for name, value in headers:
+        lower = name.lower()
+        if lower in ("content-length", "transfer-encoding"):
+            continue
+        names.add(lower)
+        lines.append(f"{name}: {value}")
+    if "server" not in names:
+        lines.append(f"Server: {SERVER_SOFTWARE}")
+    return _encoded(lines, names)
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+def _encoded(lines: list[str], names: set[str]) -> tuple[bytes, bool] | None:
     text = "\r\n".join(lines) + "\r\n"
     if text.count("\n") != len(lines) or text.count("\r") != len(lines):
         return None  # a line break inside a line: aiohttp refuses to send these too (response splitting)
@@ -187,7 +210,7 @@ _date_second = -1
 _date_line = b""
 
 
-def _date_header() -> bytes:
+def date_header() -> bytes:
     """`Date: ...` for the current second, formatted once per second."""
     global _date_second, _date_line
     now = int(time.time())
@@ -287,7 +310,7 @@ class HitPath:
         age = now - entry.stored_at
         answer = RawAnswer(b"".join((
             head,
-            b"" if resolved.dated else _date_header(),
+            b"" if resolved.dated else date_header(),
             f"X-Request-ID: {request_id}\r\nAge: {int(age) if age > 0 else 0}\r\n"
             f"Cache-Status: {CACHE_NAME}; hit; ttl={int(entry.fresh_until - now)}\r\n\r\n".encode(),
             entry.body)), entry.status)
@@ -446,7 +469,10 @@ class ProxyHandler:
             return web.Response(status=answer.status, reason=answer.reason or None, headers=headers, body=answer.body)
         upstream_response = answer.stream
         length = upstream_response.content_length
-        response = web.StreamResponse(status=answer.status, reason=answer.reason or None, headers=headers)
+        # A lean connection's request (proxy/front.py) streams through its own writer, framed the same way.
+        opener = getattr(request, "stream_response", None)
+        response = opener(answer.status, answer.reason or None, headers) if opener is not None else \
+            web.StreamResponse(status=answer.status, reason=answer.reason or None, headers=headers)
         if length is not None:
             response.content_length = length
         try:
@@ -489,7 +515,7 @@ def _raw_answer(answer: Answer, request_id: str) -> RawAnswer | None:
     if rendered is None:
         return None
     head, dated = rendered
-    return RawAnswer(b"".join((head, b"" if dated else _date_header(), b"\r\n", answer.body)), answer.status)
+    return RawAnswer(b"".join((head, b"" if dated else date_header(), b"\r\n", answer.body)), answer.status)
 
 
 def _rest_of(path: str, prefix: str) -> str:

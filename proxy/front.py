@@ -1,0 +1,475 @@
+"""The proxy port's front end: plain GETs are parsed and answered here, everything else by aiohttp.
+
+Per request, aiohttp's server makes a task, a request object with its payload stream and
+writer, a response object, and runs the handler a loop turn after the bytes arrived. With
+only our upstream client behind each, an httptools front end held a request ~90 µs from
+reading it to writing it upstream where aiohttp's held it ~150 (c=10 over a 20 ms upstream,
+bpftrace from read to write; the bench's latency case). Most proxied traffic is simpler than
+what that machinery is for: GETs without a body on a keep-alive HTTP/1.1 connection. A
+`LeanConnection` parses those itself with httptools (llhttp, the parser aiohttp's own is
+built on), gives the handler a `LeanRequest` and writes the answer's bytes.
+
+Anything else makes the connection aiohttp's for good, starting from the first byte not yet
+answered, which aiohttp's parser reads again: another method, a body, HTTP/1.0 or
+`Connection: close`, `Expect`, an upgrade, a target that is not a plain path (absolute form,
+percent-encoding, dot segments, `//`), the proxy's own endpoints, two requests in one read
+(pipelining), a header past aiohttp's limits, bytes llhttp refuses. So whatever aiohttp
+answered before, it still answers, in the same words. (A request sent while the previous one
+is being answered is read once that answer is out, and may stay here.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httptools
+import structlog
+from aiohttp import web
+from aiohttp.http import HttpVersion11
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from .server import RawAnswer, date_header, error_response, new_request_id, render_bodiless, render_head
+
+log = structlog.get_logger("resilience-proxy")
+
+_OWN_PATHS = (b"/events", b"/health")  # answered by the proxy itself: aiohttp's request objects are theirs
+_NOT_PLAIN = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade"})
+_HELD_MAX = 64 * 1024   # bytes of a request not yet whole (or sent early) before aiohttp takes over
+_SWEEP_EVERY = 60.0     # seconds between looks for connections idle past the keep-alive timeout
+# aiohttp's default; the proxy never set its own, and a connection must live as long here as there.
+KEEPALIVE_TIMEOUT = 3630.0
+
+Handler = Callable[[Any], Awaitable[Any]]
+
+
+class LeanRequest:
+    """The part of `web.BaseRequest` the proxy's handlers read, for a plain GET.
+
+    `HitPath`, `ProxyHandler` and `request_id_of` use exactly these; a request that would
+    need more (a body, the proxy's own endpoints) never becomes a LeanRequest.
+    """
+
+    __slots__ = ("raw_path", "path", "raw_headers", "transport", "_connection", "_headers", "_url")
+
+    method = "GET"
+    version = HttpVersion11
+    keep_alive = True
+    content_length = None
+    body_exists = False
+
+    def __init__(self, target: str, raw_headers: tuple[tuple[bytes, bytes], ...], connection: "LeanConnection") -> None:
+        self.raw_path = target
+        self.path = target.split("?", 1)[0]  # no percent-encoding here: decoded is as received
+        self.raw_headers = raw_headers
+        self.transport = connection.transport
+        self._connection = connection
+        self._headers: CIMultiDictProxy[str] | None = None
+        self._url: URL | None = None
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        if self._headers is None:
+            # Decoded as aiohttp decodes them: UTF-8, undecodable bytes kept as surrogates.
+            self._headers = CIMultiDictProxy(CIMultiDict(
+                (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+                for name, value in self.raw_headers))
+        return self._headers
+
+    @property
+    def rel_url(self) -> URL:
+        if self._url is None:
+            path, _, query = self.raw_path.partition("?")
+            self._url = URL.build(path=path, query_string=query, encoded=True)  # as aiohttp's parser builds it
+        return self._url
+
+    def stream_response(self, status: int, reason: str | None, headers: CIMultiDict[str]) -> "LeanStream":
+        """What `ProxyHandler` streams a large answer through (in place of `web.StreamResponse`)."""
+        return LeanStream(self._connection, status, reason, headers)
+
+
+class LeanStream:
+    """`web.StreamResponse`'s prepare / write / write_eof / force_close on a lean connection,
+    framed as aiohttp frames it: Content-Length when known, else chunked."""
+
+    __slots__ = ("_connection", "_status", "_reason", "_headers", "content_length", "keep_alive", "_chunked")
+
+    def __init__(self, connection: "LeanConnection", status: int, reason: str | None,
+                 headers: CIMultiDict[str]) -> None:
+        self._connection = connection
+        self._status = status
+        self._reason = reason
+        self._headers = headers
+        self.content_length: int | None = None
+        self.keep_alive = True
+        self._chunked = False
+
+    async def prepare(self, request: LeanRequest) -> None:
+        rendered = render_head(self._status, self._reason, list(self._headers.items()), [], frozenset(),
+                               self.content_length)
+        if rendered is None:
+            raise ValueError(f"answer {self._status} cannot be written as it is")
+        head, dated = rendered
+        self._chunked = self.content_length is None
+        self._connection.write(b"".join((head, b"" if dated else date_header(), b"\r\n")))
+
+    async def write(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._chunked:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        self._connection.write(data)
+        await self._connection.drain()
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        await self.write(data)
+        if self._chunked:
+            self._connection.write(b"0\r\n\r\n")
+        await self._connection.drain()
+
+    def force_close(self) -> None:
+        self.keep_alive = False
+
+
+def render_response(response: web.Response) -> bytes | None:
+    """A buffered `web.Response` as the bytes aiohttp would send (header order aside), or None."""
+    body = response.body
+    if not isinstance(body, bytes):
+        return None
+    headers = list(response.headers.items())
+    if response.status < 200 or response.status in (204, 304):
+        rendered = render_bodiless(response.status, response.reason, headers)
+        body = b""
+    else:
+        rendered = render_head(response.status, response.reason, headers, [], frozenset(), len(body))
+    if rendered is None:
+        return None
+    head, dated = rendered
+    return b"".join((head, b"" if dated else date_header(), b"\r\n", body))
+
+
+def is_plain_target(url: bytes) -> bool:
+    """A target `LeanRequest` can stand for: an origin-form path whose decoded form is itself."""
+    path = url.split(b"?", 1)[0]
+    if not path.startswith(b"/") or not url.isascii():
+        return False
+    if b"%" in path or b"/." in path or b"//" in path or b"#" in url:
+        return False
+    for own in _OWN_PATHS:
+        if path == own or path.startswith(own + b"/"):
+            return False
+    return True
+
+
+class LeanFront:
+    """Makes the proxy port's connections (a protocol factory for `loop.create_server`).
+
+    `fast(request)` may answer at once (a fresh cached copy) or return None; `handler(request)`
+    answers the rest. `aiohttp_server` makes the protocol a connection is handed to.
+    """
+
+    def __init__(self, aiohttp_server: web.Server, handler: Handler, fast: Callable[[Any], RawAnswer | None],
+                 *, max_line_size: int, max_field_size: int, max_headers: int,
+                 keepalive_timeout: float = KEEPALIVE_TIMEOUT) -> None:
+        self._aiohttp = aiohttp_server
+        self.handler = handler
+        self.fast = fast
+        self.max_line_size = max_line_size
+        self.max_field_size = max_field_size
+        self.max_headers = max_headers
+        self.keepalive_timeout = keepalive_timeout
+        self.connections: set[LeanConnection] = set()
+        self.closing = False
+        self.lean_requests = 0  # answered here, for tests and the curious
+        self.handed_off = 0     # connections given to aiohttp
+        self._sweep: asyncio.TimerHandle | None = None
+
+    def __call__(self) -> "LeanConnection":
+        return LeanConnection(self)
+
+    def added(self, connection: "LeanConnection") -> None:
+        self.connections.add(connection)
+        if self._sweep is None:
+            self._sweep = asyncio.get_running_loop().call_later(_SWEEP_EVERY, self._swept)
+
+    def removed(self, connection: "LeanConnection") -> None:
+        self.connections.discard(connection)
+
+    def hand_off(self, transport: asyncio.Transport, data: bytes) -> None:
+        """Give the connection to aiohttp; `data` are the bytes it has not answered yet."""
+        self.handed_off += 1
+        protocol = self._aiohttp()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if data:
+            protocol.data_received(data)
+
+    def close_idle(self, now: float) -> int:
+        """Close the connections idle for longer than the keep-alive timeout at loop time `now`."""
+        idle = [c for c in self.connections if c.idle_since is not None and now - c.idle_since > self.keepalive_timeout]
+        for connection in idle:
+            connection.close()
+        return len(idle)
+
+    def _swept(self) -> None:
+        self._sweep = None
+        loop = asyncio.get_running_loop()
+        self.close_idle(loop.time())
+        if self.connections and not self.closing:
+            self._sweep = loop.call_later(_SWEEP_EVERY, self._swept)
+
+    async def shutdown(self, timeout: float) -> None:
+        """Close idle connections now, let the others finish their answer (up to `timeout`), then cut them."""
+        self.closing = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        for connection in list(self.connections):
+            if connection.idle_since is not None:
+                connection.close()
+        busy = [c.answering for c in self.connections if c.answering is not None]
+        if busy:
+            await asyncio.wait(busy, timeout=timeout)
+        for connection in list(self.connections):
+            # Those closing are sending what is left of their last answer; the rest is cut.
+            if connection.transport is not None and not connection.transport.is_closing():
+                connection.abort()
+
+
+class LeanConnection(asyncio.Protocol):
+    """One downstream connection while its requests are plain (see the module's docstring)."""
+
+    def __init__(self, front: LeanFront) -> None:
+        self._front = front
+        self._parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self._held = bytearray()       # bytes since the end of the last answered request
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._field_too_large = False
+        self._plain = True             # the request being parsed can be answered here
+        self._complete: tuple[str, tuple[tuple[bytes, bytes], ...]] | None = None
+        self._more = False             # bytes of a next request came with the end of this one
+        self.answering: asyncio.Task[None] | None = None
+        self.idle_since: float | None = None  # loop time the connection last went idle; None while answering
+        self._reading_paused = False
+        self._writing_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+
+    # --- asyncio.Protocol ---
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # as aiohttp's server sets them
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            except OSError:
+                pass
+        if self._front.closing:
+            transport.close()
+            return
+        self.idle_since = asyncio.get_running_loop().time()
+        self._front.added(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._front.removed(self)
+        self._wake_drain(exc or ConnectionResetError("the caller closed the connection"))
+
+    def data_received(self, data: bytes) -> None:
+        self._held += data
+        if self.answering is not None:
+            # Sent before its predecessor was answered: looked at once that answer is out.
+            if len(self._held) > _HELD_MAX and not self._reading_paused and self.transport is not None:
+                self.transport.pause_reading()
+                self._reading_paused = True
+            return
+        self.idle_since = None
+        self._parse(data)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._wake_drain(None)
+
+    # --- httptools callbacks ---
+
+    def on_message_begin(self) -> None:
+        if self._complete is not None:
+            self._more = True
+        self._url = b""
+        self._headers = []
+        self._plain = True
+        self._field_too_large = False
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self._front.max_line_size:
+            self._plain = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        headers = self._headers
+        if len(name) > self._front.max_field_size or len(value) > self._front.max_field_size \
+                or len(headers) >= self._front.max_headers:
+            self._plain = False
+        if name.lower() in _NOT_PLAIN:
+            self._plain = False
+        headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        if not (parser.get_method() == b"GET" and parser.get_http_version() == "1.1"
+                and parser.should_keep_alive() and not parser.should_upgrade() and is_plain_target(self._url)):
+            self._plain = False
+
+    def on_message_complete(self) -> None:
+        if self._complete is None and not self._more:
+            self._complete = (self._url.decode("ascii"), tuple(self._headers))
+
+    # --- parsing, answering, handing off ---
+
+    def _parse(self, data: bytes) -> None:
+        self._complete = None
+        self._more = False
+        try:
+            self._parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # aiohttp has the answer for each
+            self._plain = False
+        if not self._plain or self._more:
+            self._hand_off()
+        elif self._complete is not None:
+            target, headers = self._complete
+            self._complete = None
+            self._answer(LeanRequest(target, headers, self))
+        elif len(self._held) > _HELD_MAX:
+            self._hand_off()  # a request this large is aiohttp's to refuse or to take
+
+    def _hand_off(self) -> None:
+        transport = self.transport
+        self._front.removed(self)
+        if transport is None or transport.is_closing():
+            return
+        if self._front.closing:
+            transport.close()
+            return
+        data, self._held = bytes(self._held), bytearray()
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        self._front.hand_off(transport, data)
+
+    def _answer(self, request: LeanRequest) -> None:
+        self._held.clear()  # the parse ended where this request does
+        front = self._front
+        front.lean_requests += 1
+        try:
+            raw = front.fast(request)
+        except Exception:
+            log.exception("unhandled error on the cache fast path", path=request.raw_path)
+            raw = None
+        if raw is not None:
+            try:
+                self.write(raw.data)
+            except ConnectionError:
+                return
+            if self._writing_paused:
+                self.answering = asyncio.get_running_loop().create_task(self._drained())
+            else:
+                self._done(True)
+            return
+        self.answering = asyncio.get_running_loop().create_task(self._full(request))
+
+    async def _drained(self) -> None:
+        try:
+            await self.drain()  # a caller that does not read holds this connection, not our memory
+        except ConnectionError:
+            return
+        self._done(True)
+
+    async def _full(self, request: LeanRequest) -> None:
+        try:
+            answer = await self._front.handler(request)
+        except Exception:
+            log.exception("unhandled error while proxying", path=request.raw_path)
+            answer = error_response(500, "internal_error", new_request_id())
+        if self.transport is None:
+            return  # the caller left; the chain's work (a cached copy, the breaker's count) still counted
+        if isinstance(answer, RawAnswer):
+            data: bytes | None = answer.data
+        elif isinstance(answer, LeanStream):
+            self._done(answer.keep_alive)  # already written by whoever streamed it
+            return
+        elif isinstance(answer, web.Response):
+            data = render_response(answer)
+        else:
+            data = None
+        keep_alive = True
+        if data is None:
+            log.error("an answer the lean front end cannot write; connection closed",
+                      kind="front", answer=type(answer).__name__, status=getattr(answer, "status", None))
+            data = render_response(error_response(500, "internal_error", new_request_id()))
+            keep_alive = False
+        try:
+            self.write(data or b"")
+            await self.drain()
+        except ConnectionError:
+            return
+        self._done(keep_alive)
+
+    def _done(self, keep_alive: bool) -> None:
+        """The answer is out: wait for the next request, or read the one that came early."""
+        self.answering = None
+        transport = self.transport
+        if transport is None:
+            return
+        if not keep_alive or self._front.closing:
+            transport.close()
+            return
+        if self._held:
+            if self._reading_paused:
+                self._reading_paused = False
+                transport.resume_reading()
+            self._parse(bytes(self._held))
+            return
+        self.idle_since = asyncio.get_running_loop().time()
+
+    # --- writing ---
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the caller closed the connection")
+        transport.write(data)
+
+    async def drain(self) -> None:
+        if self.transport is None:
+            raise ConnectionResetError("the caller closed the connection")
+        if not self._writing_paused:
+            return
+        waiter = self._drain_waiter
+        if waiter is None:
+            waiter = self._drain_waiter = asyncio.get_running_loop().create_future()
+        await waiter
+
+    def _wake_drain(self, exc: BaseException | None) -> None:
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            if exc is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(exc)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()

@@ -1,0 +1,393 @@
+"""The lean front end (proxy/front.py): which requests it answers itself, how it hands a
+connection to aiohttp without losing a byte, and that its answers say what aiohttp's say."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass, field
+
+import httptools
+import orjson
+import pytest
+from aiohttp import web
+
+from proxy.front import KEEPALIVE_TIMEOUT, LeanRequest, is_plain_target, render_response
+from tests.fakes import Delay, Fail, Huge, Ok, refused_port, route_table, start_proxy, stop_proxy
+
+GET = b"GET %s HTTP/1.1\r\nHost: proxy\r\n\r\n"
+
+
+@dataclass
+class Answer:
+    status: int = 0
+    reason: str = ""
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+
+
+class Client:
+    """One raw keep-alive connection to the proxy; answers parsed with httptools as they come."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._parser = httptools.HttpResponseParser(self)
+        self._answers: deque[Answer] = deque()
+        self._current = Answer()
+        self.closed = False
+
+    @classmethod
+    async def open(cls, proxy) -> "Client":
+        host, port = proxy.process.addresses["main"]
+        return cls(*await asyncio.open_connection(host, port))
+
+    def send(self, data: bytes) -> None:
+        self._writer.write(data)
+
+    async def answer(self, timeout: float = 5.0) -> Answer:
+        async with asyncio.timeout(timeout):
+            while not self._answers:
+                data = await self._reader.read(65536)
+                if not data:
+                    raise ConnectionResetError("the proxy closed the connection")
+                self._parser.feed_data(data)
+        return self._answers.popleft()
+
+    async def sees_close(self, timeout: float = 5.0) -> bool:
+        """Whether the proxy closes the connection (EOF or reset) within `timeout` without saying more."""
+        try:
+            async with asyncio.timeout(timeout):
+                data = await self._reader.read(65536)
+        except ConnectionResetError:
+            return True
+        return data == b""
+
+    def close(self) -> None:
+        self._writer.close()
+
+    # httptools callbacks
+    def on_status(self, reason: bytes) -> None:
+        self._current.reason = reason.decode()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._current.headers.append((name.decode(), value.decode()))
+
+    def on_body(self, body: bytes) -> None:
+        self._current.body += body
+
+    def on_message_complete(self) -> None:
+        self._current.status = self._parser.get_status_code()
+        self._answers.append(self._current)
+        self._current = Answer()
+
+
+def one_upstream(url: str, **server: object) -> str:
+    listeners = {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0", **server}
+    return route_table({"fx": {"retry": "NONE", "timeout": "2s", "upstreams": [{"name": "fx_primary", "url": url}]}},
+                       server=listeners)
+
+
+@pytest.fixture
+async def proxied(fake_upstream, proxy_factory, clock):
+    upstream = await fake_upstream()
+    proxy = await proxy_factory(one_upstream(upstream.url), clock=clock)
+    return proxy, upstream, proxy.process._front
+
+
+async def test_plain_gets_on_a_keep_alive_connection_are_answered_by_the_lean_front_end(proxied):
+    proxy, upstream, front = proxied
+    upstream.default = Ok(body=b'{"rate": 1}')
+    client = await Client.open(proxy)
+    for path in (b"/fx/a", b"/fx/b?base=USD", b"/fx/c"):
+        client.send(GET % path)
+        answer = await client.answer()
+        assert (answer.status, answer.body, answer.header("X-Upstream")) == (200, b'{"rate": 1}', "fx_primary")
+    assert [s.path_qs for s in upstream.seen] == ["/a", "/b?base=USD", "/c"]
+    assert (front.lean_requests, front.handed_off) == (3, 0)
+    client.close()
+
+
+async def test_a_request_arriving_in_pieces_is_answered_once_whole(proxied):
+    proxy, upstream, front = proxied
+    client = await Client.open(proxy)
+    request = b"GET /fx/pieces HTTP/1.1\r\nHost: proxy\r\nX-Request-ID: in-pieces\r\n\r\n"
+    for start in range(0, len(request), 9):
+        client.send(request[start:start + 9])
+        await asyncio.sleep(0.005)  # separate segments, each its own data_received
+    answer = await client.answer()
+    assert (answer.status, answer.header("X-Request-ID")) == (200, "in-pieces")
+    assert upstream.calls == 1 and upstream.seen[0].path_qs == "/pieces"
+    assert (front.lean_requests, front.handed_off) == (1, 0)
+    client.close()
+
+
+async def test_pipelined_requests_go_to_aiohttp_and_are_answered_in_order(proxied):
+    proxy, upstream, front = proxied
+    client = await Client.open(proxy)
+    client.send(b"GET /fx/one HTTP/1.1\r\nHost: p\r\nX-Request-ID: one\r\n\r\n"
+                b"GET /fx/two HTTP/1.1\r\nHost: p\r\nX-Request-ID: two\r\n\r\n")
+    first, second = await client.answer(), await client.answer()
+    assert [first.header("X-Request-ID"), second.header("X-Request-ID")] == ["one", "two"]
+    assert [s.path_qs for s in upstream.seen] == ["/one", "/two"]
+    assert (front.lean_requests, front.handed_off) == (0, 1)
+    client.close()
+
+
+async def test_a_request_sent_while_the_previous_one_is_answered_waits_its_turn(proxied):
+    proxy, upstream, front = proxied
+    upstream.script(Delay(0.2, then=Ok(body=b"slow")), Ok(body=b"quick"))
+    client = await Client.open(proxy)
+    client.send(GET % b"/fx/slow")
+    await asyncio.sleep(0.05)  # the first is with the upstream now
+    client.send(GET % b"/fx/quick")
+    first, second = await client.answer(), await client.answer()
+    assert (first.body, second.body) == (b"slow", b"quick")
+    assert (front.lean_requests, front.handed_off) == (2, 0)  # read after the first answer, still plain
+    client.close()
+
+
+@pytest.mark.parametrize("request_bytes, forwarded", [
+    (b"POST /fx/orders HTTP/1.1\r\nHost: p\r\nContent-Length: 5\r\n\r\nhello", ("POST", "/orders", b"hello")),
+    (b"GET /fx/chunked HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+     ("GET", "/chunked", b"abc")),
+    (b"GET /fx/zero HTTP/1.1\r\nHost: p\r\nContent-Length: 0\r\n\r\n", ("GET", "/zero", b"")),
+    (b"DELETE /fx/orders/7 HTTP/1.1\r\nHost: p\r\n\r\n", ("DELETE", "/orders/7", b"")),
+    (b"GET /fx/old HTTP/1.0\r\nHost: p\r\n\r\n", ("GET", "/old", b"")),
+    (b"GET /fx/last HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n", ("GET", "/last", b"")),
+    (b"GET /fx/a%2Fb HTTP/1.1\r\nHost: p\r\n\r\n", ("GET", "/a%2Fb", b"")),
+    (b"GET /fx/up HTTP/1.1\r\nHost: p\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", ("GET", "/up", b"")),
+])
+async def test_requests_that_are_not_plain_are_answered_by_aiohttp_from_their_first_byte(
+        proxied, request_bytes, forwarded):
+    proxy, upstream, front = proxied
+    client = await Client.open(proxy)
+    client.send(request_bytes)
+    answer = await client.answer()
+    assert answer.status == 200
+    seen = upstream.seen[0]
+    assert (seen.method, seen.path_qs, seen.body) == forwarded
+    assert (front.lean_requests, front.handed_off) == (0, 1)
+    client.close()
+
+
+@pytest.mark.parametrize("target, status", [(b"/health/live", 200), (b"/fx/./a", 400), (b"//fx/a", 400),
+                                            (b"http://elsewhere.example/fx/a", 400)])
+async def test_the_proxys_own_endpoints_and_odd_targets_keep_aiohttp_s_answers(proxied, target, status):
+    proxy, upstream, front = proxied
+    client = await Client.open(proxy)
+    client.send(GET % target)
+    assert (await client.answer()).status == status
+    assert upstream.calls == 0  # nothing forwarded anywhere for these
+    assert (front.lean_requests, front.handed_off) == (0, 1)
+    client.close()
+
+
+async def test_a_connection_once_handed_off_stays_with_aiohttp(proxied):
+    proxy, upstream, front = proxied
+    client = await Client.open(proxy)
+    client.send(GET % b"/fx/lean")
+    assert (await client.answer()).status == 200
+    client.send(b"POST /fx/post HTTP/1.1\r\nHost: p\r\nContent-Length: 2\r\n\r\nhi")
+    assert (await client.answer()).status == 200
+    client.send(GET % b"/fx/after")
+    assert (await client.answer()).status == 200
+    assert [(s.method, s.path_qs, s.body) for s in upstream.seen] == [
+        ("GET", "/lean", b""), ("POST", "/post", b"hi"), ("GET", "/after", b"")]
+    assert (front.lean_requests, front.handed_off) == (1, 1)
+    client.close()
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"THIS IS NOT HTTP\r\n\r\n",
+    b"GET /fx/" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: p\r\n\r\n",
+    b"GET /fx/a HTTP/1.1\r\nHost: p\r\nX-Big: " + b"v" * 70_000 + b"\r\n\r\n",
+    b"GET /fx/a HTTP/1.1\r\nHost: p\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(300)) + b"\r\n",
+])
+async def test_what_aiohttp_refuses_it_still_refuses(proxied, request_bytes):
+    proxy, upstream, front = proxied
+    client = await Client.open(proxy)
+    client.send(request_bytes)
+    answer = await client.answer()
+    assert 400 <= answer.status < 500
+    assert upstream.calls == 0
+    assert front.lean_requests == 0
+    client.close()
+
+
+async def test_a_fresh_cached_copy_is_answered_on_the_lean_path(fake_upstream, proxy_factory, clock):
+    upstream = await fake_upstream()
+    text = route_table({"fx": {"retry": "NONE", "cache": {"ttl": "1h"},
+                               "upstreams": [{"name": "fx_primary", "url": upstream.url}]}})
+    proxy = await proxy_factory(text, clock=clock)
+    client = await Client.open(proxy)
+    client.send(GET % b"/fx/latest")
+    assert (await client.answer()).header("X-Cache") == "MISS"
+    client.send(GET % b"/fx/latest")
+    hit = await client.answer()
+    assert (hit.status, hit.header("X-Cache"), hit.body) == (200, "HIT", b'{"from": "fake"}')
+    assert upstream.calls == 1
+    assert (proxy.process._front.lean_requests, proxy.process._front.handed_off) == (2, 0)
+    client.close()
+
+
+# --- the same answers as aiohttp's ---------------------------------------------------------------
+
+_VARIES = {"date", "x-request-id", "age"}
+
+
+def comparable(answer: Answer) -> tuple[int, str, list[tuple[str, str]], bytes]:
+    return answer.status, answer.reason, sorted((k.lower(), v) for k, v in answer.headers
+                                                if k.lower() not in _VARIES), answer.body
+
+
+@pytest.mark.parametrize("step", [
+    Ok(body=b'{"rate": 1.1}', headers={"Content-Type": "application/json", "ETag": '"v1"'}),
+    Ok(status=204, body=b"", headers={"X-Note": "nothing"}),
+    Ok(status=304, body=b"", headers={"ETag": '"v1"'}),
+    Ok(status=200, body=b"", headers={}),
+    Fail(404, body=b'{"error": "no such base"}'),
+    Huge(300_000, chunked=True),
+    Huge(300_000, chunked=False),
+], ids=["json", "204", "304", "empty", "404", "streamed-chunked", "streamed-length"])
+async def test_lean_answers_say_what_aiohttp_s_say(fake_upstream, proxy_factory, clock, step):
+    upstream = await fake_upstream()
+    upstream.default = step
+    proxy = await proxy_factory(one_upstream(upstream.url, max_response_buffer="64KiB"), clock=clock)
+    lean, handed = await Client.open(proxy), await Client.open(proxy)
+    lean.send(GET % b"/fx/x")
+    # Content-Length: 0 makes the request not plain (never forwarded: the upstream sees the same GET).
+    handed.send(b"GET /fx/x HTTP/1.1\r\nHost: proxy\r\nContent-Length: 0\r\n\r\n")
+    from_lean, from_aiohttp = await lean.answer(), await handed.answer()
+    expected = getattr(step, "status", 200)
+    assert from_lean.status == expected
+    assert comparable(from_lean) == comparable(from_aiohttp)
+    assert (proxy.process._front.lean_requests, proxy.process._front.handed_off) == (1, 1)
+    # Both connections stay usable after the answer: its framing ended where the answer did.
+    for client in (lean, handed):
+        client.send(GET % b"/fx/again")
+        assert (await client.answer()).status == expected
+        client.close()
+    assert upstream.calls == 4
+
+
+async def test_an_error_answer_from_the_chain_says_what_aiohttp_s_says(proxy_factory, clock):
+    proxy = await proxy_factory(one_upstream(f"http://127.0.0.1:{refused_port()}"), clock=clock)
+    lean, handed = await Client.open(proxy), await Client.open(proxy)
+    lean.send(GET % b"/fx/x")
+    handed.send(b"GET /fx/x HTTP/1.1\r\nHost: proxy\r\nContent-Length: 0\r\n\r\n")
+    from_lean, from_aiohttp = await lean.answer(), await handed.answer()
+    assert from_lean.status == 502
+    assert comparable(from_lean)[:3] == comparable(from_aiohttp)[:3]
+    lean_body, aiohttp_body = orjson.loads(from_lean.body), orjson.loads(from_aiohttp.body)
+    assert lean_body.pop("request_id") == from_lean.header("X-Request-ID")
+    aiohttp_body.pop("request_id")
+    assert lean_body == aiohttp_body and lean_body["attempts"][0]["outcome"] == "connect_error"
+    for client in (lean, handed):
+        client.close()
+
+
+def test_a_response_with_a_line_break_in_a_header_is_not_rendered():
+    response = web.Response(status=200, body=b"x", headers={"X-Bad": "a\r\nInjected: yes"})
+    assert render_response(response) is None
+
+
+@pytest.mark.parametrize("target, plain", [
+    (b"/fx/latest/USD", True), (b"/fx/latest?base=USD&x=%20", True), (b"/", True),
+    (b"/fx/a%2Fb", False), (b"/fx/../admin", False), (b"/fx/./a", False), (b"//fx", False),
+    (b"http://x/fx", False), (b"*", False), (b"/fx/\xc3\xa9", False), (b"/fx#frag", False),
+    (b"/health", False), (b"/health/ready", False), (b"/events", False), (b"/events?topic=a", False),
+    (b"/healthy/rates", True), (b"/eventsfeed", True),
+])
+def test_which_targets_are_plain(target, plain):
+    assert is_plain_target(target) is plain
+
+
+async def test_a_lean_request_reads_its_query_as_aiohttp_does(proxied):
+    """The cache key is made from the query: both front ends must see the same one."""
+    proxy, upstream, front = proxied
+    seen = {}
+
+    async def capture(request):
+        seen["aiohttp"] = list(request.rel_url.query.items())
+        return web.Response(text="ok")
+
+    runner = web.ServerRunner(web.Server(capture), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    target = "/fx/q?b=2&a=1&a=%20x&empty=&flag&plus=a+b&enc=%E2%82%AC"
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET " + target.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        await reader.readuntil(b"ok")
+        writer.close()
+    finally:
+        await runner.cleanup()
+    lean = LeanRequest(target, (), _connection_stub())
+    assert list(lean.rel_url.query.items()) == seen["aiohttp"]
+    assert lean.path == "/fx/q" and lean.raw_path == target
+
+
+def _connection_stub():
+    class Stub:
+        transport = None
+    return Stub()
+
+
+# --- lifetime --------------------------------------------------------------------------------
+
+async def test_connections_idle_past_the_keep_alive_timeout_are_closed(proxied):
+    proxy, upstream, front = proxied
+    upstream.script(Ok(), Delay(0.3))
+    idle, busy = await Client.open(proxy), await Client.open(proxy)
+    idle.send(GET % b"/fx/a")
+    await idle.answer()
+    busy.send(GET % b"/fx/slow")
+    await asyncio.sleep(0.1)
+    now = asyncio.get_running_loop().time()
+    assert front.close_idle(now + KEEPALIVE_TIMEOUT - 1) == 0
+    assert front.close_idle(now + KEEPALIVE_TIMEOUT + 1) == 1  # the one answering is not idle
+    assert await idle.sees_close()
+    assert (await busy.answer()).status == 200
+    busy.close()
+
+
+async def test_stopping_finishes_answers_in_flight_and_closes_idle_connections(fake_upstream, clock):
+    upstream = await fake_upstream()
+    upstream.script(Delay(1.0, then=Ok(body=b"finished")))
+    proxy = await start_proxy(one_upstream(upstream.url), clock=clock)
+    try:
+        busy, idle = await Client.open(proxy), await Client.open(proxy)
+        busy.send(GET % b"/fx/slow")
+        await asyncio.sleep(0.1)
+        stopping = asyncio.create_task(stop_proxy(proxy))
+        assert await idle.sees_close(0.5)  # at once, not when the busy one is done
+        answer = await busy.answer()
+        assert (answer.status, answer.body) == (200, b"finished")
+        assert await busy.sees_close(2.0)
+        await stopping
+    finally:
+        if not proxy.client.closed:
+            await stop_proxy(proxy)
+
+
+async def test_a_caller_that_leaves_mid_request_costs_nothing_else(proxied, capsys):
+    proxy, upstream, front = proxied
+    upstream.script(Delay(0.2, then=Ok(body=b"nobody reads this")))
+    leaving = await Client.open(proxy)
+    leaving.send(GET % b"/fx/slow")
+    await asyncio.sleep(0.05)
+    leaving.close()
+    await asyncio.sleep(0.3)  # the answer arrives for a connection that is gone
+    staying = await Client.open(proxy)
+    staying.send(GET % b"/fx/next")
+    assert (await staying.answer()).status == 200
+    assert upstream.calls == 2
+    assert not front.connections - {c for c in front.connections if c.transport is not None}
+    assert "Traceback" not in capsys.readouterr().err
+    staying.close()
