@@ -249,12 +249,11 @@ class LeanConnection(asyncio.Protocol):
         self._held = bytearray()       # bytes since the end of the last answered request
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
-        self._field_too_large = False
         self._plain = True             # the request being parsed can be answered here
         self._complete: tuple[str, tuple[tuple[bytes, bytes], ...]] | None = None
         self._more = False             # bytes of a next request came with the end of this one
         self.answering: asyncio.Task[None] | None = None
-        self.idle_since: float | None = None  # loop time the connection last went idle; None while answering
+        self.idle_since: float | None = None  # loop time of the last answer (or of the connect); None while answering
         self._reading_paused = False
         self._writing_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -289,7 +288,6 @@ class LeanConnection(asyncio.Protocol):
                 self.transport.pause_reading()
                 self._reading_paused = True
             return
-        self.idle_since = None
         self._parse(data)
 
     def pause_writing(self) -> None:
@@ -307,7 +305,6 @@ class LeanConnection(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._plain = True
-        self._field_too_large = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -367,6 +364,7 @@ class LeanConnection(asyncio.Protocol):
 
     def _answer(self, request: LeanRequest) -> None:
         self._held.clear()  # the parse ended where this request does
+        self.idle_since = None
         front = self._front
         front.lean_requests += 1
         try:
@@ -432,13 +430,12 @@ class LeanConnection(asyncio.Protocol):
         if not keep_alive or self._front.closing:
             transport.close()
             return
+        self.idle_since = asyncio.get_running_loop().time()
         if self._held:
             if self._reading_paused:
                 self._reading_paused = False
                 transport.resume_reading()
             self._parse(bytes(self._held))
-            return
-        self.idle_since = asyncio.get_running_loop().time()
 
     # --- writing ---
 

@@ -357,6 +357,24 @@ async def test_connections_idle_past_the_keep_alive_timeout_are_closed(proxied):
     busy.close()
 
 
+async def test_a_request_left_half_sent_is_closed_with_the_idle_ones(proxied):
+    proxy, upstream, front = proxied
+    upstream.script(Delay(0.2))
+    early, late = await Client.open(proxy), await Client.open(proxy)
+    early.send(GET % b"/fx/slow")
+    await asyncio.sleep(0.05)
+    early.send(b"GET /fx/b HTTP/1.1\r\nHost: p\r\n")  # while the first is answered, and never finished
+    late.send(GET % b"/fx/a")
+    await late.answer()
+    late.send(b"GET /fx/c HTTP/1.1\r\nHost: p\r\n")  # after an answer, never finished
+    assert (await early.answer()).status == 200
+    await asyncio.sleep(0.05)
+    now = asyncio.get_running_loop().time()
+    assert front.close_idle(now + KEEPALIVE_TIMEOUT + 1) == 2
+    assert await early.sees_close() and await late.sees_close()
+    assert upstream.calls == 2
+
+
 async def test_stopping_finishes_answers_in_flight_and_closes_idle_connections(fake_upstream, clock):
     upstream = await fake_upstream()
     upstream.script(Delay(1.0, then=Ok(body=b"finished")))
