@@ -339,6 +339,28 @@ def _connection_stub():
     return Stub()
 
 
+async def test_a_caller_that_does_not_read_holds_its_connection_not_the_proxy(proxied):
+    proxy, upstream, front = proxied
+    body = b"x" * 4_000_000  # buffered (under max_response_buffer), far past the socket buffers
+    upstream.default = Ok(body=body, headers={"Content-Type": "application/octet-stream"})
+    slow = await Client.open(proxy)
+    slow.send(GET % b"/fx/big")
+    await asyncio.sleep(0.2)  # not reading: the answer waits in the proxy's write buffer
+    (connection,) = [c for c in front.connections if c.answering is not None]
+    other = await Client.open(proxy)
+    other.send(GET % b"/fx/small")
+    assert len((await other.answer()).body) == len(body)  # the proxy still answers everyone else
+    answer = await slow.answer(10.0)
+    assert answer.body == body
+    await asyncio.sleep(0.05)
+    assert connection.answering is None and connection.idle_since is not None  # drained, ready again
+    slow.send(GET % b"/fx/again")
+    assert (await slow.answer()).status == 200
+    assert (front.lean_requests, front.handed_off) == (3, 0)
+    slow.close()
+    other.close()
+
+
 # --- lifetime --------------------------------------------------------------------------------
 
 async def test_connections_idle_past_the_keep_alive_timeout_are_closed(proxied):
