@@ -327,7 +327,7 @@ class LeanConnection(asyncio.Protocol):
             self._plain = False
 
     def on_message_complete(self) -> None:
-        if self._complete is None and not self._more:
+        if self._plain and self._complete is None and not self._more:  # a plain target is ASCII
             self._complete = (self._url.decode("ascii"), tuple(self._headers))
 
     # --- parsing, answering, handing off ---

@@ -204,6 +204,7 @@ async def test_a_connection_once_handed_off_stays_with_aiohttp(proxied):
 @pytest.mark.parametrize("request_bytes", [
     b"THIS IS NOT HTTP\r\n\r\n",
     b"GET /fx/" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: p\r\n\r\n",
+    b"GET /fx/\xc3\xa9 HTTP/1.1\r\nHost: p\r\n\r\n",
     b"GET /fx/a HTTP/1.1\r\nHost: p\r\nX-Big: " + b"v" * 70_000 + b"\r\n\r\n",
     b"GET /fx/a HTTP/1.1\r\nHost: p\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(300)) + b"\r\n",
 ])
