@@ -37,7 +37,12 @@ from .server import RawAnswer, date_header, error_response, new_request_id, rend
 log = structlog.get_logger("resilience-proxy")
 
 _OWN_PATHS = (b"/events", b"/health")  # answered by the proxy itself: aiohttp's request objects are theirs
-_NOT_PLAIN = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade"})
+_NOT_PLAIN = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade",
+                        b"sec-websocket-key1"})  # aiohttp refuses the old WebSocket handshake: let it
+# Headers aiohttp's parser refuses to see twice (aiohttp/http_parser.py SINGLETON_HEADERS; a test
+# checks this covers them): a request repeating one is aiohttp's to refuse.
+SINGLETONS = frozenset({b"content-length", b"content-location", b"content-range", b"content-type", b"etag",
+                        b"host", b"max-forwards", b"server", b"transfer-encoding", b"user-agent"})
 _HELD_MAX = 64 * 1024   # bytes of a request not yet whole (or sent early) before aiohttp takes over
 _SWEEP_EVERY = 60.0     # seconds between looks for connections idle past the keep-alive timeout
 # aiohttp's default; the proxy never set its own, and a connection must live as long here as there.
@@ -95,7 +100,8 @@ class LeanStream:
     """`web.StreamResponse`'s prepare / write / write_eof / force_close on a lean connection,
     framed as aiohttp frames it: Content-Length when known, else chunked."""
 
-    __slots__ = ("_connection", "_status", "_reason", "_headers", "content_length", "keep_alive", "_chunked")
+    __slots__ = ("_connection", "_status", "_reason", "_headers", "content_length", "keep_alive", "_chunked",
+                 "_bodiless")
 
     def __init__(self, connection: "LeanConnection", status: int, reason: str | None,
                  headers: CIMultiDict[str]) -> None:
@@ -106,18 +112,22 @@ class LeanStream:
         self.content_length: int | None = None
         self.keep_alive = True
         self._chunked = False
+        self._bodiless = status < 200 or status in (204, 304)
 
     async def prepare(self, request: LeanRequest) -> None:
-        rendered = render_head(self._status, self._reason, list(self._headers.items()), [], frozenset(),
-                               self.content_length)
+        headers = list(self._headers.items())
+        if self._bodiless:  # e.g. a 304 whose Content-Length describes the representation
+            rendered = render_bodiless(self._status, self._reason, headers)
+        else:
+            rendered = render_head(self._status, self._reason, headers, [], frozenset(), self.content_length)
+            self._chunked = self.content_length is None
         if rendered is None:
-            raise ValueError(f"answer {self._status} cannot be written as it is")
+            raise ValueError(f"answer {self._status} cannot be written as it is")  # as aiohttp refuses it
         head, dated = rendered
-        self._chunked = self.content_length is None
         self._connection.write(b"".join((head, b"" if dated else date_header(), b"\r\n")))
 
     async def write(self, data: bytes) -> None:
-        if not data:
+        if not data or self._bodiless:
             return
         if self._chunked:
             data = b"%x\r\n%b\r\n" % (len(data), data)
@@ -232,7 +242,11 @@ class LeanFront:
                 connection.close()
         busy = [c.answering for c in self.connections if c.answering is not None]
         if busy:
-            await asyncio.wait(busy, timeout=timeout)
+            _, late = await asyncio.wait(busy, timeout=timeout)
+            for task in late:  # as aiohttp cancels its handlers past the drain: nothing runs on after stop
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=1.0)
         for connection in list(self.connections):
             # Those closing are sending what is left of their last answer; the rest is cut.
             if connection.transport is not None and not connection.transport.is_closing():
@@ -250,6 +264,7 @@ class LeanConnection(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._plain = True             # the request being parsed can be answered here
+        self._seen: set[bytes] = set()  # its singleton headers so far
         self._complete: tuple[str, tuple[tuple[bytes, bytes], ...]] | None = None
         self._more = False             # bytes of a next request came with the end of this one
         self.answering: asyncio.Task[None] | None = None
@@ -305,6 +320,7 @@ class LeanConnection(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._plain = True
+        self._seen = set()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -312,17 +328,24 @@ class LeanConnection(asyncio.Protocol):
             self._plain = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # What aiohttp's parser checks on top of llhttp's: a request failing any of it goes to aiohttp,
+        # which answers it as it always did.
         headers = self._headers
-        if len(name) > self._front.max_field_size or len(value) > self._front.max_field_size \
-                or len(headers) >= self._front.max_headers:
+        if len(name) + len(value) > self._front.max_field_size or len(headers) >= self._front.max_headers \
+                or b"\x00" in value:
             self._plain = False
-        if name.lower() in _NOT_PLAIN:
+        lower = name.lower()
+        if lower in _NOT_PLAIN:
             self._plain = False
-        headers.append((name, value))
+        elif lower in SINGLETONS:
+            if lower in self._seen:
+                self._plain = False
+            self._seen.add(lower)
+        headers.append((name, value.rstrip(b" \t")))  # llhttp strips the space before a value, not after
 
     def on_headers_complete(self) -> None:
         parser = self._parser
-        if not (parser.get_method() == b"GET" and parser.get_http_version() == "1.1"
+        if not (parser.get_method() == b"GET" and parser.get_http_version() == "1.1" and b"host" in self._seen
                 and parser.should_keep_alive() and not parser.should_upgrade() and is_plain_target(self._url)):
             self._plain = False
 
@@ -461,7 +484,11 @@ class LeanConnection(asyncio.Protocol):
             if exc is None:
                 waiter.set_result(None)
             else:
-                waiter.set_exception(exc)
+                # Whatever ended the connection (a reset, a keep-alive probe's ETIMEDOUT), to a writer
+                # it is the caller gone.
+                lost = ConnectionResetError("the caller's connection was lost")
+                lost.__cause__ = exc
+                waiter.set_exception(lost)
 
     def close(self) -> None:
         if self.transport is not None:

@@ -195,10 +195,9 @@ def _encoded(lines: list[str], names: set[str]) -> tuple[bytes, bool] | None:
     text = "\r\n".join(lines) + "\r\n"
     if text.count("\n") != len(lines) or text.count("\r") != len(lines):
         return None  # a line break inside a line: aiohttp refuses to send these too (response splitting)
-    try:
-        return text.encode("utf-8"), "date" in names
-    except UnicodeEncodeError:
-        return None
+    # A header byte that was not UTF-8 arrives as a lone surrogate (decoded with surrogateescape);
+    # aiohttp's header writer leaves those out, and so does this.
+    return text.encode("utf-8", "ignore"), "date" in names
 
 
 def plain_keep_alive(request: web.BaseRequest) -> bool:

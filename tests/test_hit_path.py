@@ -305,10 +305,16 @@ async def test_a_large_copy_waits_for_a_caller_that_does_not_read(fake_upstream,
     (204, [], "a bodiless status"),
     (200, [("Transfer-Encoding", "chunked")], "framing headers in the copy"),
     (200, [("X-Note", "a\r\nSet-Cookie: x=1")], "a line break in a value"),
-    (200, [("X-Name", "caf\udce9")], "text that is not UTF-8"),
-], ids=["204", "framing", "newline", "surrogate"])
+], ids=["204", "framing", "newline"])
 def test_copies_the_fast_path_cannot_render_exactly_go_the_full_way(status, headers, why):
     assert render_head(status, None, headers, [("X-Cache", "HIT")], frozenset(), 2) is None, why
+
+
+def test_a_header_byte_that_was_not_utf8_is_left_out_as_aiohttp_leaves_it_out():
+    # Upstream header bytes are decoded with surrogateescape; aiohttp's header writer skips lone
+    # surrogates (tests/test_front.py compares the two front ends' bytes for such an answer).
+    head, _ = render_head(200, None, [("X-Name", "caf\udce9")], [], frozenset(), 2)
+    assert b"\r\nX-Name: caf\r\n" in head
 
 
 def test_the_rendered_head_is_what_web_response_would_send():
