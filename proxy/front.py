@@ -27,9 +27,9 @@ from typing import Any
 
 import httptools
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion11
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 from yarl import URL
 
 from .server import RawAnswer, date_header, error_response, new_request_id, render_bodiless, render_head
@@ -45,6 +45,9 @@ SINGLETONS = frozenset({b"content-length", b"content-location", b"content-range"
                         b"host", b"max-forwards", b"server", b"transfer-encoding", b"user-agent"})
 _HELD_MAX = 64 * 1024   # bytes of a request not yet whole (or sent early) before aiohttp takes over
 _SWEEP_EVERY = 60.0     # seconds between looks for connections idle past the keep-alive timeout
+# aiohttp's parser spells the header names it knows (aiohttp.hdrs) its own way, whatever the caller
+# sent; so do we, so that an upstream sees the same names from either front end.
+_CANONICAL = {str(name).lower().encode(): str(name) for name in vars(hdrs).values() if isinstance(name, istr)}
 # aiohttp's default; the proxy never set its own, and a connection must live as long here as there.
 KEEPALIVE_TIMEOUT = 3630.0
 
@@ -80,7 +83,8 @@ class LeanRequest:
         if self._headers is None:
             # Decoded as aiohttp decodes them: UTF-8, undecodable bytes kept as surrogates.
             self._headers = CIMultiDictProxy(CIMultiDict(
-                (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+                (_CANONICAL.get(name.lower()) or name.decode("utf-8", "surrogateescape"),
+                 value.decode("utf-8", "surrogateescape"))
                 for name, value in self.raw_headers))
         return self._headers
 
@@ -263,10 +267,11 @@ class LeanConnection(asyncio.Protocol):
         self._held = bytearray()       # bytes since the end of the last answered request
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
-        self._plain = True             # the request being parsed can be answered here
+        self._plain = True             # every request read so far can be answered here (once not, aiohttp's)
         self._seen: set[bytes] = set()  # its singleton headers so far
         self._complete: tuple[str, tuple[tuple[bytes, bytes], ...]] | None = None
-        self._more = False             # bytes of a next request came with the end of this one
+        self._ended = False            # a request ended in the bytes being parsed
+        self._more = False             # and bytes of a next one came with them
         self.answering: asyncio.Task[None] | None = None
         self.idle_since: float | None = None  # loop time of the last answer (or of the connect); None while answering
         self._reading_paused = False
@@ -315,12 +320,11 @@ class LeanConnection(asyncio.Protocol):
     # --- httptools callbacks ---
 
     def on_message_begin(self) -> None:
-        if self._complete is not None:
+        if self._ended:
             self._more = True
         self._url = b""
         self._headers = []
-        self._plain = True
-        self._seen = set()
+        self._seen = set()  # (_plain is never set back: a connection with a request not plain is aiohttp's)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -350,14 +354,15 @@ class LeanConnection(asyncio.Protocol):
             self._plain = False
 
     def on_message_complete(self) -> None:
-        if self._plain and self._complete is None and not self._more:  # a plain target is ASCII
+        if self._plain and not self._ended:  # a plain target is ASCII
             self._complete = (self._url.decode("ascii"), tuple(self._headers))
+        self._ended = True
 
     # --- parsing, answering, handing off ---
 
     def _parse(self, data: bytes) -> None:
         self._complete = None
-        self._more = False
+        self._ended = self._more = False
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # aiohttp has the answer for each

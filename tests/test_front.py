@@ -138,6 +138,23 @@ async def test_pipelined_requests_go_to_aiohttp_and_are_answered_in_order(proxie
     client.close()
 
 
+@pytest.mark.parametrize("first", [
+    b"POST /fx/orders HTTP/1.1\r\nHost: p\r\nContent-Length: 5\r\nX-Request-ID: one\r\n\r\nhello",
+    b"GET /fx/a%2Fb HTTP/1.1\r\nHost: p\r\nX-Request-ID: one\r\n\r\n",
+    b"GET /health/live HTTP/1.1\r\nHost: p\r\nX-Request-ID: one\r\n\r\n",
+], ids=["post", "encoded", "health"])
+async def test_a_request_not_plain_followed_by_a_plain_one_in_one_read_loses_neither(proxied, first):
+    proxy, upstream, front = proxied
+    client = await Client.open(proxy)
+    client.send(first + b"GET /fx/two HTTP/1.1\r\nHost: p\r\nX-Request-ID: two\r\n\r\n")
+    answers = [await client.answer(), await client.answer()]
+    assert [a.header("X-Request-ID") for a in answers] == ["one", "two"]
+    assert [a.status for a in answers] == [200, 200]
+    assert upstream.seen[-1].path_qs == "/two"
+    assert (front.lean_requests, front.handed_off) == (0, 1)
+    client.close()
+
+
 async def test_a_request_sent_while_the_previous_one_is_answered_waits_its_turn(proxied):
     proxy, upstream, front = proxied
     upstream.script(Delay(0.2, then=Ok(body=b"slow")), Ok(body=b"quick"))
@@ -399,6 +416,31 @@ async def test_a_lean_request_reads_its_query_as_aiohttp_does(proxied):
     lean = LeanRequest(target, (), _connection_stub())
     assert list(lean.rel_url.query.items()) == seen["aiohttp"]
     assert lean.path == "/fx/q" and lean.raw_path == target
+
+
+async def test_a_lean_request_names_its_headers_as_aiohttp_does():
+    """Upstreams see the header names the proxy's request has: the same from either front end."""
+    sent = [(b"accept", b"*/*"), (b"USER-AGENT", b"curl/8"), (b"x-forwarded-for", b"1.2.3.4"),
+            (b"x-request-id", b"id-1"), (b"X-Custom-thing", b"a"), (b"if-none-match", b'"v1"'),
+            (b"Cache-control", b"no-cache"), (b"host", b"proxy"), (b"x-My", b"b")]
+    seen = {}
+
+    async def capture(request):
+        seen["aiohttp"] = list(request.headers.items())
+        return web.Response(text="ok")
+
+    runner = web.ServerRunner(web.Server(capture), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+        writer.write(b"GET /fx HTTP/1.1\r\n" + b"".join(b"%s: %s\r\n" % pair for pair in sent) + b"\r\n")
+        await reader.readuntil(b"ok")
+        writer.close()
+    finally:
+        await runner.cleanup()
+    lean = LeanRequest("/fx", tuple(sent), _connection_stub())
+    assert list(lean.headers.items()) == seen["aiohttp"]
 
 
 def _connection_stub():
