@@ -32,11 +32,11 @@ from aiohttp.http import HttpVersion11
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 from yarl import URL
 
-from .server import RawAnswer, date_header, error_response, new_request_id, render_bodiless, render_head
+from .server import (RawAnswer, date_header, error_response, new_request_id, own_endpoint, render_bodiless,
+                     render_head)
 
 log = structlog.get_logger("resilience-proxy")
 
-_OWN_PATHS = (b"/events", b"/health")  # answered by the proxy itself: aiohttp's request objects are theirs
 _NOT_PLAIN = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade",
                         b"sec-websocket-key1"})  # aiohttp refuses the old WebSocket handshake: let it
 # Headers aiohttp's parser refuses to see twice (aiohttp/http_parser.py SINGLETON_HEADERS; a test
@@ -172,10 +172,7 @@ def is_plain_target(url: bytes) -> bool:
         return False
     if b"%" in path or b"/." in path or b"//" in path or b"#" in url:
         return False
-    for own in _OWN_PATHS:
-        if path == own or path.startswith(own + b"/"):
-            return False
-    return True
+    return not own_endpoint(path.decode("ascii"))  # those handlers need aiohttp's request objects
 
 
 class LeanFront:
@@ -412,12 +409,12 @@ class LeanConnection(asyncio.Protocol):
             return
         self.answering = asyncio.get_running_loop().create_task(self._full(request))
 
-    async def _drained(self) -> None:
+    async def _drained(self, keep_alive: bool = True) -> None:
         try:
             await self.drain()  # a caller that does not read holds this connection, not our memory
         except ConnectionError:
             return
-        self._done(True)
+        self._done(keep_alive)
 
     async def _full(self, request: LeanRequest) -> None:
         try:
@@ -444,10 +441,9 @@ class LeanConnection(asyncio.Protocol):
             keep_alive = False
         try:
             self.write(data or b"")
-            await self.drain()
         except ConnectionError:
             return
-        self._done(keep_alive)
+        await self._drained(keep_alive)
 
     def _done(self, keep_alive: bool) -> None:
         """The answer is out: wait for the next request, or read the one that came early."""

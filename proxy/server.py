@@ -328,6 +328,11 @@ class HitPath:
         return answer
 
 
+def own_endpoint(path: str) -> bool:
+    """A decoded path the proxy answers itself (`ProxyProcess.handle_rest`), never a route's."""
+    return path == "/events" or path == "/health" or path.startswith("/health/")
+
+
 def _resolve(runtime: Any, request: web.BaseRequest, raw_path: str) -> _Resolved | bool:
     """The service, route and cache key the full path would use, or False when it must take the full path."""
     path = raw_path.split("?", 1)[0]
@@ -337,7 +342,7 @@ def _resolve(runtime: Any, request: web.BaseRequest, raw_path: str) -> _Resolved
         decoded = check_target(raw_path)
     except (UnsafePath, UnicodeDecodeError):
         return False
-    if decoded in ("/events", "/health") or decoded.startswith("/health/"):
+    if own_endpoint(decoded):
         return False
     service = runtime.config.service_for(decoded)
     if service is None:

@@ -385,7 +385,7 @@ def test_a_response_with_a_line_break_in_a_header_is_not_rendered():
     (b"/fx/a%2Fb", False), (b"/fx/../admin", False), (b"/fx/./a", False), (b"//fx", False),
     (b"http://x/fx", False), (b"*", False), (b"/fx/\xc3\xa9", False), (b"/fx#frag", False),
     (b"/health", False), (b"/health/ready", False), (b"/events", False), (b"/events?topic=a", False),
-    (b"/healthy/rates", True), (b"/eventsfeed", True),
+    (b"/healthy/rates", True), (b"/eventsfeed", True), (b"/events/x", True),  # only /events itself is the hub
 ])
 def test_which_targets_are_plain(target, plain):
     assert is_plain_target(target) is plain
