@@ -1,6 +1,7 @@
 """Wiring: the one place where the chain is assembled from a Config.
 
-    cache → coalesce → fallback over upstreams → (retry → breaker → timeout → HTTP call)
+    cache (stale-if-slow) → coalesce → fallback over upstreams, hedging a late one
+        → (retry → breaker and rest → timeout → HTTP call)
 
 Per-request stages sit above per-attempt stages (Envoy's order). A `Runtime` holds one
 assembled chain plus the objects that outlive a request (breakers, budgets, the store,
@@ -21,6 +22,7 @@ from .clock import Clock
 from .config import Config, Upstream
 from .derived import DerivedStage
 from .fallback import FallbackStage
+from .hedging import LatencyWindow
 from .quota import KeyRing, SharedTokenBucket, TokenBucket
 from .retry import RetryBudget
 from .retrying import RetryStage
@@ -42,8 +44,8 @@ class Runtime:
 
     def __init__(self, config: Config, *, clock: Clock, bus: events.EventBus, store: Store | None = None,
                  transport: HttpTransport | None = None, breakers: dict[str, Breaker] | None = None,
-                 budgets: dict[str, RetryBudget] | None = None, rng: random.Random | None = None,
-                 previous: "Runtime | None" = None) -> None:
+                 budgets: dict[str, RetryBudget] | None = None, latencies: dict[str, LatencyWindow] | None = None,
+                 rng: random.Random | None = None, previous: "Runtime | None" = None) -> None:
         self.config = config
         self.clock = clock
         self.active = 0  # requests running on this table; a reload retires it once they are done
@@ -52,8 +54,10 @@ class Runtime:
         self.transport = transport or HttpTransport(config.server)
         self.breakers = breakers if breakers is not None else {}
         self.budgets = budgets if budgets is not None else {}
+        self.latencies = latencies if latencies is not None else {}  # recent answer times: when to hedge
         for upstream in config.upstreams():
             self.breakers.setdefault(upstream.name, self._new_breaker(upstream))
+            self.latencies.setdefault(upstream.name, LatencyWindow())
             if config.retry_budget.enabled:
                 self.budgets.setdefault(upstream.name, RetryBudget(
                     clock, ratio=config.retry_budget.ratio, min_per_second=config.retry_budget.min_per_second,
@@ -62,9 +66,9 @@ class Runtime:
         self.limiters = self._kept(previous, "rate_limit", self._new_limiter)
         self.keyrings = self._kept(previous, "keys", lambda u: KeyRing(u.keys, clock, u.key_cooldown))
         attempt = AttemptStage(self.transport, self.breakers, clock, bus.emit, limiters=self.limiters,
-                               keyrings=self.keyrings)
+                               keyrings=self.keyrings, latencies=self.latencies)
         retry = RetryStage(attempt, self.budgets, clock, bus.emit, rng)
-        self.fallback = FallbackStage(retry, clock)
+        self.fallback = FallbackStage(retry, clock, breakers=self.breakers, latencies=self.latencies, emit=bus.emit)
         self.cache = CacheStage(self.store, self.fallback, config.cache, clock, bus.emit)
         self.chain = DerivedStage(self.cache)
 
@@ -101,5 +105,6 @@ class Runtime:
         return None
 
     async def close(self) -> None:
+        await self.fallback.close()
         await self.cache.close()
         await self.transport.close()

@@ -4,19 +4,23 @@ This is the innermost, per-attempt stage. It asks the breaker for a permit and t
 limit for a token, picks the upstream's current API key, bounds the call by the upstream's
 timeout and what is left of the request's deadline, normalises the answer (`transform`),
 feeds the outcome back to the breaker and emits an `AttemptFinished` event (the external
-call log). A key the upstream refuses is marked spent so the next attempt uses the next one.
+call log). A key the upstream refuses is marked spent so the next attempt uses the next one;
+a `Retry-After` on a 429 or 503 rests the key (when the key was refused) or the upstream, for
+every request. An attempt that loses a hedge race is cancelled and recorded as `hedge_lost`.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Any
 
 from . import events
 from .breaker import Breaker
 from .clock import Clock
 from .config import Upstream
 from .exchange import AttemptRecord, Exchange
+from .hedging import LatencyWindow
 from .outcome import Outcome, from_status, is_breaker_failure
 from .quota import KeyRing, SharedTokenBucket, TokenBucket, fingerprint
 from .retry import parse_retry_after
@@ -33,6 +37,7 @@ class AttemptResult:
     reply: Reply | None = None
     detail: str | None = None
     rotated: bool = False  # a key was refused and another one is ready: try again at once
+    wait: float | None = None  # skipped: seconds until the upstream may be tried again, if known
 
     @property
     def status(self) -> int | None:
@@ -53,73 +58,131 @@ def _refuses_key(reply: Reply) -> bool:
     return False
 
 
+class Abandon:
+    """Handed to an attempt that may be given up: whoever cancels it because another attempt
+    answered first sets `lost_to` before cancelling, so the attempt is recorded as lost, not lost track of."""
+
+    __slots__ = ("lost_to",)
+
+    def __init__(self) -> None:
+        self.lost_to: str | None = None
+
+
 class AttemptStage:
     """breaker → rate limit → key → timeout → transport → transform, for one attempt."""
 
     def __init__(self, transport: HttpTransport, breakers: dict[str, Breaker], clock: Clock,
                  emit: events.Subscriber, *, limiters: dict[str, TokenBucket | SharedTokenBucket] | None = None,
-                 keyrings: dict[str, KeyRing] | None = None) -> None:
+                 keyrings: dict[str, KeyRing] | None = None, latencies: dict[str, LatencyWindow] | None = None) -> None:
         self._transport = transport
         self._breakers = breakers
         self._clock = clock
         self._emit = emit
         self._limiters = limiters if limiters is not None else {}
         self._keyrings = keyrings if keyrings is not None else {}
+        self._latencies = latencies if latencies is not None else {}
 
-    def _skip(self, upstream: Upstream, exchange: Exchange, outcome: Outcome, detail: str) -> AttemptResult:
+    def _skip(self, upstream: Upstream, exchange: Exchange, outcome: Outcome, detail: str,
+              wait: float | None) -> AttemptResult:
         self._emit(events.UpstreamSkipped(upstream.service, upstream.name, outcome.value, exchange.request_id))
         exchange.attempts.append(AttemptRecord(upstream.name, outcome.value, None, detail))
-        return AttemptResult(outcome, detail=detail)
+        return AttemptResult(outcome, detail=detail, wait=wait)
 
-    async def __call__(self, upstream: Upstream, exchange: Exchange, number: int) -> AttemptResult:
+    async def __call__(self, upstream: Upstream, exchange: Exchange, number: int,
+                       abandon: Abandon | None = None) -> AttemptResult:
         values = {**exchange.params, "upstream": upstream.name}
         ring = self._keyrings.get(upstream.name)
         key_index = -1
         if ring is not None:
             current = ring.current()
             if current is None:
-                return self._skip(upstream, exchange, Outcome.KEYS_SPENT, "every API key is resting")
+                return self._skip(upstream, exchange, Outcome.KEYS_SPENT, "every API key is resting", ring.wait_hint())
             key_index, values["key"] = current
         try:
             url = build_url(upstream, exchange, values)
             headers = self._transport.request_headers(upstream, exchange, values)
         except (NoPathForUpstream, KeyError):
-            return self._skip(upstream, exchange, Outcome.NO_PATH, "the route gives no path for this upstream")
+            return self._skip(upstream, exchange, Outcome.NO_PATH, "the route gives no path for this upstream", None)
         breaker = self._breakers[upstream.name]
         permit = breaker.allow()
         if permit is None:
-            return self._skip(upstream, exchange, Outcome.BREAKER_OPEN, f"circuit {breaker.state.value}")
+            if breaker.resting:
+                return self._skip(upstream, exchange, Outcome.RESTING, "resting as its Retry-After asked",
+                                  breaker.wait_hint())
+            return self._skip(upstream, exchange, Outcome.BREAKER_OPEN, f"circuit {breaker.state.value}",
+                              breaker.wait_hint())
         limiter = self._limiters.get(upstream.name)
         if limiter is not None and not await limiter.take_shared():
             permit.release()
-            return self._skip(upstream, exchange, Outcome.RATE_LIMITED, "over the upstream's rate limit")
+            return self._skip(upstream, exchange, Outcome.RATE_LIMITED, "over the upstream's rate limit",
+                              limiter.wait_hint())
         clock = self._clock
         started = clock.monotonic()
         timeout = min(upstream.timeout, exchange.deadline_at - started)
+        refused = False
         try:
             reply = await self._transport.send(upstream, exchange, url, headers, timeout)
         except AttemptError as exc:
             result = AttemptResult(exc.outcome, detail=exc.detail)
-        except BaseException:  # cancelled, or a bug: never leak a half-open probe slot
+            refused = exc.refused
+        except asyncio.CancelledError:
+            if abandon is None or abandon.lost_to is None:
+                permit.release()  # the caller went away: this says nothing about the upstream
+                raise
+            # Cancelled by the hedge race this attempt lost: an outcome to record, not a cancellation.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            duration = clock.monotonic() - started
+            permit.abandoned(duration)
+            latency = self._latencies.get(upstream.name)
+            if latency is not None:
+                # It would have taken at least this long: counted, the p95 cannot drift down to the
+                # few answers that beat the hedge and make every request a hedge.
+                latency.add(duration)
+            lost = AttemptResult(Outcome.HEDGE_LOST,
+                                 detail=f"no answer after {duration * 1000:.0f}ms; {abandon.lost_to} answered first")
+            self._record(upstream, exchange, url, number, duration, lost)
+            return lost
+        except BaseException:  # a bug: never leak a half-open probe slot
             permit.release()
             raise
         else:
             result = AttemptResult(from_status(reply.status), reply)
             if ring is not None and _refuses_key(reply):
                 result = self._spend_key(upstream, ring, key_index, reply)
-            elif result.outcome is Outcome.SUCCESS and upstream.transform is not None and reply.stream is None:
-                result = self._normalise(upstream, values, reply)
+            else:
+                if result.outcome is Outcome.SUCCESS and upstream.transform is not None and reply.stream is None:
+                    result = self._normalise(upstream, values, reply)
+                self._rest(breaker, reply)
         duration = clock.monotonic() - started
+        if result.outcome.answered:
+            latency = self._latencies.get(upstream.name)
+            if latency is not None:
+                latency.add(duration)
         if is_breaker_failure(result.outcome, trip_on_429=upstream.breaker.trip_on_429):
-            permit.failure(duration)
+            permit.failure(duration, refused=refused)
         else:
             permit.success(duration)
+        self._record(upstream, exchange, url, number, duration, result)
+        return result
+
+    def _record(self, upstream: Upstream, exchange: Exchange, url: Any, number: int, duration: float,
+                result: AttemptResult) -> None:
         exchange.attempts.append(AttemptRecord(upstream.name, result.outcome.value, result.status, result.detail))
         self._emit(events.AttemptFinished(
             service=upstream.service, provider=upstream.name, outcome=result.outcome.value, status=result.status,
             duration=duration, attempt=number, method=exchange.method, url=MaskedUrl(url, upstream),
             request_id=exchange.request_id, error=result.detail))
-        return result
+
+    def _rest(self, breaker: Breaker, reply: Reply) -> None:
+        """A 429 or 503 saying when to come back rests the upstream until then, for every request."""
+        if reply.status not in (429, 503) or reply.retry_after is None:
+            return
+        now = self._clock.time()
+        retry_after = parse_retry_after(reply.retry_after, now)
+        if retry_after:
+            breaker.rest(now + retry_after)
 
     def _spend_key(self, upstream: Upstream, ring: KeyRing, index: int, reply: Reply) -> AttemptResult:
         retry_after = parse_retry_after(reply.retry_after, self._clock.time())

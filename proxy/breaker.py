@@ -1,15 +1,19 @@
 """The circuit breaker: a pure state machine per upstream, fed attempt outcomes, driving a gate.
 
 The breaker never sees HTTP. Callers ask `allow()` for a `Permit` before an attempt and settle
-it with `success(duration)`, `failure(duration)` or `release()`; deciding *what* counts as a
-failure is `proxy.outcome.is_breaker_failure`'s job. Every change is announced as a frozen
-event on the injected `emit`, which is how logs and metrics learn about it.
+it with `success(duration)`, `failure(duration)`, `abandoned(duration)` or `release()`; deciding
+*what* counts as a failure is `proxy.outcome.is_breaker_failure`'s job. Every change is announced
+as a frozen event on the injected `emit`, which is how logs and metrics learn about it.
 
-    CLOSED --(fail_threshold consecutive failures, or a failure/slow-call rate)--> OPEN
+    CLOSED --(fail_threshold consecutive failures, a failure/slow-call rate, or a refused connection)--> OPEN
     OPEN --(open_timeout elapsed, checked lazily)--> HALF_OPEN
     HALF_OPEN --(a probe succeeds)--> CLOSED
     HALF_OPEN --(a probe fails)--> OPEN (a fresh open_timeout)
     any --(force_open)--> OPEN until reset;  any --(reset)--> CLOSED
+
+The breaker is the upstream's one gate, so it also keeps the *rest* an upstream asked for
+(`Retry-After` on a 429 or 503): while resting, `allow()` refuses whatever the state; when the
+rest is over, one attempt goes first and the others wait for how it ends.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from .clock import Clock
-from .events import BreakerFailure, BreakerTransition, discard
+from .events import BreakerFailure, BreakerTransition, UpstreamRested, discard
 
 
 class State(str, enum.Enum):
@@ -54,6 +58,9 @@ class BreakerPolicy:
 
     The rate-based trips are optional: `failure_rate` (failed / calls) and `slow_call_rate`
     (slow successes / calls) over the last `window` seconds, never below `min_calls` calls.
+    `trip_on_refused`: a refused connection (nothing listens: the upstream is certainly down, and
+    certainly never saw the request) opens the breaker at once instead of counting as one failure.
+    `max_rest` caps how long a `Retry-After` may rest the upstream (0: never rest).
     `trip_on_429` is read by the caller when it classifies outcomes; the breaker itself only
     receives success or failure.
     """
@@ -62,11 +69,13 @@ class BreakerPolicy:
     open_timeout: float
     half_open_max_calls: int = 1
     failure_rate: float | None = None
-    window: float = 60.0
+    window: float = 10.0
     min_calls: int = 10
     slow_call_duration: float | None = None
     slow_call_rate: float | None = None
     trip_on_429: bool = False
+    trip_on_refused: bool = True
+    max_rest: float = 3600.0
 
     def __post_init__(self) -> None:
         _require_int("fail_threshold", self.fail_threshold, minimum=1)
@@ -84,8 +93,10 @@ class BreakerPolicy:
             _require_number("slow_call_duration", self.slow_call_duration, minimum=0.0, exclusive=True)
         if (self.slow_call_rate is None) != (self.slow_call_duration is None):
             raise ValueError("slow_call_rate and slow_call_duration must be set together")
-        if not isinstance(self.trip_on_429, bool):
-            raise TypeError(f"trip_on_429 must be true or false, got {self.trip_on_429!r}")
+        for name in ("trip_on_429", "trip_on_refused"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        _require_number("max_rest", self.max_rest, minimum=0.0)
 
     @property
     def rate_based(self) -> bool:
@@ -93,11 +104,16 @@ class BreakerPolicy:
         return self.failure_rate is not None or self.slow_call_rate is not None
 
 
+# What every profile adds to the seed's consecutive-failure counts: leave an upstream that fails
+# one call in five (over at least 10 calls in 10 s) even when its failures never line up; a
+# 30 %-failing vendor otherwise stays in use for good.
+_RATE_TRIP = {"failure_rate": 0.2, "window": 10.0, "min_calls": 10}
+
 # The seed design's profiles: consecutive failures to open / seconds open before a probe.
 PROFILES: dict[str, BreakerPolicy] = {
-    "CRITICAL": BreakerPolicy(fail_threshold=8, open_timeout=120.0, half_open_max_calls=1),
-    "STANDARD": BreakerPolicy(fail_threshold=5, open_timeout=60.0, half_open_max_calls=1),
-    "FAST": BreakerPolicy(fail_threshold=3, open_timeout=30.0, half_open_max_calls=1),
+    "CRITICAL": BreakerPolicy(fail_threshold=8, open_timeout=120.0, half_open_max_calls=1, **_RATE_TRIP),
+    "STANDARD": BreakerPolicy(fail_threshold=5, open_timeout=60.0, half_open_max_calls=1, **_RATE_TRIP),
+    "FAST": BreakerPolicy(fail_threshold=3, open_timeout=30.0, half_open_max_calls=1, **_RATE_TRIP),
 }
 
 
@@ -108,12 +124,13 @@ class Permit:
     after the breaker moved on (opened, closed, was reset or forced) changes nothing.
     """
 
-    __slots__ = ("_breaker", "_generation", "_probe", "_settled")
+    __slots__ = ("_breaker", "_generation", "_probe", "_rest", "_settled")
 
-    def __init__(self, breaker: Breaker, generation: int, probe: bool) -> None:
+    def __init__(self, breaker: Breaker, generation: int, probe: bool, rest: int = -1) -> None:
         self._breaker = breaker
         self._generation = generation
         self._probe = probe
+        self._rest = rest  # the rest this attempt is the first after (its serial), or -1
         self._settled = False
 
     @property
@@ -125,19 +142,26 @@ class Permit:
         """The attempt worked (took `duration` seconds)."""
         self._settle(failed=False, duration=duration)
 
-    def failure(self, duration: float) -> None:
-        """The attempt failed in a way that counts against the upstream."""
-        self._settle(failed=True, duration=duration)
+    def failure(self, duration: float, *, refused: bool = False) -> None:
+        """The attempt failed in a way that counts against the upstream (`refused`: no connection
+        could be made because nothing listens, which trips at once under `trip_on_refused`)."""
+        self._settle(failed=True, duration=duration, how="refused" if refused else "failed")
+
+    def abandoned(self, duration: float) -> None:
+        """The attempt was given up as too slow (another upstream answered first): one more
+        consecutive failure, but not a failure in the rate window, where hedges against a
+        healthy upstream's slowest few percent would add up."""
+        self._settle(failed=True, duration=duration, how="abandoned")
 
     def release(self) -> None:
         """The attempt was cancelled or had no outcome: free the probe slot, record nothing."""
         self._settle(failed=None, duration=0.0)
 
-    def _settle(self, failed: bool | None, duration: float) -> None:
+    def _settle(self, failed: bool | None, duration: float, how: str = "failed") -> None:
         if self._settled:
             return
         self._settled = True
-        self._breaker._settle(self._generation, self._probe, failed, duration)
+        self._breaker._settle(self._generation, self._probe, self._rest, failed, duration, how)
 
 
 class _Window:
@@ -187,7 +211,8 @@ class Breaker:
     """The circuit breaker of one upstream (`provider`) of one `service`."""
 
     __slots__ = ("service", "provider", "policy", "_clock", "_emit", "_state", "_generation", "_failures",
-                 "_probes", "_opened_mono", "_opened_at", "_retry_at", "_forced", "_window")
+                 "_probes", "_opened_mono", "_opened_at", "_retry_at", "_forced", "_window", "_rest_until",
+                 "_rest_until_wall", "_rest_serial", "_rest_probing")
 
     def __init__(self, service: str, provider: str, policy: BreakerPolicy, clock: Clock,
                  emit: Callable[[Any], None] = discard) -> None:
@@ -205,24 +230,59 @@ class Breaker:
         self._retry_at: float | None = None
         self._forced = False
         self._window = _Window(policy.window) if policy.rate_based else None
+        self._rest_until: float | None = None       # monotonic end of a Retry-After rest
+        self._rest_until_wall: float | None = None  # the same moment on the wall clock
+        self._rest_serial = 0                       # bumped by every rest: an older rest's first attempt cannot end a newer one
+        self._rest_probing = False                  # the first attempt after the rest is out
 
     # --- the gate -------------------------------------------------------------------------
 
     def allow(self) -> Permit | None:
         """A permit to call the upstream, or None to skip it without a call."""
+        rest = -1
+        if self._rest_until is not None:
+            if self._rest_probing or self._clock.monotonic() < self._rest_until:
+                return None
+            rest = self._rest_serial
         state = self.state
         if state is State.CLOSED:
-            return Permit(self, self._generation, probe=False)
-        if state is State.HALF_OPEN and self._probes < self.policy.half_open_max_calls:
+            permit = Permit(self, self._generation, probe=False, rest=rest)
+        elif state is State.HALF_OPEN and self._probes < self.policy.half_open_max_calls:
             self._probes += 1
-            return Permit(self, self._generation, probe=True)
-        return None
+            permit = Permit(self, self._generation, probe=True, rest=rest)
+        else:
+            return None
+        if rest >= 0:
+            self._rest_probing = True
+        return permit
+
+    def would_allow(self) -> bool:
+        """Whether `allow()` would give a permit now (without taking one)."""
+        if self._rest_until is not None and (self._rest_probing or self._clock.monotonic() < self._rest_until):
+            return False
+        state = self.state
+        return state is State.CLOSED or (state is State.HALF_OPEN and self._probes < self.policy.half_open_max_calls)
+
+    def rest(self, until_wall: float, *, shared: bool = False) -> None:
+        """Skip the upstream until `until_wall` (epoch seconds; capped at `max_rest` from now), as
+        its `Retry-After` asked. `shared`: learnt from another replica (announced as such)."""
+        now_wall = self._clock.time()
+        until_wall = min(until_wall, now_wall + self.policy.max_rest)
+        if until_wall <= now_wall or (self._rest_until_wall is not None and until_wall <= self._rest_until_wall
+                                      and self.resting):
+            return
+        self._rest_until = self._clock.monotonic() + (until_wall - now_wall)
+        self._rest_until_wall = until_wall
+        self._rest_serial += 1
+        self._rest_probing = False
+        self._emit(UpstreamRested(self.service, self.provider, until_wall, shared))
 
     # --- operator actions -----------------------------------------------------------------
 
     def reset(self) -> None:
-        """Close the breaker and forget every count (admin `.../reset`)."""
-        changed = self._state is not State.CLOSED or self._failures > 0
+        """Close the breaker, end any rest and forget every count (admin `.../reset`)."""
+        changed = self._state is not State.CLOSED or self._failures > 0 or self._rest_until is not None
+        self._end_rest()
         self._to(State.CLOSED, "reset", announce=changed)
 
     def force_open(self) -> None:
@@ -261,6 +321,34 @@ class Breaker:
         """Whether an operator forced it open."""
         return self._forced
 
+    @property
+    def resting(self) -> bool:
+        """Whether a `Retry-After` rest keeps the upstream skipped right now."""
+        return self._rest_until is not None and (self._rest_probing or self._clock.monotonic() < self._rest_until)
+
+    @property
+    def resting_until(self) -> float | None:
+        """Wall-clock epoch seconds when the current rest ends; None when not resting."""
+        return self._rest_until_wall if self.resting else None
+
+    def wait_hint(self) -> float | None:
+        """Seconds until the upstream may be tried again (0: now), or None when nobody can tell
+        (forced open, or half-open with every probe slot taken)."""
+        now = self._clock.monotonic()
+        wait = 0.0
+        if self._rest_until is not None:
+            if self._rest_probing and now >= self._rest_until:
+                return None
+            wait = max(wait, self._rest_until - now)
+        state = self.state
+        if state is State.OPEN:
+            if self._forced or self._opened_mono is None:
+                return None
+            wait = max(wait, self._opened_mono + self.policy.open_timeout - now)
+        elif state is State.HALF_OPEN and self._probes >= self.policy.half_open_max_calls:
+            return None
+        return max(0.0, wait)
+
     def snapshot(self) -> dict[str, Any]:
         """The breaker as the admin API shows it (`/health/integrations/circuits`)."""
         state = self.state
@@ -273,6 +361,7 @@ class Breaker:
             "openedAt": _iso(self._opened_at),
             "retryAt": _iso(self._retry_at),
             "forced": self._forced,
+            "restingUntil": _iso(self.resting_until),
         }
 
     def __repr__(self) -> str:
@@ -286,7 +375,14 @@ class Breaker:
                 and self._clock.monotonic() >= self._opened_mono + self.policy.open_timeout):
             self._to(State.HALF_OPEN, "timeout_elapsed")
 
-    def _settle(self, generation: int, probe: bool, failed: bool | None, duration: float) -> None:
+    def _settle(self, generation: int, probe: bool, rest: int, failed: bool | None, duration: float,
+                how: str) -> None:
+        if rest >= 0 and rest == self._rest_serial:
+            # The first attempt after a rest: whatever it met, the rest is over (a new Retry-After
+            # starts a new one); cancelled, it leaves the first try to the next request.
+            self._rest_probing = False
+            if failed is not None:
+                self._end_rest()
         if generation != self._generation:
             return  # issued before the breaker moved on: its outcome says nothing about now
         if probe:
@@ -301,16 +397,24 @@ class Breaker:
             return
         if failed is None:
             return
-        self._record_closed(failed, duration)
+        self._record_closed(failed, duration, how)
 
-    def _record_closed(self, failed: bool, duration: float) -> None:
+    def _end_rest(self) -> None:
+        self._rest_until = self._rest_until_wall = None
+        self._rest_probing = False
+
+    def _record_closed(self, failed: bool, duration: float, how: str = "failed") -> None:
         policy = self.policy
         self._failures = self._failures + 1 if failed else 0
         if self._window is not None:
             now = self._clock.monotonic()
-            slow = (not failed and policy.slow_call_duration is not None
-                    and duration >= policy.slow_call_duration)
-            self._window.record(now, failed, slow)
+            abandoned = how == "abandoned"
+            slow = abandoned or (not failed and policy.slow_call_duration is not None
+                                 and duration >= policy.slow_call_duration)
+            self._window.record(now, failed and not abandoned, slow)
+        if failed and how == "refused" and policy.trip_on_refused:
+            self._to(State.OPEN, "refused")
+            return
         if failed and self._failures >= policy.fail_threshold:
             self._to(State.OPEN, "threshold")
             return

@@ -1,14 +1,20 @@
 """The per-request cache stage: fresh copy → (coalesced) upstreams → stale copy → error.
 
-A fresh copy answers at once (`X-Cache: HIT`). Otherwise identical concurrent misses share
-one trip through the fallback stage; its answer is stored when the rules allow. When the
-trip fails, a copy still inside its stale window answers (`X-Cache: STALE`) and the
-failure is reported as an event; without one, the failure goes up to become the error.
+A fresh copy answers at once (`X-Cache: HIT`). A copy past its ttl but inside its stale window
+is refreshed, once per key at a time, in a task of its own: the request that started the refresh
+waits at most `stale_if_slow` for it and otherwise answers with the copy (`X-Cache: STALE`), and
+requests arriving while it runs answer with the copy at once; the refresh goes on and stores what
+it gets, so no caller waits on a slow vendor while a usable copy exists. Without any copy,
+identical concurrent misses share one trip through the fallback stage (which may hedge a late
+upstream); its answer is stored when the rules allow. When the trip fails, a copy still inside its
+stale window answers; without one, the failure goes up to become the error. Every stale answer is
+reported with its reason.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from typing import Any, Awaitable, Callable
 
@@ -60,11 +66,16 @@ class CacheStage:
         self._clock = clock
         self._emit = emit
         self._coalescer = Coalescer()
-        self._refreshing: set[asyncio.Task[None]] = set()
+        self._refreshes: dict[str, _Refresh] = {}  # cache key -> the refresh in flight for it
 
     @property
     def store(self) -> Store:
         return self._store
+
+    @property
+    def refreshing(self) -> int:
+        """Copies being refreshed in the background right now."""
+        return len(self._refreshes)
 
     def rule_for(self, exchange: Exchange) -> CacheRule:
         return exchange.route.cache if exchange.route is not None else exchange.service.cache
@@ -75,6 +86,7 @@ class CacheStage:
         if not rule.enabled or _conditional(exchange) or request_bypass_reason(
                 exchange.method, exchange.headers, keyed_by_credential=rule.key_by_credential):
             self._emit(events.CacheLookup(service, "bypass"))
+            exchange.may_hedge = True  # no copy can stand in for a late upstream
             answer = await self._forward(exchange)
             answer.cache = "BYPASS"
             answer.cache_status = f"{NAME}; fwd=bypass"
@@ -87,11 +99,12 @@ class CacheStage:
         if entry is not None and entry.is_fresh(now):
             self._emit(events.CacheLookup(service, "hit", entry.age(now)))
             return self._from_entry(entry, now, "HIT", f"{NAME}; hit; ttl={int(entry.fresh_until - now)}")
-        if entry is not None and rule.stale_while_revalidate and entry.is_usable_stale(now):
-            self._emit(events.CacheLookup(service, "stale", entry.age(now)))
-            self._refresh_in_background(exchange, key, rule)
-            return self._from_entry(entry, now, "STALE", f"{NAME}; fwd=stale; detail=revalidating", fallback=False)
-        fetch = self._fetch_clustered if rule.coalesce == "cluster" and hasattr(self._store, "lock") else self._fetch
+        usable = entry is not None and entry.is_usable_stale(now)
+        if usable and rule.stale_if_slow is not None:
+            assert entry is not None
+            return await self._revalidate(exchange, key, rule, entry)
+        exchange.may_hedge = not usable
+        fetch = self._fetcher(rule)
         try:
             try:
                 # HEAD shares GET's cache key but never its in-flight call: a HEAD answer has no body.
@@ -107,9 +120,8 @@ class CacheStage:
                 else:
                     self._emit(events.Coalesced(service))
         except UpstreamsFailed as failure:
-            now = self._clock.time()
-            if entry is not None and entry.is_usable_stale(now):
-                return self._serve_stale(exchange, entry, now, failure)
+            if entry is not None and entry.is_usable_stale(self._clock.time()):
+                return self._serve_stale(exchange, entry, key, _stale_reason(failure), failure)
             self._emit(events.CacheLookup(service, "miss"))
             raise
         self._emit(events.CacheLookup(service, "miss"))
@@ -119,6 +131,56 @@ class CacheStage:
                             reason=answer.reason, cache=answer.cache, cache_status=answer.cache_status,
                             fallback=answer.fallback, shareable=True)
         return answer
+
+    def _fetcher(self, rule: CacheRule) -> Callable[[Exchange, str, CacheRule], Awaitable[Answer]]:
+        return self._fetch_clustered if rule.coalesce == "cluster" and hasattr(self._store, "lock") else self._fetch
+
+    async def _revalidate(self, exchange: Exchange, key: str, rule: CacheRule, entry: Entry) -> Answer:
+        """A copy past its ttl: refresh it (once per key at a time) and wait at most `stale_if_slow` for that."""
+        if key in self._refreshes:
+            return self._serve_stale(exchange, entry, key, "revalidating")  # somebody is already refreshing it
+        refresh = self._refresh(exchange, key, rule)
+        if rule.stale_if_slow == 0:
+            return self._serve_stale(exchange, entry, key, "revalidating")
+        # Real time on purpose: this races the refresh's network calls, as their own timeouts do.
+        done, _ = await asyncio.wait({refresh.task}, timeout=rule.stale_if_slow)
+        exchange.attempts.extend(refresh.exchange.attempts)  # what the refresh did so far, for this request's log
+        if not done:
+            return self._serve_stale(exchange, entry, key, "slow")
+        refresh.claimed = True
+        try:
+            answer = refresh.task.result()
+        except UpstreamsFailed as failure:
+            if entry.is_usable_stale(self._clock.time()):
+                return self._serve_stale(exchange, entry, key, _stale_reason(failure), failure)
+            self._emit(events.CacheLookup(exchange.service.name, "miss"))
+            raise
+        self._emit(events.CacheLookup(exchange.service.name, "miss"))
+        return answer
+
+    def _refresh(self, exchange: Exchange, key: str, rule: CacheRule) -> "_Refresh":
+        """Fetch a new copy of `key` in a task of its own, which outlives the request that started it."""
+        # A GET, whatever asked: it is the GET copy that is refreshed (a HEAD answer is never stored).
+        own = dataclasses.replace(exchange, method="GET", attempts=[], may_hedge=False)
+        refresh = _Refresh(own, asyncio.get_running_loop().create_task(self._fetcher(rule)(own, key, rule)))
+        self._refreshes[key] = refresh
+
+        def finished(task: asyncio.Task[Answer]) -> None:
+            if self._refreshes.get(key) is refresh:
+                del self._refreshes[key]
+            if task.cancelled():
+                return
+            error = task.exception()
+            if error is not None:
+                if not isinstance(error, UpstreamsFailed):  # a bug, not a vendor: say so where bugs are said
+                    task.get_loop().call_exception_handler({"message": "a cache refresh failed", "exception": error,
+                                                            "task": task})
+                return  # a failed refresh leaves the copy serving; its attempts were already reported
+            if not refresh.claimed and task.result().stream is not None:
+                task.result().stream.release()  # nobody is left to read a streamed answer
+
+        refresh.task.add_done_callback(finished)
+        return refresh
 
     async def _fetch(self, exchange: Exchange, key: str, rule: CacheRule) -> Answer:
         answer = await self._forward(exchange)
@@ -189,33 +251,42 @@ class CacheStage:
         return Answer(status=entry.status, headers=entry.headers, body=entry.body, upstream=entry.upstream,
                       cache=state, age=entry.age(now), cache_status=cache_status, fallback=fallback)
 
-    def _serve_stale(self, exchange: Exchange, entry: Entry, now: float, failure: UpstreamsFailed) -> Answer:
+    def _serve_stale(self, exchange: Exchange, entry: Entry, key: str, reason: str,
+                     failure: UpstreamsFailed | None = None) -> Answer:
+        """The copy, as `X-Cache: STALE`, counted and logged with why (see `events.StaleServed`)."""
         service = exchange.service.name
+        now = self._clock.time()
         age = entry.age(now)
-        status = failure.last_status or failure.status
-        reason = failure.error
+        detail = failure.error if failure is not None else reason
         self._emit(events.CacheLookup(service, "stale", age))
-        self._emit(events.StaleServed(service, exchange.path, age, entry.upstream, reason, exchange.request_id))
-        cache_status = f"{NAME}; fwd=stale" + (f"; fwd-status={status}" if status else "") + f"; detail={reason}"
+        self._emit(events.StaleServed(service, exchange.path, age, entry.upstream, reason, exchange.request_id,
+                                      detail, key))
+        status = (failure.last_status or failure.status) if failure is not None else None
+        cache_status = f"{NAME}; fwd=stale" + (f"; fwd-status={status}" if status else "") + f"; detail={detail}"
         return self._from_entry(entry, now, "STALE", cache_status, fallback=True)
 
-    def _refresh_in_background(self, exchange: Exchange, key: str, rule: CacheRule) -> None:
-        async def refresh() -> None:
-            try:
-                answer, _ = await self._coalescer.run(key, lambda: self._fetch(exchange, key, rule))
-                if answer.stream is not None:
-                    answer.stream.release()
-            except (UpstreamsFailed, CoalescedCallCancelled):
-                pass  # the stale copy keeps serving; the attempts were already reported
-
-        task = asyncio.get_running_loop().create_task(refresh())
-        self._refreshing.add(task)
-        task.add_done_callback(self._refreshing.discard)
-
     async def close(self) -> None:
-        refreshing = list(self._refreshing)
+        refreshing = [refresh.task for refresh in self._refreshes.values()]
         for task in refreshing:
             task.cancel()
         await asyncio.gather(*refreshing, return_exceptions=True)
         await self._store.close()
+
+
+class _Refresh:
+    """A copy's refresh in flight: its own exchange, its task, and whether a caller took its answer."""
+
+    __slots__ = ("exchange", "task", "claimed")
+
+    def __init__(self, exchange: Exchange, task: asyncio.Task[Answer]) -> None:
+        self.exchange = exchange
+        self.task = task
+        self.claimed = False
+
+
+def _stale_reason(failure: UpstreamsFailed) -> str:
+    """The `reason` label of a stale answer that stood in for a failure."""
+    if failure.status == 503:
+        return "breaker_open"  # nothing was sent: every upstream was skipped
+    return "timeout" if failure.timed_out else "error"
 

@@ -18,6 +18,7 @@ from typing import Any, Callable
 from yarl import URL
 
 from .breaker import PROFILES, BreakerPolicy
+from .hedging import HEDGE_AUTO, HedgePolicy
 from .outcome import RETRY_CLASSES
 from .quota import RateLimit
 from .transform import check_expression, placeholders as expression_placeholders
@@ -100,7 +101,10 @@ class CacheRule:
     statuses: frozenset[int] = frozenset({200})
     vary: tuple[str, ...] = ()
     key_by_credential: bool = False
-    stale_while_revalidate: bool = False
+    # A copy past its ttl but inside its stale window is served after at most this long a wait for
+    # its refresh, which goes on in the background; 0 serves it at once (stale-while-revalidate);
+    # None waits for the refresh however long it takes and serves the copy only if it fails.
+    stale_if_slow: float | None = 0.25
     coalesce: str = "local"  # local: one upstream call per replica; cluster: one per replicas sharing Redis
 
     @property
@@ -126,6 +130,7 @@ class Upstream:
     rate_limit: RateLimit | None = None
     keys: tuple[str, ...] = ()                   # API keys, used in order as {key}; rotated when refused
     key_cooldown: float = 3600.0                 # how long a refused key rests when no Retry-After says
+    hedge: HedgePolicy | None = HEDGE_AUTO       # when a late attempt is hedged to the next upstream; None: never
 
     @property
     def placeholders(self) -> frozenset[str]:
@@ -180,6 +185,7 @@ class Service:
     deadline: float
     retry_non_idempotent: bool
     forward_headers: frozenset[str]  # lower-cased caller headers allowed through despite `strip_headers`
+    fallback_first: bool = True      # every upstream's first try before any retry (False: retries, then fallback)
 
     def route_for(self, decoded_path: str) -> tuple[Route | None, dict[str, str]]:
         for route in self.routes:
@@ -347,6 +353,11 @@ def _fraction(value: Any) -> float:
     return float(value)
 
 
+def _off(value: Any) -> bool:
+    """`off` (or false): a setting that is switched off rather than given a value."""
+    return value is False or (isinstance(value, str) and value.strip().lower() == "off")
+
+
 def _status_list(value: Any) -> frozenset[int]:
     if not isinstance(value, list) or not value:
         raise TypeError("expected a list of HTTP status codes")
@@ -364,13 +375,16 @@ def _name_list(value: Any) -> tuple[str, ...]:
     return tuple(v.lower() for v in value)
 
 
+_BAD = object()  # what `check.get` hands back for a value it reported
+
+
 def _changes(check: _Checker, data: LineDict, where: str, fields: tuple[tuple[str, Callable[[Any], Any]], ...]) -> dict[str, Any]:
     """The fields a mapping sets, converted; a bad value is reported and left out."""
     changes: dict[str, Any] = {}
     for key, convert in fields:
         if key in data:
-            converted = check.get(data, key, where, convert, None)
-            if converted is not None:
+            converted = check.get(data, key, where, convert, _BAD)
+            if converted is not _BAD:
                 changes[key] = converted
     return changes
 
@@ -398,11 +412,16 @@ def _named_or_custom(check: _Checker, value: Any, where: str, line: int, base: A
         return base
 
 
+def _fraction_or_off(value: Any) -> float | None:
+    """A rate, or `off` to turn a rate-based trip off."""
+    return None if _off(value) else _fraction(value)
+
+
 _BREAKER_FIELDS = (("fail_threshold", _positive_int), ("open_timeout", parse_duration),
-                   ("half_open_max_calls", _positive_int), ("failure_rate", _fraction),
+                   ("half_open_max_calls", _positive_int), ("failure_rate", _fraction_or_off),
                    ("window", parse_duration), ("min_calls", _positive_int),
                    ("slow_call_duration", parse_duration), ("slow_call_rate", _fraction),
-                   ("trip_on_429", _boolean))
+                   ("trip_on_429", _boolean), ("trip_on_refused", _boolean), ("max_rest", parse_duration))
 
 
 def _breaker(check: _Checker, value: Any, where: str, line: int, base: BreakerPolicy) -> BreakerPolicy:
@@ -432,7 +451,25 @@ def _retry(check: _Checker, value: Any, where: str, line: int, base: RetryPolicy
                             start_key="policy", fields=_RETRY_FIELDS)
 
 
-_CACHE_RULE_KEYS = {"ttl", "stale", "statuses", "vary", "key_by_credential", "stale_while_revalidate", "coalesce"}
+_CACHE_RULE_KEYS = {"ttl", "stale", "statuses", "vary", "key_by_credential", "stale_while_revalidate",
+                    "stale_if_slow", "coalesce"}
+
+
+def _stale_if_slow(value: Any) -> float | None:
+    """A duration (0: serve the stale copy at once), or `off`: wait for the refresh however long it takes."""
+    return None if _off(value) else parse_duration(value)
+
+
+def _hedge_after(value: Any) -> HedgePolicy | None:
+    """`auto` (the upstream's recent p95, at least 100 ms), a duration, or `off`."""
+    if _off(value):
+        return None
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return HEDGE_AUTO
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("expected auto, off or a duration above 0")
+    return HedgePolicy(after=seconds)
 
 
 def _coalesce_mode(value: Any) -> str:
@@ -448,7 +485,16 @@ def _cache_rule(check: _Checker, value: Any, where: str, line: int, base: CacheR
     check.known_keys(data, _CACHE_RULE_KEYS, where)
     rule = replace(base, **_changes(check, data, where, (
         ("ttl", parse_duration), ("stale", parse_duration), ("statuses", _status_list), ("vary", _name_list),
-        ("key_by_credential", _boolean), ("stale_while_revalidate", _boolean), ("coalesce", _coalesce_mode))))
+        ("key_by_credential", _boolean), ("coalesce", _coalesce_mode))))
+    if "stale_while_revalidate" in data and "stale_if_slow" in data:
+        check.problem(line_of(data, "stale_while_revalidate"), f"{where}: set stale_if_slow or stale_while_revalidate, "
+                      "not both (stale_while_revalidate: true is stale_if_slow: 0, false is stale_if_slow: off)")
+    elif "stale_while_revalidate" in data:
+        revalidate = check.get(data, "stale_while_revalidate", where, _boolean, None)
+        if revalidate is not None:
+            rule = replace(rule, stale_if_slow=0.0 if revalidate else None)
+    elif "stale_if_slow" in data:
+        rule = replace(rule, stale_if_slow=check.get(data, "stale_if_slow", where, _stale_if_slow, rule.stale_if_slow))
     max_stale = cache.max_stale
     if rule.stale > max_stale:
         check.problem(line_of(data, "stale"), f"{where}.stale: {rule.stale:g}s is longer than cache.max_stale ({max_stale:g}s)")
@@ -620,17 +666,11 @@ def parse_config(text: str, filename: str, env: Mapping[str, str]) -> Config:
 
     # defaults
     defaults_data = check.mapping(root.get("defaults"), "defaults", line_of(root, "defaults"))
-    default_timeout, default_deadline = 5.0, 15.0
-    default_breaker, default_retry = PROFILES["STANDARD"], POLICIES["DEFAULT"]
+    defaults = _Nearest()
     budget = RetryBudgetSettings()
     if defaults_data is not None:
-        check.known_keys(defaults_data, {"timeout", "deadline", "breaker", "retry", "retry_budget"}, "defaults")
-        default_timeout = check.get(defaults_data, "timeout", "defaults", parse_duration, default_timeout)
-        default_deadline = check.get(defaults_data, "deadline", "defaults", parse_duration, default_deadline)
-        if "breaker" in defaults_data:
-            default_breaker = _breaker(check, defaults_data["breaker"], "defaults.breaker", line_of(defaults_data, "breaker"), default_breaker)
-        if "retry" in defaults_data:
-            default_retry = _retry(check, defaults_data["retry"], "defaults.retry", line_of(defaults_data, "retry"), default_retry)
+        check.known_keys(defaults_data, _NEAREST_KEYS | {"retry_budget"}, "defaults")
+        defaults = _nearest(check, defaults_data, "defaults", defaults)
         if "retry_budget" in defaults_data:
             budget = _budget(check, defaults_data["retry_budget"], line_of(defaults_data, "retry_budget"))
 
@@ -650,8 +690,7 @@ def parse_config(text: str, filename: str, env: Mapping[str, str]) -> Config:
         data = check.mapping(service_value, where, service_line)
         if data is None:
             continue
-        service = _service(check, service_name, data, where, service_line, cache, default_timeout, default_deadline,
-                           default_breaker, default_retry, upstream_lines)
+        service = _service(check, service_name, data, where, service_line, cache, defaults, upstream_lines)
         if service is None:
             continue
         for other in services.values():
@@ -661,7 +700,8 @@ def parse_config(text: str, filename: str, env: Mapping[str, str]) -> Config:
         services[service_name] = service
         effective_services[service_name] = _effective_service(service, data)
 
-    effective["defaults"] = {"timeout": default_timeout, "deadline": default_deadline,
+    effective["defaults"] = {"timeout": defaults.timeout, "deadline": defaults.deadline,
+                             "fallback_before_retry": defaults.fallback_first, "hedge_after": _hedge_text(defaults.hedge),
                              "retry_budget": {"enabled": budget.enabled, "ratio": budget.ratio,
                                               "min_per_second": budget.min_per_second, "window": budget.window}}
     effective["services"] = effective_services
@@ -735,10 +775,46 @@ def _budget(check: _Checker, value: Any, line: int) -> RetryBudgetSettings:
     )
 
 
-_SERVICE_KEYS = {"prefix", "cache", "routes", "upstreams", "timeout", "deadline", "breaker", "retry", "watch",
-                 "retry_non_idempotent", "forward_headers"}
-_UPSTREAM_KEYS = {"name", "url", "path", "query", "headers", "timeout", "breaker", "retry", "transform",
-                  "rate_limit", "keys", "key_cooldown"}
+@dataclass(frozen=True, slots=True)
+class _Nearest:
+    """Settings that `defaults`, a service and an upstream may each set: the nearest wins."""
+
+    timeout: float = 5.0
+    deadline: float = 15.0
+    breaker: BreakerPolicy = PROFILES["STANDARD"]
+    retry: RetryPolicy = POLICIES["DEFAULT"]
+    hedge: HedgePolicy | None = HEDGE_AUTO
+    fallback_first: bool = True
+
+
+def _nearest(check: _Checker, data: LineDict, where: str, base: _Nearest) -> _Nearest:
+    """`base` with what `data` sets of the nearest-wins settings."""
+    changes: dict[str, Any] = {}
+    for key, name, convert in (("timeout", "timeout", _positive_duration), ("deadline", "deadline", _positive_duration),
+                               ("fallback_before_retry", "fallback_first", _boolean)):
+        if key in data:
+            changes[name] = check.get(data, key, where, convert, getattr(base, name))
+    if "hedge_after" in data:
+        changes["hedge"] = check.get(data, "hedge_after", where, _hedge_after, base.hedge)
+    if "breaker" in data:
+        changes["breaker"] = _breaker(check, data["breaker"], f"{where}.breaker", line_of(data, "breaker"), base.breaker)
+    if "retry" in data:
+        changes["retry"] = _retry(check, data["retry"], f"{where}.retry", line_of(data, "retry"), base.retry)
+    return replace(base, **changes)
+
+
+def _positive_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be longer than 0")
+    return seconds
+
+
+_NEAREST_KEYS = {"timeout", "deadline", "breaker", "retry", "hedge_after", "fallback_before_retry"}
+_SERVICE_KEYS = {"prefix", "cache", "routes", "upstreams", "watch", "retry_non_idempotent",
+                 "forward_headers"} | _NEAREST_KEYS
+_UPSTREAM_KEYS = {"name", "url", "path", "query", "headers", "timeout", "breaker", "retry", "hedge_after",
+                  "transform", "rate_limit", "keys", "key_cooldown"}
 _ROUTE_KEYS = {"match", "name", "cache", "paths", "derive", "watch"}
 BUILT_IN_PLACEHOLDERS = frozenset({"upstream"})  # plus {key} where an upstream lists keys
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h|second|minute|hour)\s*$")
@@ -772,8 +848,7 @@ def _rate_limit(value: Any) -> RateLimit:
 
 
 def _service(check: _Checker, name: str, data: LineDict, where: str, line: int, cache: CacheSettings,
-             timeout: float, deadline: float, breaker: BreakerPolicy, retry: RetryPolicy,
-             upstream_lines: dict[str, int]) -> Service | None:
+             inherited: _Nearest, upstream_lines: dict[str, int]) -> Service | None:
     check.known_keys(data, _SERVICE_KEYS, where)
     prefix = check.get(data, "prefix", where, _string, f"/{name}")
     prefix_line = line_of(data, "prefix") if "prefix" in data else line
@@ -783,12 +858,7 @@ def _service(check: _Checker, name: str, data: LineDict, where: str, line: int, 
     for reserved in RESERVED_PREFIXES:
         if prefixes_overlap(reserved, prefix):
             check.problem(prefix_line, f"{where}.prefix: {prefix!r} collides with the proxy's own {reserved} endpoints")
-    timeout = check.get(data, "timeout", where, parse_duration, timeout)
-    deadline = check.get(data, "deadline", where, parse_duration, deadline)
-    if "breaker" in data:
-        breaker = _breaker(check, data["breaker"], f"{where}.breaker", line_of(data, "breaker"), breaker)
-    if "retry" in data:
-        retry = _retry(check, data["retry"], f"{where}.retry", line_of(data, "retry"), retry)
+    nearest = _nearest(check, data, where, inherited)
     rule = CacheRule(stale=cache.max_stale)
     if "cache" in data:
         rule = _cache_rule(check, data["cache"], f"{where}.cache", line_of(data, "cache"), rule, cache)
@@ -825,8 +895,7 @@ def _service(check: _Checker, name: str, data: LineDict, where: str, line: int, 
             check.problem(line_of(u_data, "path"), f"{u_where}.path: must start with /")
         query, secret_query = _templates(check, u_data.get("query"), f"{u_where}.query", line_of(u_data, "query"), headers=False)
         headers, _ = _templates(check, u_data.get("headers"), f"{u_where}.headers", line_of(u_data, "headers"), headers=True)
-        u_breaker = _breaker(check, u_data["breaker"], f"{u_where}.breaker", line_of(u_data, "breaker"), breaker) if "breaker" in u_data else breaker
-        u_retry = _retry(check, u_data["retry"], f"{u_where}.retry", line_of(u_data, "retry"), retry) if "retry" in u_data else retry
+        u_nearest = _nearest(check, u_data, u_where, nearest)
         transform = check.get(u_data, "transform", u_where, _string, None)
         keys: list[str] = []
         key_values = u_data.get("keys")
@@ -844,8 +913,8 @@ def _service(check: _Checker, name: str, data: LineDict, where: str, line: int, 
             continue
         upstreams.append(Upstream(
             name=u_name, service=name, url=url, path=Template.parse(path) if path else None,
-            query=query, headers=headers, timeout=check.get(u_data, "timeout", u_where, parse_duration, timeout),
-            breaker=u_breaker, retry=u_retry, secret_query=frozenset(secret_query) | _key_query(query),
+            query=query, headers=headers, timeout=u_nearest.timeout, breaker=u_nearest.breaker, retry=u_nearest.retry,
+            hedge=u_nearest.hedge, secret_query=frozenset(secret_query) | _key_query(query),
             transform=transform, rate_limit=check.get(u_data, "rate_limit", u_where, _rate_limit, None),
             keys=tuple(keys), key_cooldown=check.get(u_data, "key_cooldown", u_where, parse_duration, 3600.0)))
         if key_values is not None and not keys and isinstance(key_values, LineList) and key_values:
@@ -920,14 +989,32 @@ def _service(check: _Checker, name: str, data: LineDict, where: str, line: int, 
                 check.problem(line, f"{where}.routes: route {route.name!r} path for {u_name} uses {{{missing}}} not in its match")
 
     return Service(name=name, prefix=prefix, upstreams=tuple(upstreams), routes=tuple(routes), cache=rule,
-                   deadline=deadline, retry_non_idempotent=check.get(data, "retry_non_idempotent", where, _boolean, False),
-                   forward_headers=frozenset(forward))
+                   deadline=nearest.deadline,
+                   retry_non_idempotent=check.get(data, "retry_non_idempotent", where, _boolean, False),
+                   forward_headers=frozenset(forward), fallback_first=nearest.fallback_first)
 
 
 def _rule_dict(rule: CacheRule) -> dict[str, Any]:
     return {"ttl": rule.ttl, "stale": rule.stale, "statuses": sorted(rule.statuses), "vary": list(rule.vary),
-            "key_by_credential": rule.key_by_credential, "stale_while_revalidate": rule.stale_while_revalidate,
-            "coalesce": rule.coalesce}
+            "key_by_credential": rule.key_by_credential,
+            "stale_if_slow": "off" if rule.stale_if_slow is None else rule.stale_if_slow, "coalesce": rule.coalesce}
+
+
+def _breaker_dict(policy: BreakerPolicy) -> dict[str, Any]:
+    out: dict[str, Any] = {"fail_threshold": policy.fail_threshold, "open_timeout": policy.open_timeout,
+                           "half_open_max_calls": policy.half_open_max_calls}
+    if policy.failure_rate is not None:
+        out.update(failure_rate=policy.failure_rate, window=policy.window, min_calls=policy.min_calls)
+    if policy.slow_call_rate is not None:
+        out.update(slow_call_duration=policy.slow_call_duration, slow_call_rate=policy.slow_call_rate)
+    out.update(trip_on_429=policy.trip_on_429, trip_on_refused=policy.trip_on_refused, max_rest=policy.max_rest)
+    return out
+
+
+def _hedge_text(hedge: HedgePolicy | None) -> Any:
+    if hedge is None:
+        return "off"
+    return "auto" if hedge.after is None else hedge.after
 
 
 def _effective_service(service: Service, data: LineDict) -> dict[str, Any]:
@@ -941,13 +1028,14 @@ def _effective_service(service: Service, data: LineDict) -> dict[str, Any]:
             "query": {k: _masked(v) for k, v in (raw.get("query") or {}).items()},
             "headers": {k: _masked(v) for k, v in (raw.get("headers") or {}).items()},
             "timeout": upstream.timeout,
-            "breaker": {"fail_threshold": upstream.breaker.fail_threshold, "open_timeout": upstream.breaker.open_timeout,
-                        "half_open_max_calls": upstream.breaker.half_open_max_calls},
+            "breaker": _breaker_dict(upstream.breaker),
             "retry": {"retries": upstream.retry.retries, "base_delay": upstream.retry.base_delay,
                       "max_delay": upstream.retry.max_delay, "retry_on": sorted(upstream.retry.retry_on)},
+            "hedge_after": _hedge_text(upstream.hedge),
         })
     return {
         "prefix": service.prefix, "deadline": service.deadline, "retry_non_idempotent": service.retry_non_idempotent,
+        "fallback_before_retry": service.fallback_first,
         "cache": _rule_dict(service.cache),
         "routes": [{"name": r.name, "match": r.pattern.text, "cache": _rule_dict(r.cache),
                     "paths": {k: t.text for k, t in r.paths.items()}} for r in service.routes],

@@ -127,10 +127,19 @@ class BreakerTransition:
     provider: str
     old: str
     new: str
-    reason: str           # threshold | failure_rate | slow_call_rate | probe_failed | probe_succeeded | timeout_elapsed | forced | reset
+    reason: str           # threshold | failure_rate | slow_call_rate | refused | probe_failed | probe_succeeded | timeout_elapsed | forced | reset
     failures: int = 0
     threshold: int = 0
     retry_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRested:
+    """An upstream asked for a rest (`Retry-After` on a 429/503): skipped until `until`."""
+    service: str
+    provider: str
+    until: float          # wall-clock epoch seconds
+    shared: bool = False  # learnt from another replica through the shared cache backend
 
 
 # --- upstream attempts, retries, fallback ---------------------------------------------
@@ -167,6 +176,16 @@ class RetryBudgetExhausted:
 
 
 @dataclass(frozen=True, slots=True)
+class HedgeRaced:
+    """A late attempt was hedged: the same request went to `hedge_to` as well, first answer wins."""
+    service: str
+    provider: str         # the late upstream
+    hedge_to: str
+    winner: str           # hedge | original | none (neither answered)
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamSkipped:
     """An upstream was not called: breaker open, half-open probes busy, rate limited, no time left."""
     service: str
@@ -184,6 +203,7 @@ class KeySpent:
     status: int
     until: float          # wall-clock epoch seconds
     keys_left: int
+    shared: bool = False  # learnt from another replica through the shared cache backend
 
 
 # --- cache ------------------------------------------------------------------------------
@@ -197,13 +217,20 @@ class CacheLookup:
 
 @dataclass(frozen=True, slots=True)
 class StaleServed:
-    """A stale copy answered because upstreams could not (`Using stale cache for ...`)."""
+    """A stale copy answered (`Using stale cache for ...`).
+
+    `reason` says why: error | timeout | breaker_open (upstreams failed, timed out or were all
+    skipped), slow (the refresh took longer than `stale_if_slow`), revalidating (a refresh was
+    already under way, or `stale_if_slow` is 0). `detail` is the failure's error, if any.
+    """
     service: str
     path: str
     age: float
     upstream: str
     reason: str
     request_id: str
+    detail: str | None = None
+    key: str = ""         # the cache key: the log line is written once per key per minute
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,7 @@ class Exchange:
     body_stream: AsyncIterator[bytes] | None = None  # a body too large to buffer: sent once, never replayed
     attempts: list[AttemptRecord] = field(default_factory=list)
     body_too_large: bool = False
+    may_hedge: bool = False   # no copy could answer if the upstreams are slow: a late attempt may be hedged
 
     @property
     def replayable(self) -> bool:

@@ -178,14 +178,19 @@ class Health:
                 breaker = runtime.breakers[upstream.name]
                 state = breaker.state
                 error_rate = stats.recent_error_rate(upstream.name)
+                resting_until = breaker.resting_until
                 if state is State.OPEN:
                     status = "DOWN"
-                elif state is State.HALF_OPEN or (error_rate is not None and error_rate > DEGRADED_ERROR_RATE):
+                elif state is State.HALF_OPEN or resting_until is not None or \
+                        (error_rate is not None and error_rate > DEGRADED_ERROR_RATE):
                     status = "DEGRADED"
                 else:
                     status = "HEALTHY"
-                providers.append({"providerName": upstream.name, "status": status, "circuitState": state.value,
-                                  "isHealthy": status == "HEALTHY"})
+                provider = {"providerName": upstream.name, "status": status, "circuitState": state.value,
+                            "isHealthy": status == "HEALTHY"}
+                if resting_until is not None:  # asked for a rest (Retry-After): skipped until then
+                    provider["restingUntil"] = now_iso(resting_until)
+                providers.append(provider)
             statuses = [p["status"] for p in providers]
             if statuses and all(s == "DOWN" for s in statuses):
                 overall = "DOWN"

@@ -41,6 +41,10 @@ class ConnectTimeout(ConnectFailed):
     """The connection was not made within the connect timeout."""
 
 
+class ConnectRefused(ConnectFailed):
+    """The upstream's host answered that nothing listens on the port."""
+
+
 class Disconnected(Exception):
     """The upstream closed the connection before its answer was complete."""
 
@@ -494,7 +498,8 @@ class Pool:
             raise ConnectTimeout("connect timeout") from None
         except OSError as exc:
             self._abandon(made)
-            raise ConnectFailed(f"Cannot connect to host {self.host_header} [{exc.strerror or exc}]") from None
+            failure = ConnectRefused if isinstance(exc, ConnectionRefusedError) else ConnectFailed
+            raise failure(f"Cannot connect to host {self.host_header} [{exc.strerror or exc}]") from None
         except BaseException:
             self._abandon(made)
             raise

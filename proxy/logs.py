@@ -17,6 +17,7 @@ import orjson
 import structlog
 
 from . import events
+from .clock import SYSTEM_CLOCK, Clock
 
 _SENSITIVE_KEY = re.compile(r"(authorization|cookie|api[-_]?key|token|secret|password|passwd|access[-_]?key)", re.I)
 _MASK = "***"
@@ -118,13 +119,20 @@ def info_enabled() -> bool:
 _INFO_ONLY = frozenset({"RequestFinished", "RetryScheduled"})
 
 
+# A stale copy answering over and over for one key (an outage, a slow vendor) is logged once a minute.
+STALE_LOG_INTERVAL = 60.0
+_STALE_KEYS_MAX = 4096
+
+
 class EventLog:
     """Turns chain events into log lines."""
 
-    def __init__(self, logger: Any | None = None) -> None:
+    def __init__(self, logger: Any | None = None, clock: Clock = SYSTEM_CLOCK) -> None:
         self._log = logger or structlog.get_logger("resilience-proxy")
         self._own_logger = logger is None  # a given logger may filter differently: always call it
         self._handlers: dict[type, Any] = {}
+        self._clock = clock
+        self._stale_logged: dict[str, float] = {}  # cache key -> when its stale line was last written
 
     def quiet_for_requests(self) -> bool:
         """True when a proxied request's line would be filtered out (the level is above info)."""
@@ -179,14 +187,31 @@ class EventLog:
 
     def _KeySpent(self, e: events.KeySpent) -> None:
         then = "rotating to the next key" if e.keys_left else "no key left: the upstream is skipped until one rests enough"
+        origin = " (learnt from another replica)" if e.shared else ""
         self._log.warning(f"API key {e.fingerprint} for {e.provider} refused ({e.status}), resting until "
-                          f"{iso(e.until)}; {then}", kind="api_key", service=e.service, provider=e.provider,
-                          key=e.fingerprint, status=e.status, until=iso(e.until), keys_left=e.keys_left)
+                          f"{iso(e.until)}{origin}; {then}", kind="api_key", service=e.service, provider=e.provider,
+                          key=e.fingerprint, status=e.status, until=iso(e.until), keys_left=e.keys_left,
+                          shared=e.shared)
 
     def _StaleServed(self, e: events.StaleServed) -> None:
+        now = self._clock.monotonic()
+        key = e.key or f"{e.service} {e.path}"
+        last = self._stale_logged.get(key)
+        if last is not None and now - last < STALE_LOG_INTERVAL:
+            return  # counted in stale_served_total; the line was written less than a minute ago
+        if len(self._stale_logged) >= _STALE_KEYS_MAX:
+            self._stale_logged = {k: t for k, t in self._stale_logged.items() if now - t < STALE_LOG_INTERVAL}
+            if len(self._stale_logged) >= _STALE_KEYS_MAX:
+                self._stale_logged.clear()
+        self._stale_logged[key] = now
         self._log.warning(f"Using stale cache for {e.service} {e.path}, age: {int(e.age)}s", kind="stale",
                           service=e.service, path=e.path, age=int(e.age), upstream=e.upstream, reason=e.reason,
-                          request_id=e.request_id)
+                          detail=e.detail, request_id=e.request_id)
+
+    def _UpstreamRested(self, e: events.UpstreamRested) -> None:
+        origin = " (learnt from another replica)" if e.shared else ""
+        self._log.warning(f"Provider {e.provider} asked to rest (Retry-After): skipped until {iso(e.until)}{origin}",
+                          kind="rest", service=e.service, provider=e.provider, until=iso(e.until), shared=e.shared)
 
     def _CacheBackendState(self, e: events.CacheBackendState) -> None:
         if e.connected:

@@ -194,10 +194,18 @@ class Metrics:
                                   "Requests served by a non-primary upstream or by a stale copy.", sp)
         self._cache_requests = counter("cache_requests_total", "Cache lookups by result.", ("service", "result"))
         self._hit_rate = gauge("cache_hit_rate", "Percent of cache lookups that hit, last 5 minutes.", ("service",))
-        self._stale_served = counter("stale_served_total", "Stale copies served because upstreams failed.",
-                                     ("service",))
+        self._stale_served = counter("stale_served_total",
+                                     "Stale copies served, by reason: error, timeout, breaker_open (upstreams failed "
+                                     "or were all skipped), slow (the refresh took longer than stale_if_slow), "
+                                     "revalidating (a refresh was under way).", ("service", "reason"))
         self._stale_age = _Labelled(Histogram("stale_served_age_seconds", "Age of the stale copies served.",
                                               ("service",), buckets=STALE_AGE_BUCKETS, registry=r))
+        self._hedges = counter("hedges_total", "Late attempts hedged to the next upstream, by which answered first "
+                                               "(hedge, original or none).", sp + ("winner",))
+        self._rests = counter("upstream_rests_total", "Rests an upstream asked for with Retry-After (429/503).", sp)
+        self._rest_until = gauge("upstream_rest_until_seconds",
+                                 "Wall-clock time until which the upstream rests, as its Retry-After asked "
+                                 "(in the past, or 0: not resting).", sp)
         self._coalesced = counter("coalesced_requests_total",
                                   "Requests that waited for an identical in-flight request.", ("service",))
         self._proxy_requests = counter("proxy_requests_total", "Proxied requests answered, by status code.",
@@ -232,7 +240,7 @@ class Metrics:
 
         self._by_provider = (self._requests, self._errors, self._duration, self._skipped, self._breaker_open,
                              self._breaker_state, self._transitions, self._retries, self._budget_exhausted,
-                             self._fallbacks, self._keys_spent)
+                             self._fallbacks, self._keys_spent, self._hedges, self._rests, self._rest_until)
         self._by_service = self._by_provider + (self._cache_requests, self._hit_rate, self._stale_served,
                                                 self._stale_age, self._coalesced, self._proxy_requests,
                                                 self._proxy_duration)
@@ -249,6 +257,8 @@ class Metrics:
             events.KeySpent: self._key_spent,
             events.CacheLookup: self._cache_lookup,
             events.StaleServed: self._stale_served_event,
+            events.HedgeRaced: lambda e: self._hedges(e.service, e.provider, e.winner).inc(),
+            events.UpstreamRested: self._upstream_rested,
             events.Coalesced: self._coalesced_event,
             events.RequestFinished: self._request_finished,
             events.CacheBackendState: self._backend_state,
@@ -293,7 +303,8 @@ class Metrics:
             self._set_breaker(service, provider, _text(state))
         elif (service, provider) not in self._breaker_open.children:
             self._set_breaker(service, provider, "CLOSED")
-        for family in (self._retries, self._budget_exhausted, self._fallbacks, self._duration):
+        for family in (self._retries, self._budget_exhausted, self._fallbacks, self._duration, self._rests,
+                       self._rest_until):
             family(service, provider)
         self._requests(service, provider, Outcome.SUCCESS.value)
 
@@ -439,8 +450,12 @@ class Metrics:
         else:
             self._hit_rate(service).set(percent)
 
+    def _upstream_rested(self, e: events.UpstreamRested) -> None:
+        self._rests(e.service, e.provider).inc()
+        self._rest_until(e.service, e.provider).set(e.until)
+
     def _stale_served_event(self, e: events.StaleServed) -> None:
-        self._stale_served(e.service).inc()
+        self._stale_served(e.service, _text(e.reason)).inc()
         if math.isfinite(e.age):
             self._stale_age(e.service).observe(max(e.age, 0.0))
 

@@ -28,6 +28,8 @@ class Outcome(str, enum.Enum):
     KEY_REFUSED = "key_refused"    # the upstream refused the key it was sent (quota or auth), not the request
     TRANSFORM = "transform_failed"  # the answer could not be normalised (not JSON, failed expression)
     NO_PATH = "no_path"            # the route gives this upstream's templates no values: not tried
+    RESTING = "resting"            # skipped: the upstream asked for a rest (Retry-After) that is not over
+    HEDGE_LOST = "hedge_lost"      # given up as too slow: a hedge to another upstream answered first
 
     @property
     def answered(self) -> bool:
@@ -72,4 +74,5 @@ def is_breaker_failure(outcome: Outcome, *, trip_on_429: bool = False) -> bool:
 
 
 # Outcomes where no request reached the upstream: it was skipped before any network call.
-SKIPPED = frozenset({Outcome.BREAKER_OPEN, Outcome.RATE_LIMITED, Outcome.KEYS_SPENT, Outcome.NO_PATH})
+SKIPPED = frozenset({Outcome.BREAKER_OPEN, Outcome.RATE_LIMITED, Outcome.KEYS_SPENT, Outcome.NO_PATH,
+                     Outcome.RESTING})

@@ -19,6 +19,7 @@ from .background import cancel_and_wait
 from .clock import SYSTEM_CLOCK, Clock
 from .config import Config, ConfigError, load_config
 from .eventing import EventsSystem
+from .fleet import SharedRests
 from .front import LeanFront
 from .health import Health
 from .logs import REDACTOR, EventLog
@@ -45,7 +46,7 @@ class ProxyProcess:
         self.bus.subscribe(self.metrics)
         self.bus.subscribe(self.stats)
         if log_events:
-            self.bus.subscribe(EventLog())
+            self.bus.subscribe(EventLog(clock=clock))
         self.admin_token = self.env.get("ADMIN_TOKEN") or None
         REDACTOR.add_secrets(config.secrets | ({self.admin_token} if self.admin_token else set()))
         self.runtime = Runtime(config, clock=clock, bus=self.bus)
@@ -63,6 +64,12 @@ class ProxyProcess:
         self._watch_task: asyncio.Task[None] | None = None
         self.events = EventsSystem(self, config)
         self._retiring: set[asyncio.Task[None]] = set()
+        # With a shared Redis, a rest one replica is told of (Retry-After, a refused key) holds for all.
+        self.fleet: SharedRests | None = None
+        if config.cache.backend == "redis":
+            self.fleet = SharedRests(config.cache.url, config.cache.prefix, runtime=lambda: self.runtime,
+                                     clock=clock, emit=self.bus.emit)
+            self.bus.subscribe(self.fleet)
 
     def _register(self, config: Config, breakers: dict[str, Any] | None = None) -> None:
         for upstream in config.upstreams():
@@ -118,6 +125,8 @@ class ProxyProcess:
         """Bind the listeners (port 0 picks a free one; see `addresses`)."""
         await self.runtime.store.ping()  # learn the cache backend's state before the first request
         self.events.start()
+        if self.fleet is not None:
+            self.fleet.start()
         settings = self.runtime.config.server
         # Connections start on the lean front end (plain GETs); aiohttp's server takes every other one.
         main = web.ServerRunner(web.Server(self.handle, auto_decompress=False, **_PARSER_LIMITS),
@@ -146,6 +155,8 @@ class ProxyProcess:
         # WebSocket clients are told first (1001, going away) so they reconnect elsewhere instead of
         # holding the drain open until its timeout.
         await self.events.stop()
+        if self.fleet is not None:
+            await self.fleet.stop()
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -184,6 +195,7 @@ class ProxyProcess:
                 if previous is not None and previous.breaker == upstream.breaker and upstream.name in old.breakers:
                     kept_breakers[upstream.name] = old.breakers[upstream.name]
             kept_budgets = {n: b for n, b in old.budgets.items() if n in kept_breakers}
+            kept_latencies = {n: w for n, w in old.latencies.items() if n in kept_breakers}
             same_cache = config.cache == old.config.cache
             store = old.store if same_cache else None
             if config.server.listen != old.config.server.listen or \
@@ -191,7 +203,7 @@ class ProxyProcess:
                 log.warning("server.listen / metrics_listen changes take effect at the next restart", kind="reload")
             runtime = Runtime(config, clock=self.clock, bus=self.bus, store=store,
                               transport=old.transport.with_settings(config.server),
-                              breakers=kept_breakers, budgets=kept_budgets, previous=old)
+                              breakers=kept_breakers, budgets=kept_budgets, latencies=kept_latencies, previous=old)
             REDACTOR.add_secrets(config.secrets)
             removed_upstreams = {u.name for u in old.config.upstreams()} - {u.name for u in config.upstreams()}
             for name in removed_upstreams:

@@ -50,6 +50,12 @@ class TokenBucket:
     async def take_shared(self) -> bool:
         return self.take()
 
+    def wait_hint(self) -> float:
+        """Seconds until the next token (0 when one is there)."""
+        now = self._clock.monotonic()
+        tokens = min(self._limit.burst, self._tokens + (now - self._at) * self._limit.per_second)
+        return max(0.0, (1.0 - tokens) / self._limit.per_second)
+
 
 # One round trip: refill by elapsed time, take a token if there is one, keep the key alive.
 _BUCKET = """
@@ -80,6 +86,10 @@ class SharedTokenBucket:
 
     def take(self) -> bool:
         return self._local.take()
+
+    def wait_hint(self) -> float:
+        """Seconds until the next token, as this replica's own bucket sees it."""
+        return self._local.wait_hint()
 
     async def take_shared(self) -> bool:
         try:
@@ -112,11 +122,25 @@ class KeyRing:
                 return index, key
         return None
 
+    def wait_hint(self) -> float:
+        """Seconds until a key is ready again (0 when one is)."""
+        now = self._clock.time()
+        return max(0.0, min(self._spent_until, default=0.0) - now)
+
     def spend(self, index: int, retry_after: float | None) -> float:
         """Mark a key spent (quota or auth refused); returns until when (wall epoch)."""
         until = self._clock.time() + (retry_after if retry_after is not None else self._cooldown)
         self._spent_until[index] = max(self._spent_until[index], until)
         return self._spent_until[index]
+
+    def rest_until(self, key_fingerprint: str, until: float) -> bool:
+        """Rest the key with this fingerprint until `until` (another replica saw it refused); False
+        when no key has that fingerprint or it already rests as long."""
+        for index, key in enumerate(self._keys):
+            if fingerprint(key) == key_fingerprint and until > self._spent_until[index]:
+                self._spent_until[index] = until
+                return True
+        return False
 
     def snapshot(self) -> list[dict[str, Any]]:
         now = self._clock.time()

@@ -238,7 +238,8 @@ class HitPath:
         bus = self._state.bus
         version, logs = self._direct_for
         if version != bus.version:
-            subscribers = bus.subscribers
+            # Subscribers that never look at a request's events (`sees_requests = False`) do not count.
+            subscribers = [s for s in bus.subscribers if getattr(s, "sees_requests", True)]
             plain = (self._state.metrics, self._state.stats)
             others = tuple(s for s in subscribers if not any(s is p for p in plain))
             usable = len(subscribers) - len(others) == 2 and all(isinstance(s, EventLog) for s in others)
@@ -398,9 +399,11 @@ class ProxyHandler:
             await self._read_body(request, exchange, settings.replay_buffer, settings.max_request_body)
             answer = await runtime.chain(exchange)
         except UpstreamsFailed as failure:
-            response = json_response(failure.status, failure.body(request_id),
-                                     {"X-Cache": "MISS", "X-Request-ID": request_id,
-                                      "Cache-Status": f"resilience-proxy; fwd=uri-miss; detail={failure.error}"})
+            headers = {"X-Cache": "MISS", "X-Request-ID": request_id,
+                       "Cache-Status": f"resilience-proxy; fwd=uri-miss; detail={failure.error}"}
+            if failure.retry_after is not None:
+                headers["Retry-After"] = str(int(failure.retry_after))  # when an upstream may be tried again
+            response = json_response(failure.status, failure.body(request_id), headers)
             self._finished(exchange, failure.status, "MISS", None, started, clock)
             return response
         except RequestBodyTooLarge:

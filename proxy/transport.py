@@ -26,12 +26,13 @@ _NEVER_FORWARDED = HOP_BY_HOP | {"host", "content-length", "x-forwarded-host", "
 
 
 class AttemptError(Exception):
-    """An attempt that produced no usable HTTP answer."""
+    """An attempt that produced no usable HTTP answer (`refused`: nothing listens on the upstream's port)."""
 
-    def __init__(self, outcome: Outcome, detail: str) -> None:
+    def __init__(self, outcome: Outcome, detail: str, *, refused: bool = False) -> None:
         super().__init__(detail)
         self.outcome = outcome
         self.detail = detail
+        self.refused = refused
 
 
 class NoPathForUpstream(Exception):
@@ -216,6 +217,8 @@ class HttpTransport:
                     raise
         except http1.ConnectTimeout:
             raise AttemptError(Outcome.CONNECT, "connect timeout") from None
+        except http1.ConnectRefused as exc:
+            raise AttemptError(Outcome.CONNECT, _describe(exc), refused=True) from None
         except http1.ConnectFailed as exc:
             raise AttemptError(Outcome.CONNECT, _describe(exc)) from None
         except TimeoutError:

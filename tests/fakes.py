@@ -61,6 +61,15 @@ class Delay:
 
 
 @dataclass
+class Advance:
+    """Move a FakeClock on as the request is answered: the answer took `seconds` of stepped time."""
+    clock: Any
+    seconds: float
+    then: Any = field(default_factory=Ok)
+    times: int = 1
+
+
+@dataclass
 class SlowBody:
     """Send headers and the first bytes, then stall for `seconds` before the rest."""
     seconds: float
@@ -155,6 +164,9 @@ class FakeUpstream:
             return web.Response(status=step.status, body=step.body, headers=step.headers)
         if isinstance(step, Delay):
             await asyncio.sleep(step.seconds)
+            return await self._perform(step.then, request)
+        if isinstance(step, Advance):
+            step.clock.advance(step.seconds)
             return await self._perform(step.then, request)
         if isinstance(step, Gzip):
             return web.Response(body=step.raw, headers={"Content-Encoding": "gzip", "Content-Type": "application/json",
@@ -299,3 +311,32 @@ class ThrowawayRedis:
             self._process.terminate()
             self._process.wait(5)
             self._process = None
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus exposition text as {(name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+async def metric(proxy: RunningProxy, name: str, **labels: str) -> float | None:
+    """One sample scraped from the proxy's metrics port (None when the series is not exported)."""
+    text = await (await proxy.client.get(proxy.metrics_url + "/metrics")).text()
+    return metric_samples(text).get((name, tuple(sorted(labels.items()))))
+
+
+async def eventually(check: Any, *, within: float = 2.0, step: float = 0.01) -> Any:
+    """Poll `check()` (sync or async) until it returns something true, at most `within` real seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value or time.monotonic() >= deadline:
+            return value
+        await asyncio.sleep(step)

@@ -8,7 +8,7 @@ import pytest
 
 from proxy.breaker import PROFILES, Breaker, BreakerPolicy, Permit, State
 from proxy.clock import FakeClock
-from proxy.events import BreakerFailure, BreakerTransition
+from proxy.events import BreakerFailure, BreakerTransition, UpstreamRested
 
 SERVICE, PROVIDER = "fx", "fx_primary"
 
@@ -383,7 +383,8 @@ def test_snapshot_of_a_closed_breaker(clock):
     breaker, _ = make(clock)
     fail(breaker, 2)
     assert breaker.snapshot() == {"provider": PROVIDER, "service": SERVICE, "state": "CLOSED", "failures": 2,
-                                  "threshold": 5, "openedAt": None, "retryAt": None, "forced": False}
+                                  "threshold": 5, "openedAt": None, "retryAt": None, "forced": False,
+                                  "restingUntil": None}
 
 
 def test_snapshot_of_an_open_breaker_has_iso_utc_times_with_milliseconds():
@@ -392,7 +393,7 @@ def test_snapshot_of_an_open_breaker_has_iso_utc_times_with_milliseconds():
     open_breaker(breaker)
     assert breaker.snapshot() == {"provider": PROVIDER, "service": SERVICE, "state": "OPEN", "failures": 5,
                                   "threshold": 5, "openedAt": "2024-12-01T10:00:00.250Z",
-                                  "retryAt": "2024-12-01T10:01:00.250Z", "forced": False}
+                                  "retryAt": "2024-12-01T10:01:00.250Z", "forced": False, "restingUntil": None}
 
 
 def test_snapshot_of_a_forced_breaker_has_no_retry_time(clock):
@@ -419,7 +420,9 @@ def test_snapshot_applies_the_lazy_half_open_check(clock):
 def test_profiles_carry_the_seed_design_numbers(name, threshold, timeout):
     policy = PROFILES[name]
     assert (policy.fail_threshold, policy.open_timeout, policy.half_open_max_calls) == (threshold, timeout, 1)
-    assert policy.failure_rate is None and policy.slow_call_rate is None
+    # On top of the seed's counts: leave an upstream failing one call in five, and one refusing connections.
+    assert (policy.failure_rate, policy.window, policy.min_calls) == (0.2, 10.0, 10)
+    assert policy.trip_on_refused is True and policy.slow_call_rate is None
 
 
 def test_there_are_exactly_three_profiles():
@@ -449,3 +452,176 @@ def test_policy_rejects_bad_values(changes):
 def test_policy_rejects_a_non_integer_threshold_by_name():
     with pytest.raises(TypeError, match="fail_threshold"):
         BreakerPolicy(fail_threshold=2.5, open_timeout=1.0)
+
+
+# --- defaults that survive an outage: rate trips, refused connections, abandoned tries ----------
+
+@pytest.mark.parametrize("name", ["CRITICAL", "STANDARD", "FAST"])
+def test_every_profile_leaves_an_upstream_failing_three_calls_in_ten_although_they_never_line_up(clock, name):
+    breaker, events = make(clock, PROFILES[name])
+    pattern = [False, True, False, False, True, False, False, True, False, False]  # 30 %, never 2 in a row
+    for number, failed in enumerate(pattern, 1):
+        assert breaker.state is State.CLOSED, f"opened before call {number}"
+        (fail if failed else succeed)(breaker)
+    assert breaker.failures == 0  # the consecutive count alone would never have opened it
+    assert breaker.state is State.OPEN
+    assert transitions(events) == [("CLOSED", "OPEN", "failure_rate")]
+
+
+def test_a_healthy_upstream_failing_one_call_in_ten_stays_closed_under_the_profiles(clock):
+    breaker, _ = make(clock, PROFILES["STANDARD"])
+    for _ in range(20):
+        fail(breaker)
+        succeed(breaker, 9)
+        clock.advance(1.0)
+    assert breaker.state is State.CLOSED
+
+
+def test_a_refused_connection_opens_the_breaker_at_once(clock):
+    breaker, events = make(clock, PROFILES["STANDARD"])
+    breaker.allow().failure(0.001, refused=True)
+    assert breaker.state is State.OPEN
+    assert transitions(events) == [("CLOSED", "OPEN", "refused")]
+    assert breaker.retry_at == pytest.approx(clock.time() + 60.0)
+
+
+def test_trip_on_refused_false_counts_a_refused_connection_as_one_failure(clock):
+    breaker, _ = make(clock, PROFILES["STANDARD"], trip_on_refused=False)
+    for _ in range(4):
+        breaker.allow().failure(0.001, refused=True)
+    assert breaker.state is State.CLOSED and breaker.failures == 4
+    breaker.allow().failure(0.001, refused=True)
+    assert breaker.state is State.OPEN
+
+
+def test_abandoned_tries_add_up_to_the_consecutive_threshold(clock):
+    breaker, events = make(clock, PROFILES["STANDARD"])
+    for _ in range(4):
+        breaker.allow().abandoned(0.1)
+    assert breaker.state is State.CLOSED
+    assert [e.failures for e in events if isinstance(e, BreakerFailure)] == [1, 2, 3, 4]
+    breaker.allow().abandoned(0.1)
+    assert transitions(events) == [("CLOSED", "OPEN", "threshold")]
+
+
+def test_abandoned_tries_are_not_failures_in_the_rate_window(clock):
+    # A healthy upstream's slowest answers are hedged now and then: those must not add up to a rate trip.
+    breaker, _ = make(clock, PROFILES["STANDARD"])
+    for _ in range(10):
+        breaker.allow().abandoned(0.1)
+        succeed(breaker, 2)
+    assert breaker.state is State.CLOSED
+
+
+def test_an_abandoned_probe_reopens_the_breaker(clock):
+    breaker, events = make(clock, PROFILES["FAST"])
+    open_breaker(breaker)
+    clock.advance(30.0)
+    breaker.allow().abandoned(0.2)
+    assert breaker.state is State.OPEN
+    assert transitions(events)[-1] == ("HALF_OPEN", "OPEN", "probe_failed")
+
+
+# --- rests: Retry-After holds for every request -------------------------------------------------
+
+def test_a_rest_skips_the_upstream_until_it_ends_whatever_the_state(clock):
+    breaker, events = make(clock)
+    breaker.rest(clock.time() + 5.0)
+    assert breaker.state is State.CLOSED
+    assert breaker.allow() is None and breaker.resting
+    assert breaker.resting_until == pytest.approx(clock.time() + 5.0)
+    assert breaker.snapshot()["restingUntil"] == "2024-12-01T08:00:05.000Z"
+    assert [e.until for e in events if isinstance(e, UpstreamRested)] == [pytest.approx(clock.time() + 5.0)]
+    clock.advance(4.999)
+    assert breaker.allow() is None
+    assert breaker.wait_hint() == pytest.approx(0.001)
+
+
+def test_after_a_rest_one_attempt_goes_first_and_the_rest_waits_for_how_it_ends(clock):
+    breaker, _ = make(clock)
+    breaker.rest(clock.time() + 5.0)
+    clock.advance(5.0)
+    first = breaker.allow()
+    assert first is not None
+    assert breaker.allow() is None  # the others still skip while the first try is out
+    assert breaker.wait_hint() is None
+    first.success(0.01)
+    assert not breaker.resting and breaker.resting_until is None
+    assert breaker.allow() is not None
+
+
+def test_a_cancelled_first_try_after_a_rest_leaves_the_first_try_to_the_next_request(clock):
+    breaker, _ = make(clock)
+    breaker.rest(clock.time() + 1.0)
+    clock.advance(1.0)
+    breaker.allow().release()
+    assert breaker.allow() is not None
+
+
+def test_a_new_retry_after_on_the_first_try_starts_a_new_rest(clock):
+    breaker, _ = make(clock)
+    breaker.rest(clock.time() + 1.0)
+    clock.advance(1.0)
+    probe = breaker.allow()
+    breaker.rest(clock.time() + 5.0)  # the vendor said "not yet" again, before the try is settled
+    probe.failure(0.01)
+    assert breaker.resting and breaker.resting_until == pytest.approx(clock.time() + 5.0)
+    assert breaker.allow() is None
+
+
+def test_a_shorter_rest_never_cuts_a_longer_one(clock):
+    breaker, events = make(clock)
+    breaker.rest(clock.time() + 10.0)
+    breaker.rest(clock.time() + 2.0)
+    assert breaker.resting_until == pytest.approx(clock.time() + 10.0)
+    assert len([e for e in events if isinstance(e, UpstreamRested)]) == 1
+
+
+def test_a_rest_is_capped_at_max_rest_and_max_rest_0_never_rests(clock):
+    breaker, _ = make(clock, max_rest=60.0)
+    breaker.rest(clock.time() + 86400 * 365)
+    assert breaker.resting_until == pytest.approx(clock.time() + 60.0)
+    never, events = make(clock, max_rest=0.0)
+    never.rest(clock.time() + 30.0)
+    assert not never.resting and never.allow() is not None and events == []
+
+
+def test_a_rest_in_the_past_is_ignored(clock):
+    breaker, events = make(clock)
+    breaker.rest(clock.time() - 1.0)
+    assert not breaker.resting and events == []
+
+
+def test_reset_ends_a_rest(clock):
+    breaker, events = make(clock)
+    breaker.rest(clock.time() + 30.0)
+    breaker.reset()
+    assert not breaker.resting and breaker.allow() is not None
+    assert transitions(events) == [("CLOSED", "CLOSED", "reset")]
+
+
+def test_wait_hint_says_when_an_open_breaker_probes_and_nothing_for_a_forced_one(clock):
+    breaker, _ = make(clock)
+    assert breaker.wait_hint() == 0.0
+    open_breaker(breaker)
+    clock.advance(20.0)
+    assert breaker.wait_hint() == pytest.approx(40.0)
+    breaker.rest(clock.time() + 90.0)
+    assert breaker.wait_hint() == pytest.approx(90.0)  # the later of the two
+    breaker.force_open()
+    assert breaker.wait_hint() is None
+
+
+def test_would_allow_takes_no_permit(clock):
+    breaker, _ = make(clock, half_open_max_calls=1)
+    open_breaker(breaker)
+    clock.advance(60.0)
+    assert breaker.would_allow() and breaker.would_allow()
+    assert breaker.allow() is not None
+    assert not breaker.would_allow()
+
+
+@pytest.mark.parametrize("changes", [{"max_rest": -1.0}, {"max_rest": float("nan")}, {"trip_on_refused": 1}])
+def test_bad_rest_and_refused_settings_are_refused(changes):
+    with pytest.raises((ValueError, TypeError)):
+        dataclasses.replace(PROFILES["STANDARD"], **changes)

@@ -164,7 +164,7 @@ def test_check_and_run_refuse_a_bad_file_with_the_same_messages(tmp_path):
     checked = _cli("check", str(path))
     ran = _cli("run", "--config", str(path), "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0")
     assert checked.returncode == 2 and ran.returncode == 2
-    expected = [f"{path}:4: services.fx.upstreams[0]: unknown key 'weight' (allowed: breaker, headers, key_cooldown, keys, name, path, query, rate_limit, retry, timeout, transform, url)",
+    expected = [f"{path}:4: services.fx.upstreams[0]: unknown key 'weight' (allowed: breaker, headers, hedge_after, key_cooldown, keys, name, path, query, rate_limit, retry, timeout, transform, url)",
                 f"{path}:4: services.fx.upstreams[0].url: upstream URL must be http:// or https://, got 'gopher://a'"]
     assert checked.stderr.splitlines()[:2] == expected
     assert ran.stderr.splitlines()[:2] == expected
@@ -182,3 +182,87 @@ def test_the_committed_route_table_and_examples_are_valid():
     assert [u.name for u in committed.services["fx"].upstreams] == ["fx_primary", "fx_secondary"]
     assert committed.cache.backend == "memory"
     assert committed.server.listen == ("0.0.0.0", 8080) and committed.server.metrics_listen == ("0.0.0.0", 9090)
+
+
+# --- the resilient defaults and their switches ------------------------------------------------------
+
+MINIMAL = """\
+version: 1
+defaults: {DEFAULTS}
+services:
+  fx:
+    timeout: 1s
+    cache: {{ttl: 2s, stale: 1h{CACHE}}}
+    upstreams:
+      - {{name: fx_primary, url: "https://p.example"{UPSTREAM}}}
+      - {{name: fx_secondary, url: "https://s.example"}}
+"""
+
+
+def minimal(defaults: str = "{}", cache: str = "", upstream: str = "") -> str:
+    return MINIMAL.format(DEFAULTS=defaults, CACHE=cache, UPSTREAM=upstream)
+
+
+def test_only_upstreams_a_timeout_and_ttls_get_every_resilient_default():
+    from proxy.hedging import HEDGE_AUTO
+
+    config = parse_config(minimal(), "routes.yaml", {})
+    service = config.services["fx"]
+    primary = service.upstreams[0]
+    assert service.fallback_first is True
+    assert service.cache.stale_if_slow == 0.25
+    assert primary.hedge == HEDGE_AUTO
+    breaker = primary.breaker
+    assert (breaker.fail_threshold, breaker.open_timeout) == (5, 60.0)  # STANDARD, as the seed has it
+    assert (breaker.failure_rate, breaker.window, breaker.min_calls) == (0.2, 10.0, 10)
+    assert breaker.trip_on_refused is True and breaker.max_rest == 3600.0
+    effective = config.effective
+    assert effective["defaults"]["fallback_before_retry"] is True and effective["defaults"]["hedge_after"] == "auto"
+    upstream = effective["services"]["fx"]["upstreams"][0]
+    assert upstream["hedge_after"] == "auto"
+    assert upstream["breaker"]["failure_rate"] == 0.2 and upstream["breaker"]["trip_on_refused"] is True
+
+
+def test_every_default_can_be_switched_off():
+    text = minimal("{fallback_before_retry: false, hedge_after: off, breaker: {profile: STANDARD, failure_rate: off, "
+                   "trip_on_refused: false, max_rest: 0}}", cache=", stale_if_slow: off")
+    service = parse_config(text, "routes.yaml", {}).services["fx"]
+    primary = service.upstreams[0]
+    assert service.fallback_first is False and service.cache.stale_if_slow is None and primary.hedge is None
+    assert (primary.breaker.failure_rate, primary.breaker.trip_on_refused, primary.breaker.max_rest) == (None, False, 0.0)
+    assert primary.breaker.fail_threshold == 5
+
+
+def test_hedge_after_nearest_wins_and_takes_a_fixed_duration():
+    from proxy.hedging import HedgePolicy
+
+    text = minimal("{hedge_after: off}", upstream=", hedge_after: 150ms")
+    primary, secondary = parse_config(text, "routes.yaml", {}).services["fx"].upstreams
+    assert primary.hedge == HedgePolicy(after=0.15)
+    assert secondary.hedge is None
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("true", 0.0), ("false", None)])
+def test_stale_while_revalidate_is_stale_if_slow_0_or_off(value, seconds):
+    text = minimal(cache=f", stale_while_revalidate: {value}")
+    assert parse_config(text, "routes.yaml", {}).services["fx"].cache.stale_if_slow == seconds
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    (minimal(cache=", stale_if_slow: 1s, stale_while_revalidate: true"), "set stale_if_slow or stale_while_revalidate"),
+    (minimal(cache=", stale_if_slow: soon"), "stale_if_slow: bad duration 'soon'"),
+    (minimal(cache=", stale_if_slow: -1"), "stale_if_slow: a duration cannot be negative"),
+    (minimal("{hedge_after: 0}"), "defaults.hedge_after: expected auto, off or a duration above 0"),
+    (minimal("{hedge_after: sometimes}"), "defaults.hedge_after: bad duration 'sometimes'"),
+    (minimal(upstream=", hedge_after: [1]"), "services.fx.upstreams[0].hedge_after: bad duration"),
+    (minimal("{fallback_before_retry: 1}"), "defaults.fallback_before_retry: expected true or false"),
+    (minimal("{breaker: {profile: FAST, max_rest: -5}}"), "defaults.breaker.max_rest: a duration cannot be negative"),
+    (minimal("{breaker: {profile: FAST, trip_on_refused: yes please}}"), "defaults.breaker.trip_on_refused: expected true"),
+    (minimal("{breaker: {profile: FAST, failure_rate: never}}"), "defaults.breaker.failure_rate: expected a number"),
+    (minimal("{timeout: 0}"), "defaults.timeout: must be longer than 0"),
+    (minimal("{deadline: 0s}"), "defaults.deadline: must be longer than 0"),
+])
+def test_bad_values_of_the_new_settings_are_reported_with_their_line(text, fragment):
+    found = problems_of(text)
+    assert any(fragment in problem for problem in found), found
+    assert all(problem.startswith("routes.yaml:") for problem in found)

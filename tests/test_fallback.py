@@ -28,7 +28,8 @@ async def test_a_primary_that_times_out_is_answered_by_the_secondary_within_the_
     primary = await fake_upstream("primary")
     secondary = await fake_upstream("secondary")
     primary.default = Delay(2.0)
-    proxy = await proxy_factory(two_upstreams(primary.url, secondary.url))
+    # Not hedged: the attempt's own timeout is what this is about (hedging: tests/test_hedging.py).
+    proxy = await proxy_factory(two_upstreams(primary.url, secondary.url, hedge_after="off"))
     response = await proxy.get("/fx/latest/USD")
     assert response.status == 200
     assert response.headers["X-Upstream"] == "fx_secondary"
@@ -90,7 +91,8 @@ async def test_deadline_passing_gives_504(fake_upstream, proxy_factory):
     primary = await fake_upstream("primary")
     secondary = await fake_upstream("secondary")
     primary.default = Delay(3.0)
-    proxy = await proxy_factory(two_upstreams(primary.url, secondary.url, timeout="2s", deadline="400ms"))
+    proxy = await proxy_factory(two_upstreams(primary.url, secondary.url, timeout="2s", deadline="400ms",
+                                              hedge_after="off"))
     response = await proxy.get("/fx/a")
     body = await response.json()
     assert response.status == 504

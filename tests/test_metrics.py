@@ -230,9 +230,10 @@ def test_fallbacks_count_only_fallback_answers_by_the_upstream_that_served(metri
 
 
 def test_stale_serves_are_counted_with_their_age_from_1_minute_to_7_days(metrics: Metrics) -> None:
-    metrics(events.StaleServed(SERVICE, "/fx/latest/USD", 7200.0, PRIMARY, "http_5xx", "r1"))
+    metrics(events.StaleServed(SERVICE, "/fx/latest/USD", 7200.0, PRIMARY, "error", "r1"))
     metrics(events.StaleServed(SERVICE, "/fx/latest/EUR", 30.0, PRIMARY, "timeout", "r2"))
-    assert value(metrics, "stale_served_total", service=SERVICE) == 2
+    assert value(metrics, "stale_served_total", service=SERVICE, reason="error") == 1
+    assert value(metrics, "stale_served_total", service=SERVICE, reason="timeout") == 1
     buckets = {float(s.labels["le"]): s.value for s in parse(metrics) if s.name == "stale_served_age_seconds_bucket"}
     assert min(buckets) == 60.0 and max(b for b in buckets if math.isfinite(b)) == 7 * 86400.0
     assert (buckets[60.0], buckets[3600.0], buckets[3 * 3600.0], buckets[math.inf]) == (1, 1, 2, 2)
@@ -277,11 +278,11 @@ def test_label_values_never_contain_a_request_path(metrics: Metrics) -> None:
     metrics.register_provider(SERVICE, PRIMARY)
     metrics(attempt("http_5xx", url="https://primary.example/v6/latest/USD?access_key=x"))
     metrics(finished(502, path="/fx/latest/USD", fallback=True))
-    metrics(events.StaleServed(SERVICE, "/fx/latest/USD", 90.0, PRIMARY, "http_5xx", "r1"))
+    metrics(events.StaleServed(SERVICE, "/fx/latest/USD", 90.0, PRIMARY, "error", "r1"))
     metrics(events.UpstreamSkipped(SERVICE, PRIMARY, "breaker_open", "r1"))
     metrics(lookup("stale"))
     label_values = {v for s in parse(metrics) for k, v in s.labels.items() if k != "le"}
-    assert label_values >= {SERVICE, PRIMARY, "http_5xx", "502"}
+    assert label_values >= {SERVICE, PRIMARY, "http_5xx", "502", "error"}
     assert not [v for v in label_values if "/" in v or "USD" in v or "latest" in v]
 
 

@@ -58,11 +58,11 @@ async def test_metrics_move_as_an_outage_unfolds_on_both_endpoints(fake_upstream
     stale = await proxy.get("/fx/latest/USD")
     assert stale.headers["X-Cache"] == "STALE"
     after = await (await scrape()).text()
-    assert value(after, "stale_served_total", service="fx") == 1
+    assert value(after, "stale_served_total", service="fx", reason="error") == 1
     assert value(after, "cache_requests_total", service="fx", result="stale") == 1
     assert value(after, "cache_requests_total", service="fx", result="miss") == 4
     health_metrics = await (await proxy.get("/health/metrics")).text()
-    assert value(health_metrics, "stale_served_total", service="fx") == 1
+    assert value(health_metrics, "stale_served_total", service="fx", reason="error") == 1
     assert {k[0] for k in samples(health_metrics)} == {k[0] for k in samples(after)}
 
 
