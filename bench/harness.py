@@ -3,7 +3,8 @@
 Speed (closed loop, wrk or the Python generator): our proxy's memory and Redis HITs against a
 bare aiohttp server (the Python ceiling), pass-through against a minimal aiohttp proxy, added
 latency over a 20 ms provider, RSS; nginx measured in the same run for every figure.
-Resilience (open loop, fixed rate): faults switched on fake providers, for our proxy and for nginx.
+Resilience (open loop, fixed rate; bench/faults.py): faults switched on fake providers, our proxy
+with only upstreams, a timeout and TTLs against a tuned nginx, column by column.
 
 Every case runs `rounds` times, interleaved (case A, B, C, A, B, C, ...); medians are quoted
 with min–max. The latency cases run `latency_rounds` times (5 by default): one 5 s run's p50
@@ -40,7 +41,9 @@ from typing import Any
 
 import yaml
 
-from bench.loadgen import parse_wrk, percentile, wrk_command
+from bench import faults as fault_bench
+from bench.faults import KEYS, PROXIES, SCENARIO_NAMES, SCENARIOS, Scenario
+from bench.loadgen import parse_wrk, wrk_command
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -48,44 +51,9 @@ PYTHON = sys.executable
 HIT_PATH = "/hit/latest/USD"
 PASS_PATH = "/pass/latest/USD"
 SLOW_PATH = "/pass/slow"
-KEYS = 20  # distinct paths per fault scenario
-
 THROUGHPUT_CASES = ("ceiling", "ours_memory_hit", "ours_redis_hit", "nginx_hit", "minimal_pass", "ours_pass",
                     "nginx_pass")
 LATENCY_CASES = ("direct", "ours", "minimal", "nginx")
-SCENARIO_NAMES = ("healthy", "primary_refuses", "primary_hangs", "primary_fails_30pct", "primary_429",
-                  "all_down_warm_cache", "all_down_cold_cache", "redis_stopped")
-
-
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    short: str          # the service name / URL prefix
-    primary: str        # fake mode, or "refuse" (nothing listens)
-    secondary: str
-    cached: bool
-    warm: bool = False
-    redis: bool = False
-    can_answer: bool = True      # a provider or a stale copy can answer every request
-    outage: bool = False         # a sustained outage: amplification and post-breaker p99 targets apply
-    what: str = ""
-
-
-SCENARIOS = (
-    Scenario("healthy", "healthy", "ok", "ok", False, what="both providers answer (the reference p99)"),
-    Scenario("primary_refuses", "refuse", "refuse", "ok", False, outage=True,
-             what="nothing listens on the primary's port"),
-    Scenario("primary_hangs", "hang", "hang", "ok", False, outage=True,
-             what="the primary accepts and never answers (attempt timeout 1 s)"),
-    Scenario("primary_fails_30pct", "fail30", "fail30", "ok", False, what="3 in 10 primary answers are 503"),
-    Scenario("primary_429", "quota", "429", "ok", False, what="the primary answers 429 with Retry-After: 2"),
-    Scenario("all_down_warm_cache", "warm", "down", "down", True, warm=True, outage=True,
-             what="both providers answer 503; every key was cached and is past its 1 s TTL (stale copies)"),
-    Scenario("all_down_cold_cache", "cold", "down", "down", True, can_answer=False, outage=True,
-             what="both providers answer 503; nothing cached"),
-    Scenario("redis_stopped", "redis", "ok", "ok", True, redis=True,
-             what="cache.backend redis on a throwaway redis-server, stopped halfway (our proxy only)"),
-)
 
 
 # --- processes ----------------------------------------------------------------------------------
@@ -290,9 +258,15 @@ def idle_policy() -> str | None:
 
 # --- configs --------------------------------------------------------------------------------------
 
-def proxy_config(services: dict[str, Any], cache: dict[str, Any], defaults: dict[str, Any]) -> str:
-    document = {"version": 1, "server": {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"},
-                "cache": cache, "defaults": defaults, "services": services}
+def proxy_config(services: dict[str, Any], cache: dict[str, Any] | None = None,
+                 defaults: dict[str, Any] | None = None) -> str:
+    """A route table; sections left out (None) are left to the proxy's defaults."""
+    document: dict[str, Any] = {"version": 1, "server": {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"}}
+    if cache is not None:
+        document["cache"] = cache
+    if defaults is not None:
+        document["defaults"] = defaults
+    document["services"] = services
     return yaml.safe_dump(document, sort_keys=False)
 
 
@@ -302,7 +276,6 @@ def _upstreams(short: str, primary: int, secondary: int) -> list[dict[str, Any]]
 
 
 SPEED_DEFAULTS = {"timeout": "5s", "deadline": "15s", "breaker": "STANDARD", "retry": "DEFAULT"}
-FAULT_DEFAULTS = {"timeout": "1s", "deadline": "5s", "breaker": "STANDARD", "retry": "DEFAULT"}
 
 
 def speed_services(a: int, b: int) -> dict[str, Any]:
@@ -310,38 +283,18 @@ def speed_services(a: int, b: int) -> dict[str, Any]:
             "pass": {"prefix": "/pass", "upstreams": _upstreams("pass", a, b)}}
 
 
-def scenario_service(scenario: Scenario, primary: int, secondary: int) -> dict[str, Any]:
-    service: dict[str, Any] = {"prefix": f"/{scenario.short}", "upstreams": _upstreams(scenario.short, primary, secondary)}
-    if scenario.cached:
-        service["cache"] = {"ttl": "24h" if scenario.redis else "1s", "stale": "1h"}
-    return service
-
-
-def nginx_config(tmp: Path, port: int, speed: tuple[int, int], scenarios: dict[str, tuple[int, int]],
-                 cached: dict[str, bool]) -> str:
-    blocks = []
-    locations = []
-
-    def upstream(name: str, primary: int, secondary: int) -> None:
-        blocks.append(f"    upstream {name} {{\n"
-                      f"        server 127.0.0.1:{primary} max_fails=3 fail_timeout=10s;\n"
-                      f"        server 127.0.0.1:{secondary} backup;\n"
-                      f"        keepalive 64;\n    }}")
-
-    upstream("speed", *speed)
-    locations.append("        location /hit/ {\n            proxy_pass http://speed/;\n"
-                     "            proxy_cache bench;\n            proxy_cache_valid 200 24h;\n"
-                     "            add_header X-Cache $upstream_cache_status;\n        }")
-    locations.append("        location /pass/ {\n            proxy_pass http://speed/;\n        }")
-    for short, (primary, secondary) in scenarios.items():
-        upstream(short, primary, secondary)
-        cache = ("            proxy_cache bench;\n            proxy_cache_valid 200 1s;\n"
-                 "            add_header X-Cache $upstream_cache_status;\n") if cached[short] else ""
-        locations.append(f"        location /{short}/ {{\n            proxy_pass http://{short}/;\n{cache}        }}")
+def nginx_config(tmp: Path, port: int, speed: tuple[int, int], scenarios: dict[str, tuple[int, int]]) -> str:
+    upstreams, locations = fault_bench.nginx_parts(scenarios)
+    upstreams.insert(0, f"    upstream speed {{\n        server 127.0.0.1:{speed[0]};\n"
+                        f"        server 127.0.0.1:{speed[1]} backup;\n        keepalive 64;\n    }}")
+    locations[:0] = ["        location /hit/ {\n            proxy_pass http://speed/;\n            proxy_cache bench;\n"
+                     "            proxy_cache_valid 200 24h;\n            add_header X-Cache $upstream_cache_status;\n"
+                     "        }",
+                     "        location /pass/ {\n            proxy_pass http://speed/;\n        }"]
     template = Template((BENCH / "nginx.conf.tmpl").read_text())
     return template.safe_substitute(
         user="user root;" if os.geteuid() == 0 else "", tmp=str(tmp), port=str(port), timeout="1s", deadline="5s",
-        upstreams="\n".join(blocks), locations="\n".join(locations))
+        upstreams="\n".join(upstreams), locations="\n".join(locations))
 
 
 # --- the run ---------------------------------------------------------------------------------------
@@ -353,7 +306,7 @@ class Bench:
         self.duration = args.duration or (1.0 if self.smoke else 5.0)
         self.rounds = args.rounds or (1 if self.smoke else 3)
         self.latency_rounds = args.latency_rounds or (1 if self.smoke else 5)
-        self.scenario_seconds = args.scenario_seconds or (1.0 if self.smoke else 12.0)
+        self.scenario_seconds = args.scenario_seconds or (1.0 if self.smoke else 15.0)
         self.rate = args.rate
         self.notes: list[str] = []
         self.work = Path(tempfile.mkdtemp(prefix="rp-bench-"))
@@ -450,7 +403,7 @@ class Bench:
     # --- set-up ---
 
     def start_all(self) -> None:
-        proxies = ["ours"] + (["nginx"] if self.nginx else [])
+        proxies = ["defaults"] + (["nginx"] if self.nginx else [])
         listeners = ["speed_a", "speed_b"]
         for who in proxies:
             for scenario in SCENARIOS:
@@ -481,34 +434,21 @@ class Bench:
                 SPEED_DEFAULTS))
         else:
             self.notes.append(f"no Redis answers at {self.redis_url}: the Redis-backed HIT case is skipped")
-
-        services = {}
-        for scenario in SCENARIOS:
-            if scenario.redis:
-                continue
-            primary = self.port(f"ours_{scenario.short}_p") if scenario.primary != "refuse" else self.port("refused_ours")
-            services[scenario.short] = scenario_service(scenario, primary, self.port(f"ours_{scenario.short}_s"))
-        self.launch_proxy("ours_faults", proxy_config(services, {"backend": "memory"}, FAULT_DEFAULTS))
+        services = {scenario.short: fault_bench.defaults_service(scenario, *self.fault_ports("defaults", scenario))
+                    for scenario in SCENARIOS if not scenario.redis}
+        self.launch_proxy("defaults", proxy_config(services))  # the route table most users write: nothing else
         wait_http(f"http://127.0.0.1:{self.port('hello')}/", hello)
         wait_http(f"http://127.0.0.1:{self.port('minimal')}{PASS_PATH}", minimal)
-        for name in ("ours_memory", "ours_redis", "ours_faults"):
+        for name in ("ours_memory", "ours_redis", "defaults"):
             if name in self.proc:
                 self.wait_ready(name)
 
         if self.nginx:
             tmp = self.work / "nginx"
             tmp.mkdir()
-            upstreams = {}
-            cached = {}
-            for scenario in SCENARIOS:
-                if scenario.redis:
-                    continue
-                primary = self.port(f"nginx_{scenario.short}_p") if scenario.primary != "refuse" \
-                    else self.port("refused_nginx")
-                upstreams[scenario.short] = (primary, self.port(f"nginx_{scenario.short}_s"))
-                cached[scenario.short] = scenario.cached
+            servers = {scenario.short: self.fault_ports("nginx", scenario) for scenario in SCENARIOS if not scenario.redis}
             conf = tmp / "nginx.conf"
-            conf.write_text(nginx_config(tmp, self.port("nginx"), (a, b), upstreams, cached))
+            conf.write_text(nginx_config(tmp, self.port("nginx"), (a, b), servers))
             process = self.procs.start("nginx", [self.nginx, "-p", str(tmp), "-c", str(conf)], cpu=self.subject_cpu)
             self.proc["nginx"] = process
             try:
@@ -516,6 +456,11 @@ class Bench:
             except RuntimeError as exc:
                 error_log = (tmp / "error.log").read_text() if (tmp / "error.log").exists() else ""
                 raise RuntimeError(f"nginx did not start: {exc}\n{self.procs.log_tail('nginx')}\n{error_log}") from None
+
+    def fault_ports(self, who: str, scenario: Scenario) -> tuple[int, int]:
+        """The primary's and secondary's ports of one proxy's fakes (a refusing primary: a port nobody listens on)."""
+        primary = self.port(f"refused_{who}") if scenario.primary == "refuse" else self.port(f"{who}_{scenario.short}_p")
+        return primary, self.port(f"{who}_{scenario.short}_s")
 
     def urls(self) -> dict[str, str]:
         ours = f"http://127.0.0.1:{self.port('ours_memory')}"
@@ -610,20 +555,53 @@ class Bench:
     # --- resilience ---
 
     def run_faults(self) -> None:
-        results: dict[str, dict[str, Any]] = {"ours": {}, "nginx": {}}
+        results: dict[str, dict[str, Any]] = {who: {} for who in PROXIES}
+        probes: dict[str, Any] = {}
         for scenario in SCENARIOS:
-            results["ours"][scenario.name] = self.fault_run("ours", scenario)
-            print(f"bench: fault {scenario.name} ours: {brief(results['ours'][scenario.name])}", flush=True)
-            if scenario.redis:
-                results["nginx"][scenario.name] = {"skipped": "nginx has no Redis cache to lose"}
-            elif self.nginx:
-                results["nginx"][scenario.name] = self.fault_run("nginx", scenario)
-                print(f"bench: fault {scenario.name} nginx: {brief(results['nginx'][scenario.name])}", flush=True)
-            else:
-                results["nginx"][scenario.name] = {"skipped": "nginx is not installed"}
+            for who in PROXIES:
+                if who == "nginx" and scenario.redis:
+                    results[who][scenario.name] = {"skipped": "nginx has no Redis cache to lose"}
+                elif who == "nginx" and not self.nginx:
+                    results[who][scenario.name] = {"skipped": "nginx is not installed"}
+                else:
+                    results[who][scenario.name] = self.fault_run(who, scenario, probes)
+                item = results[who][scenario.name]
+                print(f"bench: fault {scenario.name} {who}: " + (f"skipped: {item['skipped']}" if "skipped" in item else
+                      f"2xx {item['share_2xx'] * 100:.1f}%, p99 {item['p99_ms']:.1f} ms, > 0.5 s {item['slow']}, "
+                      f"primary calls {item['primary_calls']}, RA violations {item['violations']}"), flush=True)
+        results["comparison"] = fault_bench.compare(results)  # type: ignore[assignment]
+        results["probe_all_down_cold"] = probes  # type: ignore[assignment]
         self.results["faults"] = results
 
-    def fault_run(self, who: str, scenario: Scenario) -> dict[str, Any]:
+    def counts(self, who: str, scenario: Scenario) -> dict[str, int]:
+        """What the fault's providers counted so far (a refusing primary: the connection attempts made to it)."""
+        primary, secondary = self.fault_ports(who, scenario)
+        out = {"secondary_calls": self.calls(secondary)}
+        if scenario.primary == "refuse":
+            if who == "nginx":
+                out["primary_calls"] = fault_bench.nginx_refusals(self.work / "nginx" / "error.log", primary)
+            else:
+                out["primary_calls"] = int(self.metric(who, "external_requests_total", service=scenario.short,
+                                                       provider=f"{scenario.short}_primary", outcome="connect_error"))
+            out["violations"] = 0
+        else:
+            _, _, body = http("GET", f"http://127.0.0.1:{primary}/__bench/calls")
+            data = json.loads(body)
+            out["primary_calls"], out["violations"] = int(data["calls"]), int(data["violations"])
+        return out
+
+    def metric(self, proxy: str, name: str, **labels: str) -> float:
+        """One sample from our proxy `proxy`'s metrics port (0 when it is not exported)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        _, _, body = http("GET", f"http://127.0.0.1:{self.port(proxy + '_metrics')}/metrics")
+        for family in text_string_to_metric_families(body.decode()):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return sample.value
+        return 0.0
+
+    def fault_run(self, who: str, scenario: Scenario, probes: dict[str, Any]) -> dict[str, Any]:
         redis_process = None
         if scenario.redis:
             if not self.redis_server:
@@ -637,15 +615,13 @@ class Bench:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the throwaway redis-server did not start")
                 time.sleep(0.05)
-            services = {scenario.short: scenario_service(scenario, self.port(f"ours_{scenario.short}_p"),
-                                                         self.port(f"ours_{scenario.short}_s"))}
-            base = self.start_proxy("ours_redis_faults", proxy_config(
-                services, {"backend": "redis", "url": f"redis://127.0.0.1:{redis_port}/0", "prefix": "rp-bench:",
-                           "op_timeout": "50ms"}, FAULT_DEFAULTS))
+            services = {scenario.short: fault_bench.defaults_service(scenario, *self.fault_ports(who, scenario))}
+            base = self.start_proxy("redis_faults", proxy_config(
+                services, {"backend": "redis", "url": f"redis://127.0.0.1:{redis_port}/0", "prefix": "rp-bench:"}))
         else:
-            base = f"http://127.0.0.1:{self.port('ours_faults' if who == 'ours' else 'nginx')}"
-        fakes = [self.port(f"{who}_{scenario.short}_{end}") for end in ("p", "s")
-                 if not (end == "p" and scenario.primary == "refuse")]
+            base = f"http://127.0.0.1:{self.port(who)}"
+        primary, secondary = self.fault_ports(who, scenario)
+        fakes = [secondary] if scenario.primary == "refuse" else [primary, secondary]
         paths = [f"/{scenario.short}/item/{k}" for k in range(KEYS)]
         try:
             for port in fakes:
@@ -653,11 +629,12 @@ class Bench:
             if scenario.warm:
                 for path in paths:
                     http("GET", base + path)
-                time.sleep(1.3)  # past the 1 s TTL: what is cached is now stale
+                if scenario.stale:
+                    time.sleep(fault_bench.TTL + 0.3)  # past the ttl: what is cached is now stale
             if scenario.primary != "refuse":
-                self.mode(fakes[0], scenario.primary)
-            self.mode(fakes[-1], scenario.secondary)
-            before = sum(self.calls(port) for port in fakes)
+                self.mode(primary, scenario.primary)
+            self.mode(secondary, scenario.secondary)
+            before = self.counts(who, scenario)
             command = self.procs.cpu(self.load_cpu) + [
                 PYTHON, "-m", "bench.loadgen", "open", "--base", base, "--rate", str(self.rate),
                 "-d", str(self.scenario_seconds), "--timeout", "10"] + [arg for p in paths for arg in ("--path", p)]
@@ -676,26 +653,31 @@ class Bench:
                     generator.wait(5)
             if generator.returncode != 0:
                 raise RuntimeError(f"open-loop generator failed: {err.decode(errors='replace')}")
-            calls = sum(self.calls(port) for port in fakes) - before
+            after = self.counts(who, scenario)
+            if not scenario.can_answer:
+                status, headers, body = http("GET", base + paths[0])
+                probes[who] = fault_bench.probe_503(headers, status, body)
         finally:
             for port in fakes:
                 with contextlib.suppress(OSError):
                     self.mode(port, "ok")
             if scenario.redis:
-                if "ours_redis_faults" in self.proc:
-                    self.procs.stop(self.proc.pop("ours_redis_faults"))
+                if "redis_faults" in self.proc:
+                    self.procs.stop(self.proc.pop("redis_faults"))
                 if redis_process is not None:
                     self.procs.stop(redis_process)
         data = json.loads(out)
-        return scenario_summary(data["records"], calls, self.scenario_seconds, stopped_at)
+        counts = {key: after[key] - before.get(key, 0) for key in after}
+        return fault_bench.summary(data["records"], counts, self.scenario_seconds, stopped_at)
 
     # --- whole run ---
 
     def run(self) -> dict[str, Any]:
         started = time.time()
         self.start_all()
-        self.run_speed()
-        self.run_rss()
+        if not self.args.faults_only:
+            self.run_speed()
+            self.run_rss()
         self.run_faults()
         return self.report(started)
 
@@ -734,7 +716,7 @@ class Bench:
                                                     else "skipped (not installed)"),
         }
         r["scenarios"] = {s.name: s.what for s in SCENARIOS}
-        r["ratios"] = ratios(r)
+        r["ratios"] = ratios(r) if "throughput" in r else {}
         r["targets"] = targets(r)
         return r
 
@@ -796,33 +778,6 @@ def ratios(r: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def scenario_summary(records: list[list[float]], calls: int, seconds: float,
-                     stopped_at: float | None) -> dict[str, Any]:
-    sent = len(records)
-    latencies = [rec[2] for rec in records]
-    late = [rec[2] for rec in records if rec[0] >= seconds / 2]
-    statuses: dict[str, int] = {}
-    for rec in records:
-        statuses[str(int(rec[1]))] = statuses.get(str(int(rec[1])), 0) + 1
-    ok = sum(1 for rec in records if 200 <= rec[1] < 300)
-    summary = {"sent": sent, "share_2xx": ok / sent if sent else 0.0, "statuses": statuses,
-               "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
-               "p99_second_half_ms": percentile(late, 99), "upstream_calls": calls,
-               "amplification": calls / sent if sent else 0.0}
-    if stopped_at is not None:
-        after = [rec for rec in records if rec[0] >= stopped_at]
-        summary["redis_stopped_at_s"] = stopped_at
-        summary["share_2xx_after_stop"] = (sum(1 for rec in after if 200 <= rec[1] < 300) / len(after)) if after else 0.0
-    return summary
-
-
-def brief(summary: dict[str, Any]) -> str:
-    if "skipped" in summary:
-        return "skipped: " + summary["skipped"]
-    return (f"2xx {summary['share_2xx'] * 100:.1f}%, p50 {summary['p50_ms']:.1f} ms, p99 {summary['p99_ms']:.1f} ms, "
-            f"amplification {summary['amplification']:.2f}")
-
-
 def _met(value: float | None, limit: float, higher_is_better: bool) -> bool | None:
     if value is None:
         return None
@@ -830,8 +785,8 @@ def _met(value: float | None, limit: float, higher_is_better: bool) -> bool | No
 
 
 def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
-    ra, rss = r["ratios"], r["rss"]
-    rows = [
+    ra, rss = r["ratios"], r.get("rss", {})
+    rows = [] if not ra else [
         ("memory-cache HIT vs the Python ceiling", ">= 0.80x", ra["memory_hit_vs_ceiling"].get("median"), 0.80, True, "x"),
         ("Redis-backed HIT vs the Python ceiling", ">= 0.70x", ra["redis_hit_vs_ceiling"].get("median"), 0.70, True, "x"),
         ("pass-through vs the minimal aiohttp proxy", ">= 1.0x", ra["pass_vs_minimal"].get("median"), 1.0, True, "x"),
@@ -841,24 +796,13 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     ]
     out = [{"target": name, "goal": goal, "value": value, "unit": unit, "met": _met(value, limit, higher)}
            for name, goal, value, limit, higher, unit in rows]
-    faults = r["faults"]["ours"]
-    healthy_p99 = faults.get("healthy", {}).get("p99_ms")
-    for scenario in SCENARIOS:
-        result = faults.get(scenario.name, {})
-        if "skipped" in result:
+    for row in r["faults"]["comparison"]:
+        if "skipped" in row:
             continue
-        if scenario.can_answer and scenario.name != "healthy":
-            out.append({"target": f"{scenario.name}: 2xx where a provider or stale copy can answer", "goal": "100%",
-                        "value": result["share_2xx"] * 100, "unit": "%", "met": result["share_2xx"] >= 1.0})
-        if scenario.outage:
-            out.append({"target": f"{scenario.name}: amplification under a sustained outage", "goal": "<= 1.2",
-                        "value": result["amplification"], "unit": "calls/request",
-                        "met": result["amplification"] <= 1.2})
-            if healthy_p99:
-                value = result["p99_second_half_ms"]
-                out.append({"target": f"{scenario.name}: p99 once the breaker is open (second half) vs healthy p99",
-                            "goal": "<= 2x", "value": value / healthy_p99 if value is not None else None, "unit": "x",
-                            "met": value is not None and value <= 2 * healthy_p99})
+        goal = "every column at least as good as nginx" + (", 0 requests > 0.5 s" if "hang_target" in row else "")
+        behind = row["behind"]
+        out.append({"target": f"{row['scenario']}: defaults against nginx", "goal": goal, "value": len(behind),
+                    "unit": "columns behind" + (f" ({', '.join(behind)})" if behind else ""), "met": row["met"]})
     return out
 
 
@@ -879,8 +823,7 @@ def _range(item: dict[str, Any], digits: int = 2, unit: str = "") -> str:
 
 
 def markdown(r: dict[str, Any]) -> str:
-    meta, ra, t, lat, rss = r["meta"], r["ratios"], r["throughput"], r["latency"], r["rss"]
-    m = meta["machine"]
+    meta, m = r["meta"], r["meta"]["machine"]
     lines = [
         "# Benchmark results",
         "",
@@ -896,7 +839,29 @@ def markdown(r: dict[str, Any]) -> str:
         + (f"proxies pinned to CPU {meta['pinning']['proxies']}, load generator and fake providers to CPU "
            f"{meta['pinning']['load_and_fakes']}." if meta["pinning"] else "no core pinning."),
         "Figures are medians over the rounds, (min–max) in brackets; a ratio is taken per round, then the median.",
+        ""]
+    if "throughput" in r:
+        lines += _speed_headline(r)
+    lines += [
+        "## Targets",
         "",
+        "| target | goal | measured | met |",
+        "|---|---|---|---|",
+    ]
+    for row in r["targets"]:
+        met = "n/a" if row["met"] is None else ("met" if row["met"] else "**not met**")
+        lines.append(f"| {row['target']} | {row['goal']} | {_num(row['value'])} {row['unit']} | {met} |")
+    if "throughput" in r:
+        lines += _speed_tables(r)
+    lines += [""] + fault_bench.markdown(r["faults"], meta)
+    lines += ["", "## Notes", ""] + [f"- {note}" for note in meta["notes"] or ["none"]]
+    lines += _commands(meta)
+    return "\n".join(lines)
+
+
+def _speed_headline(r: dict[str, Any]) -> list[str]:
+    ra, t, rss = r["ratios"], r["throughput"], r["rss"]
+    return [
         "## Headline",
         "",
         "| figure | ours | ratio | vs nginx |",
@@ -915,15 +880,12 @@ def markdown(r: dict[str, Any]) -> str:
         f"| RSS holding 1,000 connections | {_num(rss.get('ours_1000_mib'), 1)} MiB | | "
         f"nginx {_num(rss.get('nginx_1000_mib'), 1)} MiB; {_range(ra['rss_1000_vs_nginx'], 1)}× |",
         "",
-        "## Targets (issue 7)",
-        "",
-        "| target | goal | measured | met |",
-        "|---|---|---|---|",
     ]
-    for row in r["targets"]:
-        met = "n/a" if row["met"] is None else ("met" if row["met"] else "**not met**")
-        lines.append(f"| {row['target']} | {row['goal']} | {_num(row['value'])} {row['unit']} | {met} |")
-    lines += ["", "## Throughput (c=50, req/s)", "", "| case | what | req/s | p50 ms | p99 ms | non-2xx |",
+
+
+def _speed_tables(r: dict[str, Any]) -> list[str]:
+    t, lat = r["throughput"], r["latency"]
+    lines = ["", "## Throughput (c=50, req/s)", "", "| case | what | req/s | p50 ms | p99 ms | non-2xx |",
               "|---|---|---|---|---|---|"]
     what = {"ceiling": "bare aiohttp server, fixed body (bench/servers.py hello)",
             "ours_memory_hit": "our proxy, memory cache, HIT", "ours_redis_hit": "our proxy, cache.backend redis, HIT",
@@ -944,33 +906,13 @@ def markdown(r: dict[str, Any]) -> str:
         item = lat[case]
         lines.append(f"| {case} | {_range(item)} | {_num(item.get('p99_ms'))} |" if "skipped" not in item
                      else f"| {case} | skipped | |")
-    lines += ["", "## Resilience under faults", "",
-              f"Open loop at {meta['fault_rate']:g} req/s for {meta['fault_seconds']:g} s per scenario, "
-              f"{KEYS} distinct paths; latency from the planned send time; client timeout 10 s. Amplification = calls "
-              "the fake providers counted / client requests (connections refused by a closed port are not counted). "
-              "Our proxy: timeout 1s, deadline 5s, breaker STANDARD, retry DEFAULT, primary then secondary. "
-              "nginx: the same two servers with `backup`, max_fails=3 fail_timeout=10s, proxy_next_upstream on "
-              "error/timeout/5xx/429, timeouts 1s, proxy_cache_use_stale error timeout updating http_5xx, "
-              "proxy_cache_lock on.", "",
-              "| scenario | proxy | 2xx | p50 ms | p99 ms | p99 2nd half ms | amplification | statuses |",
-              "|---|---|---|---|---|---|---|---|"]
-    for scenario in SCENARIOS:
-        for who in ("ours", "nginx"):
-            item = r["faults"][who].get(scenario.name, {"skipped": "not run"})
-            if "skipped" in item:
-                lines.append(f"| {scenario.name} | {who} | skipped: {item['skipped']} | | | | | |")
-                continue
-            share = f"{item['share_2xx'] * 100:.1f}%"
-            if "share_2xx_after_stop" in item:
-                share += f" ({item['share_2xx_after_stop'] * 100:.1f}% after the stop)"
-            lines.append(f"| {scenario.name} | {who} | {share} | {_num(item['p50_ms'])} | {_num(item['p99_ms'])} | "
-                         f"{_num(item['p99_second_half_ms'])} | {_num(item['amplification'])} | "
-                         f"{', '.join(f'{k}: {v}' for k, v in sorted(item['statuses'].items()))} |")
-    lines += ["", "Scenarios:", ""] + [f"- `{name}`: {text}" for name, text in r["scenarios"].items()]
-    lines += ["", "## Notes", ""] + [f"- {note}" for note in meta["notes"] or ["none"]]
-    lines += ["", "## Commands", "", "The harness ran (ports picked free at run time; paths relative to the repo). "
+    return lines
+
+
+def _commands(meta: dict[str, Any]) -> list[str]:
+    return ["", "## Commands", "", "The harness ran (ports picked free at run time; paths relative to the repo). "
               "The route tables and nginx.conf are generated by `bench/harness.py` (`speed_services`, "
-              "`scenario_service`, `nginx_config` from `bench/nginx.conf.tmpl`); `python -m bench --keep-logs` keeps "
+              "`nginx_config` from `bench/nginx.conf.tmpl`) and `bench/faults.py` (`defaults_service`, `nginx_parts`); `python -m bench --keep-logs` keeps "
               "them with every process's log in the temp dir it prints.",
               "", "```"] + meta["commands"] + [
               ("taskset -c 0 " if meta["pinning"] else "") + f"wrk -t1 -c50 -d{meta['seconds_per_run']:g}s --latency --timeout 10s <url>   (c=10 for latency)"
@@ -978,7 +920,6 @@ def markdown(r: dict[str, Any]) -> str:
               f"python -m bench.loadgen closed --url <url> -c 50 -d {meta['seconds_per_run']:g}",
               ("taskset -c 0 " if meta["pinning"] else "") + f"python -m bench.loadgen open --base <proxy> --rate {meta['fault_rate']:g} -d {meta['fault_seconds']:g} "
               "--timeout 10 --path ...", "```", ""]
-    return "\n".join(lines)
 
 
 # --- entry point ------------------------------------------------------------------------------------
@@ -1003,11 +944,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=_positive(int), help="interleaved rounds per speed case (default 3; smoke 1)")
     parser.add_argument("--latency-rounds", type=_positive(int), help="rounds per latency case (default 5; smoke 1)")
     parser.add_argument("--scenario-seconds", type=_positive(float),
-                        help="seconds per fault scenario (default 12; smoke 1)")
+                        help="seconds per fault scenario (default 15; smoke 1)")
     parser.add_argument("--rate", type=_positive(float), default=200.0,
                         help="open-loop request rate for faults (default 200)")
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--skip-nginx", action="store_true", help="leave nginx out")
+    parser.add_argument("--faults-only", action="store_true", help="only the resilience scenarios (no speed, no RSS)")
     parser.add_argument("--no-install", action="store_true", help="never apt-get install wrk/nginx")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir with configs and process logs")

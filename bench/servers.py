@@ -8,6 +8,10 @@ A fake provider answers the same JSON body as `hello`; a path ending in `/slow` 
 timed by a `PreciseTimer` (see there why not by asyncio.sleep).
 Its control endpoints (never counted as calls) sit on the same port:
     POST /__bench/mode/<ok|hang|fail30|429|down>    GET /__bench/calls
+
+In mode `429` the provider rate-limits like a vendor whose quota is spent: a call outside a window
+answers 429 with `Retry-After: 5` and opens a 5 s window; a call inside it is a *violation*
+(counted) and answers 429 with the seconds that are left.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import asyncio
 import ctypes
 import heapq
 import itertools
+import math
 import os
 import sys
 import time
@@ -28,6 +33,7 @@ BODY = orjson.dumps({"result": "success", "base_code": "USD", "time_last_update_
                      "rates": {"USD": 1, "EUR": 0.9512, "GBP": 0.7963, "JPY": 154.21, "KRW": 1398.77,
                                "CNY": 7.2441, "AUD": 1.5402, "CAD": 1.4011, "CHF": 0.8837, "SGD": 1.3444}})
 SLOW_DELAY = 0.020
+RETRY_AFTER = 5  # seconds a 429 asks for
 HANG_FOR = 20.0  # bounded: a hung request is answered eventually, long after every proxy gave up
 MODES = ("ok", "hang", "fail30", "429", "down")
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -162,6 +168,8 @@ class FakeProvider:
         self.name = name
         self.mode = "ok"
         self.calls = 0
+        self.violations = 0            # calls inside a Retry-After window this provider gave
+        self._window_until = 0.0       # monotonic end of the current Retry-After window
         self._timer = timer
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -177,20 +185,29 @@ class FakeProvider:
         elif mode == "down" or (mode == "fail30" and self.calls % 10 in (1, 4, 7)):
             return web.Response(status=503, body=b'{"error": "provider unavailable"}', content_type="application/json")
         elif mode == "429":
+            now = time.monotonic()
+            if now < self._window_until:
+                self.violations += 1
+                left = max(1, math.ceil(self._window_until - now))
+            else:
+                self._window_until = now + RETRY_AFTER
+                left = RETRY_AFTER
             return web.Response(status=429, body=b'{"error": "quota exceeded"}', content_type="application/json",
-                                headers={"Retry-After": "2"})
+                                headers={"Retry-After": str(left)})
         if path.endswith("/slow"):
             await self._timer.sleep(SLOW_DELAY)
         return web.Response(body=BODY, content_type="application/json")
 
     def _control(self, request: web.BaseRequest, path: str) -> web.Response:
         if path == "/__bench/calls":
-            return web.json_response({"name": self.name, "calls": self.calls, "mode": self.mode})
+            return web.json_response({"name": self.name, "calls": self.calls, "violations": self.violations,
+                                      "mode": self.mode})
         if path.startswith("/__bench/mode/") and request.method == "POST":
             mode = path.rsplit("/", 1)[1]
             if mode not in MODES:
                 return web.json_response({"error": f"unknown mode {mode}"}, status=400)
             self.mode = mode
+            self._window_until = 0.0
             return web.json_response({"name": self.name, "mode": mode})
         return web.json_response({"error": "unknown control"}, status=404)
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.harness import LATENCY_CASES, SCENARIO_NAMES, THROUGHPUT_CASES, markdown
+from bench.faults import COLUMNS, PROXIES, SCENARIO_NAMES, verdict
+from bench.harness import LATENCY_CASES, THROUGHPUT_CASES, markdown
 from bench.loadgen import parse_wrk, percentile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,21 +118,29 @@ def test_smoke_runs_every_fault_scenario_against_counting_fakes(smoke):
     out, _ = smoke
     faults = json.loads((out / "results.json").read_text())["faults"]
     for name in SCENARIO_NAMES:
-        for who in ("ours", "nginx"):
+        for who in PROXIES:
             item = faults[who][name]
             if "skipped" in item:
                 assert who == "nginx" or name == "redis_stopped", (who, name, item)
                 continue
             assert item["sent"] > 0
-            for key in ("share_2xx", "p50_ms", "p99_ms", "amplification"):
+            for key in ("share_2xx", "p50_ms", "p99_ms", "max_ms", "amplification"):
                 assert _number(item[key]), (who, name, key, item)
+            for key in ("slow", "primary_calls", "violations"):
+                assert isinstance(item[key], int) and item[key] >= 0, (who, name, key, item)
             assert 0.0 <= item["share_2xx"] <= 1.0
-    healthy = faults["ours"]["healthy"]
+    healthy = faults["defaults"]["healthy"]
     # Healthy providers, no cache: one upstream call per client request, every answer a 2xx.
     assert healthy["share_2xx"] == 1.0 and healthy["upstream_calls"] == healthy["sent"]
+    assert healthy["primary_calls"] == healthy["sent"] and healthy["violations"] == 0
     # Both providers down and nothing cached: nothing can answer, so the faults really were on.
-    assert faults["ours"]["all_down_cold_cache"]["share_2xx"] == 0.0
-    assert "200" not in faults["ours"]["all_down_cold_cache"]["statuses"]
+    cold = faults["defaults"]["all_down_cold_cache"]
+    assert cold["share_2xx"] == 0.0 and "200" not in cold["statuses"]
+    probe = faults["probe_all_down_cold"]["defaults"]
+    assert probe["status"] == 503 and probe["json"] and probe["retry_after"].isdigit()
+    # A refusing primary is counted from our attempt metrics: at least one connection was tried.
+    assert faults["defaults"]["primary_refuses"]["primary_calls"] >= 1
+    assert faults["defaults"]["primary_429"]["primary_calls"] >= 1  # the rate-limiting fake was asked
 
 
 def test_smoke_report_names_every_case_and_scenario(smoke):
@@ -141,4 +150,16 @@ def test_smoke_report_names_every_case_and_scenario(smoke):
     assert text == markdown(results)  # the report is rendered from the JSON alone
     for name in THROUGHPUT_CASES + SCENARIO_NAMES:
         assert f"| {name} |" in text, name
+    assert "### Side by side (defaults against nginx, per column)" in text
     assert "## Targets" in text and "## Commands" in text and "python -m proxy run" in text
+
+
+@pytest.mark.parametrize(("column", "ours", "nginx", "expected"), [
+    ("share_2xx", 1.0, 0.99, "ahead"), ("share_2xx", 0.99, 1.0, "behind"),
+    ("p99_ms", 3.4, 3.0, "level"), ("p99_ms", 12.0, 3.0, "behind"), ("p99_ms", 2.0, 9.0, "ahead"),
+    ("slow", 0, 20, "ahead"), ("slow", 1, 0, "behind"), ("primary_calls", 3, 3, "level"),
+    ("violations", 2, 0, "behind"), ("amplification", 1.005, 1.0, "level"), ("p50_ms", None, 1.0, "n/a"),
+])
+def test_columns_are_compared_with_their_direction_and_tolerance(column, ours, nginx, expected):
+    assert column in COLUMNS
+    assert verdict(column, ours, nginx) == expected
