@@ -231,6 +231,8 @@ class EventsSettings:
     client_queue: int = 1000         # events waiting for one client; past it the client is told and closed
     max_frame: int = 64 * 1024       # largest frame a client may send
     max_topics: int = 1000           # topics watched at once (each is an upstream call per interval)
+    max_topics_per_connection: int = 100  # topics one WebSocket connection may hold
+    max_topics_per_peer: int = 250   # distinct topics one client address may hold across its connections
 
 
 @dataclass(frozen=True, slots=True)
@@ -677,14 +679,18 @@ def _events(check: _Checker, value: Any, line: int) -> EventsSettings:
     defaults = EventsSettings()
     if data is None:
         return defaults
-    check.known_keys(data, {"stream", "maxlen", "ack_timeout", "client_queue", "max_frame", "max_topics"}, "events")
+    check.known_keys(data, {"stream", "maxlen", "ack_timeout", "client_queue", "max_frame", "max_topics",
+                            "max_topics_per_connection", "max_topics_per_peer"}, "events")
     return EventsSettings(
         stream=check.get(data, "stream", "events", _string, defaults.stream),
         maxlen=check.get(data, "maxlen", "events", _positive_int, defaults.maxlen),
         ack_timeout=check.get(data, "ack_timeout", "events", parse_duration, defaults.ack_timeout),
         client_queue=check.get(data, "client_queue", "events", _positive_int, defaults.client_queue),
         max_frame=check.get(data, "max_frame", "events", parse_size, defaults.max_frame),
-        max_topics=check.get(data, "max_topics", "events", _positive_int, defaults.max_topics))
+        max_topics=check.get(data, "max_topics", "events", _positive_int, defaults.max_topics),
+        max_topics_per_connection=check.get(data, "max_topics_per_connection", "events", _positive_int,
+                                            defaults.max_topics_per_connection),
+        max_topics_per_peer=check.get(data, "max_topics_per_peer", "events", _positive_int, defaults.max_topics_per_peer))
 
 
 def _watch(check: _Checker, value: Any, where: str, line: int, names: set[str]) -> Watch | None:
