@@ -120,8 +120,8 @@ class ProxyProcess:
         self.events.start()
         settings = self.runtime.config.server
         # Connections start on the lean front end (plain GETs); aiohttp's server takes every other one.
-        main = web.ServerRunner(web.Server(self.handle, auto_decompress=False, **_PARSER_LIMITS),
-                                shutdown_timeout=settings.drain_timeout, access_log=None)
+        main = web.ServerRunner(web.Server(self.handle, auto_decompress=False, access_log=None, **_PARSER_LIMITS),
+                                shutdown_timeout=settings.drain_timeout)
         await main.setup()
         assert main.server is not None
         self._front = LeanFront(main.server, self.handle_rest, self.answer_from_cache, **_PARSER_LIMITS)
@@ -132,7 +132,7 @@ class ProxyProcess:
         self.addresses["main"] = self._listener.sockets[0].getsockname()[:2]
         target = settings.metrics_listen if metrics_listen is True else metrics_listen
         if target:
-            metrics = web.ServerRunner(web.Server(self.handle_metrics), access_log=None)
+            metrics = web.ServerRunner(web.Server(self.handle_metrics, access_log=None))
             await metrics.setup()
             await web.TCPSite(metrics, target[0], target[1]).start()
             self._runners.append(metrics)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
 
 from proxy.config import load_config
@@ -283,3 +284,27 @@ async def test_counts_of_a_request_finishing_while_the_table_closes_are_not_lost
     monkeypatch.setattr(process.runtime, "close", close_while_background_work_finishes_a_request)
     await process.stop()
     assert [e.request_id for e in seen if isinstance(e, events.RequestFinished)] == ["late-1"]
+
+
+async def test_a_malformed_request_is_one_json_line_without_the_callers_bytes(session, tmp_path):
+    config = tmp_path / "routes.yaml"
+    config.write_text(route_table({"fx": {"upstreams": [{"name": "p", "url": "http://127.0.0.1:1"}]}}))
+    served = await Served(config).start(session)
+    try:
+        for request in (b"GET /fx/a HTTP/1.1\r\nHost: p\r\nAuthorization: Bearer se\x01cret-7f3a\r\n\r\n",
+                        b"GET /fx/a?api_key=se\x7fcret-7f3a HTTP/1.1\r\nHost: p\r\n\r\n",
+                        b"POST /fx/a HTTP/1.1\r\nHost: p\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+            writer.write(request)
+            assert (await reader.read(65536)).split(b"\r\n", 1)[0].endswith(b" 400 Bad Request")
+            writer.close()
+    finally:
+        assert await served.stop() == 0
+    output = (await served.process.stdout.read() + await served.process.stderr.read()).decode()
+    assert "cret-7f3a" not in output and "Traceback" not in output
+    lines = [orjson.loads(line) for line in output.splitlines()]  # every line is JSON
+    bad = [line for line in lines if line.get("kind") == "bad_request"]
+    assert len(bad) == 3
+    assert {(line["logger"], line["level"], line["status"]) for line in bad} == {("aiohttp.server", "warning", 400)}
+    assert bad[0]["event"] == "Error handling request from 127.0.0.1"
+    assert bad[0]["detail"] == "Invalid header value char"
