@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import resource
 import signal
 import sys
 import time
@@ -23,8 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 class Served:
     """`python -m proxy run` in a subprocess, on free loopback ports."""
 
-    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, env: dict[str, str] | None = None,
+                 fd_limit: tuple[int, int] | None = None) -> None:
         self.port = free_port()
+        self._fd_limit = fd_limit  # (soft, hard) RLIMIT_NOFILE the process starts with
         self.metrics_port = free_port()
         full_env = {**os.environ, "LOG_LEVEL": "warning", **(env or {})}
         self.process = asyncio.subprocess.Process  # set in start()
@@ -33,9 +37,10 @@ class Served:
         self._env = full_env
 
     async def start(self, session: aiohttp.ClientSession) -> "Served":
-        self.process = await asyncio.create_subprocess_exec(*self._args, env=self._env, cwd=ROOT,
-                                                            stdout=asyncio.subprocess.PIPE,
-                                                            stderr=asyncio.subprocess.PIPE)
+        limit = self._fd_limit
+        self.process = await asyncio.create_subprocess_exec(
+            *self._args, env=self._env, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, limit)) if limit else None)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
@@ -308,3 +313,26 @@ async def test_a_malformed_request_is_one_json_line_without_the_callers_bytes(se
     assert {(line["logger"], line["level"], line["status"]) for line in bad} == {("aiohttp.server", "warning", 400)}
     assert bad[0]["event"] == "Error handling request from 127.0.0.1"
     assert bad[0]["detail"] == "Invalid header value char"
+
+
+async def test_idle_connections_past_the_fd_limit_do_not_lock_callers_out(session, fake_upstream, tmp_path):
+    """1,100 idle connections against a 1,024 fd limit locked real callers out; here, 300 against 64."""
+    upstream = await fake_upstream()
+    config = tmp_path / "routes.yaml"
+    config.write_text(route_table({"fx": {"retry": "NONE", "upstreams": [{"name": "p", "url": upstream.url}]}}))
+    served = await Served(config, fd_limit=(64, 256)).start(session)
+    idle = []
+    try:
+        limits = Path(f"/proc/{served.process.pid}/limits").read_text()
+        assert re.search(r"Max open files\s+256\s+256", limits)  # the soft limit was raised to the hard one
+        for _ in range(300):
+            idle.append(await asyncio.open_connection("127.0.0.1", served.port))
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as caller:
+            async with caller.get(served.url + "/fx/a", timeout=aiohttp.ClientTimeout(total=5)) as response:
+                assert response.status == 200
+        closed = sum(1 for reader, _ in idle if reader.at_eof() or reader.exception() is not None)
+        assert closed > 0  # the oldest idle ones made room
+    finally:
+        for _, writer in idle:
+            writer.close()
+        assert await served.stop() == 0
