@@ -4,6 +4,7 @@ connection to aiohttp without losing a byte, and that its answers say what aioht
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -42,9 +43,15 @@ class Client:
         self.closed = False
 
     @classmethod
-    async def open(cls, proxy) -> "Client":
+    async def open(cls, proxy, receive_buffer: int | None = None) -> "Client":
         host, port = proxy.process.addresses["main"]
-        return cls(*await asyncio.open_connection(host, port))
+        if receive_buffer is None:
+            return cls(*await asyncio.open_connection(host, port))
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)  # before connect: no autotuning
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        return cls(*await asyncio.open_connection(sock=sock))
 
     def send(self, data: bytes) -> None:
         self._writer.write(data)
@@ -457,7 +464,7 @@ async def test_a_caller_that_does_not_read_holds_its_connection_not_the_proxy(pr
     proxy, upstream, front = proxied
     body = b"x" * 4_000_000  # buffered (under max_response_buffer), far past the socket buffers
     upstream.default = Ok(body=body, headers={"Content-Type": "application/octet-stream"})
-    slow = await Client.open(proxy)
+    slow = await Client.open(proxy, receive_buffer=64 * 1024)  # the kernel must not take the whole answer
     slow.send(GET % b"/fx/big")
     await asyncio.sleep(0.2)  # not reading: the answer waits in the proxy's write buffer
     (connection,) = [c for c in front.connections if c.answering is not None]
