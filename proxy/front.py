@@ -282,7 +282,13 @@ class LeanFront:
         protocol = request.protocol
         if isinstance(protocol, HandedOff):
             self.now_answering(protocol)
-        return await self._aiohttp_handler(request)
+        answer = await self._aiohttp_handler(request)
+        if (hdrs.UPGRADE in request.headers or request.method == "CONNECT") \
+                and not isinstance(answer, web.WebSocketResponse):
+            # aiohttp's parser drops what was sent after an upgrade it does not switch to (all but
+            # WebSocket): a request there would wait for an answer forever. The connection ends instead.
+            _close_after(answer)
+        return answer
 
     # --- timeouts ---
 
@@ -333,6 +339,15 @@ class LeanFront:
             # Those closing are sending what is left of their last answer; the rest is cut.
             if connection.transport is not None and not connection.transport.is_closing():
                 connection.abort()
+
+
+def _close_after(answer: Any) -> None:
+    """Make an answer end its connection (`Connection: close`, then aiohttp closes it)."""
+    if isinstance(answer, RawAnswer):
+        answer.data = answer.data.replace(b"\r\n", b"\r\nConnection: close\r\n", 1)  # after the status line
+        answer.keep_alive = False
+    elif isinstance(answer, web.StreamResponse):
+        answer.force_close()
 
 
 class HandedOff(RequestHandler):

@@ -230,6 +230,29 @@ async def test_a_connection_once_handed_off_stays_with_aiohttp(proxied):
     client.close()
 
 
+@pytest.mark.parametrize("upgrade", [b"h2c", b"websocket", b"TLS/1.2"])
+@pytest.mark.parametrize("cached", [False, True], ids=["chain", "cache-hit"])
+async def test_a_request_after_an_upgrade_the_proxy_declines_is_never_left_unanswered(
+        fake_upstream, proxy_factory, clock, upgrade, cached):
+    """aiohttp's parser drops what follows an upgrade it does not switch to: the answer closes the connection."""
+    upstream = await fake_upstream()
+    service = {"retry": "NONE", "upstreams": [{"name": "fx_primary", "url": upstream.url}]}
+    if cached:
+        service["cache"] = {"ttl": "1h"}
+    proxy = await proxy_factory(route_table({"fx": service}), clock=clock)
+    client = await Client.open(proxy)
+    if cached:  # the answer below is then the hit path's pre-rendered bytes
+        client.send(GET % b"/fx/a")
+        await client.answer()
+    client.send(b"GET /fx/a HTTP/1.1\r\nHost: p\r\nConnection: Upgrade\r\nUpgrade: %s\r\n\r\n" % upgrade
+                + GET % b"/fx/b")
+    first = await client.answer()
+    assert (first.status, first.header("X-Cache"), first.header("Connection")) == (
+        200, "HIT" if cached else "BYPASS", "close")
+    assert await client.sees_close(1.0)
+    assert upstream.calls == 1  # /fx/b never reached anyone: the caller knows, the connection closed
+
+
 @pytest.mark.parametrize("request_bytes", [
     b"THIS IS NOT HTTP\r\n\r\n",
     b"GET /fx/" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: p\r\n\r\n",
