@@ -187,8 +187,9 @@ class LeanFront:
     Every connection on the port, lean or handed to aiohttp, is bounded alike: the head of a
     request must arrive whole within `header_timeout` of its first byte (of the connection, for
     its first request), an idle keep-alive connection is closed after `keepalive_timeout`, and
-    past `max_connections` a new connection closes the one idle for longest (never one being
-    answered) or, when every one is being answered, is closed itself. So neither slow heads nor
+    past `max_connections` a new connection closes the one idle for longest (since its last
+    answer, or since its next request began; never one being answered) or, when every one is
+    being answered, is closed itself. So neither slow heads nor
     idle connections can use up the process's file descriptors and lock callers out.
     """
 
@@ -245,6 +246,13 @@ class LeanFront:
     def now_idle(self, connection: "LeanConnection | HandedOff", now: float) -> None:
         """Its answer is out (or it just connected): idle from `now`, the newest of the idle ones."""
         connection.idle_since = now
+        self.idle.pop(connection, None)
+        self.idle[connection] = None
+
+    def now_reading(self, connection: "LeanConnection | HandedOff", now: float) -> None:
+        """The first byte of its next request came: its head is due, and it is the newest idle one
+        (a keep-alive caller sending its next request is not the one to close for room)."""
+        connection.reading_since = now
         self.idle.pop(connection, None)
         self.idle[connection] = None
 
@@ -371,7 +379,7 @@ class HandedOff(RequestHandler):
         if self.idle_since is None:
             self._early = True
         elif self.reading_since is None:
-            self.reading_since = asyncio.get_running_loop().time()
+            self._front.now_reading(self, asyncio.get_running_loop().time())
         super().data_received(data)
 
     async def finish_response(self, request: web.BaseRequest, resp: web.StreamResponse,
@@ -439,7 +447,7 @@ class LeanConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.reading_since is None and self.answering is None:
-            self.reading_since = asyncio.get_running_loop().time()
+            self._front.now_reading(self, asyncio.get_running_loop().time())
         self._held += data
         if self.answering is not None:
             # Sent before its predecessor was answered: looked at once that answer is out.

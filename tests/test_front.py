@@ -596,6 +596,29 @@ async def test_past_the_cap_a_new_connection_closes_the_one_idle_longest(fake_up
     assert front_of(proxy).closed == {"header_timeout": 0, "shed": 2, "refused": 0}
 
 
+async def test_past_the_cap_a_caller_that_began_its_next_request_is_not_the_one_closed(
+        fake_upstream, proxy_factory, clock):
+    upstream = await fake_upstream()
+    proxy = await proxy_factory(one_upstream(upstream.url, max_connections=3), clock=clock)
+    lean, handed, other = [await Client.open(proxy) for _ in range(3)]
+    lean.send(GET % b"/fx/a")
+    await lean.answer()
+    handed.send(b"DELETE /fx/b HTTP/1.1\r\nHost: p\r\n\r\n")
+    await handed.answer()
+    other.send(GET % b"/fx/c")
+    await other.answer()
+    lean.send(b"GET /fx/d HTTP/1.1\r\n")  # idle longest, but its next request has begun
+    handed.send(b"GET /fx/e HTTP/1.1\r\n")
+    await asyncio.sleep(0.05)
+    newcomer = await Client.open(proxy)
+    assert await other.sees_close()
+    lean.send(b"Host: p\r\n\r\n")
+    handed.send(b"Host: p\r\n\r\n")
+    assert ((await lean.answer()).status, (await handed.answer()).status) == (200, 200)
+    for client in (lean, handed, newcomer):
+        client.close()
+
+
 async def test_past_the_cap_a_connection_being_answered_is_never_closed(fake_upstream, proxy_factory, clock):
     upstream = await fake_upstream()
     upstream.script(Delay(0.3, then=Ok(body=b"one")), Delay(0.3, then=Ok(body=b"two")), Delay(0.3))
