@@ -201,14 +201,12 @@ class LeanFront:
         self.max_line_size = max_line_size
         self.max_field_size = max_field_size
         self.max_headers = max_headers
-        self.header_timeout = header_timeout
-        self.keepalive_timeout = keepalive_timeout
-        self.max_connections = max_connections
         self._aiohttp_handler = aiohttp_handler
-        # aiohttp's own keep-alive timer then agrees with ours; its access log would repeat the request lines.
+        # aiohttp's access log would repeat the request lines.
         self._handler_options: dict[str, Any] = dict(
-            auto_decompress=False, access_log=None, keepalive_timeout=keepalive_timeout,
-            max_line_size=max_line_size, max_field_size=max_field_size, max_headers=max_headers)
+            auto_decompress=False, access_log=None, max_line_size=max_line_size, max_field_size=max_field_size,
+            max_headers=max_headers)
+        self.set_bounds(header_timeout, keepalive_timeout, max_connections)
         self.aiohttp = web.Server(self._aiohttp_request, **self._handler_options)
         self.connections: set[LeanConnection] = set()
         self.handed: set[HandedOff] = set()
@@ -218,11 +216,18 @@ class LeanFront:
         self.handed_off = 0     # connections given to aiohttp
         self.closed = {"header_timeout": 0, "shed": 0, "refused": 0}  # connections closed to protect the port
         self._reported = dict(self.closed)
-        self._sweep_every = min(header_timeout, keepalive_timeout) / 4
         self._sweep: asyncio.TimerHandle | None = None
 
     def __call__(self) -> "LeanConnection":
         return LeanConnection(self)
+
+    def set_bounds(self, header_timeout: float, keepalive_timeout: float, max_connections: int) -> None:
+        """At start and at a reload: what the sweep and the next connections go by."""
+        self.header_timeout = header_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.max_connections = max_connections
+        self._handler_options["keepalive_timeout"] = keepalive_timeout  # aiohttp's own idle timer agrees
+        self._sweep_every = min(header_timeout, keepalive_timeout) / 4
 
     # --- which connections are open, and which idle ---
 

@@ -18,7 +18,7 @@ from . import events
 from .app import Runtime
 from .background import cancel_and_wait
 from .clock import SYSTEM_CLOCK, Clock
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, ServerSettings, load_config
 from .eventing import EventsSystem
 from .front import LeanFront
 from .health import Health
@@ -121,14 +121,8 @@ class ProxyProcess:
         self.events.start()
         settings = self.runtime.config.server
         # Connections start on the lean front end (plain GETs); aiohttp's server takes every other one.
-        self._front = LeanFront(self.handle, self.handle_rest, self.answer_from_cache,
-                                header_timeout=settings.header_timeout, keepalive_timeout=settings.keepalive_timeout,
-                                max_connections=settings.max_connections or default_max_connections(),
+        self._front = LeanFront(self.handle, self.handle_rest, self.answer_from_cache, **_bounds(settings),
                                 **_PARSER_LIMITS)
-        if settings.max_connections is not None and settings.max_connections > connections_room():
-            log.warning("server.max_connections leaves too few file descriptors for upstream connections; "
-                        "past the fd limit, new callers wait instead of idle connections being closed",
-                        kind="connections", max_connections=settings.max_connections, fd_limit=_fd_limit())
         main = web.ServerRunner(self._front.aiohttp, shutdown_timeout=settings.drain_timeout)
         await main.setup()
         host, port = listen or settings.listen
@@ -193,6 +187,8 @@ class ProxyProcess:
             kept_budgets = {n: b for n, b in old.budgets.items() if n in kept_breakers}
             same_cache = config.cache == old.config.cache
             store = old.store if same_cache else None
+            if self._front is not None:
+                self._front.set_bounds(**_bounds(config.server))
             if config.server.listen != old.config.server.listen or \
                     config.server.metrics_listen != old.config.server.metrics_listen:
                 log.warning("server.listen / metrics_listen changes take effect at the next restart", kind="reload")
@@ -269,6 +265,16 @@ def connections_room() -> int:
 def default_max_connections() -> int:
     """`server.max_connections` when not set."""
     return min(_DEFAULT_MAX_CONNECTIONS, connections_room())
+
+
+def _bounds(settings: ServerSettings) -> dict[str, Any]:
+    """The lean front end's bounds from the server settings (see `LeanFront`)."""
+    if settings.max_connections is not None and settings.max_connections > connections_room():
+        log.warning("server.max_connections leaves too few file descriptors for upstream connections; "
+                    "past the fd limit, new callers wait instead of idle connections being closed",
+                    kind="connections", max_connections=settings.max_connections, fd_limit=_fd_limit())
+    return {"header_timeout": settings.header_timeout, "keepalive_timeout": settings.keepalive_timeout,
+            "max_connections": settings.max_connections or default_max_connections()}
 
 
 def raise_fd_limit() -> int:

@@ -336,3 +336,25 @@ async def test_idle_connections_past_the_fd_limit_do_not_lock_callers_out(sessio
         for _, writer in idle:
             writer.close()
         assert await served.stop() == 0
+
+
+async def test_a_reload_applies_new_connection_bounds_to_the_proxy_port(tmp_path, clock):
+    path = tmp_path / "routes.yaml"
+    services = {"fx": {"upstreams": [{"name": "p", "url": "http://127.0.0.1:1"}]}}
+    _write(path, services)
+    process, client, url = await _process(path, clock)
+    try:
+        path.write_text(route_table(services, server={"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0",
+                                                      "header_timeout": "2s", "keepalive_timeout": "20s",
+                                                      "max_connections": 50}))
+        assert await process.reload("test") == []
+        front = process._front
+        assert (front.header_timeout, front.keepalive_timeout, front.max_connections) == (2.0, 20.0, 50)
+        reader, writer = await asyncio.open_connection(*process.addresses["main"])
+        writer.write(b"DELETE /fx/a HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # a connection aiohttp takes
+        assert b" 502 " in await reader.readuntil(b"\r\n")
+        assert [h.keepalive_timeout for h in front.handed] == [20.0]  # aiohttp's own idle timer agrees
+        writer.close()
+    finally:
+        await client.close()
+        await process.stop()
