@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from proxy.config import ServerSettings
-from proxy.front import SINGLETONS, LeanConnection, LeanFront, LeanRequest, is_plain_target, render_response  # noqa
+from proxy.front import SINGLETONS, LeanConnection, LeanFront, LeanRequest, is_plain_target, render_response
 from tests.fakes import Delay, Fail, Huge, Ok, refused_port, route_table, start_proxy, stop_proxy
 
 GET = b"GET %s HTTP/1.1\r\nHost: proxy\r\n\r\n"
@@ -530,28 +530,32 @@ async def test_connections_idle_past_the_keep_alive_timeout_are_closed(proxied):
 
 async def test_a_request_head_must_arrive_whole_within_the_header_timeout(proxied):
     proxy, upstream, front = proxied
-    upstream.script(Ok(), Delay(0.3))
-    silent, half, half_after, half_post, idle, busy = [await Client.open(proxy) for _ in range(6)]
+    upstream.script(Ok(), Ok(), Delay(0.2), Delay(0.3))
+    silent, half, half_after, half_early, half_post, idle, busy = [await Client.open(proxy) for _ in range(7)]
     half.send(b"GET /fx/a HTTP/1.1\r\nHost: p\r\n")
     idle.send(GET % b"/fx/a")
     await idle.answer()
     half_after.send(GET % b"/fx/b")
     await half_after.answer()
-    half_after.send(b"GET /fx/c HTTP/1.1\r\n")
-    half_post.send(b"POST /fx/d HTTP/1.1\r\nHost: p\r\nContent-Length: 5\r\nX-")  # handed to aiohttp mid-head
+    half_after.send(b"GET /fx/c HTTP/1.1\r\n")  # after an answer, never finished
+    half_early.send(GET % b"/fx/slow")
+    await asyncio.sleep(0.05)
+    half_early.send(b"GET /fx/d HTTP/1.1\r\n")  # while the first is answered, and never finished
+    assert (await half_early.answer()).status == 200
+    half_post.send(b"POST /fx/e HTTP/1.1\r\nHost: p\r\nContent-Length: 5\r\nX-")  # handed to aiohttp mid-head
     busy.send(GET % b"/fx/slow")
     await asyncio.sleep(0.05)
-    assert front.handed_off == 1
+    assert front.handed_off == 1 and sum(c.answering is not None for c in front.connections) == 1
     now = asyncio.get_running_loop().time()
-    assert front.sweep(now + HEADER_TIMEOUT - 0.5) == 0
-    assert front.sweep(now + HEADER_TIMEOUT + 0.1) == 4
-    for client in (silent, half, half_after, half_post):
+    assert front.sweep(now + HEADER_TIMEOUT - 1) == 0
+    assert front.sweep(now + HEADER_TIMEOUT + 0.1) == 5
+    for client in (silent, half, half_after, half_early, half_post):
         assert await client.sees_close()
-    assert front.closed["header_timeout"] == 4
+    assert front.closed["header_timeout"] == 5
     assert (await busy.answer()).status == 200  # a request being answered is never cut
-    idle.send(GET % b"/fx/e")  # an idle keep-alive connection has its own, longer timeout
+    idle.send(GET % b"/fx/f")  # an idle keep-alive connection has its own, longer timeout
     assert (await idle.answer()).status == 200
-    assert upstream.calls == 4
+    assert upstream.calls == 5
     for client in (idle, busy):
         client.close()
 
