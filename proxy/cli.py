@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     from . import logs
     from .process import serve
 
-    logs.configure(os.environ.get("LOG_LEVEL", "info"), os.environ.get("LOG_FORMAT", "json"))
+    level = os.environ.get("LOG_LEVEL", "info")
+    logs.configure(level, os.environ.get("LOG_FORMAT", "json"))
+    logs.route_library_logs(level)
     # Every request allocates a few dozen short-lived objects; with the default gen-0 threshold
     # (700) a collection runs every few requests. Start-up objects leave the collector's
     # generations, and gen-0 runs ~30x less often (measured: pass-through +20 % req/s). Cycles

@@ -213,6 +213,9 @@ class ServerSettings:
     drain_timeout: float = 10.0
     strip_headers: frozenset[str] = frozenset({"cookie", "authorization"})
     max_response_buffer: int = 8 * 1024 * 1024
+    header_timeout: float = 10.0     # a request's head must arrive whole within this (nginx client_header_timeout)
+    keepalive_timeout: float = 75.0  # an idle keep-alive connection is closed after this (nginx keepalive_timeout)
+    max_connections: int | None = None  # open downstream connections; None: sized below the fd limit at start
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +240,8 @@ class EventsSettings:
     client_queue: int = 1000         # events waiting for one client; past it the client is told and closed
     max_frame: int = 64 * 1024       # largest frame a client may send
     max_topics: int = 1000           # topics watched at once (each is an upstream call per interval)
+    max_topics_per_connection: int = 100  # topics one WebSocket connection may hold
+    max_topics_per_peer: int = 250   # distinct topics one client address may hold across its connections
 
 
 @dataclass(frozen=True, slots=True)
@@ -611,7 +616,8 @@ def parse_config(text: str, filename: str, env: Mapping[str, str]) -> Config:
     server = ServerSettings()
     if server_data is not None:
         check.known_keys(server_data, {"listen", "metrics_listen", "max_request_body", "replay_buffer",
-                                       "max_header_bytes", "drain_timeout", "strip_headers", "max_response_buffer"}, "server")
+                                       "max_header_bytes", "drain_timeout", "strip_headers", "max_response_buffer",
+                                       "header_timeout", "keepalive_timeout", "max_connections"}, "server")
         metrics_listen = server.metrics_listen
         if "metrics_listen" in server_data:
             metrics_listen = None if server_data["metrics_listen"] in (None, False, "off") else \
@@ -625,7 +631,13 @@ def parse_config(text: str, filename: str, env: Mapping[str, str]) -> Config:
             drain_timeout=check.get(server_data, "drain_timeout", "server", parse_duration, server.drain_timeout),
             strip_headers=frozenset(check.get(server_data, "strip_headers", "server", _name_list, tuple(server.strip_headers))),
             max_response_buffer=check.get(server_data, "max_response_buffer", "server", parse_size, server.max_response_buffer),
+            header_timeout=check.get(server_data, "header_timeout", "server", parse_duration, server.header_timeout),
+            keepalive_timeout=check.get(server_data, "keepalive_timeout", "server", parse_duration, server.keepalive_timeout),
+            max_connections=check.get(server_data, "max_connections", "server", _positive_int, server.max_connections),
         )
+        for key in ("header_timeout", "keepalive_timeout"):
+            if not 0 < getattr(server, key) <= 86400:
+                check.problem(line_of(server_data, key), f"server.{key}: must be more than 0s and at most 1d")
         if server.metrics_listen is not None and server.metrics_listen[1] == server.listen[1] != 0:
             check.problem(line_of(server_data, "metrics_listen"), "server.metrics_listen: must use another port than server.listen")
     effective["server"] = {
@@ -634,6 +646,8 @@ def parse_config(text: str, filename: str, env: Mapping[str, str]) -> Config:
         "max_request_body": server.max_request_body, "replay_buffer": server.replay_buffer,
         "max_header_bytes": server.max_header_bytes, "drain_timeout": server.drain_timeout,
         "strip_headers": sorted(server.strip_headers), "max_response_buffer": server.max_response_buffer,
+        "header_timeout": server.header_timeout, "keepalive_timeout": server.keepalive_timeout,
+        "max_connections": server.max_connections,
     }
 
     # cache
@@ -717,14 +731,18 @@ def _events(check: _Checker, value: Any, line: int) -> EventsSettings:
     defaults = EventsSettings()
     if data is None:
         return defaults
-    check.known_keys(data, {"stream", "maxlen", "ack_timeout", "client_queue", "max_frame", "max_topics"}, "events")
+    check.known_keys(data, {"stream", "maxlen", "ack_timeout", "client_queue", "max_frame", "max_topics",
+                            "max_topics_per_connection", "max_topics_per_peer"}, "events")
     return EventsSettings(
         stream=check.get(data, "stream", "events", _string, defaults.stream),
         maxlen=check.get(data, "maxlen", "events", _positive_int, defaults.maxlen),
         ack_timeout=check.get(data, "ack_timeout", "events", parse_duration, defaults.ack_timeout),
         client_queue=check.get(data, "client_queue", "events", _positive_int, defaults.client_queue),
         max_frame=check.get(data, "max_frame", "events", parse_size, defaults.max_frame),
-        max_topics=check.get(data, "max_topics", "events", _positive_int, defaults.max_topics))
+        max_topics=check.get(data, "max_topics", "events", _positive_int, defaults.max_topics),
+        max_topics_per_connection=check.get(data, "max_topics_per_connection", "events", _positive_int,
+                                            defaults.max_topics_per_connection),
+        max_topics_per_peer=check.get(data, "max_topics_per_peer", "events", _positive_int, defaults.max_topics_per_peer))
 
 
 def _watch(check: _Checker, value: Any, where: str, line: int, names: set[str]) -> Watch | None:

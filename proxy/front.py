@@ -16,6 +16,10 @@ percent-encoding, dot segments, `//`), the proxy's own endpoints, two requests i
 (pipelining), a header past aiohttp's limits, bytes llhttp refuses. So whatever aiohttp
 answered before, it still answers, in the same words. (A request sent while the previous one
 is being answered is read once that answer is out, and may stay here.)
+
+`LeanFront` bounds every connection of the port, its own and those it handed to aiohttp, the
+same way: a header deadline, a keep-alive idle timeout, and a cap on open connections that
+closes the longest idle one first (see `LeanFront`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import httptools
 import structlog
 from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion11
+from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 from yarl import URL
 
@@ -44,12 +49,9 @@ _NOT_PLAIN = frozenset({b"content-length", b"transfer-encoding", b"expect", b"up
 SINGLETONS = frozenset({b"content-length", b"content-location", b"content-range", b"content-type", b"etag",
                         b"host", b"max-forwards", b"server", b"transfer-encoding", b"user-agent"})
 _HELD_MAX = 64 * 1024   # bytes of a request not yet whole (or sent early) before aiohttp takes over
-_SWEEP_EVERY = 60.0     # seconds between looks for connections idle past the keep-alive timeout
 # aiohttp's parser spells the header names it knows (aiohttp.hdrs) its own way, whatever the caller
 # sent; so do we, so that an upstream sees the same names from either front end.
 _CANONICAL = {str(name).lower().encode(): str(name) for name in vars(hdrs).values() if isinstance(name, istr)}
-# aiohttp's default; the proxy never set its own, and a connection must live as long here as there.
-KEEPALIVE_TIMEOUT = 3630.0
 
 Handler = Callable[[Any], Awaitable[Any]]
 
@@ -176,61 +178,159 @@ def is_plain_target(url: bytes) -> bool:
 
 
 class LeanFront:
-    """Makes the proxy port's connections (a protocol factory for `loop.create_server`).
+    """Makes the proxy port's connections (a protocol factory for `loop.create_server`) and bounds them.
 
     `fast(request)` may answer at once (a fresh cached copy) or return None; `handler(request)`
-    answers the rest. `aiohttp_server` makes the protocol a connection is handed to.
+    answers the rest; `aiohttp_handler(request)` answers what aiohttp's server (`self.aiohttp`)
+    reads on a connection handed to it.
+
+    Every connection on the port, lean or handed to aiohttp, is bounded alike: the head of a
+    request must arrive whole within `header_timeout` of its first byte (of the connection, for
+    its first request), an idle keep-alive connection is closed after `keepalive_timeout`, and
+    past `max_connections` a new connection closes the one idle for longest (since its last
+    answer, or since its next request began; never one being answered) or, when every one is
+    being answered, is closed itself. So neither slow heads nor
+    idle connections can use up the process's file descriptors and lock callers out.
     """
 
-    def __init__(self, aiohttp_server: web.Server, handler: Handler, fast: Callable[[Any], RawAnswer | None],
-                 *, max_line_size: int, max_field_size: int, max_headers: int,
-                 keepalive_timeout: float = KEEPALIVE_TIMEOUT) -> None:
-        self._aiohttp = aiohttp_server
+    def __init__(self, aiohttp_handler: Handler, handler: Handler, fast: Callable[[Any], RawAnswer | None],
+                 *, max_line_size: int, max_field_size: int, max_headers: int, header_timeout: float,
+                 keepalive_timeout: float, max_connections: int) -> None:
         self.handler = handler
         self.fast = fast
         self.max_line_size = max_line_size
         self.max_field_size = max_field_size
         self.max_headers = max_headers
-        self.keepalive_timeout = keepalive_timeout
+        self._aiohttp_handler = aiohttp_handler
+        # aiohttp's access log would repeat the request lines.
+        self._handler_options: dict[str, Any] = dict(
+            auto_decompress=False, access_log=None, max_line_size=max_line_size, max_field_size=max_field_size,
+            max_headers=max_headers)
+        self.set_bounds(header_timeout, keepalive_timeout, max_connections)
+        self.aiohttp = web.Server(self._aiohttp_request, **self._handler_options)
         self.connections: set[LeanConnection] = set()
+        self.handed: set[HandedOff] = set()
+        self.idle: dict[LeanConnection | HandedOff, None] = {}  # not being answered, the longest idle first
         self.closing = False
         self.lean_requests = 0  # answered here, for tests and the curious
         self.handed_off = 0     # connections given to aiohttp
+        self.closed = {"header_timeout": 0, "shed": 0, "refused": 0}  # connections closed to protect the port
+        self._reported = dict(self.closed)
         self._sweep: asyncio.TimerHandle | None = None
 
     def __call__(self) -> "LeanConnection":
         return LeanConnection(self)
 
-    def added(self, connection: "LeanConnection") -> None:
+    def set_bounds(self, header_timeout: float, keepalive_timeout: float, max_connections: int) -> None:
+        """At start and at a reload: what the sweep and the next connections go by."""
+        self.header_timeout = header_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.max_connections = max_connections
+        self._handler_options["keepalive_timeout"] = keepalive_timeout  # aiohttp's own idle timer agrees
+        self._sweep_every = min(header_timeout, keepalive_timeout) / 4
+
+    # --- which connections are open, and which idle ---
+
+    def opened(self, connection: "LeanConnection", now: float) -> bool:
+        """A new connection: make room for it at the cap; False when none can be made."""
+        if len(self.connections) + len(self.handed) >= self.max_connections:
+            if not self.idle:
+                self.closed["refused"] += 1
+                return False
+            oldest = next(iter(self.idle))
+            self.forget(oldest)  # counted out now: its connection_lost comes a loop turn later
+            oldest.close_connection()
+            self.closed["shed"] += 1
         self.connections.add(connection)
+        connection.reading_since = now  # its first request's head is due within header_timeout
+        self.now_idle(connection, now)
         if self._sweep is None:
-            self._sweep = asyncio.get_running_loop().call_later(_SWEEP_EVERY, self._swept)
+            self._sweep = asyncio.get_running_loop().call_later(self._sweep_every, self._swept)
+        return True
 
-    def removed(self, connection: "LeanConnection") -> None:
-        self.connections.discard(connection)
+    def now_idle(self, connection: "LeanConnection | HandedOff", now: float) -> None:
+        """Its answer is out (or it just connected): idle from `now`, the newest of the idle ones."""
+        connection.idle_since = now
+        self.idle.pop(connection, None)
+        self.idle[connection] = None
 
-    def hand_off(self, transport: asyncio.Transport, data: bytes) -> None:
-        """Give the connection to aiohttp; `data` are the bytes it has not answered yet."""
+    def now_reading(self, connection: "LeanConnection | HandedOff", now: float) -> None:
+        """The first byte of its next request came: its head is due, and it is the newest idle one
+        (a keep-alive caller sending its next request is not the one to close for room)."""
+        connection.reading_since = now
+        self.idle.pop(connection, None)
+        self.idle[connection] = None
+
+    def now_answering(self, connection: "LeanConnection | HandedOff") -> None:
+        connection.idle_since = connection.reading_since = None
+        self.idle.pop(connection, None)
+
+    def forget(self, connection: "LeanConnection | HandedOff") -> None:
+        self.connections.discard(connection)  # type: ignore[arg-type]
+        self.handed.discard(connection)  # type: ignore[arg-type]
+        self.idle.pop(connection, None)
+
+    # --- handing off to aiohttp ---
+
+    def hand_off(self, transport: asyncio.Transport, data: bytes, connection: "LeanConnection",
+                 head_whole: bool) -> None:
+        """Give the connection to aiohttp; `data` are the bytes it has not answered yet.
+
+        When they hold no whole request head yet, its header deadline goes with it.
+        """
         self.handed_off += 1
-        protocol = self._aiohttp()
+        loop = asyncio.get_running_loop()
+        protocol = HandedOff(self, self.aiohttp, loop=loop, **self._handler_options)
+        self.handed.add(protocol)
+        protocol.reading_since = connection.reading_since or loop.time()
+        self.now_idle(protocol, connection.idle_since or loop.time())
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         if data:
             protocol.data_received(data)
+        if head_whole:  # being answered from here on: never shed while aiohttp gets to it
+            self.now_answering(protocol)
 
-    def close_idle(self, now: float) -> int:
-        """Close the connections idle for longer than the keep-alive timeout at loop time `now`."""
-        idle = [c for c in self.connections if c.idle_since is not None and now - c.idle_since > self.keepalive_timeout]
-        for connection in idle:
-            connection.close()
-        return len(idle)
+    async def _aiohttp_request(self, request: web.BaseRequest) -> Any:
+        protocol = request.protocol
+        if isinstance(protocol, HandedOff):
+            self.now_answering(protocol)
+        answer = await self._aiohttp_handler(request)
+        if (hdrs.UPGRADE in request.headers or request.method == "CONNECT") \
+                and not isinstance(answer, web.WebSocketResponse):
+            # aiohttp's parser drops what was sent after an upgrade it does not switch to (all but
+            # WebSocket): a request there would wait for an answer forever. The connection ends instead.
+            _close_after(answer)
+        return answer
+
+    # --- timeouts ---
+
+    def sweep(self, now: float) -> int:
+        """Close the connections past their deadline at loop time `now`; returns how many."""
+        late = []
+        for connection in self.idle:
+            if connection.reading_since is not None:
+                if now - connection.reading_since > self.header_timeout:
+                    late.append(connection)
+                    self.closed["header_timeout"] += 1
+            elif now - connection.idle_since > self.keepalive_timeout:  # type: ignore[operator]
+                late.append(connection)
+        for connection in late:
+            self.forget(connection)
+            connection.close_connection()
+        return len(late)
 
     def _swept(self) -> None:
         self._sweep = None
         loop = asyncio.get_running_loop()
-        self.close_idle(loop.time())
-        if self.connections and not self.closing:
-            self._sweep = loop.call_later(_SWEEP_EVERY, self._swept)
+        self.sweep(loop.time())
+        if self.closed != self._reported:
+            counts = {k: v - self._reported[k] for k, v in self.closed.items()}
+            log.warning("connections closed to protect the proxy port", kind="connections", **counts,
+                        open=len(self.connections) + len(self.handed), max_connections=self.max_connections)
+            self._reported = dict(self.closed)
+        if (self.connections or self.handed) and not self.closing:
+            self._sweep = loop.call_later(self._sweep_every, self._swept)
 
     async def shutdown(self, timeout: float) -> None:
         """Close idle connections now, let the others finish their answer (up to `timeout`), then cut them."""
@@ -254,6 +354,60 @@ class LeanFront:
                 connection.abort()
 
 
+def _close_after(answer: Any) -> None:
+    """Make an answer end its connection (`Connection: close`, then aiohttp closes it)."""
+    if isinstance(answer, RawAnswer):
+        answer.data = answer.data.replace(b"\r\n", b"\r\nConnection: close\r\n", 1)  # after the status line
+        answer.keep_alive = False
+    elif isinstance(answer, web.StreamResponse):
+        answer.force_close()
+
+
+class HandedOff(RequestHandler):
+    """aiohttp's protocol for a connection the lean front end handed over, with the same bounds.
+
+    aiohttp closes idle connections itself (`keepalive_timeout`) but has no deadline for a
+    request's head: this one tells its front end when it is answering and when bytes of a next
+    request start arriving, and the front end's sweep closes it as it closes its own.
+    """
+
+    __slots__ = ("_front", "idle_since", "reading_since", "_early")
+
+    def __init__(self, front: LeanFront, manager: web.Server, **options: Any) -> None:
+        super().__init__(manager, **options)
+        self._front = front
+        self.idle_since: float | None = None
+        self.reading_since: float | None = None
+        self._early = False  # bytes of a next request came while one was being answered
+
+    def data_received(self, data: bytes) -> None:
+        if self.idle_since is None:
+            self._early = True
+        elif self.reading_since is None:
+            self._front.now_reading(self, asyncio.get_running_loop().time())
+        super().data_received(data)
+
+    async def finish_response(self, request: web.BaseRequest, resp: web.StreamResponse,
+                              start_time: float | None) -> tuple[web.StreamResponse, bool]:
+        try:
+            return await super().finish_response(request, resp, start_time)
+        finally:
+            if self.transport is not None:  # else the caller left, and the front end forgot it
+                now = asyncio.get_running_loop().time()
+                self._front.now_idle(self, now)
+                if self._early:
+                    self._early = False
+                    self.reading_since = now  # the next request's turn starts now
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._front.forget(self)
+        super().connection_lost(exc)
+
+    def close_connection(self) -> None:
+        """Close it now (aiohttp's own `close()` only stops it after the request in hand)."""
+        self.force_close()
+
+
 class LeanConnection(asyncio.Protocol):
     """One downstream connection while its requests are plain (see the module's docstring)."""
 
@@ -269,8 +423,10 @@ class LeanConnection(asyncio.Protocol):
         self._complete: tuple[str, tuple[tuple[bytes, bytes], ...]] | None = None
         self._ended = False            # a request ended in the bytes being parsed
         self._more = False             # and bytes of a next one came with them
+        self._head_whole = False       # the request being parsed has all its head
         self.answering: asyncio.Task[None] | None = None
         self.idle_since: float | None = None  # loop time of the last answer (or of the connect); None while answering
+        self.reading_since: float | None = None  # loop time the next request's head started (or the connect)
         self._reading_paused = False
         self._writing_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -286,18 +442,17 @@ class LeanConnection(asyncio.Protocol):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             except OSError:
                 pass
-        if self._front.closing:
+        if self._front.closing or not self._front.opened(self, asyncio.get_running_loop().time()):
             transport.close()
-            return
-        self.idle_since = asyncio.get_running_loop().time()
-        self._front.added(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        self._front.removed(self)
+        self._front.forget(self)
         self._wake_drain(exc or ConnectionResetError("the caller closed the connection"))
 
     def data_received(self, data: bytes) -> None:
+        if self.reading_since is None and self.answering is None:
+            self._front.now_reading(self, asyncio.get_running_loop().time())
         self._held += data
         if self.answering is not None:
             # Sent before its predecessor was answered: looked at once that answer is out.
@@ -322,6 +477,7 @@ class LeanConnection(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._seen = set()  # (_plain is never set back: a connection with a request not plain is aiohttp's)
+        self._head_whole = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -345,6 +501,7 @@ class LeanConnection(asyncio.Protocol):
         headers.append((name, value.rstrip(b" \t")))  # llhttp strips the space before a value, not after
 
     def on_headers_complete(self) -> None:
+        self._head_whole = True
         parser = self._parser
         if not (parser.get_method() == b"GET" and parser.get_http_version() == "1.1" and b"host" in self._seen
                 and parser.should_keep_alive() and not parser.should_upgrade() and is_plain_target(self._url)):
@@ -375,7 +532,7 @@ class LeanConnection(asyncio.Protocol):
 
     def _hand_off(self) -> None:
         transport = self.transport
-        self._front.removed(self)
+        self._front.forget(self)
         if transport is None or transport.is_closing():
             return
         if self._front.closing:
@@ -385,12 +542,12 @@ class LeanConnection(asyncio.Protocol):
         if self._reading_paused:
             self._reading_paused = False
             transport.resume_reading()
-        self._front.hand_off(transport, data)
+        self._front.hand_off(transport, data, self, self._head_whole)
 
     def _answer(self, request: LeanRequest) -> None:
         self._held.clear()  # the parse ended where this request does
-        self.idle_since = None
         front = self._front
+        front.now_answering(self)
         front.lean_requests += 1
         try:
             raw = front.fast(request)
@@ -454,8 +611,10 @@ class LeanConnection(asyncio.Protocol):
         if not keep_alive or self._front.closing:
             transport.close()
             return
-        self.idle_since = asyncio.get_running_loop().time()
+        now = asyncio.get_running_loop().time()
+        self._front.now_idle(self, now)
         if self._held:
+            self.reading_since = now  # sent early: its head's time starts with its turn
             if self._reading_paused:
                 self._reading_paused = False
                 transport.resume_reading()
@@ -494,6 +653,8 @@ class LeanConnection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    close_connection = close  # what the front end calls on any of its connections
 
     def abort(self) -> None:
         if self.transport is not None:

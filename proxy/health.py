@@ -1,7 +1,8 @@
 """Health, integration status and admin endpoints on the main port (`/health...`).
 
 Read-only endpoints answer from in-memory state; admin actions (POST/DELETE) need
-`Authorization: Bearer $ADMIN_TOKEN` when ADMIN_TOKEN is set, else a loopback caller.
+`Authorization: Bearer $ADMIN_TOKEN` when ADMIN_TOKEN is set, else a loopback caller whose
+Host is an IP address or localhost and whose Origin, if any, is the proxy's own.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from importlib import resources
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
+from yarl import URL
 
 from .breaker import State
 from .server import json_response
@@ -69,6 +71,42 @@ def _is_loopback(request: web.BaseRequest) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return address.is_loopback
+
+
+def _names_this_host(host: str) -> bool:
+    """A Host header that is an IP literal or `localhost`, with or without a port."""
+    name, port = host, ""
+    if host.startswith("["):
+        name, bracket, port = host[1:].partition("]")
+        if not bracket or (port and not port.startswith(":")):
+            return False
+        port = port[1:]
+    elif host.count(":") == 1:
+        name, _, port = host.partition(":")
+    if port and not (port.isascii() and port.isdigit()):
+        return False
+    if name.lower() == "localhost" and not host.startswith("["):
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return isinstance(address, ipaddress.IPv6Address) == host.startswith("[")
+
+
+def _same_origin(origin: str, host: str) -> bool:
+    """Whether an Origin header names this proxy as the caller reached it (`http://` + Host)."""
+    try:
+        given, own = URL(origin), URL(f"http://{host}")
+        bare = given.user is None and given.path in ("", "/") and not given.query_string and not given.fragment
+        return bare and given.scheme == "http" and given.raw_host is not None \
+            and (given.raw_host.lower(), given.port) == (own.raw_host.lower(), own.port)
+    except ValueError:
+        return False
+
+
+def _forbidden(detail: str, request_id: str) -> web.Response:
+    return json_response(403, {"error": "forbidden", "detail": detail, "request_id": request_id})
 
 
 class Health:
@@ -225,8 +263,17 @@ class Health:
                                      {"WWW-Authenticate": 'Bearer realm="resilience-proxy"'})
             return None
         if not _is_loopback(request):
-            return json_response(403, {"error": "forbidden", "detail": "admin actions need ADMIN_TOKEN or a loopback caller",
-                                       "request_id": request_id})
+            return _forbidden("admin actions need ADMIN_TOKEN or a loopback caller", request_id)
+        # A loopback caller may still be a browser running someone else's page: refuse what a
+        # cross-site form or a DNS-rebound name sends, which a person or a script on this host never does.
+        host = request.headers.get("Host")
+        if host is None or not _names_this_host(host):
+            return _forbidden("without ADMIN_TOKEN, admin actions need a Host that is an IP address or localhost "
+                              "(a DNS name may have been rebound to this host)", request_id)
+        origin = request.headers.get("Origin")
+        if origin is not None and not _same_origin(origin, host):
+            return _forbidden("without ADMIN_TOKEN, admin actions are refused from another origin "
+                              "(a cross-site request)", request_id)
         return None
 
     async def _circuit(self, provider: str, action: str) -> web.Response:

@@ -2,7 +2,8 @@
 
 `EventLog` subscribes to the chain's events and writes the lines operators know
 (`Circuit breaker: OPENED for fx_primary, will retry after ...`, `Using stale cache for ...`),
-one line per proxied request and one per upstream attempt.
+one line per proxied request and one per upstream attempt. `route_library_logs` sends what
+aiohttp and asyncio log through the same JSON lines and masking.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, TextIO
 
 import orjson
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 
 from . import events
 from .clock import SYSTEM_CLOCK, Clock
@@ -85,6 +87,52 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
         cache_logger_on_first_use=False,
     )
+
+
+_LIBRARY_LOGGERS = ("aiohttp", "asyncio")  # aiohttp.server, .access, .web, .internal, ... propagate to "aiohttp"
+_QUOTED = re.compile(r"""b?'[^']*'?|b?"[^"]*"?""")  # where aiohttp's messages quote what the caller sent
+
+
+class LibraryLogHandler(logging.Handler):
+    """Writes aiohttp's and asyncio's stdlib log records as structlog lines, one line per record.
+
+    A caller's malformed request (an `HttpProcessingError`) is logged by what was wrong, never by
+    the bytes: aiohttp's message quotes the offending line, an Authorization value included, and
+    its traceback says nothing about the proxy. Other exceptions keep their traceback, as one field.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields: dict[str, Any] = {"logger": record.name}
+            level = record.levelno
+            error = record.exc_info[1] if record.exc_info else None
+            if isinstance(error, HttpProcessingError):
+                level = min(level, logging.WARNING)  # the caller's mistake, not the proxy's
+                fields.update(kind="bad_request", error=type(error).__name__, status=error.code,
+                              detail=_what_was_wrong(error))
+            elif record.exc_info:
+                fields["exc_info"] = record.exc_info
+            structlog.get_logger("resilience-proxy").log(level, record.getMessage(), **fields)
+        except Exception:
+            self.handleError(record)
+
+
+def _what_was_wrong(error: HttpProcessingError) -> str:
+    """The first line of aiohttp's message with whatever it quotes of the request left out."""
+    first = str(error.message).split("\n", 1)[0].rstrip(": ")
+    return _QUOTED.sub("…", first)[:200]
+
+
+def route_library_logs(level: str = "info") -> None:
+    """Send aiohttp's and asyncio's loggers through structlog (LOG_LEVEL applies); idempotent."""
+    numeric = logging.getLevelName(level.upper())
+    for name in _LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if isinstance(h, LibraryLogHandler)]:
+            logger.removeHandler(handler)
+        logger.addHandler(LibraryLogHandler())
+        logger.setLevel(numeric if isinstance(numeric, int) else logging.INFO)
+        logger.propagate = False  # else the root logger's last-resort handler prints it again
 
 
 def iso(epoch: float | None) -> str | None:

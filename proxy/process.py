@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import resource
 import signal
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,7 +18,7 @@ from . import events
 from .app import Runtime
 from .background import cancel_and_wait
 from .clock import SYSTEM_CLOCK, Clock
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, ServerSettings, load_config
 from .eventing import EventsSystem
 from .fleet import SharedRests
 from .front import LeanFront
@@ -129,11 +130,10 @@ class ProxyProcess:
             self.fleet.start()
         settings = self.runtime.config.server
         # Connections start on the lean front end (plain GETs); aiohttp's server takes every other one.
-        main = web.ServerRunner(web.Server(self.handle, auto_decompress=False, **_PARSER_LIMITS),
-                                shutdown_timeout=settings.drain_timeout, access_log=None)
+        self._front = LeanFront(self.handle, self.handle_rest, self.answer_from_cache, **_bounds(settings),
+                                **_PARSER_LIMITS)
+        main = web.ServerRunner(self._front.aiohttp, shutdown_timeout=settings.drain_timeout)
         await main.setup()
-        assert main.server is not None
-        self._front = LeanFront(main.server, self.handle_rest, self.answer_from_cache, **_PARSER_LIMITS)
         host, port = listen or settings.listen
         # backlog: bursts of new connections must not wait for SYN retries
         self._listener = await asyncio.get_running_loop().create_server(self._front, host, port, backlog=1024)
@@ -141,7 +141,8 @@ class ProxyProcess:
         self.addresses["main"] = self._listener.sockets[0].getsockname()[:2]
         target = settings.metrics_listen if metrics_listen is True else metrics_listen
         if target:
-            metrics = web.ServerRunner(web.Server(self.handle_metrics), access_log=None)
+            metrics = web.ServerRunner(web.Server(self.handle_metrics, access_log=None,
+                                                  keepalive_timeout=settings.keepalive_timeout))
             await metrics.setup()
             await web.TCPSite(metrics, target[0], target[1]).start()
             self._runners.append(metrics)
@@ -198,6 +199,8 @@ class ProxyProcess:
             kept_latencies = {n: w for n, w in old.latencies.items() if n in kept_breakers}
             same_cache = config.cache == old.config.cache
             store = old.store if same_cache else None
+            if self._front is not None:
+                self._front.set_bounds(**_bounds(config.server))
             if config.server.listen != old.config.server.listen or \
                     config.server.metrics_listen != old.config.server.metrics_listen:
                 log.warning("server.listen / metrics_listen changes take effect at the next restart", kind="reload")
@@ -255,6 +258,49 @@ class ProxyProcess:
         self._watch_task = asyncio.get_running_loop().create_task(self.watch(interval))
 
 
+# Connections the proxy port takes by default: an idle one costs about 3 KiB in the process (more
+# once aiohttp's), so 4096 stay small against the container's memory limit; and a quarter of the
+# descriptors is left for upstream pools, Redis and files.
+_DEFAULT_MAX_CONNECTIONS = 4096
+
+
+def _fd_limit() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def connections_room() -> int:
+    """Connections the fd limit leaves room for: three quarters of it."""
+    return max(16, _fd_limit() * 3 // 4)
+
+
+def default_max_connections() -> int:
+    """`server.max_connections` when not set."""
+    return min(_DEFAULT_MAX_CONNECTIONS, connections_room())
+
+
+def _bounds(settings: ServerSettings) -> dict[str, Any]:
+    """The lean front end's bounds from the server settings (see `LeanFront`)."""
+    if settings.max_connections is not None and settings.max_connections > connections_room():
+        log.warning("server.max_connections leaves too few file descriptors for upstream connections; "
+                    "past the fd limit, new callers wait instead of idle connections being closed",
+                    kind="connections", max_connections=settings.max_connections, fd_limit=_fd_limit())
+    return {"header_timeout": settings.header_timeout, "keepalive_timeout": settings.keepalive_timeout,
+            "max_connections": settings.max_connections or default_max_connections()}
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one where allowed; returns the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit", kind="connections", soft=soft, hard=hard, error=str(exc))
+    return _fd_limit()
+
+
 def _digest(path: str) -> str | None:
     try:
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()
@@ -265,6 +311,7 @@ def _digest(path: str) -> str | None:
 async def serve(config: Config, *, listen: tuple[str, int] | None = None,
                 metrics_listen: tuple[str, int] | None = None) -> None:
     """Run until SIGTERM/SIGINT; SIGHUP reloads the route table."""
+    raise_fd_limit()  # before the default connection cap is sized from it
     process = ProxyProcess(config)
     await process.start(listen, metrics_listen if metrics_listen else True)
     loop = asyncio.get_running_loop()

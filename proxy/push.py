@@ -7,18 +7,23 @@ Client → proxy frames (JSON):
 Proxy → client frames:
     {"type": "event", "evtId", "topic", "at", "before", "after", "redelivery": false}
     {"type": "subscribed", "topic"} / {"type": "unsubscribed", "topic"} / {"type": "acked", "evtId"}
-    {"type": "error", "error": "unknown_topic" | "malformed" | "unknown_evt_id" | "too_large" | "overflow", "detail"}
+    {"type": "error", "error": "unknown_topic" | "malformed" | "unknown_evt_id" | "too_large" | "overflow"
+                      | "too_many_topics", "detail"}
 
 Delivery is at least once: an event not acknowledged within `ack_timeout` is sent again (same
 evtId, `redelivery: true`), each time waiting twice as long. A client that reconnects with
 `last_evt_id` gets, from the outbox, every event of its topics after that id. Every client has
 its own bounded queue, so a slow one never delays the others; one that falls behind is told
 (`overflow`) and disconnected, and can resume with `last_evt_id`.
+
+Topics are capped per connection, per client address (across its connections) and per proxy,
+so no one client can fill the table everyone's topics share, nor multiply the vendor's polls.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -37,7 +42,6 @@ from .watcher import TooManyTopics, UnknownTopic, Watcher
 
 log = structlog.get_logger("resilience-proxy")
 _MAX_REDELIVERIES = 20
-_MAX_TOPICS_PER_CLIENT = 100
 _DELIVERED_MEMORY = 4096  # ids per connection remembered to drop duplicate fan-out (local + stream tail)
 
 
@@ -57,6 +61,7 @@ class Client:
     ws: web.WebSocketResponse
     queue: asyncio.Queue[bytes]
     number: int
+    peer: str  # the client address its topics count against (see `peer_of`)
     topics: set[str] = field(default_factory=set)
     unacked: dict[str, _Pending] = field(default_factory=dict)
     delivered: OrderedDict[str, None] = field(default_factory=OrderedDict)  # recent ids sent (no duplicate fan-out)
@@ -77,6 +82,7 @@ class Hub:
         self._emit = emit
         self._clients: set[Client] = set()
         self._by_topic: dict[str, set[Client]] = {}
+        self._by_peer: dict[str, dict[str, int]] = {}  # peer -> topic -> how many of its connections hold it
         self._numbers = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
@@ -174,7 +180,8 @@ class Hub:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         ws = web.WebSocketResponse(max_msg_size=self._settings.max_frame, heartbeat=30)
         await ws.prepare(request)
-        client = Client(ws, asyncio.Queue(maxsize=self._settings.client_queue), next(self._numbers))
+        client = Client(ws, asyncio.Queue(maxsize=self._settings.client_queue), next(self._numbers),
+                        peer_of(request))
         self._clients.add(client)
         writer = asyncio.get_running_loop().create_task(self._write(client))
         try:
@@ -193,8 +200,8 @@ class Hub:
             for task in list(client.replays):
                 task.cancel()
             self._clients.discard(client)
-            for topic in client.topics:
-                self._by_topic.get(topic, set()).discard(client)
+            for topic in list(client.topics):
+                self._release(client, topic)
                 self._watcher.unsubscribe(topic, client)
         return ws
 
@@ -227,8 +234,7 @@ class Hub:
         elif op == "unsubscribe":
             topic = message.get("topic")
             if isinstance(topic, str) and topic in client.topics:
-                client.topics.discard(topic)
-                self._by_topic.get(topic, set()).discard(client)
+                self._release(client, topic)
                 self._watcher.unsubscribe(topic, client)
                 await self._send(client, orjson.dumps({"type": "unsubscribed", "topic": topic}))
             else:
@@ -252,19 +258,21 @@ class Hub:
             except ValueError as exc:
                 await self._send(client, _error("malformed", str(exc)))
                 return
-        if len(client.topics) >= _MAX_TOPICS_PER_CLIENT:
-            await self._send(client, _error("too_many_topics", f"at most {_MAX_TOPICS_PER_CLIENT} topics per connection"))
-            return
         try:
-            name = self._watcher.subscribe(topic, client)
+            name = self._watcher.resolve(topic).name
         except UnknownTopic as exc:
             await self._send(client, _error("unknown_topic", str(exc)))
             return
-        except TooManyTopics as exc:
-            await self._send(client, _error("too_many_topics", str(exc)))
+        refused = self._over_quota(client, name)
+        if refused is None:
+            try:
+                self._watcher.subscribe(topic, client)
+            except TooManyTopics as exc:
+                refused = str(exc)
+        if refused is not None:
+            await self._send(client, _error("too_many_topics", refused))
             return
-        client.topics.add(name)
-        self._by_topic.setdefault(name, set()).add(client)
+        self._hold(client, name)
         await self._send(client, orjson.dumps({"type": "subscribed", "topic": name}))
         if last_evt_id is not None:
             client.replaying.add(name)
@@ -302,10 +310,46 @@ class Hub:
             await self._send(client, _error("unavailable", f"the outbox cannot be read now ({type(exc).__name__}); "
                                             "resubscribe with last_evt_id later"))
 
+    def _over_quota(self, client: Client, topic: str) -> str | None:
+        """Why the client may not take one more topic, or None (a topic it holds costs nothing more)."""
+        settings = self._settings
+        if topic in client.topics:
+            return None
+        if len(client.topics) >= settings.max_topics_per_connection:
+            return (f"at most {settings.max_topics_per_connection} topics per connection "
+                    "(events.max_topics_per_connection)")
+        held = self._by_peer.get(client.peer, {})
+        if topic not in held and len(held) >= settings.max_topics_per_peer:
+            return (f"at most {settings.max_topics_per_peer} topics per client address, across its connections "
+                    "(events.max_topics_per_peer)")
+        return None
+
+    def _hold(self, client: Client, topic: str) -> None:
+        if topic in client.topics:
+            return
+        client.topics.add(topic)
+        self._by_topic.setdefault(topic, set()).add(client)
+        held = self._by_peer.setdefault(client.peer, {})
+        held[topic] = held.get(topic, 0) + 1
+
+    def _release(self, client: Client, topic: str) -> None:
+        client.topics.discard(topic)
+        clients = self._by_topic.get(topic)
+        if clients is not None:
+            clients.discard(client)
+            if not clients:
+                del self._by_topic[topic]
+        held = self._by_peer.get(client.peer, {})
+        count = held.pop(topic, 0) - 1
+        if count > 0:
+            held[topic] = count
+        elif not held:
+            self._by_peer.pop(client.peer, None)
+
     def forget_topic(self, topic: str, detail: str) -> None:
         """A reload took the topic's watch away: tell its subscribers."""
-        for client in list(self._by_topic.pop(topic, ())):
-            client.topics.discard(topic)
+        for client in list(self._by_topic.get(topic, ())):
+            self._release(client, topic)
             frame = orjson.loads(_error("unknown_topic", detail))
             frame["topic"] = topic
             try:
@@ -322,6 +366,19 @@ class Hub:
                 "delivered": delivered, "acked": self.counters["acked"],
                 "ackRatio": round(self.counters["acked"] / delivered, 4) if delivered else None,
                 "redelivered": self.counters["redelivered"], "dropped": self.counters["dropped"]}
+
+
+def peer_of(request: web.BaseRequest) -> str:
+    """The address a client's topics count against: its IP, or its /64 for IPv6 (one host's share)."""
+    try:
+        address = ipaddress.ip_address(request.remote or "")
+    except ValueError:
+        return request.remote or "unknown"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 def _error(error: str, detail: str) -> bytes:

@@ -14,6 +14,7 @@ from urllib.parse import quote, unquote
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _SEGMENT_CHARS = "-._~!$&'()*+,;=:@"  # RFC 3986 pchar sub-delims kept as they are
+_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 
 
 class UnsafePath(ValueError):
@@ -81,30 +82,32 @@ def check_target(raw_path: str) -> str:
     """Validate a request target and return its decoded path.
 
     Refuses what would let a caller steer the proxy somewhere the route table does not
-    name: absolute-form targets, `..` segments (also percent-encoded, also double-encoded),
-    `//` (scheme-relative hosts), backslashes and control characters.
+    name: absolute-form targets, `..` and `.` segments (also percent-encoded, also with a
+    `;parameter` as Tomcat and Spring read `..;`), an escape that decodes to another escape
+    (`%252e`: some server down the line decodes twice), a raw `#` (a fragment is never sent;
+    upstreams disagree on what follows it), `//` (scheme-relative hosts), backslashes and
+    control characters.
     """
     if not raw_path.startswith("/"):
         raise UnsafePath("the request target must be a path (absolute-form and authority-form are refused)")
+    if "#" in raw_path:
+        raise UnsafePath("a raw # is not allowed in the request target")
     path = raw_path.split("?", 1)[0]
     if "%" not in path and "." not in path and "\\" not in path and "//" not in path and path.isprintable() \
             and path.isascii():
         return path  # nothing to decode and nothing that could be a dot segment, a // or a control character
     if path.startswith("//"):
         raise UnsafePath("the path must not start with //")
-    decoded = path
-    for _ in range(3):  # decode until stable: %252e%252e must not become .. further down the line
-        if "%" not in decoded:
-            break
-        decoded = unquote(decoded, errors="strict")
+    decoded = unquote(path, errors="strict")
+    if _ESCAPE.search(decoded):
+        raise UnsafePath("percent-encoded escapes (such as %252e) are not allowed in the path")
     for text in (path, decoded):
         if "\\" in text:
             raise UnsafePath("backslashes are not allowed in the path")
         if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text):
             raise UnsafePath("control characters are not allowed in the path")
-        segments = text.split("/")
-        if any(segment in ("..", ".") for segment in segments):
-            raise UnsafePath("dot segments (. or ..) are not allowed in the path")
+        if any(segment.split(";", 1)[0] in ("..", ".") for segment in text.split("/")):
+            raise UnsafePath("dot segments (. or .., also with a ;parameter) are not allowed in the path")
         if "//" in text:
             raise UnsafePath("empty path segments (//) are not allowed")
-    return unquote(path)
+    return decoded

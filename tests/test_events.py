@@ -368,6 +368,52 @@ async def test_topics_are_capped_per_connection_and_per_proxy(fake_upstream, pro
     assert (await subscribe(ws, "flights/status/KE000"))["type"] == "subscribed"  # one it already has
 
 
+async def test_one_client_address_cannot_fill_the_topic_table(fake_upstream, proxy_factory, clock):
+    api = await fake_upstream("kac")
+    limits = {"max_topics": 6, "max_topics_per_connection": 2, "max_topics_per_peer": 3}
+    proxy = await proxy_factory(watched(api.url, events=limits), clock=clock)
+    await quiet(proxy)
+    first, second = await connect(proxy), await connect(proxy)
+    assert [(await subscribe(first, f"flights/status/KE00{n}"))["type"] for n in (1, 2)] == ["subscribed"] * 2
+    per_connection = await subscribe(first, "flights/status/KE003")
+    assert per_connection["error"] == "too_many_topics"
+    assert "events.max_topics_per_connection" in per_connection["detail"]
+    assert (await subscribe(second, "flights/status/KE003"))["type"] == "subscribed"
+    per_peer = await subscribe(second, "flights/status/KE004")  # a third connection would not help either
+    assert per_peer["error"] == "too_many_topics" and "events.max_topics_per_peer" in per_peer["detail"]
+    # A topic this address already holds costs nothing more, from any of its connections.
+    assert (await subscribe(second, "flights/status/KE001"))["type"] == "subscribed"
+    assert len(proxy.process.events.watcher.topics) == 3
+    # Everyone else still has room.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))) as elsewhere:
+        other = await elsewhere.ws_connect(proxy.url + "/events")
+        assert [(await subscribe(other, f"flights/status/KE01{n}"))["type"] for n in (1, 2)] == ["subscribed"] * 2
+        assert len(proxy.process.events.watcher.topics) == 5
+        await other.close()
+    # What a connection gives back (unsubscribing, closing) is the address's again.
+    await first.send_str(orjson.dumps({"op": "unsubscribe", "topic": "flights/status/KE002"}).decode())
+    assert (await frame(first))["type"] == "unsubscribed"
+    await first.close()  # its KE001 is still held by the second connection
+    third = await connect(proxy)
+    assert (await subscribe(third, "flights/status/KE005"))["type"] == "subscribed"
+    assert "max_topics_per_peer" in (await subscribe(third, "flights/status/KE006"))["detail"]
+    await second.close()
+    await asyncio.sleep(0.05)  # the proxy sees the close
+    assert (await subscribe(third, "flights/status/KE006"))["type"] == "subscribed"
+    assert set(proxy.process.events.watcher.topics) == {"flights/status/KE005", "flights/status/KE006"}
+    await third.close()
+
+
+def test_topic_quotas_are_read_from_the_events_settings():
+    from proxy.config import parse_config
+
+    defaults = parse_config(watched("http://127.0.0.1:1"), "routes.yaml", {}).events
+    assert (defaults.max_topics_per_connection, defaults.max_topics_per_peer) == (100, 250)
+    given = parse_config(watched("http://127.0.0.1:1", events={"max_topics_per_connection": 7, "max_topics_per_peer": 9}),
+                         "routes.yaml", {}).events
+    assert (given.max_topics_per_connection, given.max_topics_per_peer) == (7, 9)
+
+
 async def test_a_reload_that_removes_a_watch_tells_its_subscribers(fake_upstream, tmp_path, clock):
     from proxy.config import load_config
     from proxy.process import ProxyProcess

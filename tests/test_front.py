@@ -4,6 +4,7 @@ connection to aiohttp without losing a byte, and that its answers say what aioht
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -12,8 +13,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.front import (KEEPALIVE_TIMEOUT, SINGLETONS, LeanConnection, LeanFront, LeanRequest, is_plain_target,
-                         render_response)
+from proxy.config import ServerSettings
+from proxy.front import SINGLETONS, LeanConnection, LeanFront, LeanRequest, is_plain_target, render_response
 from tests.fakes import Delay, Fail, Huge, Ok, refused_port, route_table, start_proxy, stop_proxy
 
 GET = b"GET %s HTTP/1.1\r\nHost: proxy\r\n\r\n"
@@ -42,9 +43,15 @@ class Client:
         self.closed = False
 
     @classmethod
-    async def open(cls, proxy) -> "Client":
+    async def open(cls, proxy, receive_buffer: int | None = None) -> "Client":
         host, port = proxy.process.addresses["main"]
-        return cls(*await asyncio.open_connection(host, port))
+        if receive_buffer is None:
+            return cls(*await asyncio.open_connection(host, port))
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)  # before connect: no autotuning
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        return cls(*await asyncio.open_connection(sock=sock))
 
     def send(self, data: bytes) -> None:
         self._writer.write(data)
@@ -63,7 +70,7 @@ class Client:
         try:
             async with asyncio.timeout(timeout):
                 data = await self._reader.read(65536)
-        except ConnectionResetError:
+        except ConnectionError:  # reset, or a broken pipe for a caller still writing
             return True
         return data == b""
 
@@ -84,6 +91,10 @@ class Client:
         self._current.status = self._parser.get_status_code()
         self._answers.append(self._current)
         self._current = Answer()
+
+
+def front_of(proxy) -> LeanFront:
+    return proxy.process._front
 
 
 def one_upstream(url: str, **server: object) -> str:
@@ -217,6 +228,29 @@ async def test_a_connection_once_handed_off_stays_with_aiohttp(proxied):
         ("GET", "/lean", b""), ("POST", "/post", b"hi"), ("GET", "/after", b"")]
     assert (front.lean_requests, front.handed_off) == (1, 1)
     client.close()
+
+
+@pytest.mark.parametrize("upgrade", [b"h2c", b"websocket", b"TLS/1.2"])
+@pytest.mark.parametrize("cached", [False, True], ids=["chain", "cache-hit"])
+async def test_a_request_after_an_upgrade_the_proxy_declines_is_never_left_unanswered(
+        fake_upstream, proxy_factory, clock, upgrade, cached):
+    """aiohttp's parser drops what follows an upgrade it does not switch to: the answer closes the connection."""
+    upstream = await fake_upstream()
+    service = {"retry": "NONE", "upstreams": [{"name": "fx_primary", "url": upstream.url}]}
+    if cached:
+        service["cache"] = {"ttl": "1h"}
+    proxy = await proxy_factory(route_table({"fx": service}), clock=clock)
+    client = await Client.open(proxy)
+    if cached:  # the answer below is then the hit path's pre-rendered bytes
+        client.send(GET % b"/fx/a")
+        await client.answer()
+    client.send(b"GET /fx/a HTTP/1.1\r\nHost: p\r\nConnection: Upgrade\r\nUpgrade: %s\r\n\r\n" % upgrade
+                + GET % b"/fx/b")
+    first = await client.answer()
+    assert (first.status, first.header("X-Cache"), first.header("Connection")) == (
+        200, "HIT" if cached else "BYPASS", "close")
+    assert await client.sees_close(1.0)
+    assert upstream.calls == 1  # /fx/b never reached anyone: the caller knows, the connection closed
 
 
 @pytest.mark.parametrize("request_bytes", [
@@ -453,7 +487,7 @@ async def test_a_caller_that_does_not_read_holds_its_connection_not_the_proxy(pr
     proxy, upstream, front = proxied
     body = b"x" * 4_000_000  # buffered (under max_response_buffer), far past the socket buffers
     upstream.default = Ok(body=body, headers={"Content-Type": "application/octet-stream"})
-    slow = await Client.open(proxy)
+    slow = await Client.open(proxy, receive_buffer=64 * 1024)  # the kernel must not take the whole answer
     slow.send(GET % b"/fx/big")
     await asyncio.sleep(0.2)  # not reading: the answer waits in the proxy's write buffer
     (connection,) = [c for c in front.connections if c.answering is not None]
@@ -473,38 +507,169 @@ async def test_a_caller_that_does_not_read_holds_its_connection_not_the_proxy(pr
 
 # --- lifetime --------------------------------------------------------------------------------
 
+HEADER_TIMEOUT, KEEPALIVE_TIMEOUT = ServerSettings().header_timeout, ServerSettings().keepalive_timeout
+
+
 async def test_connections_idle_past_the_keep_alive_timeout_are_closed(proxied):
     proxy, upstream, front = proxied
-    upstream.script(Ok(), Delay(0.3))
-    idle, busy = await Client.open(proxy), await Client.open(proxy)
+    upstream.script(Ok(), Ok(), Delay(0.3))
+    idle, handed, busy = await Client.open(proxy), await Client.open(proxy), await Client.open(proxy)
     idle.send(GET % b"/fx/a")
     await idle.answer()
+    handed.send(b"DELETE /fx/a HTTP/1.1\r\nHost: p\r\n\r\n")  # aiohttp's from here on
+    await handed.answer()
     busy.send(GET % b"/fx/slow")
     await asyncio.sleep(0.1)
     now = asyncio.get_running_loop().time()
-    assert front.close_idle(now + KEEPALIVE_TIMEOUT - 1) == 0
-    assert front.close_idle(now + KEEPALIVE_TIMEOUT + 1) == 1  # the one answering is not idle
-    assert await idle.sees_close()
+    assert front.sweep(now + KEEPALIVE_TIMEOUT - 1) == 0
+    assert front.sweep(now + KEEPALIVE_TIMEOUT + 1) == 2  # the one answering is not idle
+    assert await idle.sees_close() and await handed.sees_close()
     assert (await busy.answer()).status == 200
     busy.close()
 
 
-async def test_a_request_left_half_sent_is_closed_with_the_idle_ones(proxied):
+async def test_a_request_head_must_arrive_whole_within_the_header_timeout(proxied):
     proxy, upstream, front = proxied
-    upstream.script(Delay(0.2))
-    early, late = await Client.open(proxy), await Client.open(proxy)
-    early.send(GET % b"/fx/slow")
+    upstream.script(Ok(), Ok(), Delay(0.2), Delay(0.3))
+    silent, half, half_after, half_early, half_post, idle, busy = [await Client.open(proxy) for _ in range(7)]
+    half.send(b"GET /fx/a HTTP/1.1\r\nHost: p\r\n")
+    idle.send(GET % b"/fx/a")
+    await idle.answer()
+    half_after.send(GET % b"/fx/b")
+    await half_after.answer()
+    half_after.send(b"GET /fx/c HTTP/1.1\r\n")  # after an answer, never finished
+    half_early.send(GET % b"/fx/slow")
     await asyncio.sleep(0.05)
-    early.send(b"GET /fx/b HTTP/1.1\r\nHost: p\r\n")  # while the first is answered, and never finished
-    late.send(GET % b"/fx/a")
-    await late.answer()
-    late.send(b"GET /fx/c HTTP/1.1\r\nHost: p\r\n")  # after an answer, never finished
-    assert (await early.answer()).status == 200
+    half_early.send(b"GET /fx/d HTTP/1.1\r\n")  # while the first is answered, and never finished
+    assert (await half_early.answer()).status == 200
+    half_post.send(b"POST /fx/e HTTP/1.1\r\nHost: p\r\nContent-Length: 5\r\nX-")  # handed to aiohttp mid-head
+    busy.send(GET % b"/fx/slow")
     await asyncio.sleep(0.05)
+    assert front.handed_off == 1 and sum(c.answering is not None for c in front.connections) == 1
     now = asyncio.get_running_loop().time()
-    assert front.close_idle(now + KEEPALIVE_TIMEOUT + 1) == 2
-    assert await early.sees_close() and await late.sees_close()
-    assert upstream.calls == 2
+    assert front.sweep(now + HEADER_TIMEOUT - 1) == 0
+    assert front.sweep(now + HEADER_TIMEOUT + 0.1) == 5
+    for client in (silent, half, half_after, half_early, half_post):
+        assert await client.sees_close()
+    assert front.closed["header_timeout"] == 5
+    assert (await busy.answer()).status == 200  # a request being answered is never cut
+    idle.send(GET % b"/fx/f")  # an idle keep-alive connection has its own, longer timeout
+    assert (await idle.answer()).status == 200
+    assert upstream.calls == 5
+    for client in (idle, busy):
+        client.close()
+
+
+async def test_slow_heads_and_idle_connections_are_closed_on_time(fake_upstream, proxy_factory, clock):
+    upstream = await fake_upstream()
+    text = one_upstream(upstream.url, header_timeout="200ms", keepalive_timeout="400ms")
+    proxy = await proxy_factory(text, clock=clock)
+    lean_slow, handed_slow, idle = [await Client.open(proxy) for _ in range(3)]
+    idle.send(GET % b"/fx/a")
+    await idle.answer()
+    handed_slow.send(b"POST /fx/b HTTP/1.1\r\nContent-Length: 2\r\n")
+    lean_slow.send(b"GET /fx/c HTTP/1.1\r\nHost: p\r\nX-Slow: ")
+    for _ in range(20):  # slowloris: a byte every 20 ms, the head never whole
+        lean_slow.send(b"a")
+        handed_slow.send(b"X")
+        await asyncio.sleep(0.02)
+    assert await lean_slow.sees_close(0.1) and await handed_slow.sees_close(0.1)  # while the bytes kept coming
+    assert front_of(proxy).closed["header_timeout"] == 2
+    assert await idle.sees_close(1.0)
+    assert upstream.calls == 1
+
+
+async def test_past_the_cap_a_new_connection_closes_the_one_idle_longest(fake_upstream, proxy_factory, clock):
+    upstream = await fake_upstream()
+    proxy = await proxy_factory(one_upstream(upstream.url, max_connections=3), clock=clock)
+    first, second, third = [await Client.open(proxy) for _ in range(3)]
+    second.send(GET % b"/fx/a")  # answered first: idle longest
+    await second.answer()
+    first.send(b"DELETE /fx/b HTTP/1.1\r\nHost: p\r\n\r\n")  # aiohttp's connections count alike
+    await first.answer()
+    third.send(GET % b"/fx/c")
+    await third.answer()
+    fourth = await Client.open(proxy)
+    assert await second.sees_close()
+    fifth = await Client.open(proxy)
+    assert await first.sees_close()
+    for client in (third, fourth, fifth):
+        client.send(GET % b"/fx/d")
+        assert (await client.answer()).status == 200
+        client.close()
+    assert front_of(proxy).closed == {"header_timeout": 0, "shed": 2, "refused": 0}
+
+
+async def test_past_the_cap_a_caller_that_began_its_next_request_is_not_the_one_closed(
+        fake_upstream, proxy_factory, clock):
+    upstream = await fake_upstream()
+    proxy = await proxy_factory(one_upstream(upstream.url, max_connections=3), clock=clock)
+    lean, handed, other = [await Client.open(proxy) for _ in range(3)]
+    lean.send(GET % b"/fx/a")
+    await lean.answer()
+    handed.send(b"DELETE /fx/b HTTP/1.1\r\nHost: p\r\n\r\n")
+    await handed.answer()
+    other.send(GET % b"/fx/c")
+    await other.answer()
+    lean.send(b"GET /fx/d HTTP/1.1\r\n")  # idle longest, but its next request has begun
+    handed.send(b"GET /fx/e HTTP/1.1\r\n")
+    await asyncio.sleep(0.05)
+    newcomer = await Client.open(proxy)
+    assert await other.sees_close()
+    lean.send(b"Host: p\r\n\r\n")
+    handed.send(b"Host: p\r\n\r\n")
+    assert ((await lean.answer()).status, (await handed.answer()).status) == (200, 200)
+    for client in (lean, handed, newcomer):
+        client.close()
+
+
+async def test_past_the_cap_a_connection_being_answered_is_never_closed(fake_upstream, proxy_factory, clock):
+    upstream = await fake_upstream()
+    upstream.script(Delay(0.3, then=Ok(body=b"one")), Delay(0.3, then=Ok(body=b"two")), Delay(0.3))
+    proxy = await proxy_factory(one_upstream(upstream.url, max_connections=3), clock=clock)
+    busy, busy_handed, idle = [await Client.open(proxy) for _ in range(3)]
+    busy.send(GET % b"/fx/slow")
+    busy_handed.send(b"DELETE /fx/slow HTTP/1.1\r\nHost: p\r\n\r\n")
+    await asyncio.sleep(0.05)
+    newcomer = await Client.open(proxy)
+    assert await idle.sees_close()  # the only idle one
+    newcomer.send(GET % b"/fx/new")  # now being answered too: every connection is
+    await asyncio.sleep(0.05)
+    refused = await Client.open(proxy)
+    assert await refused.sees_close()
+    assert {(await busy.answer()).body, (await busy_handed.answer()).body} == {b"one", b"two"}
+    assert (await newcomer.answer()).status == 200
+    assert front_of(proxy).closed == {"header_timeout": 0, "shed": 1, "refused": 1}
+    for client in (busy, busy_handed, newcomer):
+        client.close()
+
+
+def test_connection_bounds_are_server_settings_with_sane_values():
+    from proxy.config import ConfigError, parse_config
+
+    settings = parse_config(one_upstream("http://127.0.0.1:1", header_timeout="2s", keepalive_timeout="30s",
+                                         max_connections=500), "routes.yaml", {})
+    assert (settings.server.header_timeout, settings.server.keepalive_timeout, settings.server.max_connections) == (
+        2.0, 30.0, 500)
+    assert {k: settings.effective["server"][k] for k in ("header_timeout", "keepalive_timeout", "max_connections")} \
+        == {"header_timeout": 2.0, "keepalive_timeout": 30.0, "max_connections": 500}
+    defaults = ServerSettings()
+    assert (defaults.header_timeout, defaults.keepalive_timeout, defaults.max_connections) == (10.0, 75.0, None)
+    for key, value in (("header_timeout", 0), ("keepalive_timeout", ".inf"), ("header_timeout", ".nan"),
+                       ("max_connections", 0), ("max_connections", "many")):
+        text = one_upstream("http://127.0.0.1:1").replace("server:\n", f"server:\n  {key}: {value}\n", 1)
+        with pytest.raises(ConfigError, match=f"server.{key}"):
+            parse_config(text, "routes.yaml", {})
+
+
+async def test_without_a_set_cap_the_port_takes_what_the_fd_limit_leaves_room_for(proxied):
+    import resource
+
+    from proxy.process import default_max_connections
+
+    proxy, upstream, front = proxied
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert front.max_connections == default_max_connections() == min(4096, max(16, soft * 3 // 4))
 
 
 async def test_stopping_finishes_answers_in_flight_and_closes_idle_connections(fake_upstream, clock):
@@ -542,8 +707,8 @@ async def test_stopping_cancels_what_is_still_running_after_the_drain(fake_upstr
 
 
 async def test_a_connection_lost_to_any_error_reads_as_the_caller_gone_to_a_writer():
-    front = LeanFront(web.Server(lambda request: None), _never_called, lambda request: None,
-                      max_line_size=8190, max_field_size=8190, max_headers=100)
+    front = LeanFront(_never_called, _never_called, lambda request: None, max_line_size=8190, max_field_size=8190,
+                      max_headers=100, header_timeout=10.0, keepalive_timeout=75.0, max_connections=100)
     connection = LeanConnection(front)
 
     class Transport:

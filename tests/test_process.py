@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import resource
 import signal
 import sys
 import time
 from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
 
 from proxy.config import load_config
@@ -22,8 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 class Served:
     """`python -m proxy run` in a subprocess, on free loopback ports."""
 
-    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, env: dict[str, str] | None = None,
+                 fd_limit: tuple[int, int] | None = None) -> None:
         self.port = free_port()
+        self._fd_limit = fd_limit  # (soft, hard) RLIMIT_NOFILE the process starts with
         self.metrics_port = free_port()
         full_env = {**os.environ, "LOG_LEVEL": "warning", **(env or {})}
         self.process = asyncio.subprocess.Process  # set in start()
@@ -32,9 +37,10 @@ class Served:
         self._env = full_env
 
     async def start(self, session: aiohttp.ClientSession) -> "Served":
-        self.process = await asyncio.create_subprocess_exec(*self._args, env=self._env, cwd=ROOT,
-                                                            stdout=asyncio.subprocess.PIPE,
-                                                            stderr=asyncio.subprocess.PIPE)
+        limit = self._fd_limit
+        self.process = await asyncio.create_subprocess_exec(
+            *self._args, env=self._env, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, limit)) if limit else None)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
@@ -283,3 +289,72 @@ async def test_counts_of_a_request_finishing_while_the_table_closes_are_not_lost
     monkeypatch.setattr(process.runtime, "close", close_while_background_work_finishes_a_request)
     await process.stop()
     assert [e.request_id for e in seen if isinstance(e, events.RequestFinished)] == ["late-1"]
+
+
+async def test_a_malformed_request_is_one_json_line_without_the_callers_bytes(session, tmp_path):
+    config = tmp_path / "routes.yaml"
+    config.write_text(route_table({"fx": {"upstreams": [{"name": "p", "url": "http://127.0.0.1:1"}]}}))
+    served = await Served(config).start(session)
+    try:
+        for request in (b"GET /fx/a HTTP/1.1\r\nHost: p\r\nAuthorization: Bearer se\x01cret-7f3a\r\n\r\n",
+                        b"GET /fx/a?api_key=se\x7fcret-7f3a HTTP/1.1\r\nHost: p\r\n\r\n",
+                        b"POST /fx/a HTTP/1.1\r\nHost: p\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+            writer.write(request)
+            assert (await reader.read(65536)).split(b"\r\n", 1)[0].endswith(b" 400 Bad Request")
+            writer.close()
+    finally:
+        assert await served.stop() == 0
+    output = (await served.process.stdout.read() + await served.process.stderr.read()).decode()
+    assert "cret-7f3a" not in output and "Traceback" not in output
+    lines = [orjson.loads(line) for line in output.splitlines()]  # every line is JSON
+    bad = [line for line in lines if line.get("kind") == "bad_request"]
+    assert len(bad) == 3
+    assert {(line["logger"], line["level"], line["status"]) for line in bad} == {("aiohttp.server", "warning", 400)}
+    assert bad[0]["event"] == "Error handling request from 127.0.0.1"
+    assert bad[0]["detail"] == "Invalid header value char"
+
+
+async def test_idle_connections_past_the_fd_limit_do_not_lock_callers_out(session, fake_upstream, tmp_path):
+    """1,100 idle connections against a 1,024 fd limit locked real callers out; here, 300 against 64."""
+    upstream = await fake_upstream()
+    config = tmp_path / "routes.yaml"
+    config.write_text(route_table({"fx": {"retry": "NONE", "upstreams": [{"name": "p", "url": upstream.url}]}}))
+    served = await Served(config, fd_limit=(64, 256)).start(session)
+    idle = []
+    try:
+        limits = Path(f"/proc/{served.process.pid}/limits").read_text()
+        assert re.search(r"Max open files\s+256\s+256", limits)  # the soft limit was raised to the hard one
+        for _ in range(300):
+            idle.append(await asyncio.open_connection("127.0.0.1", served.port))
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as caller:
+            async with caller.get(served.url + "/fx/a", timeout=aiohttp.ClientTimeout(total=5)) as response:
+                assert response.status == 200
+        closed = sum(1 for reader, _ in idle if reader.at_eof() or reader.exception() is not None)
+        assert closed > 0  # the oldest idle ones made room
+    finally:
+        for _, writer in idle:
+            writer.close()
+        assert await served.stop() == 0
+
+
+async def test_a_reload_applies_new_connection_bounds_to_the_proxy_port(tmp_path, clock):
+    path = tmp_path / "routes.yaml"
+    services = {"fx": {"upstreams": [{"name": "p", "url": "http://127.0.0.1:1"}]}}
+    _write(path, services)
+    process, client, url = await _process(path, clock)
+    try:
+        path.write_text(route_table(services, server={"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0",
+                                                      "header_timeout": "2s", "keepalive_timeout": "20s",
+                                                      "max_connections": 50}))
+        assert await process.reload("test") == []
+        front = process._front
+        assert (front.header_timeout, front.keepalive_timeout, front.max_connections) == (2.0, 20.0, 50)
+        reader, writer = await asyncio.open_connection(*process.addresses["main"])
+        writer.write(b"DELETE /fx/a HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # a connection aiohttp takes
+        assert b" 502 " in await reader.readuntil(b"\r\n")
+        assert [h.keepalive_timeout for h in front.handed] == [20.0]  # aiohttp's own idle timer agrees
+        writer.close()
+    finally:
+        await client.close()
+        await process.stop()
