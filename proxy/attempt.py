@@ -82,6 +82,10 @@ class AttemptStage:
         self._keyrings = keyrings if keyrings is not None else {}
         self._latencies = latencies if latencies is not None else {}
 
+    def wait_hint(self, upstream: Upstream) -> float | None:
+        """Seconds until the upstream's breaker lets an attempt through (0: now; None: nobody can tell)."""
+        return self._breakers[upstream.name].wait_hint()
+
     def _skip(self, upstream: Upstream, exchange: Exchange, outcome: Outcome, detail: str,
               wait: float | None) -> AttemptResult:
         self._emit(events.UpstreamSkipped(upstream.service, upstream.name, outcome.value, exchange.request_id))

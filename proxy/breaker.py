@@ -57,7 +57,12 @@ class BreakerPolicy:
     """How one upstream's breaker trips and recovers (durations in seconds).
 
     The rate-based trips are optional: `failure_rate` (failed / calls) and `slow_call_rate`
-    (slow successes / calls) over the last `window` seconds, never below `min_calls` calls.
+    (slow successes / calls) over the last `window` seconds, never below `min_calls` calls. The
+    failure rate is also judged on the latest burst: the calls since the earliest of the last
+    `min_failures` failures (all inside the window), provided failures also make up at least half
+    of `failure_rate` over the whole window. A vendor that starts failing after a quiet spell is
+    left within a few calls, not once its failures outweigh the successes before they began, and a
+    healthy vendor's rare clusters of failures never add up to half the rate over the window.
     `trip_on_refused`: a refused connection (nothing listens: the upstream is certainly down, and
     certainly never saw the request) opens the breaker at once instead of counting as one failure.
     `max_rest` caps how long a `Retry-After` may rest the upstream (0: never rest).
@@ -71,6 +76,7 @@ class BreakerPolicy:
     failure_rate: float | None = None
     window: float = 10.0
     min_calls: int = 10
+    min_failures: int = 3
     slow_call_duration: float | None = None
     slow_call_rate: float | None = None
     trip_on_429: bool = False
@@ -83,6 +89,7 @@ class BreakerPolicy:
         _require_int("half_open_max_calls", self.half_open_max_calls, minimum=1)
         _require_number("window", self.window, minimum=0.0, exclusive=True)
         _require_int("min_calls", self.min_calls, minimum=1)
+        _require_int("min_failures", self.min_failures, minimum=1)
         for name in ("failure_rate", "slow_call_rate"):
             value = getattr(self, name)
             if value is not None:
@@ -105,16 +112,21 @@ class BreakerPolicy:
 
 
 # What every profile adds to the seed's consecutive-failure counts: leave an upstream that fails
-# one call in five (over at least 10 calls in 10 s) even when its failures never line up; a
-# 30 %-failing vendor otherwise stays in use for good.
+# one call in five (over at least 10 calls in 10 s, or over the burst since its last 3 failures
+# began: 5 for CRITICAL) even when its failures never line up; a 30 %-failing vendor otherwise
+# stays in use for good.
 _RATE_TRIP = {"failure_rate": 0.2, "window": 10.0, "min_calls": 10}
 
 # The seed design's profiles: consecutive failures to open / seconds open before a probe.
 PROFILES: dict[str, BreakerPolicy] = {
-    "CRITICAL": BreakerPolicy(fail_threshold=8, open_timeout=120.0, half_open_max_calls=1, **_RATE_TRIP),
-    "STANDARD": BreakerPolicy(fail_threshold=5, open_timeout=60.0, half_open_max_calls=1, **_RATE_TRIP),
-    "FAST": BreakerPolicy(fail_threshold=3, open_timeout=30.0, half_open_max_calls=1, **_RATE_TRIP),
+    "CRITICAL": BreakerPolicy(fail_threshold=8, open_timeout=120.0, half_open_max_calls=1, min_failures=5,
+                              **_RATE_TRIP),
+    "STANDARD": BreakerPolicy(fail_threshold=5, open_timeout=60.0, half_open_max_calls=1, min_failures=3,
+                              **_RATE_TRIP),
+    "FAST": BreakerPolicy(fail_threshold=3, open_timeout=30.0, half_open_max_calls=1, min_failures=3, **_RATE_TRIP),
 }
+# A burst of failures trips only while failures also make up this share of `failure_rate` over the window.
+_BURST_GATE = 0.5
 
 
 class Permit:
@@ -168,16 +180,18 @@ class _Window:
     """Calls, failures and slow calls over the last `window` seconds, in a fixed number of buckets.
 
     A call ages out between `window - window/_BUCKETS` and `window` seconds after it was recorded;
-    memory never exceeds `_BUCKETS` buckets whatever the traffic.
+    memory never exceeds `_BUCKETS` buckets (and `burst` failures) whatever the traffic.
     """
 
     _BUCKETS = 60
 
-    __slots__ = ("_window", "_buckets")
+    __slots__ = ("_window", "_buckets", "_count", "_recent")
 
-    def __init__(self, window: float) -> None:
+    def __init__(self, window: float, burst: int) -> None:
         self._window = window
         self._buckets: deque[list[int]] = deque()  # [bucket index, calls, failures, slow]
+        self._count = 0                            # calls ever recorded: numbers each call
+        self._recent: deque[tuple[float, int]] = deque(maxlen=burst)  # (time, number) of the last failures
 
     def record(self, now: float, failed: bool, slow: bool) -> None:
         index = math.floor(now * self._BUCKETS / self._window)
@@ -188,6 +202,17 @@ class _Window:
         bucket[1] += 1
         bucket[2] += failed
         bucket[3] += slow
+        self._count += 1
+        if failed:
+            self._recent.append((now, self._count))
+
+    def burst_rate(self, now: float) -> float | None:
+        """Failures per call since the earliest of the last `burst` failures, or None while there
+        have not been that many inside the window."""
+        recent = self._recent
+        if len(recent) < (recent.maxlen or 0) or recent[0][0] <= now - self._window:
+            return None
+        return len(recent) / (self._count - recent[0][1] + 1)
 
     def totals(self, now: float) -> tuple[int, int, int]:
         """(calls, failures, slow calls) still inside the window."""
@@ -201,6 +226,7 @@ class _Window:
 
     def clear(self) -> None:
         self._buckets.clear()
+        self._recent.clear()
 
     def _expire(self, index: int) -> None:
         while self._buckets and self._buckets[0][0] <= index - self._BUCKETS:
@@ -229,7 +255,7 @@ class Breaker:
         self._opened_at: float | None = None
         self._retry_at: float | None = None
         self._forced = False
-        self._window = _Window(policy.window) if policy.rate_based else None
+        self._window = _Window(policy.window, policy.min_failures) if policy.rate_based else None
         self._rest_until: float | None = None       # monotonic end of a Retry-After rest
         self._rest_until_wall: float | None = None  # the same moment on the wall clock
         self._rest_serial = 0                       # bumped by every rest: an older rest's first attempt cannot end a newer one
@@ -419,14 +445,18 @@ class Breaker:
             self._to(State.OPEN, "threshold")
             return
         if self._window is not None:
-            calls, failures, slow_calls = self._window.totals(self._clock.monotonic())
-            if calls >= policy.min_calls:
-                if policy.failure_rate is not None and failures / calls >= policy.failure_rate:
+            now = self._clock.monotonic()
+            calls, failures, slow_calls = self._window.totals(now)
+            rate = policy.failure_rate
+            if rate is not None and calls and failures / calls >= rate * _BURST_GATE:
+                burst = self._window.burst_rate(now)
+                if (calls >= policy.min_calls and failures / calls >= rate) or (burst is not None and burst >= rate):
                     self._to(State.OPEN, "failure_rate")
                     return
-                if policy.slow_call_rate is not None and slow_calls / calls >= policy.slow_call_rate:
-                    self._to(State.OPEN, "slow_call_rate")
-                    return
+            if calls >= policy.min_calls and policy.slow_call_rate is not None \
+                    and slow_calls / calls >= policy.slow_call_rate:
+                self._to(State.OPEN, "slow_call_rate")
+                return
         if failed:
             self._emit(BreakerFailure(self.service, self.provider, self._failures, policy.fail_threshold))
 

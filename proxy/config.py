@@ -424,7 +424,7 @@ def _fraction_or_off(value: Any) -> float | None:
 
 _BREAKER_FIELDS = (("fail_threshold", _positive_int), ("open_timeout", parse_duration),
                    ("half_open_max_calls", _positive_int), ("failure_rate", _fraction_or_off),
-                   ("window", parse_duration), ("min_calls", _positive_int),
+                   ("window", parse_duration), ("min_calls", _positive_int), ("min_failures", _positive_int),
                    ("slow_call_duration", parse_duration), ("slow_call_rate", _fraction),
                    ("trip_on_429", _boolean), ("trip_on_refused", _boolean), ("max_rest", parse_duration))
 
@@ -1022,7 +1022,8 @@ def _breaker_dict(policy: BreakerPolicy) -> dict[str, Any]:
     out: dict[str, Any] = {"fail_threshold": policy.fail_threshold, "open_timeout": policy.open_timeout,
                            "half_open_max_calls": policy.half_open_max_calls}
     if policy.failure_rate is not None:
-        out.update(failure_rate=policy.failure_rate, window=policy.window, min_calls=policy.min_calls)
+        out.update(failure_rate=policy.failure_rate, window=policy.window, min_calls=policy.min_calls,
+                   min_failures=policy.min_failures)
     if policy.slow_call_rate is not None:
         out.update(slow_call_duration=policy.slow_call_duration, slow_call_rate=policy.slow_call_rate)
     out.update(trip_on_429=policy.trip_on_429, trip_on_refused=policy.trip_on_refused, max_rest=policy.max_rest)

@@ -110,7 +110,8 @@ class FallbackStage:
         self._breakers = breakers if breakers is not None else {}
         self._latencies = latencies if latencies is not None else {}
         self._emit = emit
-        self._detached: set[asyncio.Task[Tries]] = set()  # lost tries left to finish (see `_first_answer`)
+        self._background: set[asyncio.Task[Tries]] = set()  # lost tries left to finish (see `_first_answer`)
+        self._detached: dict[str, int] = {}  # upstream name -> how many of those are its
 
     async def __call__(self, exchange: Exchange) -> Answer:
         service = exchange.service
@@ -191,17 +192,22 @@ class FallbackStage:
                 return [original.task.result()]
             target = self._hedge_target(upstreams, index, done)
             budget = self._retry.budget(upstream)
-            if target is None or (budget is not None and not budget.try_spend()):
+            if target is None or (budget is not None and not budget.allows()):
                 return [await original.task]
             done.add(target.name)
-            racers.append(_Racer(target, lambda abandon: loop.create_task(self._retry.first(target, exchange, abandon))))
+            hedge = _Racer(target, lambda abandon: loop.create_task(self._retry.first(target, exchange, abandon)))
+            racers.append(hedge)
             winner = await self._first_answer(racers)
+            if budget is not None and winner is not hedge:
+                # A hedge that answers first did what a fallback does; one that did not was load on
+                # top of the original's work, and that is what the retry budget bounds.
+                budget.spend()
             self._emit(events.HedgeRaced(exchange.service.name, upstream.name, target.name,
                                          "none" if winner is None else "original" if winner is original else "hedge",
                                          exchange.request_id))
             return [racer.tries() for racer in racers]
         finally:
-            running = [racer.task for racer in racers if not racer.task.done() and racer.task not in self._detached]
+            running = [racer.task for racer in racers if not racer.task.done() and racer.task not in self._background]
             for task in running:
                 task.cancel()  # the caller went away: nothing is lost, nothing recorded
             if running:
@@ -212,7 +218,8 @@ class FallbackStage:
 
         A try given up is cancelled and recorded as lost (`hedge_lost`), except on an upstream whose
         answer times are not known yet: that one is left to answer (or time out) in the background,
-        so its latency and health are learnt instead of guessed from a race against the first hedge.
+        so its latency and health are learnt instead of guessed from a race against the first hedge
+        — up to the upstream's `fail_threshold` tries at a time; past that, its silence says enough.
         """
         pending = {racer.task for racer in racers}
         winner = None
@@ -232,9 +239,8 @@ class FallbackStage:
         for racer in racers:
             if racer.task not in pending:
                 continue
-            latency = self._latencies.get(racer.upstream.name)
-            if latency is not None and latency.p95 is None:
-                self._detach(racer.task)
+            if self._learning(racer.upstream):
+                self._detach(racer.task, racer.upstream.name)
                 continue
             racer.abandon.lost_to = winner.upstream.name
             racer.task.cancel()
@@ -242,12 +248,22 @@ class FallbackStage:
         await asyncio.gather(*cancelled, return_exceptions=True)
         return winner
 
-    def _detach(self, task: asyncio.Task[Tries]) -> None:
+    def _learning(self, upstream: Upstream) -> bool:
+        """Whether a lost try on `upstream` is left to finish: nothing is known of its answer times yet,
+        and fewer than its breaker's `fail_threshold` such tries are still out."""
+        latency = self._latencies.get(upstream.name)
+        if latency is None or latency.p95 is not None:
+            return False
+        return self._detached.get(upstream.name, 0) < upstream.breaker.fail_threshold
+
+    def _detach(self, task: asyncio.Task[Tries], name: str) -> None:
         """Let a lost try finish on its own; whatever it brings back is recorded and dropped."""
-        self._detached.add(task)
+        self._detached[name] = self._detached.get(name, 0) + 1
+        self._background.add(task)
 
         def finished(done: asyncio.Task[Tries]) -> None:
-            self._detached.discard(done)
+            self._background.discard(done)
+            self._detached[name] -= 1
             if not done.cancelled() and done.exception() is None:
                 done.result().result.discard()
 
@@ -255,7 +271,7 @@ class FallbackStage:
 
     async def close(self) -> None:
         """Cancel the lost tries still finishing in the background."""
-        detached = list(self._detached)
+        detached = list(self._background)
         for task in detached:
             task.cancel()
         await asyncio.gather(*detached, return_exceptions=True)

@@ -218,17 +218,25 @@ class RetryBudget:
 
     def try_spend(self) -> bool:
         """Take one retry from the budget; False (and counted in `exhausted_count`) when it is spent."""
+        if not self.allows():
+            self._exhausted += 1
+            return False
+        self.spend()
+        return True
+
+    def allows(self) -> bool:
+        """Whether one more retry fits the budget right now (nothing is taken)."""
         current = self._bucket()
         requests = retries = 0
         for index, bucket_requests, bucket_retries in self._buckets:
             retries += bucket_retries
             if index > current[0] - self._BUCKETS:
                 requests += bucket_requests
-        if retries + 1 > self.ratio * requests + self.min_per_second * self.window:
-            self._exhausted += 1
-            return False
-        current[2] += 1
-        return True
+        return retries + 1 <= self.ratio * requests + self.min_per_second * self.window
+
+    def spend(self) -> None:
+        """Count one retry made (a hedge that turned out to be load on top of an answer)."""
+        self._bucket()[2] += 1
 
     @property
     def exhausted_count(self) -> int:

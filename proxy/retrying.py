@@ -88,6 +88,9 @@ class RetryStage:
         wait = max(0.0, tries.ended_at + delay - now)
         if wait >= exchange.deadline_at - now:
             return False  # no time left for another try here: let fallback or stale answer
+        opens_in = self._attempt.wait_hint(upstream)
+        if opens_in is None or opens_in > wait:
+            return False  # its breaker (or a rest) will still turn the retry away: not worth the wait
         budget = self._budgets.get(upstream.name)
         if budget is not None and not budget.try_spend():
             self._emit(events.RetryBudgetExhausted(upstream.service, upstream.name, exchange.request_id))

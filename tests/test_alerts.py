@@ -47,7 +47,9 @@ def one_of_each_event() -> list:
         events.RetryScheduled(service, provider, 2, 0.1, "r1"),
         events.RetryBudgetExhausted(service, provider, "r1"),
         events.CacheLookup(service, "hit"),
-        events.StaleServed(service, "/fx/latest/USD", 120.0, provider, "http_5xx", "r1"),
+        events.StaleServed(service, "/fx/latest/USD", 120.0, provider, "error", "r1"),
+        events.UpstreamRested(service, provider, 1_733_040_060.0),
+        events.HedgeRaced(service, provider, "fx_secondary", "hedge", "r1"),
         events.Coalesced(service),
         events.RequestFinished(service, "latest", "GET", "/fx/latest/USD", 200, "STALE", provider, (), 0.3, "r1",
                                fallback=True),
@@ -131,7 +133,12 @@ def test_the_seed_alerts_and_the_new_ones_have_their_thresholds(rules: list[dict
     assert by_name["StaleServing"]["for"] == "10m"
     assert flat("CircuitBreakerOpen") == "circuit_breaker_open > 0"
     assert flat("CacheHitRateLow") == "cache_hit_rate < 50"
-    assert "rate(stale_served_total[5m])" in flat("StaleServing") and flat("StaleServing").endswith("> 0")
+    # Only stale copies standing in for failures page anyone: background refreshes are routine.
+    assert flat("StaleServing") == \
+        'sum by (service) (rate(stale_served_total{reason=~"error|timeout|breaker_open"}[5m])) > 0'
+    assert flat("UpstreamRateLimited") == "max by (service, provider) (upstream_rest_until_seconds) > time()"
+    assert (by_name["UpstreamRateLimited"]["for"], by_name["UpstreamRateLimited"]["labels"]["severity"]) == \
+        ("10m", "warning")
     assert "increase(retry_budget_exhausted_total[10m])" in flat("RetryBudgetExhausted")
 
 

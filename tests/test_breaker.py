@@ -286,7 +286,9 @@ def test_a_permit_settles_at_most_once(clock):
 # --- rate-based trips ---------------------------------------------------------------------
 
 def rate_policy(**changes) -> BreakerPolicy:
-    base = BreakerPolicy(fail_threshold=1000, open_timeout=30.0, failure_rate=0.5, window=60.0, min_calls=10)
+    """The rate over the whole window alone (the burst rule is tested on its own below)."""
+    base = BreakerPolicy(fail_threshold=1000, open_timeout=30.0, failure_rate=0.5, window=60.0, min_calls=10,
+                         min_failures=1000)
     return dataclasses.replace(base, **changes)
 
 
@@ -422,6 +424,7 @@ def test_profiles_carry_the_seed_design_numbers(name, threshold, timeout):
     assert (policy.fail_threshold, policy.open_timeout, policy.half_open_max_calls) == (threshold, timeout, 1)
     # On top of the seed's counts: leave an upstream failing one call in five, and one refusing connections.
     assert (policy.failure_rate, policy.window, policy.min_calls) == (0.2, 10.0, 10)
+    assert policy.min_failures == (5 if name == "CRITICAL" else 3)
     assert policy.trip_on_refused is True and policy.slow_call_rate is None
 
 
@@ -456,16 +459,61 @@ def test_policy_rejects_a_non_integer_threshold_by_name():
 
 # --- defaults that survive an outage: rate trips, refused connections, abandoned tries ----------
 
-@pytest.mark.parametrize("name", ["CRITICAL", "STANDARD", "FAST"])
-def test_every_profile_leaves_an_upstream_failing_three_calls_in_ten_although_they_never_line_up(clock, name):
+@pytest.mark.parametrize(("name", "opens_at"), [("CRITICAL", 10), ("STANDARD", 8), ("FAST", 8)])
+def test_every_profile_leaves_an_upstream_failing_three_calls_in_ten_although_they_never_line_up(clock, name,
+                                                                                                 opens_at):
     breaker, events = make(clock, PROFILES[name])
     pattern = [False, True, False, False, True, False, False, True, False, False]  # 30 %, never 2 in a row
-    for number, failed in enumerate(pattern, 1):
+    for number, failed in enumerate(pattern[:opens_at], 1):
         assert breaker.state is State.CLOSED, f"opened before call {number}"
         (fail if failed else succeed)(breaker)
-    assert breaker.failures == 0  # the consecutive count alone would never have opened it
+        clock.advance(0.1)
+    # STANDARD and FAST: the third failure (call 8) came 7 calls after the first, a burst of 3/7;
+    # CRITICAL waits for its 5 failures in a burst, or for 10 calls in the window (3/10).
+    assert breaker.state is State.OPEN
+    assert breaker.failures <= 1  # the consecutive count alone would never have opened it
+    assert transitions(events) == [("CLOSED", "OPEN", "failure_rate")]
+
+
+def test_a_burst_after_a_quiet_spell_is_judged_on_its_own_not_on_the_successes_before_it(clock):
+    breaker, events = make(clock, PROFILES["STANDARD"])
+    succeed(breaker, 40)  # a healthy vendor, 40 calls in the window
+    clock.advance(1.0)
+    for failed in [True, False, False, True, False, True]:  # then 3 failures in 6 calls
+        assert breaker.state is State.CLOSED
+        (fail if failed else succeed)(breaker)
+    # 3/46 over the window is under 20 % (and under half of it), so not yet: the gate holds.
+    assert breaker.state is State.CLOSED
+    for failed in [True, False, True, True]:
+        (fail if failed else succeed)(breaker)
+        if breaker.state is State.OPEN:
+            break
+    # 6/49 is over half the rate (10 %) and the last 3 failures came within 4 calls: open.
     assert breaker.state is State.OPEN
     assert transitions(events) == [("CLOSED", "OPEN", "failure_rate")]
+
+
+def test_a_healthy_vendors_rare_cluster_never_trips_it(clock):
+    breaker, _ = make(clock, PROFILES["STANDARD"])
+    for _ in range(5):
+        succeed(breaker, 97)
+        fail(breaker, 1)
+        succeed(breaker, 1)
+        fail(breaker, 1)
+        succeed(breaker, 1)
+        fail(breaker, 1)  # 3 failures within 5 calls, every 100 calls: 3 % over the window
+        clock.advance(2.0)
+    assert breaker.state is State.CLOSED
+
+
+def test_failures_older_than_the_window_are_no_burst(clock):
+    breaker, _ = make(clock, PROFILES["STANDARD"])
+    fail(breaker, 2)
+    succeed(breaker, 1)
+    clock.advance(10.0)  # the two failures have left the window
+    fail(breaker, 1)
+    succeed(breaker, 1)
+    assert breaker.state is State.CLOSED
 
 
 def test_a_healthy_upstream_failing_one_call_in_ten_stays_closed_under_the_profiles(clock):
@@ -486,7 +534,7 @@ def test_a_refused_connection_opens_the_breaker_at_once(clock):
 
 
 def test_trip_on_refused_false_counts_a_refused_connection_as_one_failure(clock):
-    breaker, _ = make(clock, PROFILES["STANDARD"], trip_on_refused=False)
+    breaker, _ = make(clock, PROFILES["STANDARD"], trip_on_refused=False, failure_rate=None)
     for _ in range(4):
         breaker.allow().failure(0.001, refused=True)
     assert breaker.state is State.CLOSED and breaker.failures == 4

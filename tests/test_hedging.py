@@ -212,20 +212,30 @@ async def test_a_request_with_a_copy_is_not_hedged_the_copy_answers_instead(raw_
     assert await metric(proxy, "hedges_total", service="fx", provider="fx_primary", winner="hedge") is None
 
 
-async def test_hedges_are_bounded_by_the_retry_budget(raw_upstream, fake_upstream, proxy_factory):
-    primary = await raw_upstream()
+async def test_hedges_that_answer_first_cost_no_budget_those_that_lose_are_bounded_by_it(fake_upstream,
+                                                                                           proxy_factory):
+    primary = await fake_upstream("primary")
     secondary = await fake_upstream("secondary")
-    text = table(primary.url, secondary.url, timeout="300ms")
+    text = table(primary.url, secondary.url)
     text = text.replace("services:", "defaults:\n  retry_budget: {ratio: 0.01, min_per_second: 0.1, window: 10s}\nservices:")
     proxy = await proxy_factory(text)
     await proxy.get("/fx/latest/USD")
-    primary.default = "hang"
-    for _ in range(2):
+    proxy.breaker("fx_primary").force_open()
+    await proxy.get("/fx/latest/USD")  # the secondary's answer time is known too
+    proxy.breaker("fx_primary").reset()
+    # A hanging primary: each hedge answers first, as a fallback would, and costs nothing.
+    primary.script(Delay(2.0), Delay(2.0), Delay(2.0))
+    for _ in range(3):
         assert (await proxy.get("/fx/latest/USD")).headers["X-Upstream"] == "fx_secondary"
-    # The budget (0.1/s over 10 s, plus 1 % of 3 requests: one retry) paid for one hedge; the other
-    # request waited out the timeout.
-    assert await metric(proxy, "hedges_total", service="fx", provider="fx_primary", winner="hedge") == 1
-    assert await metric(proxy, "external_requests_total", service="fx", provider="fx_primary", outcome="timeout") == 1
+    assert await metric(proxy, "hedges_total", service="fx", provider="fx_primary", winner="hedge") == 3
+    # A slow primary that still answers first: the hedge was load on top. The budget (about one
+    # retry here) pays for one such hedge; the next late request is not hedged.
+    primary.default = Delay(0.3, then=Ok(body=b'{"from": "primary"}'))
+    secondary.default = Delay(1.0)
+    for _ in range(2):
+        assert (await proxy.get("/fx/latest/USD")).headers["X-Upstream"] == "fx_primary"
+    assert await metric(proxy, "hedges_total", service="fx", provider="fx_primary", winner="original") == 1
+    assert proxy.process.runtime.budgets["fx_primary"].allows() is False
 
 
 async def test_a_half_open_probe_is_never_hedged(fake_upstream, proxy_factory, clock):
@@ -284,3 +294,21 @@ async def test_no_hedge_either_when_a_copy_waits_for_its_refresh(raw_upstream, f
     assert (response.headers["X-Cache"], response.headers["X-Upstream"]) == ("MISS", "fx_secondary")
     assert await metric(proxy, "external_requests_total", service="fx", provider="fx_primary", outcome="timeout") == 1
     assert await metric(proxy, "hedges_total", service="fx", provider="fx_primary", winner="hedge") is None
+
+
+async def test_with_nothing_known_only_fail_threshold_lost_tries_are_left_to_finish(fake_upstream, proxy_factory):
+    primary = await fake_upstream("primary")
+    secondary = await fake_upstream("secondary")
+    primary.default = Delay(5.0)  # hangs from the start: its answer time is never learnt
+    proxy = await proxy_factory(table(primary.url, secondary.url, breaker="FAST", timeout="5s"))
+    for _ in range(3):  # FAST: 3 tries are left to finish in the background
+        assert (await proxy.get("/fx/latest/USD")).headers["X-Upstream"] == "fx_secondary"
+    assert proxy.breaker("fx_primary").failures == 0
+    for _ in range(3):  # the next ones are given up: three in a row open the breaker
+        assert (await proxy.get("/fx/latest/USD")).headers["X-Upstream"] == "fx_secondary"
+    assert proxy.breaker("fx_primary").state.value == "OPEN"
+    assert await metric(proxy, "external_requests_total", service="fx", provider="fx_primary",
+                        outcome="hedge_lost") == 3
+    assert primary.calls == 6
+    response = await proxy.get("/fx/latest/USD")
+    assert response.headers["X-Upstream"] == "fx_secondary" and primary.calls == 6  # skipped, nobody waits

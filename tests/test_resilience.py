@@ -26,9 +26,14 @@ async def test_an_open_breaker_sends_nothing_and_goes_straight_to_the_next_upstr
     primary = await fake_upstream("primary")
     secondary = await fake_upstream("secondary")
     primary.default = Fail(500)
-    proxy = await proxy_factory(table(primary.url, secondary.url), clock=clock)
-    for _ in range(5):
+    # The seed's consecutive count alone (the failure-rate trip would open it at the third: see
+    # tests/test_resilient_defaults.py).
+    breaker = {"profile": "STANDARD", "failure_rate": "off"}
+    proxy = await proxy_factory(table(primary.url, secondary.url, breaker=breaker), clock=clock)
+    for _ in range(4):
         assert (await proxy.get("/fx/a")).headers["X-Upstream"] == "fx_secondary"
+    assert proxy.breaker("fx_primary").state.value == "CLOSED"
+    assert (await proxy.get("/fx/a")).headers["X-Upstream"] == "fx_secondary"
     assert proxy.breaker("fx_primary").state.value == "OPEN"
     assert primary.calls == 5
     for _ in range(10):

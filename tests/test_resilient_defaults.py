@@ -116,7 +116,7 @@ async def test_a_post_still_moves_on_only_when_the_upstream_never_got_it(fake_up
 
 # --- leaving a flaky or dead upstream ------------------------------------------------------------
 
-async def test_a_primary_failing_three_calls_in_ten_is_left_after_ten_calls(fake_upstream, proxy_factory, clock):
+async def test_a_primary_failing_three_calls_in_ten_is_left_at_its_third_failure(fake_upstream, proxy_factory, clock):
     primary = await fake_upstream("primary")
     secondary = await fake_upstream("secondary")
     for failed in [False, True, False, False, True, False, False, True, False, False] * 3:
@@ -124,9 +124,23 @@ async def test_a_primary_failing_three_calls_in_ten_is_left_after_ten_calls(fake
     proxy = await proxy_factory(defaults_table(primary.url, secondary.url), clock=clock)
     for _ in range(30):
         assert (await proxy.get("/fx/latest/USD")).status == 200
-    assert primary.calls == 10  # then the failure rate opened the breaker: the rest went to the secondary
+        clock.advance(0.05)
+    # Three failures within seven calls: the failure rate opened the breaker at the eighth call,
+    # although no two failures came in a row; the rest went to the secondary.
+    assert primary.calls == 8
     assert proxy.breaker("fx_primary").state.value == "OPEN"
-    assert secondary.calls == 3 + 20
+    assert secondary.calls == 3 + 22
+
+
+async def test_a_primary_failing_everything_is_left_at_its_third_failure(fake_upstream, proxy_factory, clock):
+    primary = await fake_upstream("primary")
+    secondary = await fake_upstream("secondary")
+    primary.default = Fail(503)
+    proxy = await proxy_factory(defaults_table(primary.url, secondary.url, retry="NONE"), clock=clock)
+    for _ in range(10):
+        assert (await proxy.get("/fx/latest/USD")).headers["X-Upstream"] == "fx_secondary"
+    assert primary.calls == 3
+    assert proxy.breaker("fx_primary").snapshot()["failures"] == 3
 
 
 async def test_a_refused_connection_opens_the_breaker_at_once(fake_upstream, proxy_factory, clock):
