@@ -1,15 +1,18 @@
 """How proxy.http1 frames what an upstream sends: heads bounded as they arrive, framing that
 contradicts itself, non-final chunked codings, interim answers, what is accepted leniently and
-what is refused (README, "Forwarding")."""
+what is refused (README, "Forwarding"), and the time bounds of a streamed answer."""
 
 from __future__ import annotations
 
 import asyncio
+import io
 
+import orjson
 import pytest
+import structlog
 from yarl import URL
 
-from proxy import http1
+from proxy import http1, logs
 from tests.fakes import route_table
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Seq: %b\r\n\r\nok"
@@ -308,3 +311,53 @@ async def test_what_could_be_read_two_ways_is_refused(scripted, reply, why):
     _, url = await scripted(answering(reply))
     with pytest.raises(http1.BadAnswer, match=why):
         await fetch(http1.Pool(url))
+
+
+# --- item 7: the time bounds of a streamed answer, through the proxy ---
+
+def streaming_service(url: URL, deadline: str, **upstream: object) -> str:
+    return route_table({"fx": {"retry": "NONE", "deadline": deadline,
+                               "upstreams": [{"name": "p", "url": str(url), **upstream}]}},
+                       server={"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0",
+                               "max_response_buffer": "64KiB"})
+
+
+def dripping(pause: float | None):
+    """Over 64 KiB of chunks at once (so the answer is streamed), then one chunk per `pause` forever
+    (or, with None, nothing more: a stall)."""
+    async def serve(number, reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + (b"8000\r\n" + b"d" * 0x8000 + b"\r\n") * 3)
+        await writer.drain()
+        if pause is None:
+            await reader.read()  # until the proxy lets go
+            raise ConnectionResetError
+        for _ in range(1000):  # 10 s at most at 10 ms a chunk
+            await asyncio.sleep(pause)
+            writer.write(b"2\r\nmm\r\n")
+            await writer.drain()
+    return serve
+
+
+# Each ends only by the bound it tests: the endless body never pauses for its 5 s timeout, the
+# stalled one has 10 s of deadline left; the test gives either 3 s.
+@pytest.mark.parametrize("pause, deadline, upstream", [(0.01, "400ms", {}), (None, "10s", {"timeout": "150ms"})],
+                         ids=["endless-body-deadline", "stalled-body-timeout"])
+async def test_a_streamed_answer_ends_by_the_deadline_or_when_the_upstream_goes_quiet(
+        scripted, proxy_factory, clock, pause, deadline, upstream):
+    server, url = await scripted(dripping(pause))
+    proxy = await proxy_factory(streaming_service(url, deadline, **upstream), clock=clock)
+    buffer = io.StringIO()
+    logs.configure("info", "json", stream=buffer)
+    try:
+        async with asyncio.timeout(3):
+            head, body = await read_cut(proxy, "/fx/big")
+            while not server.closed_by_peer:  # the upstream's connection is let go too
+                await asyncio.sleep(0.01)
+    finally:
+        structlog.reset_defaults()
+    assert head.startswith(b"HTTP/1.1 200 ") and b"Transfer-Encoding: chunked" in head
+    assert len(body) >= 0x18000 and not body.endswith(b"0\r\n\r\n")  # cut: no last chunk, the caller knows
+    cut = [line for line in map(orjson.loads, buffer.getvalue().splitlines()) if line.get("kind") == "stream"]
+    assert len(cut) == 1 and cut[0]["error"].startswith("TimeoutError") and cut[0]["upstream"] == "p"
