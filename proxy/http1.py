@@ -300,6 +300,8 @@ class _Connection(asyncio.Protocol):
         status = self._parser.get_status_code()
         if status < 100:  # no such status (RFC 9110 §15); parsers disagree on whether a body follows it
             raise BadAnswer(f"status {status:03d}")
+        if status == 101:
+            raise BadAnswer("an upgrade nobody asked for")
         length = _content_length(response.header("Content-Length"))
         codings = _codings(response.headers)
         informational = 100 <= status < 200
