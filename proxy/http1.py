@@ -14,8 +14,9 @@ then handed to llhttp, whole and in canonical form: bare LF line ends become CRL
 obs-fold becomes one space (RFC 9112 §2.2, §5.2), so llhttp stays strict about everything
 else. What could be read two ways is refused as a `BadAnswer`: whitespace before the colon
 or before the first header, a folded Content-Length, Transfer-Encoding or Connection, a
-bare CR, control characters. A connection whose answer was framed inconsistently (a 204, 304 or 1xx
-declaring a body) is never reused: the bytes it announced may still come.
+bare CR, control characters, an interim (1xx) answer announcing a body. A connection whose
+answer was framed inconsistently (a 204 or 304 announcing a body) is never reused: the
+bytes it announced may still come.
 
 A request on a *reused* connection that closes before any byte of the answer arrives is
 sent once more on a new connection when the method is idempotent and the body is in
@@ -304,14 +305,16 @@ class _Connection(asyncio.Protocol):
             raise BadAnswer("an upgrade nobody asked for")
         length = _content_length(response.header("Content-Length"))
         codings = _codings(response.headers)
-        informational = 100 <= status < 200
-        bodiless = informational or status in (204, 304)
-        if bodiless and (codings or length):
-            self._doubtful = True  # the body it announces may still come, and would be read as the next answer
-        if informational:
+        announces_body = bool(codings or length)
+        if status < 200:
+            if announces_body:  # llhttp reads a body after a 1xx other than 100-103: we would take it for a head
+                raise BadAnswer(f"an interim answer ({status}) announcing a body")
             self._informational = True  # 100 Continue, 103 Early Hints: the real answer follows
             response.headers.clear()
             return
+        bodiless = status in (204, 304)
+        if bodiless and announces_body:
+            self._doubtful = True  # the body it announces may still come, and would be read as the next answer
         self._awaiting_head = False
         response.status = status
         response.content_length = length

@@ -304,11 +304,13 @@ async def test_what_can_only_be_read_one_way_is_accepted(scripted, reply, header
     (b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\n close\r\nContent-Length: 2\r\n\r\nok", "connection folded"),
     (b"HTTP/1.1 099 Odd\r\n\r\nbody", "status 099"),
     (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "upgrade nobody asked for"),
+    (b"HTTP/1.1 150 Odd\r\nContent-Length: %d\r\n\r\n%b" % (len(SMUGGLED), SMUGGLED) + OK % b"2",
+     "interim answer \\(150\\) announcing"),  # llhttp would read SMUGGLED as a body we take for the next head
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: \r\n\r\nbody", "Empty Transfer-Encoding"),
 ], ids=["space-before-colon-framing", "space-before-colon", "fold-before-first-header", "folded-length",
         "folded-codings", "bare-cr", "control-character", "nul", "bare-lf-in-chunks", "length-and-chunked",
         "chunked-llhttp-does-not-read", "folded-connection", "status-below-100", "switching-protocols",
-        "empty-codings"])
+        "interim-with-body", "empty-codings"])
 async def test_what_could_be_read_two_ways_is_refused(scripted, reply, why):
     _, url = await scripted(answering(reply))
     with pytest.raises(http1.BadAnswer, match=why):
