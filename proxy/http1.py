@@ -158,15 +158,14 @@ class _Connection(asyncio.Protocol):
     def __init__(self, pool: "Pool") -> None:
         self._pool = pool
         self.transport: asyncio.Transport | None = None
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser = self._strict_parser()
         self.closed = False
         self.idle_since = 0.0
         self.reading_paused = False
-        self._parser.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)  # "5 \r\n": unambiguous
         self._response: Response | None = None
         self._head: asyncio.Future[Response] | None = None
         self._pending = bytearray() # the start of a head whose end has not arrived yet
-        self._early: Any = None     # a lenient parser fed `_pending` as it grows: garbage fails at once
+        self._early: httptools.HttpResponseParser | None = None  # fed `_pending` as it grows: garbage fails at once
         self._awaiting_head = False # the final answer's head is not complete yet
         self._in_head = False       # the parser is between a status line and the end of its headers
         self._received = False      # any byte of the current answer arrived
@@ -216,8 +215,35 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._error(BadAnswer(str(exc) or type(exc).__name__))
 
+    def _strict_parser(self) -> httptools.HttpResponseParser:
+        parser = httptools.HttpResponseParser(self)
+        parser.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)  # "5 \r\n": unambiguous
+        return parser
+
     def _take_heads(self, data: bytes) -> bytes | memoryview:
         """Hand the parser whole heads only (1xx ones, then the final one); the bytes after the final head.
+
+        The usual read holds a whole head in canonical form and is parsed as it came; any other
+        (a head cut between reads, bare LFs, obs-folds, an error) is parsed again from its start
+        by `_collect_heads`, which has the last word.
+        """
+        if not self._pending and len(data) <= MAX_HEAD_BYTES:
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserError:
+                if not self._awaiting_head:
+                    raise  # the head was read; what follows it is at fault
+            else:
+                if not self._awaiting_head or self._response is None:
+                    return b""
+            self._parser = self._strict_parser()  # forget the partial head, and any state it left
+            self._in_head = self._informational = False
+            if self._response is not None:
+                self._response.headers.clear()
+        return self._collect_heads(data)
+
+    def _collect_heads(self, data: bytes) -> bytes | memoryview:
+        """`_take_heads` for a head in pieces or not in canonical form.
 
         A head is bounded as it arrives: once more than MAX_HEAD_BYTES came without its blank
         line, the answer is refused. Each read is searched once (plus two bytes of overlap), and

@@ -277,7 +277,9 @@ async def test_a_final_answer_without_a_reason_reaches_the_caller_with_the_stand
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2  \r\nok\r\n0\r\n\r\n",
      [("Transfer-Encoding", "chunked")], b"ok"),
     (b"HTTP/1.1 200 OK\r\nX-A: 1 \t\r\nContent-Length: 2 \r\n\r\nok", [("X-A", "1"), ("Content-Length", "2")], b"ok"),
-], ids=["obs-fold", "bare-lf", "mixed-line-ends", "spaces-after-chunk-size", "trailing-whitespace"])
+    (b"HTTP/1.1 100 Continue\n\nHTTP/1.1 200 OK\nX-A: one\n two\nContent-Length: 2\n\nok",
+     [("X-A", "one two"), ("Content-Length", "2")], b"ok"),
+], ids=["obs-fold", "bare-lf", "mixed-line-ends", "spaces-after-chunk-size", "trailing-whitespace", "after-a-100"])
 async def test_what_can_only_be_read_one_way_is_accepted(scripted, reply, headers, body):
     server, url = await scripted(answering(reply, OK % b"2"))
     pool = http1.Pool(url)
