@@ -9,6 +9,15 @@ httptools (llhttp, the parser of Node.js) and handed back once its headers are i
 body buffered or read in chunks with back-pressure. Timeouts are the caller's
 (`asyncio.timeout`); only the connect step has its own.
 
+An answer's head is collected here until its blank line, bounded as it arrives, and only
+then handed to llhttp, whole and in canonical form: bare LF line ends become CRLF and an
+obs-fold becomes one space (RFC 9112 §2.2, §5.2), so llhttp stays strict about everything
+else. What could be read two ways is refused as a `BadAnswer`: whitespace before the colon
+or before the first header, a folded Content-Length, Transfer-Encoding or Connection, a
+bare CR, control characters, an interim (1xx) answer announcing a body. A connection whose
+answer was framed inconsistently (a 204 or 304 announcing a body) is never reused: the
+bytes it announced may still come.
+
 A request on a *reused* connection that closes before any byte of the answer arrives is
 sent once more on a new connection when the method is idempotent and the body is in
 memory: the upstream closed an idle connection as we picked it up (the race every
@@ -29,7 +38,9 @@ from yarl import URL
 
 _REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _LENGTH_EXPECTED = frozenset({"POST", "PUT", "PATCH"})
-MAX_HEAD_BYTES = 64 * 1024    # status line and headers of one answer
+MAX_HEAD_BYTES = 64 * 1024    # status line and headers of one answer (and the most chunk framing or trailers
+                              # that may arrive between two pieces of a body)
+_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})  # never unfolded
 _PAUSE_ABOVE = 256 * 1024     # body bytes waiting for the reader before the socket is paused
 
 
@@ -151,19 +162,25 @@ class _Connection(asyncio.Protocol):
     def __init__(self, pool: "Pool") -> None:
         self._pool = pool
         self.transport: asyncio.Transport | None = None
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser = self._strict_parser()
         self.closed = False
         self.idle_since = 0.0
         self.reading_paused = False
         self._response: Response | None = None
         self._head: asyncio.Future[Response] | None = None
-        self._head_bytes = 0
-        self._in_head = False       # between the status line and the end of the headers
+        self._pending = bytearray() # the start of a head whose end has not arrived yet
+        self._early: httptools.HttpResponseParser | None = None  # fed `_pending` as it grows: garbage fails at once
+        self._awaiting_head = False # the final answer's head is not complete yet
+        self._in_head = False       # the parser is between a status line and the end of its headers
         self._received = False      # any byte of the current answer arrived
         self._head_only = False     # a HEAD request: the answer ends with its headers
         self._until_close = False   # the body ends when the connection does
         self._informational = False
         self._reusable = False
+        self._doubtful = False      # the answer's framing contradicts itself: never reuse the connection
+        self._chunks_due = False    # Transfer-Encoding ends in chunked: llhttp must read chunks, not raw bytes
+        self._moved = False         # the body moved (or ended) during the last feed
+        self._still_bytes = 0       # bytes parsed since the body last moved: chunk framing, trailers
         self._body_cut = False      # the request body was not sent to its end: the framing is broken
         self._drain: asyncio.Future[None] | None = None
         self._write_paused = False
@@ -180,7 +197,20 @@ class _Connection(asyncio.Protocol):
             return
         self._received = True
         try:
+            if self._awaiting_head:
+                data = self._take_heads(data)
+                if not data or self._response is None:
+                    return
             self._parser.feed_data(data)
+            if self._moved:
+                self._moved = False
+                self._still_bytes = 0
+            elif self._response is not None:
+                self._still_bytes += len(data)
+                if self._still_bytes > MAX_HEAD_BYTES:  # an endless trailer or chunk line: bounded like a head
+                    raise BadAnswer(f"more than {MAX_HEAD_BYTES} bytes of chunk framing or trailers in a row")
+        except BadAnswer as exc:
+            self._error(exc)
         except httptools.HttpParserUpgrade:
             self._error(BadAnswer("an upgrade nobody asked for"))
         except httptools.HttpParserCallbackError as exc:
@@ -188,6 +218,67 @@ class _Connection(asyncio.Protocol):
             self._error(cause if isinstance(cause, BadAnswer) else BadAnswer(f"{type(cause).__name__}: {cause}"))
         except httptools.HttpParserError as exc:
             self._error(BadAnswer(str(exc) or type(exc).__name__))
+
+    def _strict_parser(self) -> httptools.HttpResponseParser:
+        parser = httptools.HttpResponseParser(self)
+        parser.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)  # "5 \r\n": unambiguous
+        return parser
+
+    def _take_heads(self, data: bytes) -> bytes | memoryview:
+        """Hand the parser whole heads only (1xx ones, then the final one); the bytes after the final head.
+
+        The usual read holds a whole head in canonical form and is parsed as it came; any other
+        (a head cut between reads, bare LFs, obs-folds, an error) is parsed again from its start
+        by `_collect_heads`, which has the last word.
+        """
+        if not self._pending and len(data) <= MAX_HEAD_BYTES:
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserError:
+                if not self._awaiting_head:
+                    raise  # the head was read; what follows it is at fault
+            else:
+                if not self._awaiting_head or self._response is None:
+                    return b""
+            self._parser = self._strict_parser()  # forget the partial head, and any state it left
+            self._in_head = self._informational = False
+            if self._response is not None:
+                self._response.headers.clear()
+        return self._collect_heads(data)
+
+    def _collect_heads(self, data: bytes) -> bytes | memoryview:
+        """`_take_heads` for a head in pieces or not in canonical form.
+
+        A head is bounded as it arrives: once more than MAX_HEAD_BYTES came without its blank
+        line, the answer is refused. Each read is searched once (plus two bytes of overlap), and
+        an unfinished head is also fed, read by read, to a lenient parser that fails on garbage.
+        """
+        pending = self._pending
+        start = 0
+        read = data
+        if pending:
+            start = len(pending) - 2
+            pending += data
+            data = pending  # type: ignore[assignment]
+        while True:
+            end = _head_end(data, start)
+            if end < 0 or end > MAX_HEAD_BYTES:
+                if end > MAX_HEAD_BYTES or len(data) > MAX_HEAD_BYTES:
+                    self._pending = bytearray()
+                    raise BadAnswer(f"status line and headers larger than {MAX_HEAD_BYTES} bytes")
+                if data is not pending:  # a head starts in this read
+                    self._pending = bytearray(data)
+                    self._early = _lenient_parser()
+                    read = data
+                self._early.feed_data(read)
+                return b""
+            self._pending = bytearray()
+            self._early = None
+            self._parser.feed_data(_canonical(bytes(data[:end])))
+            if not self._awaiting_head or self._response is None:
+                return memoryview(data)[end:]  # the body's first bytes, not copied
+            data = data[end:]  # after an interim answer (100, 103): the next head
+            start = 0
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -218,7 +309,7 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self._response is None:
             raise BadAnswer("bytes after the end of the answer")
-        self._head_bytes = 0
+        self._response.reason = ""  # a final status line without a reason must not keep a 100's
         self._in_head = True
 
     def on_status(self, reason: bytes) -> None:
@@ -226,33 +317,40 @@ class _Connection(asyncio.Protocol):
         self._response.reason = reason.decode("utf-8", "surrogateescape")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > MAX_HEAD_BYTES:
-            raise BadAnswer(f"headers larger than {MAX_HEAD_BYTES} bytes")
         if not self._in_head:
             return  # a trailer after a chunked body: too late to pass on as a header, and rarely meant for us
         assert self._response is not None
+        # llhttp drops the whitespace before a value, not after it (RFC 9110 §5.5: neither is part of it)
         self._response.headers.append((name.decode("utf-8", "surrogateescape"),
-                                       value.decode("utf-8", "surrogateescape")))
+                                       value.rstrip(b" \t").decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
         response = self._response
         assert response is not None
         self._in_head = False
         status = self._parser.get_status_code()
-        if 100 <= status < 200:
+        if status < 100:  # no such status (RFC 9110 §15); parsers disagree on whether a body follows it
+            raise BadAnswer(f"status {status:03d}")
+        if status == 101:
+            raise BadAnswer("an upgrade nobody asked for")
+        length = _content_length(response.header("Content-Length"))
+        codings = _codings(response.headers)
+        announces_body = bool(codings or length)
+        if status < 200:
+            if announces_body:  # llhttp reads a body after a 1xx other than 100-103: we would take it for a head
+                raise BadAnswer(f"an interim answer ({status}) announcing a body")
             self._informational = True  # 100 Continue, 103 Early Hints: the real answer follows
             response.headers.clear()
             return
+        bodiless = status in (204, 304)
+        if bodiless and announces_body:
+            self._doubtful = True  # the body it announces may still come, and would be read as the next answer
+        self._awaiting_head = False
         response.status = status
-        length = response.header("Content-Length")
-        if length is not None:
-            try:
-                response.content_length = int(length)
-            except ValueError:
-                raise BadAnswer(f"invalid Content-Length {length[:40]!r}") from None
-        chunked = "chunked" in (response.header("Transfer-Encoding") or "").lower()
-        self._until_close = length is None and not chunked and status not in (204, 304)
+        response.content_length = length
+        # RFC 9112 §6.3: without chunked as the final coding, an answer's body ends with the connection.
+        self._chunks_due = not bodiless and bool(codings) and codings[-1] == "chunked"
+        self._until_close = not bodiless and length is None and not self._chunks_due
         head = self._head
         if head is not None and not head.done():
             head.set_result(response)
@@ -264,10 +362,21 @@ class _Connection(asyncio.Protocol):
             self._response = None
             self._abort()
 
+    # llhttp's reading of Transfer-Encoding is not exposed: where it disagrees with ours, the answer is refused.
+
+    def on_chunk_header(self) -> None:
+        if self._until_close:
+            raise BadAnswer("chunks where Transfer-Encoding does not end in chunked")
+        self._chunks_due = False
+        self._moved = True
+
     def on_body(self, body: bytes) -> None:
         response = self._response
         if response is None:
             return
+        if self._chunks_due:  # e.g. "chunked\t": llhttp reads until the close, the RFC says chunks
+            raise BadAnswer(f"Transfer-Encoding {response.header('Transfer-Encoding')!r} not read as chunked")
+        self._moved = True
         response._feed(body)
         if response._buffered > _PAUSE_ABOVE and not self.reading_paused and self.transport is not None:
             self.transport.pause_reading()
@@ -280,7 +389,7 @@ class _Connection(asyncio.Protocol):
         response = self._response
         if response is None:
             return
-        self._reusable = self._parser.should_keep_alive() and not self._until_close
+        self._reusable = self._parser.should_keep_alive() and not self._until_close and not self._doubtful
         self._response = None
         response._finish()
 
@@ -299,7 +408,10 @@ class _Connection(asyncio.Protocol):
         self._response = response
         self._received = False
         self._head_only = head_only
-        self._until_close = self._informational = self._reusable = self._body_cut = False
+        self._awaiting_head = True
+        self._until_close = self._informational = self._reusable = self._body_cut = self._doubtful = False
+        self._chunks_due = False
+        self._still_bytes = 0
         self._head = asyncio.get_running_loop().create_future()
         if body is None or isinstance(body, bytes):
             transport.write(head + body if body else head)
@@ -380,6 +492,79 @@ class _Connection(asyncio.Protocol):
     def _abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+
+class _EarlyEnd:
+    """What a lenient parser reading an unfinished head calls: it saw an end where there is no blank line."""
+
+    @staticmethod
+    def on_headers_complete() -> None:
+        raise BadAnswer("a head that lenient parsers end early (whitespace or a bare CR before the blank line)")
+
+
+def _lenient_parser() -> httptools.HttpResponseParser:
+    """A parser as lenient as aiohttp's for unfinished heads: what it refuses no later byte can mend."""
+    parser = httptools.HttpResponseParser(_EarlyEnd())
+    parser.set_dangerous_leniencies(lenient_headers=True, lenient_optional_cr_before_lf=True)
+    return parser
+
+
+def _head_end(data: bytes | bytearray, start: int) -> int:
+    """Where the head in `data` ends (just past its blank line, CRLF or bare LF), or -1; searched from `start`."""
+    crlf = data.find(b"\n\r\n", max(start, 0))
+    lf = data.find(b"\n\n", max(start, 0), crlf + 2 if crlf >= 0 else len(data))
+    if lf >= 0:
+        return lf + 2
+    return crlf + 3 if crlf >= 0 else -1
+
+
+def _canonical(head: bytes) -> bytes:
+    """`head` as llhttp's strict parser wants it: bare LF line ends made CRLF, obs-folds unfolded."""
+    lines = head.count(b"\n")
+    folded = b"\n " in head or b"\n\t" in head
+    if not folded and head.count(b"\r\n") == lines:
+        return head
+    if head.count(b"\r\n") != lines:  # RFC 9112 §2.2: a recipient MAY take a bare LF for a line end
+        head = head.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")  # a bare CR stays, for llhttp to refuse
+    return _unfolded(head) if folded else head
+
+
+def _unfolded(head: bytes) -> bytes:
+    """Each obs-fold (whitespace, CRLF, whitespace) replaced by one space, as RFC 9112 §5.2 lets a proxy do.
+
+    Refused: whitespace before the first header (a header to some parsers, ignored by others)
+    and a fold inside Content-Length, Transfer-Encoding or Connection (framing and persistence
+    must read one way only).
+    """
+    lines: list[bytes] = []
+    for line in head.split(b"\r\n"):
+        if line[:1] not in (b" ", b"\t"):
+            if line or lines:  # blank lines before the status line are llhttp's to skip
+                lines.append(line)
+            continue
+        if len(lines) < 2:
+            raise BadAnswer("whitespace before the first header line")
+        name = lines[-1].split(b":", 1)[0].lower()
+        if name in _FRAMING:
+            raise BadAnswer(f"{name.decode()} folded over two lines")
+        rest = line.strip(b" \t")
+        lines[-1] = lines[-1].rstrip(b" \t") + (b" " + rest if rest else b"")
+    return b"\r\n".join(lines)
+
+
+def _content_length(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise BadAnswer(f"invalid Content-Length {value[:40]!r}") from None
+
+
+def _codings(headers: list[tuple[str, str]]) -> list[str]:
+    """The transfer codings of every Transfer-Encoding header, in order, lower case."""
+    return [coding.strip().lower() for name, value in headers if name.lower() == "transfer-encoding"
+            for coding in value.split(",")]
 
 
 def _abandon_chunk(following: asyncio.Future[bytes]) -> None:

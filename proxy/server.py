@@ -410,7 +410,7 @@ class ProxyHandler:
             return error_response(413, "request_body_too_large", request_id,
                                   f"the limit is {settings.max_request_body} bytes", cache="BYPASS")
         else:
-            response = await self._write(request, answer, request_id, settings.drain_timeout)
+            response = await self._write(request, answer, exchange, clock)
             self._finished(exchange, answer.status, answer.cache, answer.upstream, started, clock, answer.fallback)
             return response
         finally:
@@ -457,8 +457,9 @@ class ProxyHandler:
 
         exchange.body_stream = rest()
 
-    async def _write(self, request: web.BaseRequest, answer: Answer, request_id: str,
-                     read_timeout: float) -> web.StreamResponse | RawAnswer:
+    async def _write(self, request: web.BaseRequest, answer: Answer, exchange: Exchange,
+                     clock: Any) -> web.StreamResponse | RawAnswer:
+        request_id = exchange.request_id
         if answer.stream is None and request.method != "HEAD" and plain_keep_alive(request):
             raw = _raw_answer(answer, request_id)
             if raw is not None:
@@ -482,16 +483,21 @@ class ProxyHandler:
             web.StreamResponse(status=answer.status, reason=answer.reason or None, headers=headers)
         if length is not None:
             response.content_length = length
+        # No byte from the upstream for its `timeout` ends the stream, and so does the request's deadline.
+        service = exchange.service
+        idle = next((u.timeout for u in service.upstreams if u.name == answer.upstream), service.deadline)
+        deadline = asyncio.get_running_loop().time() + exchange.deadline_at - clock.monotonic()
         try:
             await response.prepare(request)
-            if answer.body:
-                await response.write(answer.body)
-            while True:
-                async with asyncio.timeout(read_timeout):
-                    chunk = await upstream_response.read()
-                if not chunk:
-                    break
-                await response.write(chunk)
+            async with asyncio.timeout_at(deadline):
+                if answer.body:
+                    await response.write(answer.body)
+                while True:
+                    async with asyncio.timeout(idle):
+                        chunk = await upstream_response.read()
+                    if not chunk:
+                        break
+                    await response.write(chunk)
             await response.write_eof()
         except Exception as exc:
             # The status line is out: no second answer can follow. Cut the connection so the caller
