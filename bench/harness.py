@@ -797,7 +797,7 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     out = [{"target": name, "goal": goal, "value": value, "unit": unit, "met": _met(value, limit, higher)}
            for name, goal, value, limit, higher, unit in rows]
     for row in r["faults"]["comparison"]:
-        if "skipped" in row:
+        if "skipped" in row or row["met"] is None:
             continue
         goal = "every column at least as good as nginx" + (", 0 requests > 0.5 s" if "hang_target" in row else "")
         behind = row["behind"]

@@ -163,3 +163,21 @@ def test_smoke_report_names_every_case_and_scenario(smoke):
 def test_columns_are_compared_with_their_direction_and_tolerance(column, ours, nginx, expected):
     assert column in COLUMNS
     assert verdict(column, ours, nginx) == expected
+
+
+def test_latency_is_compared_as_what_the_fault_adds_over_each_proxys_own_healthy_run():
+    from bench.faults import compare
+
+    def run(p50: float, p99: float, primary_calls: int = 0) -> dict:
+        return {"share_2xx": 1.0, "p50_ms": p50, "p99_ms": p99, "max_ms": p99, "slow": 0,
+                "primary_calls": primary_calls, "violations": 0, "amplification": 1.0}
+
+    faults = {"defaults": {"healthy": run(2.0, 9.0), "primary_refuses": run(2.1, 9.5, 1)},
+              "nginx": {"healthy": run(1.0, 5.0), "primary_refuses": run(1.2, 8.5, 4)}}
+    rows = {row["scenario"]: row for row in compare(faults)}
+    refuses = rows["primary_refuses"]
+    # Raw p99 9.5 against 8.5 would be behind; what the refusals add is +0.5 against +3.5: ahead.
+    assert refuses["columns"]["p99_ms"] == "ahead" and refuses["added"]["p99_ms"] == (0.5, 3.5)
+    assert refuses["columns"]["primary_calls"] == "ahead" and refuses["met"] is True
+    assert rows["healthy"]["met"] is None  # a reference, not a target
+    assert rows["healthy"]["columns"]["p99_ms"] == "behind"  # compared as they are
