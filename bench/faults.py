@@ -228,7 +228,8 @@ def _measured(item: dict[str, Any], column: str) -> bool:
 
 # --- report ---------------------------------------------------------------------------------------------------
 
-def _num(value: Any, digits: int = 1) -> str:
+def number_text(value: Any, digits: int = 1) -> str:
+    """A figure for the report: `–` for nothing, floats with `digits` decimals and thousands separators."""
     if value is None:
         return "–"
     if isinstance(value, float):
@@ -261,9 +262,9 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> list[str]:
             if "share_2xx_after_stop" in item:
                 share += f" ({item['share_2xx_after_stop'] * 100:.1f}% after the stop)"
             lines.append(
-                f"| {scenario.name} | {who} | {share} | {_num(item['p50_ms'])} | {_num(item['p99_ms'])} | "
-                f"{_num(item['max_ms'])} | {item['slow']} | {item['primary_calls']} | {item['violations']} | "
-                f"{_num(item['amplification'], 2)} | "
+                f"| {scenario.name} | {who} | {share} | {number_text(item['p50_ms'])} | {number_text(item['p99_ms'])} | "
+                f"{number_text(item['max_ms'])} | {item['slow']} | {item['primary_calls']} | {item['violations']} | "
+                f"{number_text(item['amplification'], 2)} | "
                 f"{', '.join(f'{k}: {v}' for k, v in sorted(item['statuses'].items()))} |")
     lines += ["", "### Side by side (defaults against nginx, per column)", "",
               "Counts (2xx, requests over 0.5 s, primary calls, RA violations) are compared as measured, exactly. "
@@ -283,8 +284,8 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> list[str]:
             cell = row["columns"][column]
             if column in row.get("added", {}):
                 mine, other = row["added"][column]
-                cell += f" ({'+' if mine >= 0 else ''}{_num(mine, 2 if column == 'amplification' else 1)} / "
-                cell += f"{'+' if other >= 0 else ''}{_num(other, 2 if column == 'amplification' else 1)})"
+                cell += f" ({'+' if mine >= 0 else ''}{number_text(mine, 2 if column == 'amplification' else 1)} / "
+                cell += f"{'+' if other >= 0 else ''}{number_text(other, 2 if column == 'amplification' else 1)})"
             cells.append(cell)
         lines.append(f"| {row['scenario']} | " + " | ".join(cells) + f" | {met} |")
     probe = results.get("probe_all_down_cold")

@@ -809,11 +809,7 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
 # --- markdown ---------------------------------------------------------------------------------------
 
 def _num(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:,.{digits}f}"
-    return str(value)
+    return fault_bench.number_text(value, digits)
 
 
 def _range(item: dict[str, Any], digits: int = 2, unit: str = "") -> str:

@@ -27,30 +27,16 @@ def shared_table(primary: str, secondary: str, redis_url: str, prefix: str, **pr
         cache={"backend": "redis", "url": redis_url, "prefix": prefix})
 
 
-@pytest.fixture
-async def replicas(redis_url, redis_prefix):
-    started = []
-
-    async def start(text: str, **kwargs):
-        proxy = await start_proxy(text, **kwargs)
-        started.append(proxy)
-        return proxy
-
-    yield start
-    for proxy in started:
-        await stop_proxy(proxy)
-
-
 async def listening(proxy) -> None:
     assert await eventually(lambda: proxy.process.fleet.listening, within=3.0)
 
 
-async def test_a_rest_one_replica_was_told_of_holds_on_the_other(fake_upstream, replicas, redis_url, redis_prefix):
+async def test_a_rest_one_replica_was_told_of_holds_on_the_other(fake_upstream, proxy_factory, redis_url, redis_prefix):
     primary = await fake_upstream("primary")
     secondary = await fake_upstream("secondary")
     primary.script(Fail(429, headers={"Retry-After": "30"}))
     text = shared_table(primary.url, secondary.url, redis_url, redis_prefix)
-    a, b = await replicas(text), await replicas(text)
+    a, b = await proxy_factory(text), await proxy_factory(text)
     await listening(a)
     await listening(b)
     assert (await a.get("/fx/latest/USD")).headers["X-Upstream"] == "fx_secondary"
@@ -63,29 +49,29 @@ async def test_a_rest_one_replica_was_told_of_holds_on_the_other(fake_upstream, 
     assert circuits["circuits"][0]["restingUntil"] is not None
 
 
-async def test_a_replica_that_starts_during_a_rest_finds_it(fake_upstream, replicas, redis_url, redis_prefix):
+async def test_a_replica_that_starts_during_a_rest_finds_it(fake_upstream, proxy_factory, redis_url, redis_prefix):
     primary = await fake_upstream("primary")
     secondary = await fake_upstream("secondary")
     primary.script(Fail(503, headers={"Retry-After": "30"}))
     text = shared_table(primary.url, secondary.url, redis_url, redis_prefix)
-    a = await replicas(text)
+    a = await proxy_factory(text)
     await a.get("/fx/latest/USD")
     assert a.breaker("fx_primary").resting
     await asyncio.sleep(0.1)  # the rest is written to Redis in a task of its own
-    late = await replicas(text)
+    late = await proxy_factory(text)
     assert await eventually(lambda: late.breaker("fx_primary").resting, within=3.0)
     assert (await late.get("/fx/latest/USD")).headers["X-Upstream"] == "fx_secondary"
     assert primary.calls == 1
 
 
-async def test_a_refused_key_rests_on_every_replica(fake_upstream, replicas, redis_url, redis_prefix):
+async def test_a_refused_key_rests_on_every_replica(fake_upstream, proxy_factory, redis_url, redis_prefix):
     primary = await fake_upstream("primary")
     secondary = await fake_upstream("secondary")
     primary.script(Fail(429, headers={"Retry-After": "60"}))
     primary.default = Ok(body=b'{"from": "primary"}')
     text = shared_table(primary.url, secondary.url, redis_url, redis_prefix,
                         keys=["key-one-aaaa", "key-two-bbbb"], query={"apikey": "{key}"})
-    a, b = await replicas(text), await replicas(text)
+    a, b = await proxy_factory(text), await proxy_factory(text)
     await listening(b)
     assert (await a.get("/fx/latest/USD")).headers["X-Upstream"] == "fx_primary"  # rotated to the second key
     ring = b.process.runtime.keyrings["fx_primary"]

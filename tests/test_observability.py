@@ -8,10 +8,9 @@ import re
 import orjson
 import pytest
 import structlog
-from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import logs
-from tests.fakes import Fail, Ok, route_table
+from tests.fakes import Fail, Ok, metric_samples, route_table
 
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -24,16 +23,8 @@ def outage_table(primary: str, secondary: str) -> str:
         "upstreams": [{"name": "fx_primary", "url": primary}, {"name": "fx_secondary", "url": secondary}]}})
 
 
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
-
-
 def value(text: str, name: str, **labels: str) -> float:
-    return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
+    return metric_samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 async def test_metrics_move_as_an_outage_unfolds_on_both_endpoints(fake_upstream, proxy_factory, clock):
@@ -63,7 +54,7 @@ async def test_metrics_move_as_an_outage_unfolds_on_both_endpoints(fake_upstream
     assert value(after, "cache_requests_total", service="fx", result="miss") == 4
     health_metrics = await (await proxy.get("/health/metrics")).text()
     assert value(health_metrics, "stale_served_total", service="fx", reason="error") == 1
-    assert {k[0] for k in samples(health_metrics)} == {k[0] for k in samples(after)}
+    assert {k[0] for k in metric_samples(health_metrics)} == {k[0] for k in metric_samples(after)}
 
 
 async def test_label_values_never_come_from_request_paths(fake_upstream, proxy_factory, clock):
@@ -74,7 +65,7 @@ async def test_label_values_never_come_from_request_paths(fake_upstream, proxy_f
         await proxy.get(f"/fx/unique-path-{n}?q={n}")
     text = await (await proxy.client.get(proxy.metrics_url + "/metrics")).text()
     assert "unique-path" not in text
-    label_values = {v for (_, labels) in samples(text) for _, v in labels}
+    label_values = {v for (_, labels) in metric_samples(text) for _, v in labels}
     assert label_values <= {"fx", "fx_primary", "success", "200", "bypass", "CLOSED", "OPEN", "HALF_OPEN",
                             "redis", "memory", "ok", "error", "+Inf"} | {v for v in label_values if re.match(r"^[\d.e+-]+$", v)}
 
