@@ -84,6 +84,27 @@ class _Walk:
         self.waits: list[float | None] = []    # skipped upstreams: seconds until each may be tried again
 
 
+async def _ends_within(task: asyncio.Task[Tries], seconds: float) -> bool:
+    """Wait until `task` ends or `seconds` pass (real time on purpose: this races a network call, as
+    the attempt's own timeout does); True when it ended. Every late-able request comes through
+    here, so it is asyncio.wait's work without its sets and waiters: a future, a callback, a timer."""
+    loop = task.get_loop()
+    woken = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not woken.done():
+            woken.set_result(None)
+
+    task.add_done_callback(wake)
+    timer = loop.call_later(seconds, wake)
+    try:
+        await woken
+    finally:
+        timer.cancel()
+        task.remove_done_callback(wake)
+    return task.done()
+
+
 class _Racer:
     """One side of a hedge race: the upstream, its try's task, and how to tell it that it lost."""
 
@@ -149,13 +170,12 @@ class FallbackStage:
                      done: set[str]) -> list[Tries]:
         upstream = upstreams[index]
         done.add(upstream.name)
-        delay = self._hedge_delay(exchange, upstreams, index, done)
+        delay = self._hedge_delay(exchange, upstreams, index)
         if delay is None:
             return [await self._retry.first(upstream, exchange)]
         return await self._race(exchange, upstreams, index, done, delay)
 
-    def _hedge_delay(self, exchange: Exchange, upstreams: tuple[Upstream, ...], index: int,
-                     done: set[str]) -> float | None:
+    def _hedge_delay(self, exchange: Exchange, upstreams: tuple[Upstream, ...], index: int) -> float | None:
         """How long to wait for `upstreams[index]` before hedging, or None: never hedge this try."""
         upstream = upstreams[index]
         if upstream.hedge is None or not exchange.may_hedge or exchange.method not in _HEDGEABLE \
@@ -186,9 +206,7 @@ class FallbackStage:
         original = _Racer(upstream, lambda abandon: loop.create_task(self._retry.first(upstream, exchange, abandon)))
         racers = [original]
         try:
-            # Real time on purpose: this races a network call, as the attempt's own timeout does.
-            finished, _ = await asyncio.wait({original.task}, timeout=delay)
-            if finished:
+            if await _ends_within(original.task, delay):
                 return [original.task.result()]
             target = self._hedge_target(upstreams, index, done)
             budget = self._retry.budget(upstream)
