@@ -30,6 +30,8 @@ class Outcome(str, enum.Enum):
     NO_PATH = "no_path"            # the route gives this upstream's templates no values: not tried
     RESTING = "resting"            # skipped: the upstream asked for a rest (Retry-After) that is not over
     HEDGE_LOST = "hedge_lost"      # given up as too slow: a hedge to another upstream answered first
+    CALLER_ERROR = "caller_error"  # a result code in the answer says the caller's request was bad: not retried
+    VENDOR_ERROR = "vendor_error"  # a result code in the answer says the vendor failed (often inside a 200)
 
     @property
     def answered(self) -> bool:
@@ -64,13 +66,13 @@ def from_status(status: int) -> Outcome:
 def is_breaker_failure(outcome: Outcome, *, trip_on_429: bool = False) -> bool:
     """Whether an outcome counts against the upstream's circuit breaker.
 
-    5xx, timeouts, connect errors, resets and malformed answers do; 2xx/3xx/4xx do not
-    (a 404 is the upstream working correctly); 429 only when the breaker is told so.
+    5xx, timeouts, connect errors, resets, malformed answers and vendor errors do; 2xx/3xx/4xx and
+    caller errors do not (a 404 is the upstream working correctly); 429 only when the breaker is told so.
     """
     if outcome is Outcome.HTTP_429:
         return trip_on_429
     return outcome in (Outcome.HTTP_5XX, Outcome.TIMEOUT, Outcome.CONNECT, Outcome.RESET, Outcome.MALFORMED,
-                       Outcome.TRANSFORM)
+                       Outcome.TRANSFORM, Outcome.VENDOR_ERROR)
 
 
 # Outcomes where no request reached the upstream: it was skipped before any network call.
