@@ -156,6 +156,7 @@ class Route:
     derive: "Derive | None" = None
     watch: Watch | None = None
     queries: Mapping[str, tuple[tuple[str, Template], ...]] = field(default_factory=dict)  # per upstream, from `paths`
+    skipped: frozenset[str] = frozenset()  # upstreams that do not serve this route (`paths: {name: off}`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1038,12 +1039,16 @@ def _service(check: _Checker, name: str, data: LineDict, where: str, line: int, 
         r_rule = _cache_rule(check, r_data["cache"], f"{r_where}.cache", line_of(r_data, "cache"), rule, cache) if "cache" in r_data else rule
         paths: dict[str, Template] = {}
         queries: dict[str, tuple[tuple[str, Template], ...]] = {}
+        skipped: set[str] = set()
         p_data = check.mapping(r_data.get("paths"), f"{r_where}.paths", line_of(r_data, "paths"))
         for u_name, template in (p_data or {}).items():
             if u_name not in names:
                 check.problem(line_of(p_data, u_name), f"{r_where}.paths: no upstream named {u_name!r} in service {name!r}")
+            elif _off(template):
+                skipped.add(u_name)
             elif not isinstance(template, str) or not template.startswith("/"):
-                check.problem(line_of(p_data, u_name), f"{r_where}.paths.{u_name}: expected a path starting with /")
+                check.problem(line_of(p_data, u_name), f"{r_where}.paths.{u_name}: expected a path starting with / "
+                                                        "(or off: the upstream does not serve this route)")
             else:
                 paths[u_name], query = _route_path(check, template, f"{r_where}.paths.{u_name}", line_of(p_data, u_name))
                 if query:
@@ -1059,7 +1064,7 @@ def _service(check: _Checker, name: str, data: LineDict, where: str, line: int, 
             watch = _watch(check, watch_value, f"{r_where}.watch" if "watch" in r_data else f"{where}.watch",
                            watch_line, set(pattern.names))
         routes.append(Route(name=r_name, pattern=pattern, cache=r_rule, paths=paths, derive=derive, watch=watch,
-                            queries=queries))
+                            queries=queries, skipped=frozenset(skipped)))
 
     # Every placeholder an upstream uses must come from some route's match, or the template can never be filled.
     offered = {n for r in routes for n in r.pattern.names} | BUILT_IN_PLACEHOLDERS
@@ -1142,7 +1147,8 @@ def _effective_service(service: Service, data: LineDict) -> dict[str, Any]:
         "fallback_before_retry": service.fallback_first,
         "cache": _rule_dict(service.cache),
         "routes": [{"name": r.name, "match": r.pattern.text, "cache": _rule_dict(r.cache),
-                    "paths": {k: _path_text(t, r.queries.get(k, ())) for k, t in r.paths.items()}}
+                    "paths": {**{k: _path_text(t, r.queries.get(k, ())) for k, t in r.paths.items()},
+                              **{k: "off" for k in sorted(r.skipped)}}}
                    for r in service.routes],
         "upstreams": upstreams,
     }

@@ -94,6 +94,8 @@ def build_url(upstream: Upstream, exchange: Exchange, values: dict[str, str]) ->
     template = None
     route_query: tuple[tuple[str, Template], ...] = ()
     if exchange.route is not None:
+        if upstream.name in exchange.route.skipped:
+            raise NoPathForUpstream(upstream.name)
         template = exchange.route.paths.get(upstream.name)
         route_query = exchange.route.queries.get(upstream.name, ())
     if template is None:

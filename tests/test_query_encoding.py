@@ -4,12 +4,13 @@ parameter names and values, and the query part of a route's per-upstream path.""
 from __future__ import annotations
 
 import pytest
-from multidict import CIMultiDictProxy, CIMultiDict
+import yaml
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.config import ConfigError, decoded_once, parse_config
 from proxy.exchange import Exchange
-from proxy.transport import build_url
+from proxy.transport import NoPathForUpstream, build_url
 from tests.fakes import route_table
 
 # A data.go.kr key as the portal shows it: "decoded", and "encoded" (percent-encoded once).
@@ -93,6 +94,20 @@ def test_check_shows_a_route_path_with_its_query():
     config = parse_config(table(), "routes.yaml", {})
     paths = [r["paths"]["vendor"] for r in config.effective["services"]["flights"]["routes"]]
     assert paths[1] == "/status?schFln={flight}&schLineType=D&serviceKey=route-wins"
+
+
+@pytest.mark.parametrize("off", ["off", False])
+def test_paths_off_means_the_upstream_does_not_serve_the_route(off):
+    document = yaml.safe_load(table())
+    document["services"]["flights"]["routes"][1]["paths"]["vendor"] = off
+    config = parse_config(yaml.safe_dump(document, allow_unicode=True), "routes.yaml", {})
+    service = config.services["flights"]
+    route, params = service.route_for("/flights/status/KE1")
+    exchange = Exchange("rid", "GET", service, route, params, "/flights/status/KE1", "/status/KE1", (),
+                        CIMultiDictProxy(CIMultiDict()), 0.0)
+    with pytest.raises(NoPathForUpstream):
+        build_url(service.upstreams[0], exchange, {**params, "upstream": "vendor"})
+    assert config.effective["services"]["flights"]["routes"][1]["paths"] == {"vendor": "off"}
 
 
 @pytest.mark.parametrize("text, expected", [
