@@ -114,8 +114,8 @@ class AttemptStage:
         permit = breaker.allow()
         if permit is None:
             if breaker.resting:
-                return self._skip(upstream, exchange, Outcome.RESTING, "resting as its Retry-After asked",
-                                  breaker.wait_hint())
+                return self._skip(upstream, exchange, Outcome.RESTING,
+                                  "resting (Retry-After, or its only API key refused)", breaker.wait_hint())
             return self._skip(upstream, exchange, Outcome.BREAKER_OPEN, f"circuit {breaker.state.value}",
                               breaker.wait_hint())
         limiter = self._limiters.get(upstream.name)

@@ -259,8 +259,9 @@ class EventLog:
 
     def _UpstreamRested(self, e: events.UpstreamRested) -> None:
         origin = " (learnt from another replica)" if e.shared else ""
-        self._log.warning(f"Provider {e.provider} asked to rest (Retry-After): skipped until {iso(e.until)}{origin}",
-                          kind="rest", service=e.service, provider=e.provider, until=iso(e.until), shared=e.shared)
+        self._log.warning(f"Provider {e.provider} rests (Retry-After, or its only API key refused): skipped "
+                          f"until {iso(e.until)}{origin}", kind="rest", service=e.service, provider=e.provider,
+                          until=iso(e.until), shared=e.shared)
 
     def _CacheBackendState(self, e: events.CacheBackendState) -> None:
         if e.connected:
