@@ -185,6 +185,8 @@ class AttemptStage:
             document = _decoded(reply)
             if not isinstance(document, TransformError):
                 verdict = upstream.result_codes.verdict(document, reply.status)
+                if verdict is not None:
+                    verdict = verdict.hiding(_secrets(upstream))
         if verdict is not None and verdict.meaning.refuses_key:
             return self._refused(upstream, ring, key_index, reply, breaker, verdict)
         if ring is not None and _refuses_key(reply):
@@ -257,6 +259,11 @@ def _decoded(reply: Reply) -> Any:
         return decode_document(reply.body, reply.headers)
     except TransformError as exc:
         return exc
+
+
+def _secrets(upstream: Upstream) -> list[str]:
+    """The upstream's API keys and the query values it reads from the environment."""
+    return [*upstream.keys, *(t.text for name, t in upstream.query if name in upstream.secret_query and not t.names)]
 
 
 def _parameters(upstream: Upstream, exchange: Exchange) -> list[tuple[str, str]]:

@@ -104,9 +104,12 @@ def decode_document(body: bytes, headers: list[tuple[str, str]]) -> Any:
 
 
 def _xml_document(body: bytes) -> Any:
-    # No DTD at all: entity expansion (billion laughs) and external entities are refused before parsing.
+    # No DTD at all: entity expansion (billion laughs) and external entities are refused before parsing;
+    # UTF-16 (NUL bytes) is refused too, or a DTD could hide from that check.
     if b"<!DOCTYPE" in body or b"<!ENTITY" in body:
         raise TransformError("the XML answer declares a DTD, which is not read")
+    if b"\x00" in body:
+        raise TransformError("the XML answer is not in an ASCII-compatible encoding")
     try:
         root = ElementTree.fromstring(body)
     except ElementTree.ParseError:

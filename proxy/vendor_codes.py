@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import quote
 
 from .quota import DailyReset
 from .transform import TransformError, evaluate
@@ -52,6 +53,18 @@ class Verdict:
 
     def __str__(self) -> str:
         return f"result code {self.code}" + (f" ({self.message})" if self.message else "")
+
+    def hiding(self, secrets: Iterable[str]) -> "Verdict":
+        """The verdict with any of `secrets` (or their URL-encoded forms) masked in the vendor's
+        message: a vendor may echo the request, key included, and details reach callers and logs."""
+        if not self.message:
+            return self
+        message = self.message
+        for secret in secrets:
+            if len(secret) >= 4:
+                for form in {secret, quote(secret, safe=""), quote(secret)}:
+                    message = message.replace(form, "***")
+        return self if message == self.message else replace(self, message=message)
 
 
 @dataclass(frozen=True, slots=True)

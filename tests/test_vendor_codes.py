@@ -12,7 +12,7 @@ from proxy.config import ConfigError, parse_config
 from proxy.quota import DailyReset, KeyRing
 from proxy.transform import TransformError, decode_document
 from proxy.vendor_codes import Meaning, ResultCodes, Verdict, blamed_parameter
-from tests.fakes import Fail, Ok, route_table
+from tests.fakes import Fail, Ok, eventually, route_table, start_proxy, stop_proxy
 
 DATA_GO_KR = ResultCodes(
     code="response.header.resultCode || OpenAPI_ServiceResponse.cmmMsgHeader.returnReasonCode || code",
@@ -81,6 +81,13 @@ def test_a_vendor_message_is_one_bounded_line():
     assert found.message.startswith("line one line two x") and len(found.message) == 203
 
 
+def test_a_key_the_vendor_echoes_in_its_message_is_hidden_in_every_form():
+    found = Verdict(Meaning.CALLER_ERROR, "10", "bad request serviceKey=ab%2Bc%2Fd%3D%3D and ab+c/d== again")
+    assert found.hiding(["ab+c/d==", "xyz"]).message == "bad request serviceKey=*** and *** again"
+    assert found.hiding(["abc"]) is found  # too short to be a key: left alone
+    assert Verdict(Meaning.EMPTY, "03").hiding(["ab+c/d=="]) == Verdict(Meaning.EMPTY, "03")
+
+
 def test_a_failing_expression_over_an_odd_document_is_no_code():
     codes = ResultCodes(code="to_number(code)", meanings={"1": Meaning.SUCCESS})
     assert codes.verdict({"code": {"nested": 1}}, 200) is None
@@ -107,6 +114,8 @@ def test_xml_namespaces_are_dropped_and_gzip_is_undone():
     (b"<r><unclosed></r>", "well-formed"),
     (b"<a>" * 70 + b"</a>" * 70, "deeper than 64"),
     (b"<html>maintenance", "well-formed"),
+    ('<?xml version="1.0" encoding="UTF-16"?><!DOCTYPE r [<!ENTITY a "a">]><r>&a;</r>'.encode("utf-16-le"),
+     "ASCII-compatible"),
     (b"not json", "not JSON"),
 ])
 def test_a_hostile_or_broken_body_is_refused_with_the_reason(body, reason):
@@ -352,3 +361,32 @@ async def test_an_odcloud_error_object_on_a_4xx_is_a_refused_key_not_a_4xx_passe
     proxy = await proxy_factory(codes_table(vendor.url, secondary=other.url), clock=clock)
     response = await proxy.get("/flights/status/KE1")
     assert response.status == 200 and response.headers["X-Upstream"] == "other"
+
+
+async def test_a_vendor_echoing_the_key_never_shows_it_to_the_caller(fake_upstream, proxy_factory, clock):
+    vendor = await fake_upstream("vendor")
+    vendor.default = answer("10", "INVALID_REQUEST_PARAMETER_ERROR: flightNo=K-1&serviceKey=key-one-1111")
+    proxy = await proxy_factory(codes_table(vendor.url, keys=["key-one-1111", "key-two-2222"]), clock=clock)
+    body = await (await proxy.get("/flights/status/K-1")).text()
+    assert "key-one-1111" not in body and "serviceKey=***" in body
+
+
+async def test_a_key_refused_by_a_result_code_rests_on_every_replica(fake_upstream, redis_url, redis_prefix, clock):
+    vendor = await fake_upstream("vendor")
+    vendor.script(answer("22", "LIMITED_NUMBER_OF_SERVICE_REQUESTS_EXCEEDS_ERROR"))
+    vendor.default = answer("00", items="")
+    text = codes_table(vendor.url, keys=["key-one-1111", "key-two-2222"]).replace(
+        "services:", f"cache:\n  backend: redis\n  url: {redis_url}\n  prefix: '{redis_prefix}'\nservices:")
+    a, b = await start_proxy(text, clock=clock), await start_proxy(text, clock=clock)
+    try:
+        assert await eventually(lambda: b.process.fleet.listening, within=3.0)
+        assert (await a.get("/flights/status/KE1")).status == 200
+        ring = b.process.runtime.keyrings["vendor"]
+        assert await eventually(lambda: ring.current()[1] == "key-two-2222", within=3.0)
+        assert ring.snapshot()[0]["spentUntil"] == 1_733_065_200.0  # the daily reset, learnt from the other replica
+        await b.get("/flights/status/KE2")
+        assert [seen.path_qs.split("serviceKey=")[1] for seen in vendor.seen] == \
+            ["key-one-1111", "key-two-2222", "key-two-2222"]
+    finally:
+        await stop_proxy(a)
+        await stop_proxy(b)
