@@ -30,6 +30,8 @@ from .transform import TransformError, decode_document, normalise
 from .transport import AttemptError, HttpTransport, MaskedUrl, NoPathForUpstream, Reply, build_url
 from .vendor_codes import Meaning, Verdict, blamed_parameter
 
+_UNREAD = object()  # an answer's body not decoded yet
+
 # Words in a 403 answer that say the key (not the request) is the problem.
 _KEY_WORDS = ("quota", "limit", "key", "auth", "token", "credential", "subscription", "exceeded", "expired")
 
@@ -184,9 +186,7 @@ class AttemptStage:
         if upstream.result_codes is not None and reply.stream is None:
             document = _decoded(reply)
             if not isinstance(document, TransformError):
-                verdict = upstream.result_codes.verdict(document, reply.status)
-                if verdict is not None:
-                    verdict = verdict.hiding(_secrets(upstream))
+                verdict = upstream.result_codes.verdict(document, reply.status, hide=_secrets(upstream))
         if verdict is not None and verdict.meaning.refuses_key:
             return self._refused(upstream, ring, key_index, reply, breaker, verdict)
         if ring is not None and _refuses_key(reply):
@@ -248,9 +248,6 @@ class AttemptStage:
                                    0 if left is None else len(upstream.keys) - left[0], reason=reason))
         detail = f"key {key} refused ({reason or reply.status})"
         return AttemptResult(Outcome.KEY_REFUSED, reply, detail, rotated=left is not None)
-
-
-_UNREAD = object()  # the answer's body has not been decoded yet
 
 
 def _decoded(reply: Reply) -> Any:

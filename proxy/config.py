@@ -1050,7 +1050,8 @@ def _service(check: _Checker, name: str, data: LineDict, where: str, line: int, 
                 check.problem(line_of(p_data, u_name), f"{r_where}.paths.{u_name}: expected a path starting with / "
                                                         "(or off: the upstream does not serve this route)")
             else:
-                paths[u_name], query = _route_path(check, template, f"{r_where}.paths.{u_name}", line_of(p_data, u_name))
+                paths[u_name], query = _route_path(check, template, f"{r_where}.paths.{u_name}",
+                                                   line_of(p_data, u_name))
                 if query:
                     queries[u_name] = query
         r_name = check.get(r_data, "name", r_where, _string, match)

@@ -28,7 +28,7 @@ class Outcome(str, enum.Enum):
     KEY_REFUSED = "key_refused"    # the upstream refused the key it was sent (quota or auth), not the request
     TRANSFORM = "transform_failed"  # the answer could not be normalised (not JSON, failed expression)
     NO_PATH = "no_path"            # the route gives this upstream's templates no values: not tried
-    RESTING = "resting"            # skipped: the upstream asked for a rest (Retry-After) that is not over
+    RESTING = "resting"            # skipped: a rest (Retry-After, or its only key refused) is not over
     HEDGE_LOST = "hedge_lost"      # given up as too slow: a hedge to another upstream answered first
     CALLER_ERROR = "caller_error"  # a result code in the answer says the caller's request was bad: not retried
     VENDOR_ERROR = "vendor_error"  # a result code in the answer says the vendor failed (often inside a 200)

@@ -132,8 +132,8 @@ class DailyReset:
         return reset - self.offset * 60
 
     def __str__(self) -> str:
-        sign = "-" if self.offset < 0 else "+"
-        return f"{self.minute // 60:02d}:{self.minute % 60:02d}{sign}{abs(self.offset) // 60:02d}:{abs(self.offset) % 60:02d}"
+        hours, minutes = divmod(abs(self.offset), 60)
+        return f"{self.minute // 60:02d}:{self.minute % 60:02d}{'-' if self.offset < 0 else '+'}{hours:02d}:{minutes:02d}"
 
 
 def fingerprint(value: str) -> str:

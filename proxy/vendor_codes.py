@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -54,18 +54,6 @@ class Verdict:
     def __str__(self) -> str:
         return f"result code {self.code}" + (f" ({self.message})" if self.message else "")
 
-    def hiding(self, secrets: Iterable[str]) -> "Verdict":
-        """The verdict with any of `secrets` (or their URL-encoded forms) masked in the vendor's
-        message: a vendor may echo the request, key included, and details reach callers and logs."""
-        if not self.message:
-            return self
-        message = self.message
-        for secret in secrets:
-            if len(secret) >= 4:
-                for form in {secret, quote(secret, safe=""), quote(secret)}:
-                    message = message.replace(form, "***")
-        return self if message == self.message else replace(self, message=message)
-
 
 @dataclass(frozen=True, slots=True)
 class ResultCodes:
@@ -76,8 +64,11 @@ class ResultCodes:
     message: str | None = None         # JMESPath to the code's message
     daily_reset: DailyReset | None = None  # when a spent quota comes back; None: the key rests `key_cooldown`
 
-    def verdict(self, document: Any, status: int) -> Verdict | None:
-        """What the decoded answer's code means, or None when it carries none (or its status decides)."""
+    def verdict(self, document: Any, status: int, *, hide: Iterable[str] = ()) -> Verdict | None:
+        """What the decoded answer's code means, or None when it carries none (or its status decides).
+
+        `hide`: secrets (API keys) masked in the vendor's message, which may echo the request.
+        """
         if status >= 500 or status < 200 or 300 <= status < 400:
             return None
         code = _text(self._find(self.code, document))
@@ -91,7 +82,7 @@ class ResultCodes:
         elif status >= 400 and meaning in (Meaning.SUCCESS, Meaning.EMPTY):
             return None  # a "success" code with an error status: trust the status
         message = _text(self._find(self.message, document)) if self.message else None
-        return Verdict(meaning, code, _printable(message) if message else None)
+        return Verdict(meaning, code, _printable(_masked(message, hide)) if message else None)
 
     @staticmethod
     def _find(expression: str, document: Any) -> Any:
@@ -112,6 +103,15 @@ def _text(value: Any) -> str | None:
     if isinstance(value, str) and value.strip():
         return value.strip()
     return None
+
+
+def _masked(text: str, secrets: Iterable[str]) -> str:
+    """`text` with each secret, as written or URL-encoded, replaced by `***`."""
+    for secret in secrets:
+        if len(secret) >= 4:
+            for form in {secret, quote(secret, safe=""), quote(secret)}:
+                text = text.replace(form, "***")
+    return text
 
 
 def _printable(text: str) -> str:

@@ -119,5 +119,6 @@ def test_decoded_once(text, expected):
 
 
 def test_both_forms_of_a_key_are_secrets_kept_out_of_logs():
-    config = parse_config(table(query={"serviceKey": "${ODCLOUD_API_KEY}"}), "routes.yaml", {"ODCLOUD_API_KEY": ENCODED})
+    text = table(query={"serviceKey": "${ODCLOUD_API_KEY}"})
+    config = parse_config(text, "routes.yaml", {"ODCLOUD_API_KEY": ENCODED})
     assert {ENCODED, DECODED} <= config.secrets
