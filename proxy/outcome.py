@@ -75,6 +75,10 @@ def is_breaker_failure(outcome: Outcome, *, trip_on_429: bool = False) -> bool:
                        Outcome.TRANSFORM, Outcome.VENDOR_ERROR)
 
 
+# Outcomes that say nothing against the upstream: counted as answers, not errors, in stats and metrics
+# (a request a vendor's result code called wrong is the caller's problem, as a 4xx is).
+NOT_ERRORS = frozenset({o for o in Outcome if o.answered} | {Outcome.CALLER_ERROR})
+
 # Outcomes where no request reached the upstream: it was skipped before any network call.
 SKIPPED = frozenset({Outcome.BREAKER_OPEN, Outcome.RATE_LIMITED, Outcome.KEYS_SPENT, Outcome.NO_PATH,
                      Outcome.RESTING})

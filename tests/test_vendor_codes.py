@@ -275,6 +275,21 @@ async def test_a_caller_error_is_not_retried_not_a_failure_and_a_400_naming_the_
     assert vendor.calls == 2
 
 
+async def test_caller_errors_do_not_make_the_vendor_look_unhealthy(fake_upstream, proxy_factory, clock):
+    vendor = await fake_upstream("vendor")
+    vendor.default = answer("10", "INVALID_REQUEST_PARAMETER_ERROR")
+    proxy = await proxy_factory(codes_table(vendor.url), clock=clock)
+    for n in range(10):
+        assert (await proxy.get(f"/flights/status/bad-{n}")).status == 400
+    stats = await (await proxy.get("/health/integrations/stats?minutes=5")).json()
+    assert stats["providers"]["vendor"]["requests"] == 10 and stats["providers"]["vendor"]["errors"] == 0
+    health = await (await proxy.get("/health")).json()
+    assert health["services"]["flights"]["providers"][0]["status"] == "HEALTHY"
+    metrics = await (await proxy.client.get(proxy.metrics_url + "/metrics")).text()
+    assert 'external_requests_total{outcome="caller_error",provider="vendor",service="flights"} 10.0' in metrics
+    assert 'reason="caller_error"' not in metrics
+
+
 async def test_a_caller_error_still_lets_the_next_upstream_answer(fake_upstream, proxy_factory, clock):
     vendor, other = await fake_upstream("vendor"), await fake_upstream("other")
     vendor.default = answer("10", "INVALID_REQUEST_PARAMETER_ERROR")
