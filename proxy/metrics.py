@@ -29,7 +29,7 @@ STALE_AGE_BUCKETS = (60.0, 300.0, 900.0, 1800.0, 3600.0, 3 * 3600.0, 6 * 3600.0,
 BREAKER_STATES = ("CLOSED", "OPEN", "HALF_OPEN")
 HIT_RATE_WINDOW = 300  # seconds: `cache_hit_rate` is "the last 5 minutes"
 
-# Attempt outcomes that are not errors: the upstream answered and the answer is passed on.
+# Attempt outcomes that are not errors of the provider: an answer passed on, or the caller's own mistake.
 _ANSWERED = frozenset(o.value for o in NOT_ERRORS)
 
 

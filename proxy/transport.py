@@ -17,10 +17,10 @@ from yarl import URL
 
 from . import http1
 from .config import HOP_BY_HOP, ServerSettings, Upstream
-from .routing import Template
 from .deadlines import Deadlines, for_running_loop
 from .exchange import Exchange
 from .outcome import Outcome
+from .routing import Template
 
 # `Expect` is answered by the proxy itself (the body is read before any upstream is chosen).
 _NEVER_FORWARDED = HOP_BY_HOP | {"host", "content-length", "x-forwarded-host", "expect"}
