@@ -2,11 +2,13 @@
 
 This is the innermost, per-attempt stage. It asks the breaker for a permit and the rate
 limit for a token, picks the upstream's current API key, bounds the call by the upstream's
-timeout and what is left of the request's deadline, normalises the answer (`transform`),
-feeds the outcome back to the breaker and emits an `AttemptFinished` event (the external
-call log). A key the upstream refuses is marked spent so the next attempt uses the next one;
-a `Retry-After` on a 429 or 503 rests the key (when the key was refused) or the upstream, for
-every request. An attempt that loses a hedge race is cancelled and recorded as `hedge_lost`.
+timeout and what is left of the request's deadline, reads the result code inside the answer
+(`result_codes`), normalises the answer (`transform`), feeds the outcome back to the breaker
+and emits an `AttemptFinished` event (the external call log). A key the upstream refuses is
+marked spent so the next attempt uses the next one; a `Retry-After` on a 429 or 503 rests the
+key (when the key was refused) or the upstream, for every request; a spent daily quota rests
+the key until the vendor's reset. An attempt that loses a hedge race is cancelled and recorded
+as `hedge_lost`.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ from .hedging import LatencyWindow
 from .outcome import Outcome, from_status, is_breaker_failure
 from .quota import KeyRing, SharedTokenBucket, TokenBucket, fingerprint
 from .retry import parse_retry_after
-from .transform import TransformError, apply
+from .transform import TransformError, decode_document, normalise
 from .transport import AttemptError, HttpTransport, MaskedUrl, NoPathForUpstream, Reply, build_url
+from .vendor_codes import Meaning, Verdict, blamed_parameter
+
+_UNREAD = object()  # an answer's body not decoded yet
 
 # Words in a 403 answer that say the key (not the request) is the problem.
 _KEY_WORDS = ("quota", "limit", "key", "auth", "token", "credential", "subscription", "exceeded", "expired")
@@ -111,8 +116,8 @@ class AttemptStage:
         permit = breaker.allow()
         if permit is None:
             if breaker.resting:
-                return self._skip(upstream, exchange, Outcome.RESTING, "resting as its Retry-After asked",
-                                  breaker.wait_hint())
+                return self._skip(upstream, exchange, Outcome.RESTING,
+                                  "resting (Retry-After, or its only API key refused)", breaker.wait_hint())
             return self._skip(upstream, exchange, Outcome.BREAKER_OPEN, f"circuit {breaker.state.value}",
                               breaker.wait_hint())
         limiter = self._limiters.get(upstream.name)
@@ -152,13 +157,7 @@ class AttemptStage:
             permit.release()
             raise
         else:
-            result = AttemptResult(from_status(reply.status), reply)
-            if ring is not None and _refuses_key(reply):
-                result = self._spend_key(upstream, ring, key_index, reply)
-            else:
-                if result.outcome is Outcome.SUCCESS and upstream.transform is not None and reply.stream is None:
-                    result = self._normalise(upstream, values, reply)
-                self._rest(breaker, reply)
+            result = self._classify(upstream, exchange, values, reply, ring, key_index, breaker)
         duration = clock.monotonic() - started
         if result.outcome.answered:
             latency = self._latencies.get(upstream.name)
@@ -179,6 +178,55 @@ class AttemptStage:
             duration=duration, attempt=number, method=exchange.method, url=MaskedUrl(url, upstream),
             request_id=exchange.request_id, error=result.detail))
 
+    def _classify(self, upstream: Upstream, exchange: Exchange, values: dict[str, str], reply: Reply,
+                  ring: KeyRing | None, key_index: int, breaker: Breaker) -> AttemptResult:
+        """What an answer means: its status, the result code in its body, and whether it normalises."""
+        document: Any = _UNREAD
+        verdict = None
+        if upstream.result_codes is not None and reply.stream is None:
+            document = _decoded(reply)
+            if not isinstance(document, TransformError):
+                verdict = upstream.result_codes.verdict(document, reply.status, hide=_secrets(upstream))
+        if verdict is not None and verdict.meaning.refuses_key:
+            return self._refused(upstream, ring, key_index, reply, breaker, verdict)
+        if ring is not None and _refuses_key(reply):
+            return self._spend_key(upstream, ring, key_index, reply)
+        self._rest(breaker, reply)
+        if verdict is not None and verdict.meaning is Meaning.CALLER_ERROR:
+            sent = _parameters(upstream, exchange)
+            return AttemptResult(Outcome.CALLER_ERROR, reply, f"{verdict}: {blamed_parameter(verdict.message, sent)}")
+        if verdict is not None and verdict.meaning is Meaning.VENDOR_ERROR:
+            return AttemptResult(Outcome.VENDOR_ERROR, reply, str(verdict))
+        detail = str(verdict) if verdict is not None and verdict.meaning is Meaning.EMPTY else None
+        outcome = from_status(reply.status)
+        if outcome is not Outcome.SUCCESS or upstream.transform is None or reply.stream is not None:
+            return AttemptResult(outcome, reply, detail)
+        if document is _UNREAD:
+            document = _decoded(reply)
+        if isinstance(document, TransformError):
+            return AttemptResult(Outcome.TRANSFORM, reply, str(document))
+        try:
+            reply.body, reply.headers = normalise(upstream.transform, values, document, reply.headers)
+        except TransformError as exc:
+            return AttemptResult(Outcome.TRANSFORM, reply, str(exc))
+        return AttemptResult(Outcome.SUCCESS, reply, detail)
+
+    def _refused(self, upstream: Upstream, ring: KeyRing | None, index: int, reply: Reply, breaker: Breaker,
+                 verdict: Verdict) -> AttemptResult:
+        """A key refused by a result code: it rests (until the daily reset for a spent quota) and the
+        next key goes; an upstream with no key list rests itself, its one key being refused."""
+        now = self._clock.time()
+        codes = upstream.result_codes
+        retry_after = parse_retry_after(reply.retry_after, now)
+        if verdict.meaning is Meaning.QUOTA and codes is not None and codes.daily_reset is not None:
+            until = codes.daily_reset.next_after(now)
+        else:
+            until = now + (retry_after if retry_after is not None else upstream.key_cooldown)
+        if ring is None:
+            breaker.rest(until)
+            return AttemptResult(Outcome.KEY_REFUSED, reply, f"the key was refused: {verdict}")
+        return self._spend_key(upstream, ring, index, reply, until=until, reason=str(verdict))
+
     def _rest(self, breaker: Breaker, reply: Reply) -> None:
         """A 429 or 503 saying when to come back rests the upstream until then, for every request."""
         if reply.status not in (429, 503) or reply.retry_after is None:
@@ -188,19 +236,35 @@ class AttemptStage:
         if retry_after:
             breaker.rest(now + retry_after)
 
-    def _spend_key(self, upstream: Upstream, ring: KeyRing, index: int, reply: Reply) -> AttemptResult:
-        retry_after = parse_retry_after(reply.retry_after, self._clock.time())
-        until = ring.spend(index, retry_after)
+    def _spend_key(self, upstream: Upstream, ring: KeyRing, index: int, reply: Reply, *,
+                   until: float | None = None, reason: str | None = None) -> AttemptResult:
+        if until is None:
+            until = ring.spend(index, parse_retry_after(reply.retry_after, self._clock.time()))
+        else:
+            until = ring.rest(index, until, reason)
         left = ring.current()
-        self._emit(events.KeySpent(upstream.service, upstream.name, fingerprint(upstream.keys[index]), reply.status,
-                                   until, 0 if left is None else len(upstream.keys) - left[0]))
-        detail = f"key {fingerprint(upstream.keys[index])} refused ({reply.status})"
+        key = fingerprint(upstream.keys[index])
+        self._emit(events.KeySpent(upstream.service, upstream.name, key, reply.status, until,
+                                   0 if left is None else len(upstream.keys) - left[0], reason=reason))
+        detail = f"key {key} refused ({reason or reply.status})"
         return AttemptResult(Outcome.KEY_REFUSED, reply, detail, rotated=left is not None)
 
-    def _normalise(self, upstream: Upstream, values: dict[str, str], reply: Reply) -> AttemptResult:
-        try:
-            body, headers = apply(upstream.transform or "", values, reply.body, reply.headers)
-        except TransformError as exc:
-            return AttemptResult(Outcome.TRANSFORM, reply, str(exc))
-        reply.body, reply.headers = body, headers
-        return AttemptResult(Outcome.SUCCESS, reply)
+
+def _decoded(reply: Reply) -> Any:
+    """The answer's document, or the TransformError saying why it has none."""
+    try:
+        return decode_document(reply.body, reply.headers)
+    except TransformError as exc:
+        return exc
+
+
+def _secrets(upstream: Upstream) -> list[str]:
+    """The upstream's API keys and the query values it reads from the environment."""
+    return [*upstream.keys, *(t.text for name, t in upstream.query if name in upstream.secret_query and not t.names)]
+
+
+def _parameters(upstream: Upstream, exchange: Exchange) -> list[tuple[str, str]]:
+    """Each vendor query parameter this request filled from its own, with the placeholder it came from."""
+    route_query = exchange.route.queries.get(upstream.name, ()) if exchange.route is not None else ()
+    return [(name, placeholder) for name, template in upstream.query + route_query
+            for placeholder in template.names if placeholder in exchange.params]

@@ -14,16 +14,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import parse_qsl, unquote
 
 from yarl import URL
 
 from .breaker import PROFILES, BreakerPolicy
 from .hedging import HEDGE_AUTO, HedgePolicy
 from .outcome import RETRY_CLASSES
-from .quota import RateLimit
+from .quota import DailyReset, RateLimit
 from .transform import check_expression, placeholders as expression_placeholders
 from .retry import POLICIES, RetryPolicy
 from .routing import MatchPattern, Template, prefixes_overlap
+from .vendor_codes import MEANINGS, Meaning, ResultCodes
 from .yamlsrc import LineDict, LineList, Substituted, line_of, load
 
 # --- value types ------------------------------------------------------------------------
@@ -34,6 +36,7 @@ _SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2, "gb": 1000**3, "gib": 1024**3, None: 1}
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 RESERVED_PREFIXES = ("/health", "/metrics", "/events")
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
@@ -131,6 +134,7 @@ class Upstream:
     keys: tuple[str, ...] = ()                   # API keys, used in order as {key}; rotated when refused
     key_cooldown: float = 3600.0                 # how long a refused key rests when no Retry-After says
     hedge: HedgePolicy | None = HEDGE_AUTO       # when a late attempt is hedged to the next upstream; None: never
+    result_codes: ResultCodes | None = None      # what codes inside its answers mean (200-with-error vendors)
 
     @property
     def placeholders(self) -> frozenset[str]:
@@ -151,6 +155,8 @@ class Route:
     paths: Mapping[str, Template]
     derive: "Derive | None" = None
     watch: Watch | None = None
+    queries: Mapping[str, tuple[tuple[str, Template], ...]] = field(default_factory=dict)  # per upstream, from `paths`
+    skipped: frozenset[str] = frozenset()  # upstreams that do not serve this route (`paths: {name: off}`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,7 +316,8 @@ class _Checker:
 
     def secret(self, value: Any) -> None:
         if isinstance(value, Substituted):
-            self.secrets.update(v for v in value.values if len(v) >= 4)
+            # A key pasted percent-encoded is sent decoded (then encoded once): both forms are secrets.
+            self.secrets.update(form for v in value.values if len(v) >= 4 for form in (v, decoded_once(v)))
 
 
 def _type_name(value: Any) -> str:
@@ -547,11 +554,75 @@ def _templates(check: _Checker, value: Any, where: str, line: int, *, headers: b
         if headers and ("\r" in text or "\n" in text):
             check.problem(key_line, f"{where}.{key}: header values cannot contain line breaks")
             continue
+        if not headers:
+            text = decoded_once(text)  # a query value is sent percent-encoded once, however it was written
         check.secret(raw)
         if isinstance(raw, Substituted):
             secret_names.add(key)
         items.append((key, Template.parse(text)))
     return tuple(items), secret_names
+
+
+def _route_path(check: _Checker, text: str, where: str, line: int) -> tuple[Template, tuple[tuple[str, Template], ...]]:
+    """A route's path for one upstream, and the query written after its `?` (read as a URL's: decoded once)."""
+    path, _, query = text.partition("?")
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True) if query else []
+    except ValueError:
+        check.problem(line, f"{where}: the query after ? must be name=value pairs joined by &")
+        pairs = []
+    return Template.parse(path), tuple((name, Template.parse(value)) for name, value in pairs)
+
+
+def decoded_once(text: str) -> str:
+    """`text` percent-decoded once if it holds escapes (a key pasted in its "encoded" form), else as it is.
+
+    The URL encodes it once again when it is sent, so both forms of a key give the same request.
+    """
+    if not _ESCAPE.search(text):
+        return text
+    try:
+        return unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        return text  # escapes that are not UTF-8 text: not an encoded key, keep what was written
+
+
+_RESULT_CODES_KEYS = {"code", "message", "codes", "daily_reset"}
+
+
+def _result_codes(check: _Checker, value: Any, where: str, line: int) -> ResultCodes | None:
+    """`result_codes: {code, message, codes: {"00": success, ...}, daily_reset}`."""
+    data = check.mapping(value, where, line)
+    if data is None:
+        return None
+    check.known_keys(data, _RESULT_CODES_KEYS, where)
+    code = check.get(data, "code", where, _string, None)
+    message = check.get(data, "message", where, _string, None)
+    for key, expression in (("code", code), ("message", message)):
+        problem = check_expression(expression, set()) if expression is not None else None
+        if problem:
+            check.problem(line_of(data, key), f"{where}.{key}: {problem}")
+    if "code" not in data:
+        check.problem(line, f"{where}: `code` is required (a JMESPath to the code in the answer, "
+                            "such as response.header.resultCode)")
+    meanings: dict[str, Meaning] = {}
+    codes = check.mapping(data.get("codes"), f"{where}.codes", line_of(data, "codes") if "codes" in data else line)
+    if codes is not None and not codes:
+        check.problem(line_of(data, "codes") if "codes" in data else line,
+                      f"{where}.codes: expected a mapping of code to meaning, such as \"00\": success")
+    for value_code, meaning in (codes or {}).items():
+        if meaning not in {m.value for m in Meaning}:
+            check.problem(line_of(codes, value_code), f"{where}.codes.{value_code}: unknown meaning {meaning!r} "
+                                                      f"(use {MEANINGS})")
+        elif value_code.strip() != value_code or not value_code:
+            check.problem(line_of(codes, value_code), f"{where}.codes: code {value_code!r} has spaces around it; "
+                                                      "codes are matched as the answer gives them, trimmed")
+        else:
+            meanings[value_code] = Meaning(meaning)
+    reset = check.get(data, "daily_reset", where, DailyReset.parse, None)
+    if code is None:
+        return None
+    return ResultCodes(code=code, meanings=meanings, message=message, daily_reset=reset)
 
 
 def _key_query(query: tuple[tuple[str, Template], ...]) -> frozenset[str]:
@@ -832,7 +903,7 @@ _NEAREST_KEYS = {"timeout", "deadline", "breaker", "retry", "hedge_after", "fall
 _SERVICE_KEYS = {"prefix", "cache", "routes", "upstreams", "watch", "retry_non_idempotent",
                  "forward_headers"} | _NEAREST_KEYS
 _UPSTREAM_KEYS = {"name", "url", "path", "query", "headers", "timeout", "breaker", "retry", "hedge_after",
-                  "transform", "rate_limit", "keys", "key_cooldown"}
+                  "transform", "rate_limit", "keys", "key_cooldown", "result_codes"}
 _ROUTE_KEYS = {"match", "name", "cache", "paths", "derive", "watch"}
 BUILT_IN_PLACEHOLDERS = frozenset({"upstream"})  # plus {key} where an upstream lists keys
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h|second|minute|hour)\s*$")
@@ -926,7 +997,11 @@ def _service(check: _Checker, name: str, data: LineDict, where: str, line: int, 
                         check.problem(line_of(key_values, k_index), f"{u_where}.keys[{k_index}]: expected a string")
                     elif key:  # an unset optional key (${KEY_2:-}) is simply not there
                         check.secret(key)
-                        keys.append(str(key))
+                        keys.append(decoded_once(str(key)))
+        result_codes = None
+        if "result_codes" in u_data:
+            result_codes = _result_codes(check, u_data["result_codes"], f"{u_where}.result_codes",
+                                         line_of(u_data, "result_codes"))
         if url is None:
             continue
         upstreams.append(Upstream(
@@ -934,7 +1009,8 @@ def _service(check: _Checker, name: str, data: LineDict, where: str, line: int, 
             query=query, headers=headers, timeout=u_nearest.timeout, breaker=u_nearest.breaker, retry=u_nearest.retry,
             hedge=u_nearest.hedge, secret_query=frozenset(secret_query) | _key_query(query),
             transform=transform, rate_limit=check.get(u_data, "rate_limit", u_where, _rate_limit, None),
-            keys=tuple(keys), key_cooldown=check.get(u_data, "key_cooldown", u_where, parse_duration, 3600.0)))
+            keys=tuple(keys), key_cooldown=check.get(u_data, "key_cooldown", u_where, parse_duration, 3600.0),
+            result_codes=result_codes))
         if key_values is not None and not keys and isinstance(key_values, LineList) and key_values:
             check.problem(line_of(u_data, "keys"), f"{u_where}.keys: every key is empty (unset variables)")
 
@@ -962,14 +1038,22 @@ def _service(check: _Checker, name: str, data: LineDict, where: str, line: int, 
             check.problem(line_of(r_data, "match"), f"{r_where}.match: a placeholder is used twice")
         r_rule = _cache_rule(check, r_data["cache"], f"{r_where}.cache", line_of(r_data, "cache"), rule, cache) if "cache" in r_data else rule
         paths: dict[str, Template] = {}
+        queries: dict[str, tuple[tuple[str, Template], ...]] = {}
+        skipped: set[str] = set()
         p_data = check.mapping(r_data.get("paths"), f"{r_where}.paths", line_of(r_data, "paths"))
         for u_name, template in (p_data or {}).items():
             if u_name not in names:
                 check.problem(line_of(p_data, u_name), f"{r_where}.paths: no upstream named {u_name!r} in service {name!r}")
+            elif _off(template):
+                skipped.add(u_name)
             elif not isinstance(template, str) or not template.startswith("/"):
-                check.problem(line_of(p_data, u_name), f"{r_where}.paths.{u_name}: expected a path starting with /")
+                check.problem(line_of(p_data, u_name), f"{r_where}.paths.{u_name}: expected a path starting with / "
+                                                        "(or off: the upstream does not serve this route)")
             else:
-                paths[u_name] = Template.parse(template)
+                paths[u_name], query = _route_path(check, template, f"{r_where}.paths.{u_name}",
+                                                   line_of(p_data, u_name))
+                if query:
+                    queries[u_name] = query
         r_name = check.get(r_data, "name", r_where, _string, match)
         derive = None
         if "derive" in r_data:
@@ -980,7 +1064,8 @@ def _service(check: _Checker, name: str, data: LineDict, where: str, line: int, 
             watch_line = line_of(r_data, "watch") if "watch" in r_data else line_of(data, "watch")
             watch = _watch(check, watch_value, f"{r_where}.watch" if "watch" in r_data else f"{where}.watch",
                            watch_line, set(pattern.names))
-        routes.append(Route(name=r_name, pattern=pattern, cache=r_rule, paths=paths, derive=derive, watch=watch))
+        routes.append(Route(name=r_name, pattern=pattern, cache=r_rule, paths=paths, derive=derive, watch=watch,
+                            queries=queries, skipped=frozenset(skipped)))
 
     # Every placeholder an upstream uses must come from some route's match, or the template can never be filled.
     offered = {n for r in routes for n in r.pattern.names} | BUILT_IN_PLACEHOLDERS
@@ -1003,7 +1088,8 @@ def _service(check: _Checker, name: str, data: LineDict, where: str, line: int, 
                                 "which no other (non-derived) route of the service matches")
     for route in routes:
         for u_name, template in route.paths.items():
-            for missing in sorted(set(template.names) - set(route.pattern.names)):
+            used = set(template.names).union(*(t.names for _, t in route.queries.get(u_name, ())))
+            for missing in sorted(used - set(route.pattern.names) - BUILT_IN_PLACEHOLDERS):
                 check.problem(line, f"{where}.routes: route {route.name!r} path for {u_name} uses {{{missing}}} not in its match")
 
     return Service(name=name, prefix=prefix, upstreams=tuple(upstreams), routes=tuple(routes), cache=rule,
@@ -1052,14 +1138,25 @@ def _effective_service(service: Service, data: LineDict) -> dict[str, Any]:
                       "max_delay": upstream.retry.max_delay, "retry_on": sorted(upstream.retry.retry_on)},
             "hedge_after": _hedge_text(upstream.hedge),
         })
+        if upstream.result_codes is not None:
+            codes = upstream.result_codes
+            upstreams[-1]["result_codes"] = {
+                "code": codes.code, "message": codes.message, "codes": {k: v.value for k, v in codes.meanings.items()},
+                "daily_reset": str(codes.daily_reset) if codes.daily_reset is not None else None}
     return {
         "prefix": service.prefix, "deadline": service.deadline, "retry_non_idempotent": service.retry_non_idempotent,
         "fallback_before_retry": service.fallback_first,
         "cache": _rule_dict(service.cache),
         "routes": [{"name": r.name, "match": r.pattern.text, "cache": _rule_dict(r.cache),
-                    "paths": {k: t.text for k, t in r.paths.items()}} for r in service.routes],
+                    "paths": {**{k: _path_text(t, r.queries.get(k, ())) for k, t in r.paths.items()},
+                              **{k: "off" for k in sorted(r.skipped)}}}
+                   for r in service.routes],
         "upstreams": upstreams,
     }
+
+
+def _path_text(path: Template, query: tuple[tuple[str, Template], ...]) -> str:
+    return path.text + ("?" + "&".join(f"{name}={value.text}" for name, value in query) if query else "")
 
 
 def _format(check: _Checker) -> list[str]:

@@ -6,8 +6,9 @@ mocks', the listeners on 127.0.0.1:0 and demo-sized TTLs, timeouts and breaker. 
 real requests and prints what comes back: answers normalised by each upstream's `transform`;
 MISS then HIT; the derived route `/fx/rate/{base}/{quote}` answered from the cached
 `/fx/latest/{base}` copy; a dead primary and the secondary answering; both dead and a STALE
-copy; the primary's breaker opening, being skipped and being reset; the flights service.
-Nothing leaves 127.0.0.1. `--fast` shortens the waits (the tests use it).
+copy; the primary's breaker opening, being skipped and being reset; the flights service, with
+the result codes its vendors send inside HTTP 200 answers. Nothing leaves 127.0.0.1. `--fast`
+shortens the waits (the tests use it).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class _Narrator:
         self._transcript = transcript
 
     def _print(self, event: str, **fields: Any) -> None:
-        if fields.get("kind") in ("breaker", "stale"):
+        if fields.get("kind") in ("breaker", "stale", "rest", "api_key"):
             self._transcript.log(event)
 
     info = warning = error = _print
@@ -214,6 +215,7 @@ class Demo:
             states[circuit["provider"]] = circuit["state"]
             if only is None or circuit["provider"] == only:
                 retry = f", retryAt {circuit['retryAt']}" if circuit.get("retryAt") else ""
+                retry += f", resting until {circuit['restingUntil']}" if circuit.get("restingUntil") else ""
                 self.t.state(f"circuit {circuit['provider']}", circuit["state"],
                              f"  (failures {circuit['failures']}/{circuit['threshold']}{retry})")
         return states
@@ -224,10 +226,10 @@ class Demo:
         t = self.t
         t.line(t.paint("resilience-proxy offline demo", "bold") + " - every request below goes to 127.0.0.1")
         for name, mock in self.mocks.all.items():
-            t.line(f"   {name:<16} {mock.url:<24} {mock.kind}, instead of {VENDOR_URLS[name]}")
-        t.line(f"   {'proxy':<16} {self.base:<24} serving {COMMITTED_ROUTES} as committed, vendor URLs -> mocks;")
+            t.line(f"   {name:<16} {mock.base_url:<28} {mock.kind}, instead of {VENDOR_URLS[name]}")
+        t.line(f"   {'proxy':<16} {self.base:<28} serving {COMMITTED_ROUTES} as committed, vendor URLs -> mocks;")
         ours, theirs = fx_timings(running), fx_timings(committed)
-        t.line(f"   {'':<16} {'':<24} shortened to be quick: "
+        t.line(f"   {'':<16} {'':<28} shortened to be quick: "
                + ", ".join(f"{what} {theirs[what]} -> {ours[what]}" for what in ours))
 
     async def normal(self) -> None:
@@ -302,17 +304,23 @@ class Demo:
         await self.wait(self.pause)
 
     async def flights(self) -> None:
-        self.t.step(6, "The flights service: schedules, then live status, as {flights: [...], source}")
-        self.t.note("the route table turns {airport} / {flight} into the vendor's query, with serviceKey "
-                    "from KAC_API_KEY / ODCLOUD_API_KEY")
+        self.t.step(6, "The flights service: KAC and ODCloud answers as {flights: [...], source}")
+        self.t.note("each route names the vendor's real endpoint and parameters; serviceKey comes from KAC_API_KEY "
+                    "(given encoded) and ODCLOUD_API_KEY (given decoded): both are sent encoded once")
         await self.send("GET", "/flights/schedules/GMP")
         self.mocks.board.set_status("OZ8915", "DELAYED", estimated="0840")
         self.t.note("the airport now reports OZ8915 as DELAYED")
         await self.send("GET", "/flights/status/OZ8915")
         await self.send("GET", "/flights/status/OZ8915")
-        self.mocks.flights_kac.fail(503)
-        self.t.note("flights_kac now answers 503 to everything: flights_odcloud takes over, in the same shape")
-        await self.send("GET", "/flights/status/7C103")
+        self.t.note("a flight KAC does not know: HTTP 200 with resultCode 03 NODATA_ERROR, an empty answer, "
+                    "not a failure")
+        await self.send("GET", "/flights/status/ZZ999")
+        await self.circuits(only="flights_kac")
+        self.mocks.flights_kac.answer_code("22")
+        self.t.note("KAC's gateway now says the daily quota is spent (resultCode 22, XML, in an HTTP 200): its "
+                    "key rests and ODCloud answers, in the same shape")
+        await self.send("GET", "/flights/schedules/CJU")
+        await self.circuits(only="flights_kac")
         self.mocks.flights_kac.heal()
 
 

@@ -204,6 +204,7 @@ class KeySpent:
     until: float          # wall-clock epoch seconds
     keys_left: int
     shared: bool = False  # learnt from another replica through the shared cache backend
+    reason: str | None = None  # what the upstream said, when its answer said more than its status
 
 
 # --- cache ------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ The first upstream to answer (2xx/3xx, or a 4xx, which is the caller's problem a
 through as it is) wins. Requests that are not safe to repeat move on only when the
 previous upstream certainly never received them. When nothing answers, `UpstreamsFailed`
 says why with the status the contract gives: 504 deadline, 503 every upstream skipped (with
-the seconds until one may be tried again), 502.
+the seconds until one may be tried again), 400 when a vendor's result code said the request
+itself is wrong (`caller_error`), else 502.
 """
 
 from __future__ import annotations
@@ -351,4 +352,7 @@ class FallbackStage:
             known = [wait for wait in walk.waits if wait is not None]
             retry_after = max(1.0, math.ceil(min(known))) if known else None
             return UpstreamsFailed(503, error, service.name, exchange.attempts, walk.last_status, retry_after)
+        if any(a.outcome == Outcome.CALLER_ERROR.value for a in exchange.attempts):
+            # A vendor said the request itself is wrong (a result code) and no other upstream answered it.
+            return UpstreamsFailed(400, "invalid_request", service.name, exchange.attempts, walk.last_status)
         return UpstreamsFailed(502, "all_upstreams_failed", service.name, exchange.attempts, walk.last_status)

@@ -236,10 +236,11 @@ class EventLog:
     def _KeySpent(self, e: events.KeySpent) -> None:
         then = "rotating to the next key" if e.keys_left else "no key left: the upstream is skipped until one rests enough"
         origin = " (learnt from another replica)" if e.shared else ""
-        self._log.warning(f"API key {e.fingerprint} for {e.provider} refused ({e.status}), resting until "
+        why = f"{e.status}: {e.reason}" if e.reason else e.status
+        self._log.warning(f"API key {e.fingerprint} for {e.provider} refused ({why}), resting until "
                           f"{iso(e.until)}{origin}; {then}", kind="api_key", service=e.service, provider=e.provider,
-                          key=e.fingerprint, status=e.status, until=iso(e.until), keys_left=e.keys_left,
-                          shared=e.shared)
+                          key=e.fingerprint, status=e.status, reason=e.reason, until=iso(e.until),
+                          keys_left=e.keys_left, shared=e.shared)
 
     def _StaleServed(self, e: events.StaleServed) -> None:
         now = self._clock.monotonic()
@@ -258,8 +259,9 @@ class EventLog:
 
     def _UpstreamRested(self, e: events.UpstreamRested) -> None:
         origin = " (learnt from another replica)" if e.shared else ""
-        self._log.warning(f"Provider {e.provider} asked to rest (Retry-After): skipped until {iso(e.until)}{origin}",
-                          kind="rest", service=e.service, provider=e.provider, until=iso(e.until), shared=e.shared)
+        self._log.warning(f"Provider {e.provider} rests (Retry-After, or its only API key refused): skipped "
+                          f"until {iso(e.until)}{origin}", kind="rest", service=e.service, provider=e.provider,
+                          until=iso(e.until), shared=e.shared)
 
     def _CacheBackendState(self, e: events.CacheBackendState) -> None:
         if e.connected:

@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 
 from . import events
 from .clock import Clock
-from .outcome import Outcome
+from .outcome import NOT_ERRORS, Outcome
 
 # From 5 ms (a cache-warm upstream on the same network) up to 30 s (the longest sensible deadline).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0)
@@ -29,8 +29,8 @@ STALE_AGE_BUCKETS = (60.0, 300.0, 900.0, 1800.0, 3600.0, 3 * 3600.0, 6 * 3600.0,
 BREAKER_STATES = ("CLOSED", "OPEN", "HALF_OPEN")
 HIT_RATE_WINDOW = 300  # seconds: `cache_hit_rate` is "the last 5 minutes"
 
-# Attempt outcomes that are not errors: the upstream answered and the answer is passed on.
-_ANSWERED = frozenset(o.value for o in Outcome if o.answered)
+# Attempt outcomes that are not errors of the provider: an answer passed on, or the caller's own mistake.
+_ANSWERED = frozenset(o.value for o in NOT_ERRORS)
 
 
 def _text(value: Any) -> str:

@@ -28,8 +28,10 @@ class Outcome(str, enum.Enum):
     KEY_REFUSED = "key_refused"    # the upstream refused the key it was sent (quota or auth), not the request
     TRANSFORM = "transform_failed"  # the answer could not be normalised (not JSON, failed expression)
     NO_PATH = "no_path"            # the route gives this upstream's templates no values: not tried
-    RESTING = "resting"            # skipped: the upstream asked for a rest (Retry-After) that is not over
+    RESTING = "resting"            # skipped: a rest (Retry-After, or its only key refused) is not over
     HEDGE_LOST = "hedge_lost"      # given up as too slow: a hedge to another upstream answered first
+    CALLER_ERROR = "caller_error"  # a result code in the answer says the caller's request was bad: not retried
+    VENDOR_ERROR = "vendor_error"  # a result code in the answer says the vendor failed (often inside a 200)
 
     @property
     def answered(self) -> bool:
@@ -64,14 +66,18 @@ def from_status(status: int) -> Outcome:
 def is_breaker_failure(outcome: Outcome, *, trip_on_429: bool = False) -> bool:
     """Whether an outcome counts against the upstream's circuit breaker.
 
-    5xx, timeouts, connect errors, resets and malformed answers do; 2xx/3xx/4xx do not
-    (a 404 is the upstream working correctly); 429 only when the breaker is told so.
+    5xx, timeouts, connect errors, resets, malformed answers and vendor errors do; 2xx/3xx/4xx and
+    caller errors do not (a 404 is the upstream working correctly); 429 only when the breaker is told so.
     """
     if outcome is Outcome.HTTP_429:
         return trip_on_429
     return outcome in (Outcome.HTTP_5XX, Outcome.TIMEOUT, Outcome.CONNECT, Outcome.RESET, Outcome.MALFORMED,
-                       Outcome.TRANSFORM)
+                       Outcome.TRANSFORM, Outcome.VENDOR_ERROR)
 
+
+# Outcomes that say nothing against the upstream: counted as answers, not errors, in stats and metrics
+# (a request a vendor's result code called wrong is the caller's problem, as a 4xx is).
+NOT_ERRORS = frozenset({o for o in Outcome if o.answered} | {Outcome.CALLER_ERROR})
 
 # Outcomes where no request reached the upstream: it was skipped before any network call.
 SKIPPED = frozenset({Outcome.BREAKER_OPEN, Outcome.RATE_LIMITED, Outcome.KEYS_SPENT, Outcome.NO_PATH,

@@ -1,8 +1,9 @@
-"""Provider quotas: token-bucket rate limits and API-key rotation (pure, on an injected clock).
+"""Provider quotas: token-bucket rate limits, API-key rotation and daily resets (pure, on an injected clock).
 
 A rate-limited upstream is skipped like an open breaker, so the proxy falls back or serves
 a stale copy instead of burning a vendor's quota and collecting 429s. With the Redis cache
-backend the bucket lives in Redis, so replicas share one quota.
+backend the bucket lives in Redis, so replicas share one quota. A key whose daily quota is
+spent rests until the vendor's `DailyReset`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +103,39 @@ class SharedTokenBucket:
             return self._local.take()
 
 
+_DAILY_RESET = re.compile(r"^\s*([01]\d|2[0-3]):([0-5]\d)\s*(?:(Z)|([+-])(0\d|1[0-4]):([0-5]\d))\s*$")
+
+
+@dataclass(frozen=True, slots=True)
+class DailyReset:
+    """When a vendor's daily quota comes back: a time of day at a fixed UTC offset (no DST)."""
+
+    minute: int  # minutes after local midnight
+    offset: int  # minutes east of UTC
+
+    @classmethod
+    def parse(cls, value: object) -> "DailyReset":
+        """`00:00+09:00` (midnight Korea time), `HH:MMZ` for UTC."""
+        found = _DAILY_RESET.match(value) if isinstance(value, str) else None
+        if found is None:
+            raise ValueError(f"bad daily reset {value!r}: use a time of day with its UTC offset, such as 00:00+09:00")
+        hours, minutes, utc, sign, offset_hours, offset_minutes = found.groups()
+        offset = 0 if utc else (int(offset_hours) * 60 + int(offset_minutes)) * (-1 if sign == "-" else 1)
+        return cls(int(hours) * 60 + int(minutes), offset)
+
+    def next_after(self, now: float) -> float:
+        """The first reset strictly after `now` (wall epoch seconds)."""
+        local = now + self.offset * 60
+        reset = math.floor(local / 86400) * 86400 + self.minute * 60
+        if reset <= local:
+            reset += 86400
+        return reset - self.offset * 60
+
+    def __str__(self) -> str:
+        hours, minutes = divmod(abs(self.offset), 60)
+        return f"{self.minute // 60:02d}:{self.minute % 60:02d}{'-' if self.offset < 0 else '+'}{hours:02d}:{minutes:02d}"
+
+
 def fingerprint(value: str) -> str:
     """A short, non-reversible name for a key, safe for logs and health output."""
     return hashlib.sha256(value.encode()).hexdigest()[:8]
@@ -114,6 +149,7 @@ class KeyRing:
         self._clock = clock
         self._cooldown = cooldown
         self._spent_until = [0.0] * len(keys)
+        self._reasons: list[str | None] = [None] * len(keys)
 
     def current(self) -> tuple[int, str] | None:
         now = self._clock.time()
@@ -127,10 +163,17 @@ class KeyRing:
         now = self._clock.time()
         return max(0.0, min(self._spent_until, default=0.0) - now)
 
-    def spend(self, index: int, retry_after: float | None) -> float:
-        """Mark a key spent (quota or auth refused); returns until when (wall epoch)."""
-        until = self._clock.time() + (retry_after if retry_after is not None else self._cooldown)
-        self._spent_until[index] = max(self._spent_until[index], until)
+    def spend(self, index: int, retry_after: float | None, reason: str | None = None) -> float:
+        """Mark a key spent (quota or auth refused) for `retry_after` seconds, else the cooldown;
+        returns until when (wall epoch)."""
+        return self.rest(index, self._clock.time() + (retry_after if retry_after is not None else self._cooldown),
+                         reason)
+
+    def rest(self, index: int, until: float, reason: str | None = None) -> float:
+        """Mark a key spent until `until` (wall epoch), with why; returns until when it rests."""
+        if until >= self._spent_until[index]:
+            self._spent_until[index] = until
+            self._reasons[index] = reason
         return self._spent_until[index]
 
     def rest_until(self, key_fingerprint: str, until: float) -> bool:
@@ -139,10 +182,12 @@ class KeyRing:
         for index, key in enumerate(self._keys):
             if fingerprint(key) == key_fingerprint and until > self._spent_until[index]:
                 self._spent_until[index] = until
+                self._reasons[index] = None  # another replica saw why; this one only knows until when
                 return True
         return False
 
     def snapshot(self) -> list[dict[str, Any]]:
         now = self._clock.time()
-        return [{"fingerprint": fingerprint(key), "spent": until > now, "spentUntil": until if until > now else None}
-                for key, until in zip(self._keys, self._spent_until)]
+        return [{"fingerprint": fingerprint(key), "spent": until > now, "spentUntil": until if until > now else None,
+                 "reason": reason if until > now else None}
+                for key, until, reason in zip(self._keys, self._spent_until, self._reasons)]

@@ -22,7 +22,7 @@ from typing import Any
 
 from . import events
 from .clock import Clock
-from .outcome import Outcome
+from .outcome import NOT_ERRORS, Outcome
 
 MAX_MINUTES = 1440
 GROWTH = 1.2
@@ -30,7 +30,7 @@ _LOG_GROWTH = math.log(GROWTH)
 _FINITE_BINS = 61  # upper bounds 1 ms * 1.2**k, k = 0..61 (the last is ~67.6 s)
 _EDGES_MS = tuple(GROWTH ** k for k in range(_FINITE_BINS + 1))
 _BINS = _FINITE_BINS + 2  # bin 0 is [0, 1 ms], bins 1..61 are finite, bin 62 is the overflow
-_ANSWERED = frozenset(o.value for o in Outcome if o.answered)
+_ANSWERED = frozenset(o.value for o in NOT_ERRORS)
 
 
 def _bin_of(ms: float) -> int:

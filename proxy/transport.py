@@ -20,6 +20,7 @@ from .config import HOP_BY_HOP, ServerSettings, Upstream
 from .deadlines import Deadlines, for_running_loop
 from .exchange import Exchange
 from .outcome import Outcome
+from .routing import Template
 
 # `Expect` is answered by the proxy itself (the body is read before any upstream is chosen).
 _NEVER_FORWARDED = HOP_BY_HOP | {"host", "content-length", "x-forwarded-host", "expect"}
@@ -86,11 +87,17 @@ def end_to_end(headers: Any, extra_drop: frozenset[str] | set[str] = frozenset()
 def build_url(upstream: Upstream, exchange: Exchange, values: dict[str, str]) -> URL:
     """The upstream URL for this attempt: base URL + path (template or rest) + query.
 
-    `values` are the route's placeholders plus `upstream` and, with keys, `key`.
+    `values` are the route's placeholders plus `upstream` and, with keys, `key`. The query is the
+    caller's, then the upstream's `query`, then the route's own for this upstream (the query part of
+    its `paths` entry), each later one winning; every value is percent-encoded here, once.
     """
     template = None
+    route_query: tuple[tuple[str, Template], ...] = ()
     if exchange.route is not None:
+        if upstream.name in exchange.route.skipped:
+            raise NoPathForUpstream(upstream.name)
         template = exchange.route.paths.get(upstream.name)
+        route_query = exchange.route.queries.get(upstream.name, ())
     if template is None:
         template = upstream.path
     if template is not None:
@@ -101,15 +108,19 @@ def build_url(upstream: Upstream, exchange: Exchange, values: dict[str, str]) ->
         path = exchange.rest or ""
     base = upstream.url.raw_path.rstrip("/")
     query = list(exchange.query)
-    if upstream.query:
-        own = {name for name, _ in upstream.query}
-        query = [(k, v) for k, v in query if k not in own]  # the route table's values win
-        for name, value in upstream.query:
+    own = upstream.query + route_query if route_query else upstream.query
+    if own:
+        names = {name for name, _ in own}
+        query = [(k, v) for k, v in query if k not in names]  # the route table's values win
+        table: dict[str, str] = {}
+        for name, value in own:
             if any(n not in values for n in value.names):
                 continue  # filled by another route's placeholder: not part of this request
+            table.pop(name, None)  # a later setting replaces an earlier one, unset or not
             rendered = value.render(values, encode=False)
             if rendered:  # an optional key left unset (`${KEY:-}`) is not sent at all
-                query.append((name, rendered))
+                table[name] = rendered
+        query.extend(table.items())
     return upstream.url.with_path(base + path, encoded=True).with_query(query) if query else \
         upstream.url.with_path(base + path, encoded=True)
 

@@ -164,7 +164,7 @@ def test_check_and_run_refuse_a_bad_file_with_the_same_messages(tmp_path):
     checked = _cli("check", str(path))
     ran = _cli("run", "--config", str(path), "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0")
     assert checked.returncode == 2 and ran.returncode == 2
-    expected = [f"{path}:4: services.fx.upstreams[0]: unknown key 'weight' (allowed: breaker, headers, hedge_after, key_cooldown, keys, name, path, query, rate_limit, retry, timeout, transform, url)",
+    expected = [f"{path}:4: services.fx.upstreams[0]: unknown key 'weight' (allowed: breaker, headers, hedge_after, key_cooldown, keys, name, path, query, rate_limit, result_codes, retry, timeout, transform, url)",
                 f"{path}:4: services.fx.upstreams[0].url: upstream URL must be http:// or https://, got 'gopher://a'"]
     assert checked.stderr.splitlines()[:2] == expected
     assert ran.stderr.splitlines()[:2] == expected

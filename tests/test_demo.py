@@ -42,7 +42,8 @@ def test_the_demo_sends_requests_only_to_loopback(demo):
 def test_the_demo_serves_the_committed_routes_yaml_with_only_the_vendor_urls_and_timings_changed(demo):
     out = demo.stdout
     assert f"serving {REPO / 'routes.yaml'} as committed, vendor URLs -> mocks" in out
-    assert "instead of https://open.er-api.com" in out and "instead of https://apis.data.go.kr" in out
+    assert "instead of https://open.er-api.com" in out and "instead of https://api.odcloud.kr/api" in out
+    assert re.search(r"flights_odcloud +http://127\.0\.0\.1:\d+/api ", out)
     assert "fx ttl 24h -> 2s, timeout 5s -> 1s" in out
 
 
@@ -96,7 +97,20 @@ def test_the_demo_walks_through_the_flights_service_in_the_normalised_shape(demo
     out = demo.stdout[demo.stdout.index("The flights service"):]
     assert re.search(r"/flights/schedules/GMP\S*\n\s+-> 200  X-Cache: MISS  X-Upstream: flights_kac", out)
     assert re.search(r'\{"flights": \[\{"flight": "OZ8915", [^]]*"status": "DELAYED"\}\], "source": "flights_kac"\}', out)
-    assert re.search(r'\{"flights": \[\{"flight": "7C103", [^]]*\], "source": "flights_odcloud"\}', out)
+    assert re.search(r'\{"flights": \[\{"flight": "TW721", [^]]*\], "source": "flights_odcloud"\}', out)
+
+
+def test_the_demo_shows_an_unknown_flight_as_an_empty_answer_and_a_spent_quota_resting_kac(demo):
+    out = demo.stdout[demo.stdout.index("The flights service"):]
+    unknown = out[out.index("/flights/status/ZZ999"):]
+    assert re.match(r'/flights/status/ZZ999\n\s+-> 200  X-Cache: MISS  X-Upstream: flights_kac\n'
+                    r'\s+\{"flights": \[\], "source": "flights_kac"\}', unknown)
+    assert "circuit flights_kac: CLOSED  (failures 0/3)" in unknown
+    quota = out[out.index("daily quota is spent"):]
+    # Until midnight in Seoul, or for max_rest (1 h) if that comes first: the committed table lists no second key.
+    assert re.search(r"log: Provider flights_kac rests \(Retry-After, or its only API key refused\): skipped until "
+                     r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", quota)
+    assert "X-Upstream: flights_odcloud" in quota and "resting until" in quota
 
 
 def test_excerpt_summarises_normalised_bodies_and_proxy_errors():

@@ -10,11 +10,13 @@ import pytest
 import yaml
 
 from proxy.config import load_config, parse_config
-from proxy.mocks import (KAC_SCHEDULES, KAC_STATUS, MAX_HANG, ODCLOUD_ARRIVALS, ExchangeRateApiMock, FlightsMock,
-                         FrankfurterMock, MockProviders)
+from proxy.mocks import (DEMO_SERVICE_KEY, KAC_DOMESTIC_SCHEDULES, KAC_INTERNATIONAL_SCHEDULES, KAC_STATUS, MAX_HANG,
+                         ODCLOUD_DOMESTIC, ODCLOUD_INTERNATIONAL, ExchangeRateApiMock, FrankfurterMock, MockProviders)
 from proxy.mocks.providers import COMMITTED_ROUTES, VENDOR_URLS
 
-KEY = "demo-service-key"
+KEY = DEMO_SERVICE_KEY
+STATUS = {"serviceKey": KEY, "_type": "json", "schLineType": "D", "schIOType": "O", "schStTime": "0000",
+          "schEdTime": "2400"}
 
 
 @pytest.fixture
@@ -82,47 +84,129 @@ async def test_a_rate_changed_in_the_table_shows_in_both_fx_vendors(mocks, clien
 
 async def test_kac_status_answers_in_the_data_go_kr_envelope_and_follows_the_board(mocks, client):
     mocks.board.set_status("OZ8915", "DELAYED", estimated="0840")
-    async with client.get(mocks.flights_kac.url + KAC_STATUS,
-                          params={"serviceKey": KEY, "_type": "json", "schFlightNum": "OZ8915"}) as response:
+    async with client.get(mocks.flights_kac.url + KAC_STATUS, params={**STATUS, "schFln": "OZ8915"}) as response:
         assert response.status == 200
         document = await response.json()
     assert document["response"]["header"] == {"resultCode": "00", "resultMsg": "NORMAL SERVICE."}
     body = document["response"]["body"]
     assert body["pageNo"] == 1 and body["totalCount"] == 1 and body["numOfRows"] == 10
-    (item,) = body["items"]["item"]
+    item = body["items"]["item"]  # one flight: an object, not a list of one
     assert item["airFln"] == "OZ8915"
-    assert (item["rmkEng"], item["rmkKor"], item["etd"]) == ("DELAYED", "지연", "0840")
+    assert (item["rmkEng"], item["rmkKor"], item["etd"], item["io"]) == ("DELAYED", "지연", "0840", "O")
 
 
-async def test_kac_schedules_filter_by_airport(mocks, client):
-    async with client.get(mocks.flights_kac.url + KAC_SCHEDULES,
-                          params={"serviceKey": KEY, "_type": "json", "schDeptCityCode": "PUS"}) as response:
+async def test_kac_status_filters_by_line_airport_and_time_and_lists_several_items(mocks, client):
+    async with client.get(mocks.flights_kac.url + KAC_STATUS,
+                          params={**STATUS, "schAirCode": "GMP", "schStTime": "0800", "schEdTime": "0900"}) as response:
+        items = (await response.json())["response"]["body"]["items"]["item"]
+    assert [item["airFln"] for item in items] == ["OZ8915", "7C103", "LJ305", "KE1107"]
+    async with client.get(mocks.flights_kac.url + KAC_STATUS, params={**STATUS, "schLineType": "I"}) as response:
+        items = (await response.json())["response"]["body"]["items"]["item"]
+    assert [(item["airFln"], item["line"]) for item in items] == [("KE703", "국제"), ("OZ102", "국제"), ("7C1381", "국제")]
+
+
+async def test_kac_status_of_an_unknown_flight_is_resultcode_03_nodata(mocks, client):
+    async with client.get(mocks.flights_kac.url + KAC_STATUS, params={**STATUS, "schFln": "ZZ999"}) as response:
+        assert response.status == 200
+        assert await response.json() == {"response": {"header": {"resultCode": "03", "resultMsg": "NODATA_ERROR"}}}
+
+
+@pytest.mark.parametrize("change, code", [({"schLineType": None}, "11"), ({"schStTime": None}, "11"),
+                                          ({"schLineType": "X"}, "10"), ({"schEdTime": "25:00"}, "10"),
+                                          ({"schIOType": "both"}, "10")])
+async def test_kac_status_answers_10_or_11_for_a_bad_or_missing_parameter(mocks, client, change, code):
+    params = {k: v for k, v in {**STATUS, **change}.items() if v is not None}
+    async with client.get(mocks.flights_kac.url + KAC_STATUS, params=params) as response:
+        assert response.status == 200
+        assert (await response.json())["response"]["header"]["resultCode"] == code
+
+
+async def test_kac_schedules_filter_by_airport_and_an_empty_list_is_items_empty_string(mocks, client):
+    async with client.get(mocks.flights_kac.url + KAC_DOMESTIC_SCHEDULES,
+                          params={"serviceKey": KEY, "_type": "json", "schDeptCityCode": "GMP"}) as response:
         body = (await response.json())["response"]["body"]
-    numbers = [item["domesticNum"] for item in body["items"]["item"]]
-    assert numbers == ["KE1107", "BX8805"]  # GMP->PUS and PUS->CJU
-    assert body["totalCount"] == 2
+    assert [item["domesticNum"] for item in body["items"]["item"]] == ["KE1203", "OZ8915", "7C103", "LJ305", "KE1107"]
+    assert body["totalCount"] == 5 and body["items"]["item"][0]["domesticStartTime"] == "0730"
+    async with client.get(mocks.flights_kac.url + KAC_INTERNATIONAL_SCHEDULES,
+                          params={"serviceKey": KEY, "_type": "json", "schDeptCityCode": "GMP"}) as response:
+        item = (await response.json())["response"]["body"]["items"]["item"]
+    assert (item["internationalNum"], item["internationalTime"]) == ("7C1381", "1010")
+    async with client.get(mocks.flights_kac.url + KAC_DOMESTIC_SCHEDULES,
+                          params={"serviceKey": KEY, "_type": "json", "schDeptCityCode": "XXX"}) as response:
+        document = await response.json()
+    assert document["response"]["header"]["resultCode"] == "00"
+    assert document["response"]["body"] == {"items": "", "numOfRows": 10, "pageNo": 1, "totalCount": 0}
 
 
-async def test_odcloud_paths_list_items_directly(mocks, client):
-    async with client.get(mocks.flights_odcloud.url + ODCLOUD_ARRIVALS,
-                          params={"serviceKey": KEY, "type": "json", "flight_id": "KE1203"}) as response:
-        body = (await response.json())["response"]["body"]
-    assert [item["flightId"] for item in body["items"]] == ["KE1203"]
+async def test_kac_answers_xml_without_type_json(mocks, client):
+    async with client.get(mocks.flights_kac.url + KAC_DOMESTIC_SCHEDULES, params={"serviceKey": KEY}) as response:
+        status, content_type, text = response.status, response.headers["Content-Type"], await response.text()
+    assert status == 200 and content_type.startswith("text/xml")
+    assert "<resultCode>00</resultCode>" in text and "<domesticNum>KE1203</domesticNum>" in text
 
 
-async def test_flights_mock_answers_xml_without_type_json(mocks, client):
-    status, headers, text = await get(client, f"{mocks.flights_kac.url}{KAC_STATUS}?serviceKey={KEY}")
-    assert status == 200 and headers["Content-Type"].startswith("text/xml")
-    assert "<resultCode>00</resultCode>" in text and "<airFln>KE1203</airFln>" in text
-
-
-@pytest.mark.parametrize("query", ["_type=json", "_type=json&serviceKey=wrong-key"])
-async def test_flights_mock_answers_a_missing_or_wrong_key_with_the_data_go_kr_error(mocks, client, query):
-    status, _, text = await get(client, f"{mocks.flights_kac.url}{KAC_STATUS}?{query}")
-    assert status == FlightsMock.KEY_ERROR_STATUS
-    assert "<OpenAPI_ServiceResponse>" in text
+@pytest.mark.parametrize("query", [{"_type": "json"}, {"_type": "json", "serviceKey": "wrong-key"},
+                                   {"_type": "json", "serviceKey": KEY.replace("+", "%2B")}])
+async def test_kac_answers_a_missing_wrong_or_twice_encoded_key_with_the_gateways_xml_in_a_200(mocks, client, query):
+    async with client.get(mocks.flights_kac.url + KAC_STATUS, params=query) as response:
+        assert response.status == 200 and response.headers["Content-Type"].startswith("text/xml")
+        text = await response.text()
+    assert text.startswith("<OpenAPI_ServiceResponse>")
     assert "<returnAuthMsg>SERVICE_KEY_IS_NOT_REGISTERED_ERROR</returnAuthMsg>" in text
     assert "<returnReasonCode>30</returnReasonCode>" in text
+
+
+async def test_a_scripted_code_is_answered_in_its_envelope_for_its_key_and_times(mocks, client):
+    kac = mocks.flights_kac
+    kac.service_keys.add("second-key")
+    kac.answer_code("22", key=KEY)
+    kac.answer_code("99", times=1)
+    async with client.get(kac.url + KAC_STATUS, params=STATUS) as response:
+        assert "<returnReasonCode>22</returnReasonCode>" in await response.text()  # a gateway code: XML
+    async with client.get(kac.url + KAC_STATUS, params={**STATUS, "serviceKey": "second-key"}) as response:
+        assert (await response.json())["response"]["header"] == {"resultCode": "99", "resultMsg": "UNKNOWN_ERROR"}
+    async with client.get(kac.url + KAC_STATUS, params={**STATUS, "serviceKey": "second-key"}) as response:
+        assert (await response.json())["response"]["header"]["resultCode"] == "00"
+    kac.heal()
+    async with client.get(kac.url + KAC_STATUS, params=STATUS) as response:
+        assert (await response.json())["response"]["header"]["resultCode"] == "00"
+
+
+async def test_odcloud_answers_its_dataset_shape_with_korean_keys_filtered_by_korean_parameters(mocks, client):
+    async with client.get(mocks.flights_odcloud.url + ODCLOUD_DOMESTIC,
+                          params={"serviceKey": KEY, "page": "1", "perPage": "2", "출발공항": "GMP"}) as response:
+        assert response.status == 200
+        body = await response.json()
+    assert {k: body[k] for k in ("page", "perPage", "totalCount", "currentCount", "matchCount")} == \
+        {"page": 1, "perPage": 2, "totalCount": 7, "currentCount": 2, "matchCount": 5}
+    assert body["data"][0] == {"항공사": "대한항공", "출발공항": "GMP", "도착공항": "CJU", "운항요일": "월화수목금토일",
+                               "시작일자": body["data"][0]["시작일자"], "종료일자": body["data"][0]["종료일자"],
+                               "항공편명": "KE1203", "출발시각": "0730", "도착시각": "0835"}
+    async with client.get(mocks.flights_odcloud.url + ODCLOUD_INTERNATIONAL,
+                          params={"serviceKey": KEY, "출발공항": "ICN", "운항편명": "OZ102"}) as response:
+        (item,) = (await response.json())["data"]
+    assert (item["운항편명"], item["출발시간"], item["국내_국제"]) == ("OZ102", "09:30", "국제")
+    async with client.get(mocks.flights_odcloud.url + ODCLOUD_DOMESTIC,
+                          params={"serviceKey": KEY, "출발공항": "XXX"}) as response:
+        body = await response.json()
+    assert body["data"] == [] and body["matchCount"] == 0 and "code" not in body
+
+
+@pytest.mark.parametrize("params, status, code", [
+    ({}, 401, -401), ({"serviceKey": "wrong"}, 400, -4), ({"serviceKey": KEY, "page": "x"}, 400, -2)])
+async def test_odcloud_errors_are_its_code_object_with_a_4xx(mocks, client, params, status, code):
+    async with client.get(mocks.flights_odcloud.url + ODCLOUD_DOMESTIC, params=params) as response:
+        assert response.status == status
+        body = await response.json()
+    assert body["code"] == code and body["msg"]
+    async with client.get(mocks.flights_odcloud.url + "/api/123/v1/uddi:nope", params={"serviceKey": KEY}) as response:
+        assert (response.status, (await response.json())["code"]) == (400, -3)
+
+
+async def test_odcloud_takes_the_key_in_the_authorization_header_too(mocks, client):
+    async with client.get(mocks.flights_odcloud.url + ODCLOUD_DOMESTIC,
+                          headers={"Authorization": f"Infuser {KEY}"}) as response:
+        assert response.status == 200 and (await response.json())["matchCount"] == 7
 
 
 def test_the_board_refuses_unknown_statuses_and_flights():
@@ -199,9 +283,9 @@ def test_fault_switches_reject_what_they_cannot_do():
 
 async def test_calls_are_counted_per_path_with_faulted_ones_included(mocks, client):
     mocks.flights_kac.fail(503, times=1)
-    await get(client, f"{mocks.flights_kac.url}{KAC_STATUS}?serviceKey={KEY}&_type=json")
-    await get(client, f"{mocks.flights_kac.url}{KAC_STATUS}?serviceKey={KEY}&_type=json")
-    await get(client, f"{mocks.flights_kac.url}{KAC_SCHEDULES}?serviceKey={KEY}&_type=json")
+    for path in (KAC_STATUS, KAC_STATUS, KAC_DOMESTIC_SCHEDULES):
+        async with client.get(mocks.flights_kac.url + path, params={"serviceKey": KEY, "_type": "json"}):
+            pass
     assert mocks.flights_kac.calls == 3
     assert mocks.flights_kac.calls_to(KAC_STATUS) == 2
     assert mocks.flights_kac.seen[-1].query == {"serviceKey": KEY, "_type": "json"}
@@ -240,7 +324,8 @@ async def test_the_committed_route_table_changes_only_the_vendor_urls_and_the_li
     assert ours["server"] == {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"}
     for service in ours["services"].values():
         for upstream in service["upstreams"]:
-            assert upstream["url"] == mocks[upstream["name"]].url
+            assert upstream["url"] == mocks[upstream["name"]].base_url
+    assert ours["services"]["flights"]["upstreams"][1]["url"].endswith("/api")  # ODCloud's base path is kept
     assert {u["name"]: u["url"] for s in committed["services"].values() for u in s["upstreams"]} == VENDOR_URLS
 
 
@@ -258,7 +343,8 @@ async def test_the_demo_route_table_also_shortens_only_the_timings(mocks):
         assert (upstream.timeout, upstream.breaker.fail_threshold, upstream.retry.retries) == (1.0, 3, 1)
     fx, flights = config.services["fx"], config.services["flights"]
     assert fx.cache.ttl == 2.0 and {r.name: r.cache.ttl for r in fx.routes}["latest"] == 2.0
-    assert {r.name: r.cache.ttl for r in flights.routes} == {"schedules": 3600.0, "status": 300.0}
+    assert {r.name: r.cache.ttl for r in flights.routes} == {"schedules": 3600.0, "international schedules": 3600.0,
+                                                              "status": 300.0, "international status": 300.0}
     assert config.server.listen == ("127.0.0.1", 0) and config.server.metrics_listen == ("127.0.0.1", 0)
 
 
@@ -277,12 +363,13 @@ async def test_write_routes_writes_a_file_the_proxy_loads(mocks, tmp_path):
     assert path.read_text().startswith(f"# {COMMITTED_ROUTES} as committed")
 
 
-async def test_the_mocks_env_gives_the_flights_vendors_their_service_key(mocks):
+async def test_the_mocks_env_gives_the_flights_vendors_their_service_key_in_both_forms(mocks):
     def service_keys(env: dict[str, str]) -> dict[str, str]:
         config = parse_config(mocks.committed_route_table(), "routes.yaml", env)
         return {u.name: dict(u.query)["serviceKey"].text for u in config.services["flights"].upstreams}
 
-    assert service_keys(mocks.env) == {"flights_kac": KEY, "flights_odcloud": KEY}
+    assert mocks.env == {"KAC_API_KEY": "ZGVtby1rZXk%2BZm9yL3RoZS9tb2Nrcw%3D%3D", "ODCLOUD_API_KEY": KEY}
+    assert service_keys(mocks.env) == {"flights_kac": KEY, "flights_odcloud": KEY}  # the encoded one decoded once
     assert service_keys({}) == {"flights_kac": "", "flights_odcloud": ""}
 
 
@@ -319,20 +406,25 @@ async def test_the_proxy_reaches_every_mock_through_the_committed_table(mocks, p
         assert (response.status, response.headers["X-Upstream"]) == (200, "flights_kac")
         assert [f["flight"] for f in (await response.json())["flights"]] == ["KE1203"]
     assert mocks.flights_kac.seen[-1].path == KAC_STATUS
-    assert mocks.flights_kac.seen[-1].query == {"serviceKey": KEY, "_type": "json", "schFlightNum": "KE1203"}
+    assert mocks.flights_kac.seen[-1].query == {**STATUS, "schFln": "KE1203", "pageNo": "1", "numOfRows": "10"}
     mocks.flights_kac.fail(503)
     async with await proxy.get("/flights/schedules/PUS") as response:
         assert (response.status, response.headers["X-Upstream"]) == (200, "flights_odcloud")
         body = await response.json()
-    assert [f["flight"] for f in body["flights"]] == ["KE1107", "BX8805"] and body["source"] == "flights_odcloud"
-    assert mocks.flights_odcloud.seen[-1].query == {"serviceKey": KEY, "type": "json", "airport_code": "PUS"}
+    assert [f["flight"] for f in body["flights"]] == ["BX8805"] and body["source"] == "flights_odcloud"
+    assert mocks.flights_odcloud.seen[-1].path == ODCLOUD_DOMESTIC
+    assert mocks.flights_odcloud.seen[-1].query == {"serviceKey": KEY, "출발공항": "PUS", "page": "1", "perPage": "100"}
 
 
-async def test_without_the_service_key_the_flights_answers_fail_their_transform(mocks, proxy_factory):
+async def test_without_the_service_keys_the_flights_vendors_refuse_and_rest(mocks, proxy_factory):
     proxy = await proxy_factory(mocks.route_table(retry="NONE"), env={})
-    async with await proxy.get("/flights/status/KE1203") as response:
+    async with await proxy.get("/flights/schedules/GMP") as response:
         assert response.status == 502
         attempts = (await response.json())["attempts"]
-    assert [(a["upstream"], a["outcome"]) for a in attempts] == \
-        [("flights_kac", "transform_failed"), ("flights_odcloud", "transform_failed")]
+    assert [(a["upstream"], a["outcome"], a["detail"]) for a in attempts] == [
+        ("flights_kac", "key_refused", "the key was refused: result code 30 (SERVICE_KEY_IS_NOT_REGISTERED_ERROR)"),
+        ("flights_odcloud", "key_refused", "the key was refused: result code -401 (유효하지 않은 인증키 입니다.)")]
     assert "serviceKey" not in mocks.flights_kac.seen[-1].query
+    async with await proxy.get("/flights/schedules/CJU") as response:
+        assert response.status == 503  # both rest: nothing is sent until an operator fixes the key
+    assert mocks.flights_kac.calls == 1 and mocks.flights_odcloud.calls == 1

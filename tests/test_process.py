@@ -187,7 +187,7 @@ async def test_admin_reload_of_an_invalid_file_is_400_with_the_check_messages_an
         body = await response.json()
         assert response.status == 400
         assert body["problems"] == [f"{path}:4: services.fx.upstreams[0]: unknown key 'speed' "
-                                    "(allowed: breaker, headers, hedge_after, key_cooldown, keys, name, path, query, rate_limit, retry, timeout, transform, url)"]
+                                    "(allowed: breaker, headers, hedge_after, key_cooldown, keys, name, path, query, rate_limit, result_codes, retry, timeout, transform, url)"]
         assert process.runtime is runtime
         assert (await client.get(url + "/fx/x")).headers["X-Upstream"] == "fx_primary"
     finally:

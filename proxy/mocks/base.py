@@ -53,6 +53,8 @@ class MockServer:
 
     #: A short description printed by the demo.
     kind = "mock provider"
+    #: The path the vendor's base URL carries (`https://api.odcloud.kr/api`: "/api").
+    base_path = ""
 
     def __init__(self, name: str, *, host: str = "127.0.0.1") -> None:
         self.name = name
@@ -67,6 +69,11 @@ class MockServer:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """What an upstream `url:` points at: the server and the vendor's base path."""
+        return self.url + self.base_path
 
     @property
     def up(self) -> bool:

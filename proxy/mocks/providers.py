@@ -16,14 +16,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import yaml
 
 from .base import MockServer
-from .flights import FlightBoard, FlightsMock
+from .flights import FlightBoard, KacMock, OdcloudMock
 from .fx import ExchangeRateApiMock, FrankfurterMock, RateTable
 
-DEMO_SERVICE_KEY = "demo-service-key"
+#: The flights mocks' service key, shaped like a data.go.kr key: base64, with `+`, `/` and `=`.
+DEMO_SERVICE_KEY = "ZGVtby1rZXk+Zm9yL3RoZS9tb2Nrcw=="
 
 #: The route table `make run` serves (the repository's routes.yaml; the package is installed editable).
 COMMITTED_ROUTES = Path(__file__).resolve().parents[2] / "routes.yaml"
@@ -33,11 +35,8 @@ VENDOR_URLS: dict[str, str] = {
     "fx_primary": "https://open.er-api.com",
     "fx_secondary": "https://api.frankfurter.app",
     "flights_kac": "http://openapi.airport.co.kr",
-    "flights_odcloud": "https://apis.data.go.kr",
+    "flights_odcloud": "https://api.odcloud.kr/api",
 }
-
-#: The variables the committed routes.yaml reads the flights vendors' service keys from.
-SERVICE_KEY_VARIABLES = ("KAC_API_KEY", "ODCLOUD_API_KEY")
 
 #: Timings that let a walk-through of failures finish in seconds: `route_table()`'s defaults.
 DEMO_TIMINGS: dict[str, Any] = {
@@ -50,7 +49,7 @@ DEMO_TIMINGS: dict[str, Any] = {
 
 
 class MockProviders:
-    """ExchangeRate-API-like, Frankfurter-like and two flights mocks on 127.0.0.1, ports picked by the OS.
+    """ExchangeRate-API-like, Frankfurter-like, KAC-like and ODCloud-like mocks on 127.0.0.1, ports picked by the OS.
 
     The two FX vendors share one `RateTable` (`rates`) and the two flights instances one
     `FlightBoard` (`board`), so a change shows up whichever upstream answers.
@@ -62,9 +61,8 @@ class MockProviders:
         self.service_key = service_key
         self.fx_primary = ExchangeRateApiMock(self.rates, "fx_primary", host=host)
         self.fx_secondary = FrankfurterMock(self.rates, "fx_secondary", host=host)
-        self.flights_kac = FlightsMock("flights_kac", self.board, service_key=service_key, host=host)
-        self.flights_odcloud = FlightsMock("flights_odcloud", self.board, service_key=service_key, host=host,
-                                           kind="data.go.kr-like flights provider (a second flights mock)")
+        self.flights_kac = KacMock("flights_kac", self.board, service_keys=(service_key,), host=host)
+        self.flights_odcloud = OdcloudMock("flights_odcloud", self.board, service_keys=(service_key,), host=host)
 
     @property
     def all(self) -> dict[str, MockServer]:
@@ -76,8 +74,9 @@ class MockProviders:
 
     @property
     def env(self) -> dict[str, str]:
-        """The environment the proxy needs for the committed table: the flights mocks' service key."""
-        return {name: self.service_key for name in SERVICE_KEY_VARIABLES}
+        """The environment the proxy needs for the committed table: the flights mocks' service key,
+        given as users paste it: "encoded" (percent-encoded) for KAC, "decoded" for ODCloud."""
+        return {"KAC_API_KEY": quote(self.service_key, safe=""), "ODCLOUD_API_KEY": self.service_key}
 
     async def start(self) -> "MockProviders":
         started: list[MockServer] = []
@@ -185,7 +184,7 @@ class MockProviders:
                 if url != VENDOR_URLS[name]:
                     raise ValueError(f"{source}: upstream {name!r} points at {url}, but its mock answers "
                                      f"like {VENDOR_URLS[name]}")
-                upstream["url"] = self.all[name].url
+                upstream["url"] = self.all[name].base_url
                 seen.add(name)
         missing = [name for name in self.all if name not in seen]
         if missing:
