@@ -25,7 +25,7 @@ from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 from multidict import CIMultiDict
 
 from . import events
-from .cache import cache_key
+from .cache import KEYED_HEADERS, cache_key, vary_covered
 from .exchange import Answer, Exchange
 from .fallback import RequestBodyTooLarge, UpstreamsFailed
 from .logs import EventLog
@@ -292,11 +292,13 @@ class HitPath:
             return None
         now = clock.time()
         entry = peek(resolved.key, now)
-        if entry is None or not now < entry.fresh_until:
-            return None
+        if entry is None or entry.is_index or not now < entry.fresh_until:
+            return None  # a vary index: the full path picks the variant
         if resolved.entry is None or resolved.entry() is not entry:
             own = [("X-Cache", "HIT"), ("X-Upstream", entry.upstream)] if entry.upstream else [("X-Cache", "HIT")]
-            rendered = render_head(entry.status, None, entry.headers, own, _PROXY_LOWER, len(entry.body))
+            # A copy that varies on more than its key covers (stored before Vary was honoured) is the full path's.
+            rendered = render_head(entry.status, None, entry.headers, own, _PROXY_LOWER, len(entry.body)) \
+                if vary_covered(entry.headers, KEYED_HEADERS) else None
             # A weak reference: the memo must never keep a body alive after the store has let it go.
             resolved.entry = weakref.ref(entry)
             resolved.head, resolved.dated = rendered if rendered is not None else (None, False)

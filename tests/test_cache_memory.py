@@ -29,6 +29,16 @@ async def test_set_replaces_and_accounts_bytes_once(clock):
     assert len(store) == 1
 
 
+async def test_delete_forgets_one_key_and_its_bytes(clock):
+    store = MemoryStore(10_000, clock)
+    await store.set("fx:1", entry(clock))
+    await store.set("fx:2", entry(clock))
+    await store.delete("fx:1")
+    await store.delete("fx:nothing")
+    assert await store.get("fx:1") is None and await store.get("fx:2") is not None
+    assert store.bytes == entry(clock).size
+
+
 async def test_least_recently_used_entry_is_evicted_when_bytes_run_out(clock):
     size = entry(clock).size
     store = MemoryStore(size * 3, clock)

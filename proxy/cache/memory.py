@@ -86,6 +86,9 @@ class MemoryStore:
     async def set(self, key: str, entry: Entry) -> None:
         self.put(key, entry)
 
+    async def delete(self, key: str) -> None:
+        self.discard(key)
+
     async def purge(self, service: str) -> int:
         doomed = [key for key in self._slots if key.rpartition(":")[0] == service]
         for key in doomed:
