@@ -109,7 +109,8 @@ class CacheStage:
         rule = self.rule_for(exchange)
         service = exchange.service.name
         if not rule.enabled or _conditional(exchange) or request_bypass_reason(
-                exchange.method, exchange.headers, keyed_by_credential=rule.key_by_credential):
+                exchange.method, exchange.headers, keyed_by_credential=rule.key_by_credential,
+                has_body=bool(exchange.body) or exchange.body_stream is not None):
             self._emit(events.CacheLookup(service, "bypass"))
             exchange.may_hedge = True  # no copy can stand in for a late upstream
             answer = await self._forward(exchange)

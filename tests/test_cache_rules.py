@@ -36,6 +36,12 @@ def test_credentials_bypass_with_reason_credentials(name):
     assert has_credentials(headers((name, "secret")))
 
 
+def test_a_get_or_head_with_a_body_bypasses_with_reason_body():
+    assert request_bypass_reason("GET", headers(), has_body=True) == "body"
+    assert request_bypass_reason("HEAD", headers(("Authorization", "x")), has_body=True) == "body"
+    assert request_bypass_reason("POST", headers(), has_body=True) == "method"
+
+
 def test_no_credentials_detected_without_authorization_or_cookie():
     assert not has_credentials(headers(("X-Api-Key", "k")))
 

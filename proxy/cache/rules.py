@@ -77,16 +77,20 @@ def has_credentials(headers: Any) -> bool:
     return "Authorization" in headers or "Cookie" in headers
 
 
-def request_bypass_reason(method: str, headers: Any, *, keyed_by_credential: bool = False) -> str | None:
+def request_bypass_reason(method: str, headers: Any, *, keyed_by_credential: bool = False,
+                          has_body: bool = False) -> str | None:
     """None when the request may be answered from (and stored to) the cache, else why not.
 
-    Reasons: `method` (not GET/HEAD), `no-store` (the caller sent Cache-Control: no-store),
+    Reasons: `method` (not GET/HEAD), `body` (a GET or HEAD with a body: it is forwarded with it,
+    and the key does not cover it), `no-store` (the caller sent Cache-Control: no-store),
     `credentials` (Authorization or Cookie, unless the route keys copies by a hash of the
     credential: pass `keyed_by_credential=True` then). `credentials` is checked last, so a
     caller that only gets `credentials` knows nothing else stands in the way.
     """
     if method.upper() not in CACHEABLE_METHODS:
         return "method"
+    if has_body:
+        return "body"
     if "no-store" in parse_cache_control(headers):
         return "no-store"
     if not keyed_by_credential and has_credentials(headers):
