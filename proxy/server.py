@@ -89,6 +89,10 @@ _PROXY_LOWER = frozenset(name.lower() for name in _PROXY_HEADERS)
 _NOT_RENDERED = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
 _MEMO_MAX = 4096
 _MEMO_KEY_MAX = 1024
+# The memo's bytes (targets and rendered heads) before it is cleared: part of the overhead the README
+# documents above `cache.max_bytes`, whatever the heads' size.
+_MEMO_BYTES = 8 * 1024 * 1024
+_MEMO_ENTRY_BYTES = 640  # a memo item with its `_Resolved`, key string and weak reference, on CPython 3.11
 _DRAIN_ABOVE = 256 * 1024  # bytes waiting in the socket's buffer before a fast answer waits for the caller
 CACHE_NAME = "resilience-proxy"
 
@@ -283,11 +287,13 @@ class HitPath:
         resolved = memo.get((raw_path, encoding))
         if resolved is None:
             resolved = _resolve(runtime, request, raw_path)
-            if len(memo) >= _MEMO_MAX:
+            if len(memo) >= _MEMO_MAX or runtime.hit_memo_bytes >= _MEMO_BYTES:
                 memo.clear()
+                runtime.hit_memo_bytes = 0
             if len(raw_path) + len(encoding or "") <= _MEMO_KEY_MAX:  # long targets are not worth their memory
                 # A refusal depends on the target alone: remembered under the bare target, checked first.
                 memo[raw_path if resolved is False else (raw_path, encoding)] = resolved
+                runtime.hit_memo_bytes += _MEMO_ENTRY_BYTES + 2 * len(raw_path) + len(encoding or "")
         if resolved is False:
             return None
         now = clock.time()
@@ -302,6 +308,7 @@ class HitPath:
             # A weak reference: the memo must never keep a body alive after the store has let it go.
             resolved.entry = weakref.ref(entry)
             resolved.head, resolved.dated = rendered if rendered is not None else (None, False)
+            runtime.hit_memo_bytes += len(resolved.head or b"")
         head = resolved.head
         if head is None:
             return None

@@ -163,3 +163,14 @@ def test_smoke_report_names_every_case_and_scenario(smoke):
 def test_columns_are_compared_with_their_direction_and_tolerance(column, ours, nginx, expected):
     assert column in COLUMNS
     assert verdict(column, ours, nginx) == expected
+
+
+def test_cache_rss_bench_fills_the_cache_past_its_budget_and_reports_rss_beside_it():
+    from bench.cache_rss import run
+
+    result = run(max_bytes=512 * 1024, requests=3000, connections=4, every=1000)
+    last = result["samples"][-1]
+    assert last["requests"] == 3000
+    assert 0 < last["entries"] < 3000  # the budget was reached: older copies were evicted
+    assert 0 < last["cache_mib"] <= 0.5
+    assert result["idle_rss_mib"] > 0 and result["final_rss_mib"] > 0
