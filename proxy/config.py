@@ -19,6 +19,7 @@ from yarl import URL
 
 from .breaker import PROFILES, BreakerPolicy
 from .hedging import HEDGE_AUTO, HedgePolicy
+from .masking import Masker
 from .outcome import RETRY_CLASSES
 from .quota import RateLimit
 from .transform import check_expression, placeholders as expression_placeholders
@@ -126,6 +127,7 @@ class Upstream:
     breaker: BreakerPolicy
     retry: RetryPolicy
     secret_query: frozenset[str] = frozenset()  # query names whose values came from ${VAR}
+    secrets: frozenset[str] = frozenset()       # values from ${VAR} in its url, path, query, headers, keys
     transform: str | None = None                 # JMESPath normalising a JSON answer
     rate_limit: RateLimit | None = None
     keys: tuple[str, ...] = ()                   # API keys, used in order as {key}; rotated when refused
@@ -279,6 +281,7 @@ class _Checker:
         self.filename = filename
         self.problems: list[tuple[int, str]] = []
         self.secrets: set[str] = set()
+        self.masker = Masker()  # every value from the environment: no message quotes one
 
     def problem(self, line: int, message: str) -> None:
         self.problems.append((line, message))
@@ -309,8 +312,21 @@ class _Checker:
             return default
 
     def secret(self, value: Any) -> None:
-        if isinstance(value, Substituted):
-            self.secrets.update(v for v in value.values if len(v) >= 4)
+        self.secrets.update(environment_values(value))
+
+
+_SECRET_MIN = 4  # shorter values are not masked: hiding every "1" or "ab" would garble every line
+
+
+def environment_values(value: Any) -> set[str]:
+    """The values `${VAR}` substituted anywhere in `value` (a scalar, mapping or list), long enough to mask."""
+    if isinstance(value, Substituted):
+        return {v for v in value.values if len(v) >= _SECRET_MIN}
+    if isinstance(value, dict):
+        return environment_values(list(value)) | environment_values(list(value.values()))
+    if isinstance(value, list):
+        return set().union(*map(environment_values, value))
+    return set()
 
 
 def _type_name(value: Any) -> str:
@@ -509,6 +525,20 @@ def _cache_rule(check: _Checker, value: Any, where: str, line: int, base: CacheR
     return rule
 
 
+# What a URL path may carry literally (RFC 3986 pchar and /), an escape, or a {placeholder}.
+_PATH = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-Fa-f]{2}|\{[A-Za-z_][A-Za-z0-9_]*\})*\Z")
+
+
+def _upstream_path(value: Any) -> str:
+    """A path template: absolute, and nothing a request line cannot carry (a space: use %20)."""
+    text = _string(value)
+    if not text.startswith("/"):
+        raise ValueError("must start with /")
+    if not _PATH.match(text):
+        raise ValueError(f"{text!r} has characters a URL path cannot carry (percent-encode them, e.g. %20)")
+    return text
+
+
 def _upstream_url(value: Any) -> URL:
     text = _string(value)
     try:
@@ -599,6 +629,7 @@ def parse_config(text: str, filename: str, env: Mapping[str, str]) -> Config:
     check = _Checker(filename)
     document, yaml_problems = load(text, env)
     check.problems.extend(yaml_problems)
+    check.masker = Masker(environment_values(document))
     if document is None:
         raise ConfigError(_format(check))
     root = check.mapping(document, "the file", 1)
@@ -723,7 +754,7 @@ def parse_config(text: str, filename: str, env: Mapping[str, str]) -> Config:
         raise ConfigError(_format(check))
     events_settings = _events(check, root.get("events"), line_of(root, "events")) if "events" in root else EventsSettings()
     return Config(source=filename, server=server, cache=cache, services=services, retry_budget=budget,
-                  events=events_settings, secrets=frozenset(check.secrets), effective=effective)
+                  events=events_settings, secrets=frozenset(check.secrets), effective=_plain(effective))
 
 
 def _events(check: _Checker, value: Any, line: int) -> EventsSettings:
@@ -908,9 +939,9 @@ def _service(check: _Checker, name: str, data: LineDict, where: str, line: int, 
         if "url" not in u_data:
             check.problem(u_line, f"{u_where}: `url` is required")
         url = check.get(u_data, "url", u_where, _upstream_url, None)
-        path = check.get(u_data, "path", u_where, _string, None)
-        if path is not None and not path.startswith("/"):
-            check.problem(line_of(u_data, "path"), f"{u_where}.path: must start with /")
+        path = check.get(u_data, "path", u_where, _upstream_path, None)
+        check.secret(u_data.get("url"))
+        check.secret(u_data.get("path"))
         query, secret_query = _templates(check, u_data.get("query"), f"{u_where}.query", line_of(u_data, "query"), headers=False)
         headers, _ = _templates(check, u_data.get("headers"), f"{u_where}.headers", line_of(u_data, "headers"), headers=True)
         u_nearest = _nearest(check, u_data, u_where, nearest)
@@ -933,6 +964,7 @@ def _service(check: _Checker, name: str, data: LineDict, where: str, line: int, 
             name=u_name, service=name, url=url, path=Template.parse(path) if path else None,
             query=query, headers=headers, timeout=u_nearest.timeout, breaker=u_nearest.breaker, retry=u_nearest.retry,
             hedge=u_nearest.hedge, secret_query=frozenset(secret_query) | _key_query(query),
+            secrets=frozenset(environment_values([u_data.get(k) for k in ("url", "path", "query", "headers", "keys")])),
             transform=transform, rate_limit=check.get(u_data, "rate_limit", u_where, _rate_limit, None),
             keys=tuple(keys), key_cooldown=check.get(u_data, "key_cooldown", u_where, parse_duration, 3600.0)))
         if key_values is not None and not keys and isinstance(key_values, LineList) and key_values:
@@ -968,7 +1000,8 @@ def _service(check: _Checker, name: str, data: LineDict, where: str, line: int, 
                 check.problem(line_of(p_data, u_name), f"{r_where}.paths: no upstream named {u_name!r} in service {name!r}")
             elif not isinstance(template, str) or not template.startswith("/"):
                 check.problem(line_of(p_data, u_name), f"{r_where}.paths.{u_name}: expected a path starting with /")
-            else:
+            elif check.get(p_data, u_name, f"{r_where}.paths", _upstream_path, None) is not None:
+                check.secret(template)
                 paths[u_name] = Template.parse(template)
         r_name = check.get(r_data, "name", r_where, _string, match)
         derive = None
@@ -1006,6 +1039,9 @@ def _service(check: _Checker, name: str, data: LineDict, where: str, line: int, 
             for missing in sorted(set(template.names) - set(route.pattern.names)):
                 check.problem(line, f"{where}.routes: route {route.name!r} path for {u_name} uses {{{missing}}} not in its match")
 
+    # A value from ${VAR} in a route's path for an upstream is that upstream's secret too.
+    upstreams = [replace(u, secrets=u.secrets | environment_values([r.paths[u.name].text for r in routes
+                                                                    if u.name in r.paths])) for u in upstreams]
     return Service(name=name, prefix=prefix, upstreams=tuple(upstreams), routes=tuple(routes), cache=rule,
                    deadline=nearest.deadline,
                    retry_non_idempotent=check.get(data, "retry_non_idempotent", where, _boolean, False),
@@ -1042,7 +1078,7 @@ def _effective_service(service: Service, data: LineDict) -> dict[str, Any]:
     for upstream in service.upstreams:
         raw = raw_upstreams.get(upstream.name, {})
         upstreams.append({
-            "name": upstream.name, "url": str(upstream.url),
+            "name": upstream.name, "url": _masked(raw["url"]) if isinstance(raw.get("url"), Substituted) else str(upstream.url),
             "path": upstream.path.text if upstream.path else None,
             "query": {k: _masked(v) for k, v in (raw.get("query") or {}).items()},
             "headers": {k: _masked(v) for k, v in (raw.get("headers") or {}).items()},
@@ -1064,4 +1100,15 @@ def _effective_service(service: Service, data: LineDict) -> dict[str, Any]:
 
 def _format(check: _Checker) -> list[str]:
     unique = dict.fromkeys(check.problems)  # a service-level setting is checked once per route: say it once
-    return [f"{check.filename}:{line}: {message}" for line, message in sorted(unique, key=lambda p: p[0])]
+    return [f"{check.filename}:{line}: {check.masker(message)}" for line, message in sorted(unique, key=lambda p: p[0])]
+
+
+def _plain(value: Any) -> Any:
+    """`value` with every string that had `${VAR}` substitutions shown masked (and a plain str, which YAML can dump)."""
+    if isinstance(value, Substituted):
+        return value.masked
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
