@@ -57,7 +57,7 @@ def test_what_small_entries_are_accounted_at_is_what_they_really_take(clock, sou
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        for n in range(5000):
+        for n in range(2000):
             key, answer = small_answer(clock, n)
             store.put(key, answer if source == "made-here" else decode_entry(encode_entry(answer)))
         gc.collect()
