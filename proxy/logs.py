@@ -27,7 +27,7 @@ _MASK = "***"
 
 
 class Redactor:
-    """A structlog processor hiding secret values, in every form they take (`masking.forms`),
+    """A structlog processor hiding secret values, in every form they take (see `proxy.masking`),
     wherever they appear in a log event."""
 
     def __init__(self) -> None:
