@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import redis.asyncio as aioredis
 
 from proxy.cache.entry import Entry, encode_entry
@@ -17,6 +18,16 @@ from tests.test_hit_path import ChainCalls
 JSON = {"Accept": "application/json"}
 CSV = {"Accept": "text/csv"}
 IDENTITY = {"Accept-Encoding": "identity"}
+
+
+@pytest.fixture
+async def redis_prefix(redis_url, redis_prefix):
+    """This test's own key prefix; its keys are removed afterwards."""
+    yield redis_prefix
+    client = aioredis.Redis.from_url(redis_url)
+    async for name in client.scan_iter(match=redis_prefix + "*", count=500):
+        await client.unlink(name)
+    await client.aclose()
 
 
 def varying(body: bytes, vary: str = "Accept") -> Ok:
