@@ -6,7 +6,7 @@ CONFIG ?= routes.yaml
 FUZZ_CASES ?= 20000
 FUZZ_SEED  ?= 18
 
-.PHONY: run test check bench clean demo fuzz
+.PHONY: run test check bench bench-cache clean demo fuzz
 
 # `make run`: create the venv, install the package, serve routes.yaml (:8080, metrics :9090).
 run: $(BIN)/.installed
@@ -27,6 +27,10 @@ check: $(BIN)/.installed
 # `make bench`: speed vs the Python ceiling and nginx, resilience under faults (~8 min; writes bench/results.*).
 bench: $(BIN)/.installed-test
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# `make bench-cache`: RSS against cache.max_bytes while 200,000 distinct small GETs fill the memory cache (~1 min).
+bench-cache: $(BIN)/.installed-test
+	$(BIN)/python -m bench.cache_rss $(BENCH_ARGS)
 
 # `make demo`: the proxy in front of bundled mock providers on 127.0.0.1, offline, stops by itself.
 demo: $(BIN)/.installed

@@ -50,6 +50,7 @@ class Runtime:
         self.clock = clock
         self.active = 0  # requests running on this table; a reload retires it once they are done
         self.hit_memo: dict[Any, Any] = {}  # server.HitPath: (target, Accept-Encoding) -> route and cache key; target -> False
+        self.hit_memo_bytes = 0  # what server.HitPath counts the memo's items and rendered heads at
         self.bus = bus
         self.transport = transport or HttpTransport(config.server)
         self.breakers = breakers if breakers is not None else {}

@@ -9,6 +9,11 @@ identical concurrent misses share one trip through the fallback stage (which may
 upstream); its answer is stored when the rules allow. When the trip fails, a copy still inside its
 stale window answers; without one, the failure goes up to become the error. Every stale answer is
 reported with its reason.
+
+An answer whose `Vary` names request headers the key does not cover (RFC 9111 §4.1) is stored as
+one of at most `MAX_VARIANTS` variants under a vary index (see `proxy.cache.entry`); a request is
+answered only from the variant its own headers select, fresh or stale, and shares an in-flight
+call only with requests that select the same one. `Vary: *` is never stored.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ from typing import Any, Awaitable, Callable
 from multidict import CIMultiDict
 
 from . import events
-from .cache import Coalescer, Entry, Store, cache_key, parse_cache_control, request_bypass_reason, response_storable
+from .cache import (KEYED_HEADERS, Coalescer, Entry, Store, cache_key, parse_cache_control, request_bypass_reason,
+                    response_storable, variant_key, vary_covered, vary_names)
 from .cache.coalesce import CoalescedCallCancelled
+from .cache.entry import vary_index
 from .clock import Clock
 from .config import CacheRule, CacheSettings
 from .exchange import Answer, Exchange
@@ -31,6 +38,8 @@ from .fallback import UpstreamsFailed
 NAME = "resilience-proxy"
 _CLUSTER_LOCK_MAX = 30.0  # seconds a replica may hold a fetch lock; expiry frees it if the replica dies
 _CLUSTER_POLL = 0.02
+# Variants kept per key: a caller cycling through Accept values cannot fill the cache with one URL.
+MAX_VARIANTS = 8
 Forward = Callable[[Exchange], Awaitable[Answer]]
 
 
@@ -55,6 +64,22 @@ def _public(answer: Answer) -> bool:
 def _credential(exchange: Exchange) -> str:
     headers = exchange.headers
     return "\n".join(headers.getall("Authorization", ())) + "\0" + "\n".join(headers.getall("Cookie", ()))
+
+
+@dataclasses.dataclass(slots=True)
+class _Copy:
+    """Where a request's copy lives (see the module docstring on Vary)."""
+
+    primary: str             # the request's cache key
+    key: str                 # the copy's key: `primary`, or that of the variant the vary index selects
+    index: Entry | None      # the vary index under `primary`, if there is one
+    entry: Entry | None      # the copy the request may be answered from, if there is one
+    keyed: frozenset[str]    # request headers `primary` covers (lower case)
+
+    @property
+    def covered(self) -> frozenset[str]:
+        """Request headers that are the same for every request with this copy's key."""
+        return self.keyed if self.index is None else self.keyed | frozenset(self.index.vary)
 
 
 class CacheStage:
@@ -84,7 +109,8 @@ class CacheStage:
         rule = self.rule_for(exchange)
         service = exchange.service.name
         if not rule.enabled or _conditional(exchange) or request_bypass_reason(
-                exchange.method, exchange.headers, keyed_by_credential=rule.key_by_credential):
+                exchange.method, exchange.headers, keyed_by_credential=rule.key_by_credential,
+                has_body=bool(exchange.body) or exchange.body_stream is not None):
             self._emit(events.CacheLookup(service, "bypass"))
             exchange.may_hedge = True  # no copy can stand in for a late upstream
             answer = await self._forward(exchange)
@@ -92,9 +118,10 @@ class CacheStage:
             answer.cache_status = f"{NAME}; fwd=bypass"
             return answer
         credential = _credential(exchange) if rule.key_by_credential else None
-        key = cache_key(service, exchange.method, exchange.path, exchange.query, exchange.headers,
-                        vary=rule.vary, credential=credential)
-        entry = await self._store.get(key)
+        primary = cache_key(service, exchange.method, exchange.path, exchange.query, exchange.headers,
+                            vary=rule.vary, credential=credential)
+        copy = await self._lookup(exchange, primary, KEYED_HEADERS.union(name.lower() for name in rule.vary))
+        entry = copy.entry
         now = self._clock.time()
         if entry is not None and entry.is_fresh(now):
             self._emit(events.CacheLookup(service, "hit", entry.age(now)))
@@ -102,26 +129,27 @@ class CacheStage:
         usable = entry is not None and entry.is_usable_stale(now)
         if usable and rule.stale_if_slow is not None:
             assert entry is not None
-            return await self._revalidate(exchange, key, rule, entry)
+            return await self._revalidate(exchange, copy, rule, entry)
         exchange.may_hedge = not usable
         fetch = self._fetcher(rule)
         try:
             try:
                 # HEAD shares GET's cache key but never its in-flight call: a HEAD answer has no body.
-                answer, shared = await self._coalescer.run(f"{exchange.method} {key}", lambda: fetch(exchange, key, rule))
+                answer, shared = await self._coalescer.run(f"{exchange.method} {copy.key}",
+                                                           lambda: fetch(exchange, copy, rule))
             except CoalescedCallCancelled:
                 # The caller we were waiting on went away; ask upstream ourselves.
-                answer, shared = await self._fetch(exchange, key, rule), False
+                answer, shared = await self._fetch(exchange, copy, rule), False
             if shared:
                 if answer.stream is not None or not answer.shareable:
                     # One streamed body cannot feed two callers, and what may not be stored (Set-Cookie,
-                    # private, no-store) may not be handed to another caller either.
-                    answer, shared = await self._fetch(exchange, key, rule), False
+                    # private, no-store, a Vary this key does not cover) may not be handed to another caller.
+                    answer, shared = await self._fetch(exchange, copy, rule), False
                 else:
                     self._emit(events.Coalesced(service))
         except UpstreamsFailed as failure:
             if entry is not None and entry.is_usable_stale(self._clock.time()):
-                return self._serve_stale(exchange, entry, key, _stale_reason(failure), failure)
+                return self._serve_stale(exchange, entry, copy.key, _stale_reason(failure), failure)
             self._emit(events.CacheLookup(service, "miss"))
             raise
         self._emit(events.CacheLookup(service, "miss"))
@@ -132,14 +160,25 @@ class CacheStage:
                             fallback=answer.fallback, shareable=True)
         return answer
 
-    def _fetcher(self, rule: CacheRule) -> Callable[[Exchange, str, CacheRule], Awaitable[Answer]]:
+    async def _lookup(self, exchange: Exchange, primary: str, keyed: frozenset[str]) -> _Copy:
+        """The copy this request may be answered from: under its key, or the variant a vary index there selects."""
+        entry = await self._store.get(primary)
+        if entry is None or not entry.is_index:
+            return _Copy(primary, primary, None, _usable(entry, keyed), keyed)
+        copy = _Copy(primary, variant_key(primary, entry.vary, exchange.headers), entry, None, keyed)
+        if copy.key in entry.variants:
+            copy.entry = _usable(await self._store.get(copy.key), copy.covered)
+        return copy
+
+    def _fetcher(self, rule: CacheRule) -> Callable[[Exchange, _Copy, CacheRule], Awaitable[Answer]]:
         return self._fetch_clustered if rule.coalesce == "cluster" and hasattr(self._store, "lock") else self._fetch
 
-    async def _revalidate(self, exchange: Exchange, key: str, rule: CacheRule, entry: Entry) -> Answer:
+    async def _revalidate(self, exchange: Exchange, copy: _Copy, rule: CacheRule, entry: Entry) -> Answer:
         """A copy past its ttl: refresh it (once per key at a time) and wait at most `stale_if_slow` for that."""
+        key = copy.key
         if key in self._refreshes:
             return self._serve_stale(exchange, entry, key, "revalidating")  # somebody is already refreshing it
-        refresh = self._refresh(exchange, key, rule)
+        refresh = self._refresh(exchange, copy, rule)
         if rule.stale_if_slow == 0:
             return self._serve_stale(exchange, entry, key, "revalidating")
         # Real time on purpose: this races the refresh's network calls, as their own timeouts do.
@@ -158,11 +197,12 @@ class CacheStage:
         self._emit(events.CacheLookup(exchange.service.name, "miss"))
         return answer
 
-    def _refresh(self, exchange: Exchange, key: str, rule: CacheRule) -> "_Refresh":
-        """Fetch a new copy of `key` in a task of its own, which outlives the request that started it."""
+    def _refresh(self, exchange: Exchange, copy: _Copy, rule: CacheRule) -> "_Refresh":
+        """Fetch a new copy in a task of its own, which outlives the request that started it."""
         # A GET, whatever asked: it is the GET copy that is refreshed (a HEAD answer is never stored).
         own = dataclasses.replace(exchange, method="GET", attempts=[], may_hedge=False)
-        refresh = _Refresh(own, asyncio.get_running_loop().create_task(self._fetcher(rule)(own, key, rule)))
+        key = copy.key
+        refresh = _Refresh(own, asyncio.get_running_loop().create_task(self._fetcher(rule)(own, copy, rule)))
         self._refreshes[key] = refresh
 
         def finished(task: asyncio.Task[Answer]) -> None:
@@ -182,69 +222,89 @@ class CacheStage:
         refresh.task.add_done_callback(finished)
         return refresh
 
-    async def _fetch(self, exchange: Exchange, key: str, rule: CacheRule) -> Answer:
+    async def _fetch(self, exchange: Exchange, copy: _Copy, rule: CacheRule) -> Answer:
         answer = await self._forward(exchange)
         answer.cache = "MISS"
         body_len = None if answer.stream is not None else len(answer.body)
+        headers = CIMultiDict(answer.headers)
         reason = None if exchange.method == "GET" else "method"  # a HEAD answer has no body to keep
-        reason = reason or response_storable(answer.status, CIMultiDict(answer.headers), body_len,
+        reason = reason or response_storable(answer.status, headers, body_len,
                                              cache_statuses=rule.statuses, max_body_bytes=self._settings.max_body_bytes)
-        # The same rules decide whether waiting callers may share this answer.
-        answer.shareable = reason is None or (reason in ("method", "status", "too-large") and _public(answer))
+        # The same rules decide whether waiting callers may share this answer; they all have this copy's
+        # key, so they may differ in any request header the key does not cover.
+        answer.shareable = (reason is None or (reason in ("method", "status", "too-large") and _public(answer))) \
+            and vary_covered(headers, copy.covered)
         if reason is None and answer.upstream is not None:
             now = self._clock.time()
             stale = min(rule.stale, self._settings.max_stale)
-            await self._store.set(key, Entry(status=answer.status, headers=list(answer.headers), body=answer.body,
-                                             stored_at=now, fresh_until=now + rule.ttl,
-                                             stale_until=now + rule.ttl + stale, upstream=answer.upstream))
+            entry = Entry(status=answer.status, headers=list(answer.headers), body=answer.body, stored_at=now,
+                          fresh_until=now + rule.ttl, stale_until=now + rule.ttl + stale, upstream=answer.upstream)
+            vary = tuple(sorted(vary_names(headers) - copy.keyed))
+            if vary:
+                await self._store_variant(exchange, copy.primary, vary, entry)
+            else:
+                await self._store.set(copy.primary, entry)  # replaces a vary index if the upstream stopped varying
             answer.cache_status = f"{NAME}; fwd=miss; stored"
         else:
             answer.cache_status = f"{NAME}; fwd=miss"
         return answer
 
-    async def _fetch_clustered(self, exchange: Exchange, key: str, rule: CacheRule) -> Answer:
+    async def _store_variant(self, exchange: Exchange, primary: str, vary: tuple[str, ...], entry: Entry) -> None:
+        """Store an answer that varies on `vary` as the variant this request selects, listed in the index."""
+        key = variant_key(primary, vary, exchange.headers)
+        await self._store.set(key, entry)
+        index = await self._store.get(primary)  # read again: another variant may have been stored meanwhile
+        kept = index.variants if index is not None and index.vary == vary else ()
+        variants = tuple(k for k in kept if k != key) + (key,)
+        for dropped in variants[:-MAX_VARIANTS]:
+            await self._store.delete(dropped)
+        stale_until = max(entry.stale_until, index.stale_until) if kept and index is not None else entry.stale_until
+        await self._store.set(primary, vary_index(vary, variants[-MAX_VARIANTS:], entry.stored_at, stale_until))
+
+    async def _fetch_clustered(self, exchange: Exchange, copy: _Copy, rule: CacheRule) -> Answer:
         """One upstream call across every replica sharing Redis: a short lock per key.
 
         The replica that takes the lock fetches and stores; the others watch for the copy it
         writes. If the holder fails or Redis cannot tell, they fetch for themselves.
         """
         store: Any = self._store
+        key = copy.key
         token = uuid.uuid4().hex
         lock_ttl = max(0.1, min(exchange.deadline_at - self._clock.monotonic(), _CLUSTER_LOCK_MAX))
         held = await store.lock(key, token, lock_ttl)
         if held:
             # Double-check: the previous holder may have stored a copy between our lookup and the lock.
-            entry = await self._fresh_shared(store, key)
+            entry = await self._fresh_shared(store, copy)
             if entry is not None:
                 await store.unlock(key, token)
                 return self._cluster_answer(entry)
         if held is False:
-            entry = await self._await_cluster_copy(store, key, exchange.deadline_at)
+            entry = await self._await_cluster_copy(store, copy, exchange.deadline_at)
             if entry is not None:
                 self._emit(events.Coalesced(exchange.service.name))
                 return self._cluster_answer(entry)
         try:
-            return await self._fetch(exchange, key, rule)
+            return await self._fetch(exchange, copy, rule)
         finally:
             if held:
                 await store.unlock(key, token)
 
-    async def _fresh_shared(self, store: Any, key: str) -> Entry | None:
-        """The copy in Redis (not the local tier) if it is fresh."""
-        entry = await store.get_shared(key)
+    async def _fresh_shared(self, store: Any, copy: _Copy) -> Entry | None:
+        """The copy in Redis (not the local tier) if it is fresh (and an answer this request may have)."""
+        entry = _usable(await store.get_shared(copy.key), copy.covered)
         return entry if entry is not None and entry.is_fresh(self._clock.time()) else None
 
     def _cluster_answer(self, entry: Entry) -> Answer:
         return self._from_entry(entry, self._clock.time(), "MISS", f"{NAME}; fwd=miss; detail=coalesced-cluster")
 
-    async def _await_cluster_copy(self, store: Any, key: str, deadline_at: float) -> Entry | None:
+    async def _await_cluster_copy(self, store: Any, copy: _Copy, deadline_at: float) -> Entry | None:
         while self._clock.monotonic() < deadline_at:
             await asyncio.sleep(_CLUSTER_POLL)  # polling Redis, not a backoff: real time on purpose
-            entry = await self._fresh_shared(store, key)
+            entry = await self._fresh_shared(store, copy)
             if entry is not None:
                 return entry
-            if not await store.locked(key):  # released (or Redis gone) without a fresh copy
-                return await self._fresh_shared(store, key)
+            if not await store.locked(copy.key):  # released (or Redis gone) without a fresh copy
+                return await self._fresh_shared(store, copy)
         return None
 
     def _from_entry(self, entry: Entry, now: float, state: str, cache_status: str, *, fallback: bool = False) -> Answer:
@@ -282,6 +342,13 @@ class _Refresh:
         self.exchange = exchange
         self.task = task
         self.claimed = False
+
+
+def _usable(entry: Entry | None, covered: frozenset[str]) -> Entry | None:
+    """`entry` if it is an answer that varies on no request header but those its key covers."""
+    if entry is None or entry.is_index or not vary_covered(entry.headers, covered):
+        return None
+    return entry
 
 
 def _stale_reason(failure: UpstreamsFailed) -> str:

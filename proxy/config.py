@@ -7,26 +7,29 @@ problems it found (not only the first).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import ipaddress
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qsl, unquote
 
+from redis.asyncio.connection import Connection as RedisConnection, parse_url as parse_redis_url
 from yarl import URL
 
 from .breaker import PROFILES, BreakerPolicy
 from .hedging import HEDGE_AUTO, HedgePolicy
+from .masking import Masker
 from .outcome import RETRY_CLASSES
 from .quota import DailyReset, RateLimit
 from .transform import check_expression, placeholders as expression_placeholders
 from .retry import POLICIES, RetryPolicy
 from .routing import MatchPattern, Template, prefixes_overlap
 from .vendor_codes import MEANINGS, Meaning, ResultCodes
-from .yamlsrc import LineDict, LineList, Substituted, line_of, load
+from .yamlsrc import MAX_BYTES, LineDict, LineList, Substituted, line_of, load
 
 # --- value types ------------------------------------------------------------------------
 
@@ -34,9 +37,14 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2, "gb": 1000**3, "gib": 1024**3, None: 1}
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}\Z")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+# Nothing the proxy times needs longer; far larger values overflow clocks, dates and Redis TTLs.
+MAX_DURATION = 3650 * 86400.0
+MAX_SIZE = 1024**4     # 1 TiB: sizes past it are typing mistakes, and overflow what they are handed to
+MAX_COUNT = 10**9      # the same for counts (thresholds, queue lengths, topics)
+_CONTROL = {code: repr(chr(code))[1:-1] for code in (*range(0x20), 0x7F)}  # shown escaped in messages
 RESERVED_PREFIXES = ("/health", "/metrics", "/events")
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
@@ -53,30 +61,53 @@ class ConfigError(Exception):
 
 
 def parse_duration(value: Any) -> float:
-    """`500ms`, `30s`, `5m`, `1h`, `7d` or a number of seconds → seconds."""
+    """`500ms`, `30s`, `5m`, `1h`, `7d` or a number of seconds → seconds, at most `MAX_DURATION`."""
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 500ms, 30s, 5m, 1h, 7d")
+    seconds: float | None = None
     if isinstance(value, (int, float)):
         if value < 0:
             raise ValueError("a duration cannot be negative")
-        return float(value)
-    if isinstance(value, str):
+        seconds = float(value)
+    elif isinstance(value, str):
         found = _DURATION.match(value)
         if found:
-            return float(found.group(1)) * _DURATION_UNITS[found.group(2)]
-    raise ValueError(f"bad duration {value!r}: use 500ms, 30s, 5m, 1h, 7d or a number of seconds")
+            seconds = float(found.group(1)) * _DURATION_UNITS[found.group(2)]
+    if seconds is None:
+        raise ValueError(f"bad duration {value!r}: use 500ms, 30s, 5m, 1h, 7d or a number of seconds")
+    if not seconds <= MAX_DURATION:  # NaN too
+        raise ValueError(f"bad duration {value!r}: at most 3650d")
+    return seconds
 
 
 def parse_size(value: Any) -> int:
-    """`512KiB`, `1MiB`, `10MB` or a number of bytes → bytes."""
+    """`512KiB`, `1MiB`, `10MB` or a number of bytes → bytes, at most `MAX_SIZE`."""
+    size: int | None = None
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str):
+        size = value
+    elif isinstance(value, str):
         found = _SIZE.match(value)
         if found:
             unit = found.group(2).lower() if found.group(2) else None
-            return int(found.group(1)) * _SIZE_UNITS[unit]
-    raise ValueError(f"bad size {value!r}: use a number of bytes or 512KiB, 1MiB, 10MB")
+            size = int(found.group(1)) * _SIZE_UNITS[unit]
+    if size is None:
+        raise ValueError(f"bad size {value!r}: use a number of bytes or 512KiB, 1MiB, 10MB")
+    if size > MAX_SIZE:
+        raise ValueError(f"bad size {value!r}: at most 1TiB")
+    return size
+
+
+_HOSTNAME = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?\Z")
+
+
+def valid_host(host: str) -> bool:
+    """An IP address or a host name (letters, digits, `-` and `_` in dot-separated labels), not a mistyped IPv4."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    return len(host) <= 253 and bool(_HOSTNAME.match(host)) and not host.rstrip(".").replace(".", "").isdigit()
 
 
 def parse_listen(value: Any) -> tuple[str, int]:
@@ -84,13 +115,15 @@ def parse_listen(value: Any) -> tuple[str, int]:
     if not isinstance(value, str):
         raise ValueError("expected HOST:PORT")
     host, sep, port_text = value.rpartition(":")
-    if not sep or not port_text.isdigit():
+    if not sep or not port_text.isdigit() or not port_text.isascii():
         raise ValueError(f"bad listen address {value!r}: expected HOST:PORT")
     port = int(port_text)
     if not 0 <= port <= 65535:
         raise ValueError(f"bad port {port} in {value!r}")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, port
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if host and not valid_host(host):
+        raise ValueError(f"bad listen address {value!r}: {host!r} is neither an IP address nor a host name")
+    return host or "0.0.0.0", port
 
 
 # --- typed config ------------------------------------------------------------------------
@@ -129,6 +162,7 @@ class Upstream:
     breaker: BreakerPolicy
     retry: RetryPolicy
     secret_query: frozenset[str] = frozenset()  # query names whose values came from ${VAR}
+    secrets: frozenset[str] = frozenset()       # values from ${VAR} in its url, path, query, headers, keys
     transform: str | None = None                 # JMESPath normalising a JSON answer
     rate_limit: RateLimit | None = None
     keys: tuple[str, ...] = ()                   # API keys, used in order as {key}; rotated when refused
@@ -285,6 +319,7 @@ class _Checker:
         self.filename = filename
         self.problems: list[tuple[int, str]] = []
         self.secrets: set[str] = set()
+        self.masker = Masker()  # every value from the environment: no message quotes one
 
     def problem(self, line: int, message: str) -> None:
         self.problems.append((line, message))
@@ -315,9 +350,22 @@ class _Checker:
             return default
 
     def secret(self, value: Any) -> None:
-        if isinstance(value, Substituted):
-            # A key pasted percent-encoded is sent decoded (then encoded once): both forms are secrets.
-            self.secrets.update(form for v in value.values if len(v) >= 4 for form in (v, decoded_once(v)))
+        # A key pasted percent-encoded is sent decoded (then encoded once): both forms are secrets.
+        self.secrets.update(form for v in environment_values(value) for form in (v, decoded_once(v)))
+
+
+_SECRET_MIN = 4  # shorter values are not masked: hiding every "1" or "ab" would garble every line
+
+
+def environment_values(value: Any) -> set[str]:
+    """The values `${VAR}` substituted anywhere in `value` (a scalar, mapping or list), long enough to mask."""
+    if isinstance(value, Substituted):
+        return {v for v in value.values if len(v) >= _SECRET_MIN}
+    if isinstance(value, dict):
+        return environment_values(list(value)) | environment_values(list(value.values()))
+    if isinstance(value, list):
+        return set().union(*map(environment_values, value))
+    return set()
 
 
 def _type_name(value: Any) -> str:
@@ -338,8 +386,8 @@ def _boolean(value: Any) -> bool:
 
 
 def _positive_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"expected a whole number >= 1, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_COUNT:
+        raise ValueError(f"expected a whole number from 1 to {MAX_COUNT}, got {value!r}")
     return value
 
 
@@ -350,8 +398,8 @@ def _retry_count(value: Any) -> int:
 
 
 def _non_negative(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"expected a number >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_COUNT:  # NaN too
+        raise ValueError(f"expected a number from 0 to {MAX_COUNT}, got {value!r}")
     return float(value)
 
 
@@ -516,21 +564,88 @@ def _cache_rule(check: _Checker, value: Any, where: str, line: int, base: CacheR
     return rule
 
 
+# What a URL path may carry literally (RFC 3986 pchar and /), an escape, or a {placeholder}.
+_PATH = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-Fa-f]{2}|\{[A-Za-z_][A-Za-z0-9_]*\})*\Z")
+
+
+def _upstream_path(value: Any) -> str:
+    """A path template: absolute, and nothing a request line cannot carry (a space: use %20)."""
+    text = _string(value)
+    if not text.startswith("/"):
+        raise ValueError("must start with /")
+    if not _PATH.match(text):
+        raise ValueError(f"{text!r} has characters a URL path cannot carry (percent-encode them, e.g. %20)")
+    return text
+
+
+def _has_control(text: str) -> bool:
+    """A control character other than a tab (which header values and YAML may hold)."""
+    return any(ord(char) < 0x20 and char != "\t" or char == "\x7f" for char in text)
+
+
 def _upstream_url(value: Any) -> URL:
     text = _string(value)
+    if any(char.isspace() or _has_control(char) for char in text):
+        raise ValueError(f"bad URL {text!r}: whitespace or a control character (yarl would drop some silently)")
     try:
         url = URL(text)
+        port = url.port
     except ValueError as exc:
         raise ValueError(f"bad URL {text!r}: {exc}") from None
     if url.scheme not in ("http", "https"):
         raise ValueError(f"upstream URL must be http:// or https://, got {text!r}")
     if not url.host:
         raise ValueError(f"upstream URL has no host: {text!r}")
+    if not valid_host(url.raw_host or "") or port == 0:  # raw_host: an international name in its IDNA form
+        raise ValueError(f"bad URL {text!r}: {url.host!r} port {port} is no address to connect to")
     if url.user or url.password:
         raise ValueError("credentials in the upstream URL are not allowed; use headers with ${VAR}")
     if url.query_string or url.fragment:
         raise ValueError("the upstream URL must not carry a query or fragment; use `query:`")
     return url
+
+
+def _password(url: str) -> str:
+    """The password in a Redis URL, "" when there is none (or the URL does not parse)."""
+    try:
+        return URL(url).password or ""
+    except ValueError:
+        return ""
+
+
+def _redis_url_problem(url: str) -> str | None:
+    """Why redis-py would fail on `url` at start or at every call, found now; None when it would not."""
+    if url.partition("://")[0] not in ("redis", "rediss", "unix"):
+        return "expected a redis://, rediss:// or unix:// URL"
+    try:
+        parsed = URL(url)
+        port = parsed.port
+        options = parse_redis_url(url)  # redis-py's own reading, as Redis.from_url makes it
+    except (ValueError, TypeError) as exc:
+        return f"bad URL: {exc}"
+    if parsed.scheme == "unix":
+        if not parsed.path or parsed.path == "/":
+            return "a unix:// URL names the socket's path"
+    elif not parsed.host or not valid_host(parsed.raw_host or "") or port == 0:
+        return f"{parsed.host!r} port {port} is no address to connect to"
+    elif parsed.path not in ("", "/") and not (parsed.path[1:].isdigit() and parsed.path[1:].isascii()):
+        return f"the database after the host is a number such as /0, got {parsed.path!r}"
+    unknown = set(parsed.query) - _connection_options(options.get("connection_class", RedisConnection))
+    if unknown:
+        return f"unknown connection option {sorted(unknown)[0]!r}"
+    return None
+
+
+@functools.cache
+def _connection_options(connection_class: type) -> frozenset[str]:
+    """The keywords a redis-py connection class takes: what a URL's query may set."""
+    names: set[str] = set()
+    for klass in connection_class.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            names.update(p.name for p in inspect.signature(init).parameters.values()
+                         if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+    return frozenset(names - {"self"})
 
 
 def _templates(check: _Checker, value: Any, where: str, line: int, *, headers: bool) -> tuple[tuple[tuple[str, Template], ...], set[str]]:
@@ -553,6 +668,9 @@ def _templates(check: _Checker, value: Any, where: str, line: int, *, headers: b
         text = raw if isinstance(raw, str) else str(raw)
         if headers and ("\r" in text or "\n" in text):
             check.problem(key_line, f"{where}.{key}: header values cannot contain line breaks")
+            continue
+        if headers and _has_control(text):
+            check.problem(key_line, f"{where}.{key}: header values cannot contain control characters")
             continue
         if not headers:
             text = decoded_once(text)  # a query value is sent percent-encoded once, however it was written
@@ -657,20 +775,31 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     """Read and validate a route table file; raises ConfigError with every problem found."""
     filename = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as file:
+            data = file.read(MAX_BYTES + 1)  # never more: a huge file is refused, not read whole
+        text = data.decode("utf-8")
     except OSError as exc:
         raise ConfigError([f"{filename}:1: cannot read the file: {exc.strerror or exc}"]) from None
-    except UnicodeDecodeError:
-        raise ConfigError([f"{filename}:1: the file is not UTF-8 text"]) from None
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError([f"{filename}:{line}: the file is not UTF-8 text"]) from None
     return parse_config(text, filename, os.environ if env is None else env)
 
 
 def parse_config(text: str, filename: str, env: Mapping[str, str]) -> Config:
     """Validate route table text (see `load_config`)."""
-    check = _Checker(filename)
     document, yaml_problems = load(text, env)
+    return check_document(document, filename, yaml_problems)
+
+
+def check_document(document: Any, filename: str, yaml_problems: list[tuple[int, str]]) -> Config:
+    """Validate a route table as `yamlsrc.load` read it (its document and problems); see `load_config`."""
+    check = _Checker(filename)
     check.problems.extend(yaml_problems)
+    check.masker = Masker(environment_values(document))
     if document is None:
+        if not check.problems:
+            check.problem(1, "the file holds no route table (`null`): expected a mapping starting with `version: 1`")
         raise ConfigError(_format(check))
     root = check.mapping(document, "the file", 1)
     if root is None:
@@ -678,7 +807,7 @@ def parse_config(text: str, filename: str, env: Mapping[str, str]) -> Config:
     check.known_keys(root, {"version", "server", "cache", "defaults", "services", "events"}, "top level")
     effective: dict[str, Any] = {"version": 1}
 
-    if root.get("version") != 1:
+    if root.get("version") != 1 or isinstance(root.get("version"), bool):
         check.problem(line_of(root, "version") if "version" in root else 1,
                       f"version: expected 1, got {root.get('version')!r}" if "version" in root else "version: missing (use `version: 1`)")
 
@@ -698,7 +827,7 @@ def parse_config(text: str, filename: str, env: Mapping[str, str]) -> Config:
             metrics_listen=metrics_listen,
             max_request_body=check.get(server_data, "max_request_body", "server", parse_size, server.max_request_body),
             replay_buffer=check.get(server_data, "replay_buffer", "server", parse_size, server.replay_buffer),
-            max_header_bytes=check.get(server_data, "max_header_bytes", "server", parse_size, server.max_header_bytes),
+            max_header_bytes=check.get(server_data, "max_header_bytes", "server", _header_budget, server.max_header_bytes),
             drain_timeout=check.get(server_data, "drain_timeout", "server", parse_duration, server.drain_timeout),
             strip_headers=frozenset(check.get(server_data, "strip_headers", "server", _name_list, tuple(server.strip_headers))),
             max_response_buffer=check.get(server_data, "max_response_buffer", "server", parse_size, server.max_response_buffer),
@@ -732,20 +861,22 @@ def parse_config(text: str, filename: str, env: Mapping[str, str]) -> Config:
             check.problem(line_of(cache_data, "backend"), f"cache.backend: expected memory or redis, got {backend!r}")
             backend = "memory"
         url = check.get(cache_data, "url", "cache", _string, cache.url)
-        if backend == "redis" and URL(url).scheme not in ("redis", "rediss", "unix"):
-            check.problem(line_of(cache_data, "url"), "cache.url: expected a redis://, rediss:// or unix:// URL")
+        problem = _redis_url_problem(url) if backend == "redis" else None
+        if problem is not None:
+            check.problem(line_of(cache_data, "url") if "url" in cache_data else line_of(root, "cache"),
+                          f"cache.url: {problem}")
         if isinstance(cache_data.get("url"), Substituted):
-            check.secret(URL(url).password or "")
+            check.secret(_password(url))
         cache = CacheSettings(
             backend=backend, url=url,
             max_stale=check.get(cache_data, "max_stale", "cache", parse_duration, cache.max_stale),
-            max_bytes=check.get(cache_data, "max_bytes", "cache", parse_size, cache.max_bytes),
+            max_bytes=check.get(cache_data, "max_bytes", "cache", _positive_size, cache.max_bytes),
             max_body_bytes=check.get(cache_data, "max_body_bytes", "cache", parse_size, cache.max_body_bytes),
             prefix=check.get(cache_data, "prefix", "cache", _string, cache.prefix),
-            op_timeout=check.get(cache_data, "op_timeout", "cache", parse_duration, cache.op_timeout),
+            op_timeout=check.get(cache_data, "op_timeout", "cache", _positive_duration, cache.op_timeout),
             local_ttl=check.get(cache_data, "local_ttl", "cache", parse_duration, cache.local_ttl),
         )
-    masked_url = str(URL(cache.url).with_password("***")) if URL(cache.url).password else cache.url
+    masked_url = str(URL(cache.url).with_password("***")) if _password(cache.url) else cache.url
     effective["cache"] = {"backend": cache.backend, "url": masked_url, "max_stale": cache.max_stale,
                           "max_bytes": cache.max_bytes, "max_body_bytes": cache.max_body_bytes, "prefix": cache.prefix}
 
@@ -783,18 +914,19 @@ def parse_config(text: str, filename: str, env: Mapping[str, str]) -> Config:
                 check.problem(line_of(data, "prefix") if "prefix" in data else service_line,
                               f"{where}.prefix: {service.prefix!r} overlaps the prefix {other.prefix!r} of service {other.name!r}")
         services[service_name] = service
-        effective_services[service_name] = _effective_service(service, data)
+        if not check.problems:  # only a valid table's is printed; a refused one's parts may have any shape
+            effective_services[service_name] = _effective_service(service, data)
 
     effective["defaults"] = {"timeout": defaults.timeout, "deadline": defaults.deadline,
                              "fallback_before_retry": defaults.fallback_first, "hedge_after": _hedge_text(defaults.hedge),
                              "retry_budget": {"enabled": budget.enabled, "ratio": budget.ratio,
                                               "min_per_second": budget.min_per_second, "window": budget.window}}
     effective["services"] = effective_services
+    events_settings = _events(check, root.get("events"), line_of(root, "events")) if "events" in root else EventsSettings()
     if check.problems:
         raise ConfigError(_format(check))
-    events_settings = _events(check, root.get("events"), line_of(root, "events")) if "events" in root else EventsSettings()
     return Config(source=filename, server=server, cache=cache, services=services, retry_budget=budget,
-                  events=events_settings, secrets=frozenset(check.secrets), effective=effective)
+                  events=events_settings, secrets=frozenset(check.secrets), effective=_plain(effective, check.masker))
 
 
 def _events(check: _Checker, value: Any, line: int) -> EventsSettings:
@@ -807,9 +939,9 @@ def _events(check: _Checker, value: Any, line: int) -> EventsSettings:
     return EventsSettings(
         stream=check.get(data, "stream", "events", _string, defaults.stream),
         maxlen=check.get(data, "maxlen", "events", _positive_int, defaults.maxlen),
-        ack_timeout=check.get(data, "ack_timeout", "events", parse_duration, defaults.ack_timeout),
+        ack_timeout=check.get(data, "ack_timeout", "events", _positive_duration, defaults.ack_timeout),
         client_queue=check.get(data, "client_queue", "events", _positive_int, defaults.client_queue),
-        max_frame=check.get(data, "max_frame", "events", parse_size, defaults.max_frame),
+        max_frame=check.get(data, "max_frame", "events", _positive_size, defaults.max_frame),
         max_topics=check.get(data, "max_topics", "events", _positive_int, defaults.max_topics),
         max_topics_per_connection=check.get(data, "max_topics_per_connection", "events", _positive_int,
                                             defaults.max_topics_per_connection),
@@ -860,7 +992,7 @@ def _budget(check: _Checker, value: Any, line: int) -> RetryBudgetSettings:
     return RetryBudgetSettings(
         ratio=check.get(data, "ratio", "defaults.retry_budget", _fraction, 0.2),
         min_per_second=check.get(data, "min_per_second", "defaults.retry_budget", _non_negative, 10.0),
-        window=check.get(data, "window", "defaults.retry_budget", parse_duration, 10.0),
+        window=check.get(data, "window", "defaults.retry_budget", _positive_duration, 10.0),
     )
 
 
@@ -899,6 +1031,21 @@ def _positive_duration(value: Any) -> float:
     return seconds
 
 
+def _positive_size(value: Any) -> int:
+    size = parse_size(value)
+    if size <= 0:
+        raise ValueError("must be more than 0 bytes")
+    return size
+
+
+def _header_budget(value: Any) -> int:
+    """`server.max_header_bytes`: below 1 KiB even a bare request's head would get 431."""
+    size = parse_size(value)
+    if size < 1024:
+        raise ValueError("must be at least 1KiB")
+    return size
+
+
 _NEAREST_KEYS = {"timeout", "deadline", "breaker", "retry", "hedge_after", "fallback_before_retry"}
 _SERVICE_KEYS = {"prefix", "cache", "routes", "upstreams", "watch", "retry_non_idempotent",
                  "forward_headers"} | _NEAREST_KEYS
@@ -931,7 +1078,7 @@ def _rate_limit(value: Any) -> RateLimit:
             raise ValueError("burst must be a number of requests")
     else:
         raise TypeError(f"expected 10/s or a mapping, got {_type_name(value)}")
-    if rate <= 0 or per <= 0 or burst < 1:
+    if not (0 < rate <= MAX_COUNT and per > 0 and 1 <= burst <= MAX_COUNT):  # NaN and inf too
         raise ValueError("rate and per must be positive and burst at least 1")
     return RateLimit(rate=float(rate), per=per, burst=float(burst))
 
@@ -941,7 +1088,8 @@ def _service(check: _Checker, name: str, data: LineDict, where: str, line: int, 
     check.known_keys(data, _SERVICE_KEYS, where)
     prefix = check.get(data, "prefix", where, _string, f"/{name}")
     prefix_line = line_of(data, "prefix") if "prefix" in data else line
-    if not prefix.startswith("/") or "//" in prefix or "/../" in prefix + "/" or "/./" in prefix + "/" or "?" in prefix:
+    if not prefix.startswith("/") or "//" in prefix or "/../" in prefix + "/" or "/./" in prefix + "/" or "?" in prefix \
+            or "#" in prefix or any(char.isspace() or _has_control(char) for char in prefix):
         check.problem(prefix_line, f"{where}.prefix: {prefix!r} must be a clean absolute path such as /fx")
     prefix = prefix.rstrip("/") or "/"
     for reserved in RESERVED_PREFIXES:
@@ -979,9 +1127,9 @@ def _service(check: _Checker, name: str, data: LineDict, where: str, line: int, 
         if "url" not in u_data:
             check.problem(u_line, f"{u_where}: `url` is required")
         url = check.get(u_data, "url", u_where, _upstream_url, None)
-        path = check.get(u_data, "path", u_where, _string, None)
-        if path is not None and not path.startswith("/"):
-            check.problem(line_of(u_data, "path"), f"{u_where}.path: must start with /")
+        path = check.get(u_data, "path", u_where, _upstream_path, None)
+        check.secret(u_data.get("url"))
+        check.secret(u_data.get("path"))
         query, secret_query = _templates(check, u_data.get("query"), f"{u_where}.query", line_of(u_data, "query"), headers=False)
         headers, _ = _templates(check, u_data.get("headers"), f"{u_where}.headers", line_of(u_data, "headers"), headers=True)
         u_nearest = _nearest(check, u_data, u_where, nearest)
@@ -995,6 +1143,10 @@ def _service(check: _Checker, name: str, data: LineDict, where: str, line: int, 
                 for k_index, key in enumerate(key_values):
                     if not isinstance(key, str):
                         check.problem(line_of(key_values, k_index), f"{u_where}.keys[{k_index}]: expected a string")
+                    elif _has_control(key) or "\t" in key:
+                        # It is put in headers as it is: a secret file's trailing newline would split the request.
+                        check.problem(line_of(key_values, k_index), f"{u_where}.keys[{k_index}]: a key cannot "
+                                      "contain control characters (a trailing newline from the secret's file?)")
                     elif key:  # an unset optional key (${KEY_2:-}) is simply not there
                         check.secret(key)
                         keys.append(decoded_once(str(key)))
@@ -1008,10 +1160,11 @@ def _service(check: _Checker, name: str, data: LineDict, where: str, line: int, 
             name=u_name, service=name, url=url, path=Template.parse(path) if path else None,
             query=query, headers=headers, timeout=u_nearest.timeout, breaker=u_nearest.breaker, retry=u_nearest.retry,
             hedge=u_nearest.hedge, secret_query=frozenset(secret_query) | _key_query(query),
+            secrets=frozenset(environment_values([u_data.get(k) for k in ("url", "path", "query", "headers", "keys")])),
             transform=transform, rate_limit=check.get(u_data, "rate_limit", u_where, _rate_limit, None),
             keys=tuple(keys), key_cooldown=check.get(u_data, "key_cooldown", u_where, parse_duration, 3600.0),
             result_codes=result_codes))
-        if key_values is not None and not keys and isinstance(key_values, LineList) and key_values:
+        if isinstance(key_values, LineList) and key_values and all(key == "" for key in key_values):
             check.problem(line_of(u_data, "keys"), f"{u_where}.keys: every key is empty (unset variables)")
 
     routes: list[Route] = []
@@ -1033,9 +1186,11 @@ def _service(check: _Checker, name: str, data: LineDict, where: str, line: int, 
             continue
         if not (match == prefix or match.startswith(prefix.rstrip("/") + "/")):
             check.problem(line_of(r_data, "match"), f"{r_where}.match: {match!r} is outside the service prefix {prefix!r}")
-        pattern = MatchPattern.compile(match)
-        if len(set(pattern.names)) != len(pattern.names):
+        placeholders = Template.parse(match).names
+        if len(set(placeholders)) != len(placeholders):
             check.problem(line_of(r_data, "match"), f"{r_where}.match: a placeholder is used twice")
+            continue  # it cannot be compiled: each names one captured segment
+        pattern = MatchPattern.compile(match)
         r_rule = _cache_rule(check, r_data["cache"], f"{r_where}.cache", line_of(r_data, "cache"), rule, cache) if "cache" in r_data else rule
         paths: dict[str, Template] = {}
         queries: dict[str, tuple[tuple[str, Template], ...]] = {}
@@ -1049,7 +1204,9 @@ def _service(check: _Checker, name: str, data: LineDict, where: str, line: int, 
             elif not isinstance(template, str) or not template.startswith("/"):
                 check.problem(line_of(p_data, u_name), f"{r_where}.paths.{u_name}: expected a path starting with / "
                                                         "(or off: the upstream does not serve this route)")
-            else:
+            elif check.get(p_data, u_name, f"{r_where}.paths", lambda text: _upstream_path(text.partition("?")[0]),
+                           None) is not None:
+                check.secret(template)
                 paths[u_name], query = _route_path(check, template, f"{r_where}.paths.{u_name}",
                                                    line_of(p_data, u_name))
                 if query:
@@ -1092,6 +1249,9 @@ def _service(check: _Checker, name: str, data: LineDict, where: str, line: int, 
             for missing in sorted(used - set(route.pattern.names) - BUILT_IN_PLACEHOLDERS):
                 check.problem(line, f"{where}.routes: route {route.name!r} path for {u_name} uses {{{missing}}} not in its match")
 
+    # A value from ${VAR} in a route's path for an upstream is that upstream's secret too.
+    upstreams = [replace(u, secrets=u.secrets | environment_values([r.paths[u.name].text for r in routes
+                                                                    if u.name in r.paths])) for u in upstreams]
     return Service(name=name, prefix=prefix, upstreams=tuple(upstreams), routes=tuple(routes), cache=rule,
                    deadline=nearest.deadline,
                    retry_non_idempotent=check.get(data, "retry_non_idempotent", where, _boolean, False),
@@ -1123,12 +1283,13 @@ def _hedge_text(hedge: HedgePolicy | None) -> Any:
 
 
 def _effective_service(service: Service, data: LineDict) -> dict[str, Any]:
-    raw_upstreams = {u.get("name"): u for u in data.get("upstreams", []) if isinstance(u, LineDict)}
+    raw_upstreams = {u.get("name"): u for u in data.get("upstreams", []) if isinstance(u, LineDict)
+                     and isinstance(u.get("name"), str)}
     upstreams = []
     for upstream in service.upstreams:
         raw = raw_upstreams.get(upstream.name, {})
         upstreams.append({
-            "name": upstream.name, "url": str(upstream.url),
+            "name": upstream.name, "url": _masked(raw["url"]) if isinstance(raw.get("url"), Substituted) else str(upstream.url),
             "path": upstream.path.text if upstream.path else None,
             "query": {k: _masked(v) for k, v in (raw.get("query") or {}).items()},
             "headers": {k: _masked(v) for k, v in (raw.get("headers") or {}).items()},
@@ -1160,5 +1321,22 @@ def _path_text(path: Template, query: tuple[tuple[str, Template], ...]) -> str:
 
 
 def _format(check: _Checker) -> list[str]:
+    """One `file:line: message` per problem, each on one line and quoting no value from the environment."""
     unique = dict.fromkeys(check.problems)  # a service-level setting is checked once per route: say it once
-    return [f"{check.filename}:{line}: {message}" for line, message in sorted(unique, key=lambda p: p[0])]
+    return [f"{check.filename}:{line}: {check.masker(message).translate(_CONTROL)}"
+            for line, message in sorted(unique, key=lambda p: p[0])]
+
+
+def _plain(value: Any, masker: Masker) -> Any:
+    """`value` with every string that had `${VAR}` substitutions shown masked (and a plain str, which YAML can
+    dump); a value from the environment that reached a string some other way (a path split at its `?`, a
+    query rejoined) is masked by `masker`, in every form it can take."""
+    if isinstance(value, Substituted):
+        return value.masked
+    if isinstance(value, str):
+        return masker(value)
+    if isinstance(value, dict):
+        return {_plain(k, masker): _plain(v, masker) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, masker) for v in value]
+    return value

@@ -20,29 +20,29 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from . import events
 from .clock import SYSTEM_CLOCK, Clock
+from .masking import Masker
 
 _SENSITIVE_KEY = re.compile(r"(authorization|cookie|api[-_]?key|token|secret|password|passwd|access[-_]?key)", re.I)
 _MASK = "***"
 
 
 class Redactor:
-    """A structlog processor hiding secret values wherever they appear in a log event."""
+    """A structlog processor hiding secret values, in every form they take (see `proxy.masking`),
+    wherever they appear in a log event."""
 
     def __init__(self) -> None:
-        self._secrets: tuple[str, ...] = ()
+        self._secrets: frozenset[str] = frozenset()
+        self._masker = Masker()
 
     def set_secrets(self, secrets: frozenset[str] | set[str]) -> None:
-        # Longest first, so a secret that contains another is masked whole.
-        self._secrets = tuple(sorted((s for s in secrets if s), key=len, reverse=True))
+        self._secrets = frozenset(s for s in secrets if s)
+        self._masker = Masker(self._secrets)
 
     def add_secrets(self, secrets: frozenset[str] | set[str]) -> None:
-        self.set_secrets(set(self._secrets) | set(secrets))
+        self.set_secrets(self._secrets | set(secrets))
 
     def mask_text(self, text: str) -> str:
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, _MASK)
-        return text
+        return self._masker(text)
 
     def _mask(self, key: str | None, value: Any) -> Any:
         if isinstance(value, str):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_SEGMENT_CHARS = "-._~!$&'()*+,;=:@"  # RFC 3986 pchar sub-delims kept as they are
+SEGMENT_CHARS = "-._~!$&'()*+,;=:@"  # RFC 3986 pchar sub-delims kept as they are
 _ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 
 
@@ -38,7 +38,7 @@ class Template:
 
         def fill(match: re.Match[str]) -> str:
             value = params[match.group(1)]
-            return quote(value, safe=_SEGMENT_CHARS) if encode else value
+            return quote(value, safe=SEGMENT_CHARS) if encode else value
 
         return _PLACEHOLDER.sub(fill, self.text)
 

@@ -25,7 +25,7 @@ from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 from multidict import CIMultiDict
 
 from . import events
-from .cache import cache_key
+from .cache import KEYED_HEADERS, cache_key, vary_covered
 from .exchange import Answer, Exchange
 from .fallback import RequestBodyTooLarge, UpstreamsFailed
 from .logs import EventLog
@@ -89,6 +89,10 @@ _PROXY_LOWER = frozenset(name.lower() for name in _PROXY_HEADERS)
 _NOT_RENDERED = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
 _MEMO_MAX = 4096
 _MEMO_KEY_MAX = 1024
+# The memo's bytes (targets and rendered heads) before it is cleared: part of the overhead the README
+# documents above `cache.max_bytes`, whatever the heads' size.
+_MEMO_BYTES = 8 * 1024 * 1024
+_MEMO_ENTRY_BYTES = 640  # a memo item with its `_Resolved`, key string and weak reference, on CPython 3.11
 _DRAIN_ABOVE = 256 * 1024  # bytes waiting in the socket's buffer before a fast answer waits for the caller
 CACHE_NAME = "resilience-proxy"
 
@@ -283,23 +287,28 @@ class HitPath:
         resolved = memo.get((raw_path, encoding))
         if resolved is None:
             resolved = _resolve(runtime, request, raw_path)
-            if len(memo) >= _MEMO_MAX:
+            if len(memo) >= _MEMO_MAX or runtime.hit_memo_bytes >= _MEMO_BYTES:
                 memo.clear()
+                runtime.hit_memo_bytes = 0
             if len(raw_path) + len(encoding or "") <= _MEMO_KEY_MAX:  # long targets are not worth their memory
                 # A refusal depends on the target alone: remembered under the bare target, checked first.
                 memo[raw_path if resolved is False else (raw_path, encoding)] = resolved
+                runtime.hit_memo_bytes += _MEMO_ENTRY_BYTES + 2 * len(raw_path) + len(encoding or "")
         if resolved is False:
             return None
         now = clock.time()
         entry = peek(resolved.key, now)
-        if entry is None or not now < entry.fresh_until:
-            return None
+        if entry is None or entry.is_index or not now < entry.fresh_until:
+            return None  # a vary index: the full path picks the variant
         if resolved.entry is None or resolved.entry() is not entry:
             own = [("X-Cache", "HIT"), ("X-Upstream", entry.upstream)] if entry.upstream else [("X-Cache", "HIT")]
-            rendered = render_head(entry.status, None, entry.headers, own, _PROXY_LOWER, len(entry.body))
+            # A copy that varies on more than its key covers (stored before Vary was honoured) is the full path's.
+            rendered = render_head(entry.status, None, entry.headers, own, _PROXY_LOWER, len(entry.body)) \
+                if vary_covered(entry.headers, KEYED_HEADERS) else None
             # A weak reference: the memo must never keep a body alive after the store has let it go.
             resolved.entry = weakref.ref(entry)
             resolved.head, resolved.dated = rendered if rendered is not None else (None, False)
+            runtime.hit_memo_bytes += len(resolved.head or b"")
         head = resolved.head
         if head is None:
             return None

@@ -19,6 +19,7 @@ from . import http1
 from .config import HOP_BY_HOP, ServerSettings, Upstream
 from .deadlines import Deadlines, for_running_loop
 from .exchange import Exchange
+from .masking import Masker
 from .outcome import Outcome
 from .routing import Template
 
@@ -129,11 +130,12 @@ _SECRET_NAME = re.compile(r"(key|token|secret|password|passwd|signature|sig|auth
 
 
 def masked_url(url: URL, upstream: Upstream) -> str:
-    """The URL for logs: values of query parameters from ${VAR}, or named like a secret, are hidden."""
-    if not url.query_string:
-        return str(url)
-    query = [(k, "***" if k in upstream.secret_query or _SECRET_NAME.search(k) else v) for k, v in url.query.items()]
-    return str(url.with_query(query))
+    """The URL for logs: values of query parameters from ${VAR}, or named like a secret, are hidden, and so is
+    every value from ${VAR} in any form, wherever it is (a key in the path, a key encoded in the query)."""
+    if url.query_string:
+        url = url.with_query([(k, "***" if k in upstream.secret_query or _SECRET_NAME.search(k) else v)
+                              for k, v in url.query.items()])
+    return Masker(upstream.secrets)(str(url)) if upstream.secrets else str(url)
 
 
 class MaskedUrl:

@@ -3,6 +3,10 @@
 Config errors must point at `file:line`, so the loader keeps line numbers that plain
 `yaml.safe_load` throws away. Substitution happens here too, because it must know which
 values came from the environment: those are secrets to mask in logs and `check` output.
+
+A document is bounded before it can cost much: its size (`MAX_BYTES`), its nesting, as written
+and as aliases expand it (`MAX_DEPTH`), and the number of values aliases expand it to
+(`MAX_VALUES`: a "billion laughs" document is a few lines long).
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from typing import Any
 import yaml
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+MAX_BYTES = 1024 * 1024  # a route table is a few KB; a megabyte is a mistake or an attack
+MAX_DEPTH = 64           # a route table nests about 8 deep
+MAX_VALUES = 100_000     # keys, items and scalars once aliases are expanded
 
 
 class LineDict(dict):
@@ -55,6 +62,8 @@ def substitute(text: str, env: Mapping[str, str], line: int, problems: list[tupl
         return value
 
     result = _VAR.sub(replace, text)
+    if "${" in _VAR.sub("", text):
+        problems.append((line, "a `${` that is not ${NAME} or ${NAME:-default} (unterminated, or not a variable name)"))
     masked = _VAR.sub(lambda m: "***" if env.get(m.group(1)) else (m.group(2) or ""), text)
     if not values:
         # Only defaults were used: nothing came from the environment, nothing to hide.
@@ -67,25 +76,73 @@ def substitute(text: str, env: Mapping[str, str], line: int, problems: list[tupl
 
 def load(text: str, env: Mapping[str, str]) -> tuple[Any, list[tuple[int, str]]]:
     """Parse YAML into LineDict/LineList/scalars. Returns (document, [(line, problem), ...])."""
+    if len(text) > MAX_BYTES:
+        return None, [(1, f"the file is larger than {MAX_BYTES // 1024} KiB: not a route table")]
     problems: list[tuple[int, str]] = []
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
         return None, [(line, f"invalid YAML: {exc.problem or exc.context}")]
     except yaml.YAMLError as exc:
-        return None, [(1, f"invalid YAML: {exc}")]
+        return None, [(_reader_line(text, exc), f"invalid YAML: {exc}")]
     if node is None:
         return None, [(1, "the file is empty")]
-    return _convert(node, env, problems), problems
+    budget = _Budget()
+    document = _convert(node, env, problems, budget, 0)
+    return (None if budget.exceeded else document), problems
+
+
+class _Loader(yaml.SafeLoader):
+    """The safe loader, refusing a document nested past `MAX_DEPTH` as it composes it: the composer
+    recurses once per level, and 5,000 levels would end in a RecursionError."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels: not a route table",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _reader_line(text: str, error: yaml.YAMLError) -> int:
+    """The line of a character the reader refused (a control character), else 1."""
+    position = getattr(error, "position", None)
+    return text.count("\n", 0, position) + 1 if isinstance(position, int) else 1
+
+
+class _Budget:
+    """How many values a document has expanded to so far, against `MAX_VALUES`."""
+
+    __slots__ = ("values", "exceeded")
+
+    def __init__(self) -> None:
+        self.values = 0
+        self.exceeded = False
 
 
 _CONSTRUCTOR = yaml.SafeLoader("")
 
 
-def _convert(node: yaml.Node, env: Mapping[str, str], problems: list[tuple[int, str]]) -> Any:
+def _convert(node: yaml.Node, env: Mapping[str, str], problems: list[tuple[int, str]], budget: _Budget,
+             depth: int) -> Any:
     line = node.start_mark.line + 1
+    if budget.exceeded:
+        return None
+    budget.values += 1
+    if budget.values > MAX_VALUES or depth > MAX_DEPTH:
+        budget.exceeded = True
+        problems.append((line, f"YAML aliases expand the document past {MAX_VALUES} values or {MAX_DEPTH} "
+                               "levels (a recursive alias, or one that repeats a repetition): not a route table"))
+        return None
     if isinstance(node, yaml.MappingNode):
         out = LineDict()
         out.line = line
@@ -94,7 +151,7 @@ def _convert(node: yaml.Node, env: Mapping[str, str], problems: list[tuple[int, 
             if key_node.tag == "tag:yaml.org,2002:merge":
                 problems.append((key_node.start_mark.line + 1, "YAML merge keys (<<) are not supported"))
                 continue
-            key = _convert(key_node, env, problems)
+            key = _convert(key_node, env, problems, budget, depth + 1)
             key_line = key_node.start_mark.line + 1
             if not isinstance(key, str):
                 problems.append((key_line, f"keys must be strings, got {key!r}"))
@@ -102,7 +159,7 @@ def _convert(node: yaml.Node, env: Mapping[str, str], problems: list[tuple[int, 
             if key in out:
                 problems.append((key_line, f"duplicate key {key!r} (first at line {out.key_lines[key]})"))
                 continue
-            out[key] = _convert(value_node, env, problems)
+            out[key] = _convert(value_node, env, problems, budget, depth + 1)
             out.key_lines[key] = key_line
         return out
     if isinstance(node, yaml.SequenceNode):
@@ -110,7 +167,7 @@ def _convert(node: yaml.Node, env: Mapping[str, str], problems: list[tuple[int, 
         seq.line = line
         seq.item_lines = []
         for item in node.value:
-            seq.append(_convert(item, env, problems))
+            seq.append(_convert(item, env, problems, budget, depth + 1))
             seq.item_lines.append(item.start_mark.line + 1)
         return seq
     # Scalars: resolve with the safe loader's rules (ints, floats, bools, null, strings).

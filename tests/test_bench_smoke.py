@@ -181,3 +181,14 @@ def test_latency_is_compared_as_what_the_fault_adds_over_each_proxys_own_healthy
     assert refuses["columns"]["primary_calls"] == "ahead" and refuses["met"] is True
     assert rows["healthy"]["met"] is None  # a reference, not a target
     assert rows["healthy"]["columns"]["p99_ms"] == "behind"  # compared as they are
+
+
+def test_cache_rss_bench_fills_the_cache_past_its_budget_and_reports_rss_beside_it():
+    from bench.cache_rss import run
+
+    result = run(max_bytes=256 * 1024, requests=2000, connections=4, every=500)
+    last = result["samples"][-1]
+    assert last["requests"] == 2000
+    assert 0 < last["entries"] < 2000  # the budget was reached: older copies were evicted
+    assert 0 < last["cache_mib"] <= 0.25
+    assert result["idle_rss_mib"] > 0 and result["final_rss_mib"] > 0

@@ -7,9 +7,10 @@ import pickle
 import msgspec
 import pytest
 
-from proxy.cache.entry import Entry, decode_entry, encode_entry
+from proxy.cache.entry import Entry, decode_entry, encode_entry, vary_index
 
 NOW = 1_733_040_000.0
+VARIANT = "fx:" + "c" * 64
 
 
 def make_entry(**overrides) -> Entry:
@@ -52,6 +53,16 @@ def test_envelope_is_a_msgpack_map_with_the_documented_field_names():
     raw = msgspec.msgpack.decode(encode_entry(make_entry()))
     assert set(raw) == {"v", "status", "headers", "body", "stored_at", "fresh_until", "stale_until", "upstream"}
     assert raw["v"] == 1
+
+
+def test_a_vary_index_is_a_version_2_envelope_that_round_trips_and_is_never_fresh():
+    index = vary_index(("accept", "accept-language"), (VARIANT,), NOW, NOW + 3600)
+    raw = msgspec.msgpack.decode(encode_entry(index))
+    assert raw["v"] == 2 and raw["vary"] == ["accept", "accept-language"] and raw["variants"] == [VARIANT]
+    decoded = decode_entry(encode_entry(index))
+    assert decoded == index and decoded.is_index
+    assert not decoded.is_fresh(NOW) and decoded.is_usable_stale(NOW)
+    assert not make_entry().is_index
 
 
 def test_age_counts_from_stored_at_and_is_never_negative():
@@ -102,11 +113,17 @@ class WritesMarker:
         msgspec.msgpack.encode([1, 200, [], b"", NOW, NOW, NOW, "x"]),
         msgspec.msgpack.encode(envelope())[:-3],
         pickle.dumps({"status": 200}),
+        msgspec.msgpack.encode(envelope(vary=["accept"], variants=[VARIANT])),
+        msgspec.msgpack.encode(envelope(v=2, vary=["accept"])),
+        msgspec.msgpack.encode(envelope(v=2, variants=[VARIANT])),
+        msgspec.msgpack.encode(envelope(v=2, vary=["accept\r\nx"], variants=[VARIANT])),
+        msgspec.msgpack.encode(envelope(v=2, vary=["accept"], variants=["rp:lock:fx:1"])),
     ],
     ids=[
         "empty", "garbage", "reserved-byte", "version-2", "version-as-str", "status-99", "status-600",
         "status-as-str", "body-as-str", "header-without-value", "header-with-crlf", "nan-time",
-        "missing-field", "array-not-map", "truncated", "pickle",
+        "missing-field", "array-not-map", "truncated", "pickle", "index-as-version-1", "index-without-variants",
+        "variants-without-vary", "vary-name-with-crlf", "variant-not-a-cache-key",
     ],
 )
 def test_decode_returns_none_for_malformed_data(data):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict
 
-from proxy.cache.keys import cache_key, normalise_accept_encoding, normalise_path
+from proxy.cache.keys import cache_key, normalise_accept_encoding, normalise_path, variant_key
 
 
 def headers(*pairs: tuple[str, str]) -> CIMultiDictProxy:
@@ -140,3 +140,16 @@ def test_unnamed_headers_do_not_split_the_cache():
 def test_values_cannot_shift_between_fields_to_collide():
     assert key(query=[("a", "b=c")]) != key(query=[("a=b", "c")])
     assert key(path="/fx/a", query=[("b", "")]) != key(path="/fx/ab", query=[])
+
+
+def test_a_variant_key_has_the_services_form_and_depends_on_the_key_the_names_and_the_values():
+    primary = key()
+    json = variant_key(primary, ("accept",), headers(("Accept", "application/json")))
+    assert json.startswith("fx:") and len(json) == 3 + 64 and json != primary
+    assert json == variant_key(primary, ("accept",), headers(("accept", "application/json")))
+    assert json == variant_key(primary, ("accept",), headers(("Accept", "application/json"), ("X-Other", "1")))
+    assert json != variant_key(primary, ("accept",), headers(("Accept", "text/csv")))
+    assert json != variant_key(key(path="/fx/latest/EUR"), ("accept",), headers(("Accept", "application/json")))
+    assert json != variant_key(primary, ("accept", "origin"), headers(("Accept", "application/json")))
+    # absent and empty are different values
+    assert variant_key(primary, ("accept",), headers()) != variant_key(primary, ("accept",), headers(("Accept", "")))

@@ -425,6 +425,16 @@ async def test_two_level_copies_keep_their_real_age(two_level, make_store, clock
     assert first.age(clock.time()) == second.age(clock.time())
 
 
+async def test_two_level_delete_forgets_the_key_on_both_levels(two_level, make_store, raw, redis_prefix, clock):
+    store = two_level()
+    await store.set(KEY, make_entry(clock))
+    await store.set(OTHER_KEY, make_entry(clock))
+    await store.delete(KEY)
+    assert await raw.exists(redis_prefix + KEY) == 0 and await raw.exists(redis_prefix + OTHER_KEY) == 1
+    assert await store.get(KEY) is None  # not even the local copy
+    assert await make_store().get(OTHER_KEY) is not None
+
+
 async def test_two_level_purge_clears_both_levels(two_level, raw, redis_prefix, clock):
     store = two_level()
     await store.set(KEY, make_entry(clock))

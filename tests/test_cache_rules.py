@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.cache.rules import has_credentials, parse_cache_control, request_bypass_reason, response_storable
+from proxy.cache.rules import (has_credentials, parse_cache_control, request_bypass_reason, response_storable,
+                               vary_covered, vary_names)
 
 STATUSES = frozenset({200, 203, 301, 404})
 MAX = 1000
@@ -33,6 +34,12 @@ def test_other_methods_bypass_with_reason_method(method):
 def test_credentials_bypass_with_reason_credentials(name):
     assert request_bypass_reason("GET", headers((name, "secret"))) == "credentials"
     assert has_credentials(headers((name, "secret")))
+
+
+def test_a_get_or_head_with_a_body_bypasses_with_reason_body():
+    assert request_bypass_reason("GET", headers(), has_body=True) == "body"
+    assert request_bypass_reason("HEAD", headers(("Authorization", "x")), has_body=True) == "body"
+    assert request_bypass_reason("POST", headers(), has_body=True) == "method"
 
 
 def test_no_credentials_detected_without_authorization_or_cookie():
@@ -105,3 +112,24 @@ def test_unknown_body_length_is_too_large():
 def test_parse_cache_control_reads_arguments():
     parsed = parse_cache_control(headers(("Cache-Control", 'Max-Age=60, private="a, b", no-store')))
     assert parsed == {"max-age": "60", "private": "a, b", "no-store": None}
+
+
+def test_vary_names_come_from_every_vary_line_lower_cased():
+    hdrs = headers(("Vary", "Accept , Accept-Language"), ("vary", "ORIGIN,,"))
+    assert vary_names(hdrs) == {"accept", "accept-language", "origin"}
+    assert vary_names([("Vary", "Accept"), ("VARY", "x-a")]) == {"accept", "x-a"}  # an Entry's header pairs
+    assert vary_names(headers()) == frozenset()
+
+
+@pytest.mark.parametrize("vary", ["*", "Accept, *", " * "])
+def test_vary_star_is_never_stored(vary):
+    assert storable(hdrs=[("Vary", vary)]) == "vary-star"
+    assert storable(hdrs=[("Vary", "Accept")]) is None  # a named header is stored as a variant
+
+
+def test_a_copy_is_covered_when_its_key_covers_everything_it_varies_on():
+    keyed = frozenset({"accept-encoding"})
+    assert vary_covered([("Vary", "Accept-Encoding")], keyed)
+    assert vary_covered([], keyed)
+    assert not vary_covered([("Vary", "Accept-Encoding, Accept")], keyed)
+    assert vary_covered([("Vary", "Accept-Encoding, Accept")], keyed | {"accept"})

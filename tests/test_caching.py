@@ -132,6 +132,49 @@ async def test_never_cached(fake_upstream, proxy_factory, clock, headers, reques
     assert primary.calls == 2
 
 
+GET_WITH_BODY = (b"GET /fx/latest/USD HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s")
+GET_CHUNKED = (b"GET /fx/latest/USD HTTP/1.1\r\nHost: proxy\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"%x\r\n%s\r\n0\r\n\r\n")
+
+
+@pytest.mark.parametrize("first", ["fresh-connection", "after-a-post"])
+async def test_a_get_with_a_body_bypasses_the_cache_and_reaches_the_upstream_whole(fake_upstream, proxy_factory,
+                                                                                   clock, first):
+    from tests.test_front import Client
+
+    primary = await fake_upstream("primary")
+    primary.default = Ok(body=RATES)
+    proxy = await proxy_factory(cached(primary.url), clock=clock)
+    client = await Client.open(proxy)
+    if first == "after-a-post":  # the connection is aiohttp's from here on
+        client.send(b"POST /fx/latest/USD HTTP/1.1\r\nHost: proxy\r\nContent-Length: 2\r\n\r\n{}")
+        assert (await client.answer()).header("X-Cache") == "BYPASS"
+    bodies = [b'{"q": "a"}', b'{"q": "b"}', b'{"q": "c"}']
+    client.send(GET_WITH_BODY % (len(bodies[0]), bodies[0]))
+    client.send(GET_WITH_BODY % (len(bodies[1]), bodies[1]))
+    client.send(GET_CHUNKED % (len(bodies[2]), bodies[2]))
+    answers = [await client.answer() for _ in bodies]
+    assert [a.header("X-Cache") for a in answers] == ["BYPASS"] * 3
+    assert [a.header("Cache-Status") for a in answers] == ["resilience-proxy; fwd=bypass"] * 3
+    gets = [s for s in primary.seen if s.method == "GET"]
+    assert [s.body for s in gets] == bodies  # each forwarded with its own body, none answered from another's
+    # nothing a body chose was stored: a plain GET (lean path, HIT shortcut) goes upstream itself
+    client.send(b"GET /fx/latest/USD HTTP/1.1\r\nHost: proxy\r\n\r\n")
+    plain = await client.answer()
+    assert (plain.header("X-Cache"), plain.body) == ("MISS", RATES)
+    assert [s.body for s in primary.seen if s.method == "GET"] == bodies + [b""]
+    client.close()
+
+
+async def test_a_get_with_an_empty_body_is_a_plain_get(fake_upstream, proxy_factory, clock):
+    primary = await fake_upstream("primary")
+    proxy = await proxy_factory(cached(primary.url), clock=clock)
+    assert (await proxy.get("/fx/latest/USD", data=b"")).headers["X-Cache"] == "MISS"
+    assert (await proxy.get("/fx/latest/USD", headers={"Content-Length": "0"})).headers["X-Cache"] == "HIT"
+    assert primary.calls == 1
+
+
 async def test_answers_larger_than_max_body_bytes_are_not_stored(fake_upstream, proxy_factory, clock):
     primary = await fake_upstream("primary")
     primary.default = Ok(body=b"x" * 5000)

@@ -355,3 +355,22 @@ async def test_a_target_the_cache_never_answers_is_remembered_per_route_table(fa
         assert hit.headers["X-Cache"] == "HIT" and chain.count == 1 and primary.calls == 3
     finally:
         await stop_proxy(proxy)
+
+
+async def test_the_memo_of_rendered_heads_stays_within_its_byte_budget(fake_upstream, proxy_factory, clock,
+                                                                      monkeypatch):
+    from proxy import server
+
+    monkeypatch.setattr(server, "_MEMO_BYTES", 20_000)
+    primary = await fake_upstream("primary")
+    # a vendor's long policy header: every rendered head is over 4 KB
+    primary.default = Ok(body=RATES, headers={"Content-Type": "application/json", "X-Policy": "p" * 4000})
+    proxy = await proxy_factory(cached(primary.url), clock=clock)
+    chain = ChainCalls(proxy.process.runtime)
+    for n in range(12):
+        await proxy.get(f"/fx/latest/X{n}")
+        assert (await proxy.get(f"/fx/latest/X{n}")).headers["X-Cache"] == "HIT"
+    assert chain.count == 12  # every second request was answered by the fast path, head and all
+    memo = proxy.process.runtime.hit_memo
+    held = sum(len(r.head or b"") + server._MEMO_ENTRY_BYTES for r in memo.values() if r is not False)
+    assert 0 < held <= 20_000 + 4200 + server._MEMO_ENTRY_BYTES  # at most one item past the budget

@@ -10,11 +10,12 @@ from proxy.transport import MaskedUrl, end_to_end
 def test_masked_url_masks_only_when_turned_into_text() -> None:
     class Upstream:
         secret_query = frozenset({"k"})
+        secrets = frozenset({"s3cret-path"})
 
-    url = URL("http://p.example/latest?k=s3cret&api_key=x&symbols=KRW")
+    url = URL("http://p.example/s3cret-path/latest?k=s3cret&api_key=x&symbols=KRW")
     masked = MaskedUrl(url, Upstream())  # type: ignore[arg-type]
-    assert str(masked) == "http://p.example/latest?k=***&api_key=***&symbols=KRW"
-    assert masked == "http://p.example/latest?k=***&api_key=***&symbols=KRW"
+    assert str(masked) == "http://p.example/***/latest?k=***&api_key=***&symbols=KRW"
+    assert masked == "http://p.example/***/latest?k=***&api_key=***&symbols=KRW"
     assert "s3cret" not in repr(masked)
 
 

@@ -2,16 +2,19 @@
 
 from proxy.cache.coalesce import CoalescedCallCancelled, Coalescer
 from proxy.cache.entry import Entry, decode_entry, encode_entry
-from proxy.cache.keys import cache_key, normalise_accept_encoding, normalise_path
+from proxy.cache.keys import KEYED_HEADERS, cache_key, normalise_accept_encoding, normalise_path, variant_key
 from proxy.cache.rules import (
     has_credentials,
     parse_cache_control,
     request_bypass_reason,
     response_storable,
+    vary_covered,
+    vary_names,
 )
 from proxy.cache.store import MemoryStore, RedisStore, Store, TwoLevelStore
 
 __all__ = [
+    "KEYED_HEADERS",
     "CoalescedCallCancelled",
     "Coalescer",
     "Entry",
@@ -28,4 +31,7 @@ __all__ = [
     "parse_cache_control",
     "request_bypass_reason",
     "response_storable",
+    "variant_key",
+    "vary_covered",
+    "vary_names",
 ]

@@ -11,6 +11,7 @@ from typing import Any
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _PATH_LITERAL = _UNRESERVED | frozenset(b"!$&'()*+,;=:@/")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
+KEYED_HEADERS = frozenset({"accept-encoding"})  # request headers every cache key covers (lower case)
 
 
 def normalise_path(path: str) -> str:
@@ -93,6 +94,23 @@ def cache_key(
         _feed(digest, name)
         _feed(digest, _normalise_vary_value(_header_value(headers, name)))
     _feed(digest, None if credential is None else hashlib.sha256(_utf8(credential)).hexdigest())
+    return f"{service}:{digest.hexdigest()}"
+
+
+def variant_key(key: str, vary: tuple[str, ...], headers: Any) -> str:
+    """The key of the variant under `key` that a request with `headers` selects.
+
+    `vary` names the request headers (lower case) the stored answer varies on (RFC 9111 §4.1):
+    requests whose values for them match share a variant, absent distinct from empty. Same form
+    as `cache_key`'s, so purging the service purges its variants.
+    """
+    service, _, primary = key.rpartition(":")
+    digest = hashlib.sha256()
+    _feed(digest, primary)
+    _feed(digest, str(len(vary)))
+    for name in vary:
+        _feed(digest, name)
+        _feed(digest, _normalise_vary_value(_header_value(headers, name)))
     return f"{service}:{digest.hexdigest()}"
 
 

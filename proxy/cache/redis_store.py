@@ -133,6 +133,9 @@ class RedisStore:
         data = encode_entry(entry)
         await self._call("set", lambda: self._client.set(self._prefix + key, data, ex=ttl))
 
+    async def delete(self, key: str) -> None:
+        await self._call("delete", lambda: self._client.unlink(self._prefix + key))
+
     async def purge(self, service: str) -> int:
         """Delete the service's keys with SCAN + UNLINK in batches; each call is bounded on its own.
 

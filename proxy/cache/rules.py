@@ -8,6 +8,9 @@ CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
 
 
 def _values(headers: Any, name: str) -> list[str]:
+    if isinstance(headers, list):  # (name, value) pairs, as an Entry or an Answer holds them
+        lower = name.lower()
+        return [value for key, value in headers if key.lower() == lower]
     getall = getattr(headers, "getall", None)
     if getall is not None:
         return list(getall(name, []))
@@ -57,21 +60,37 @@ def _split_directives(line: str) -> list[str]:
     return items
 
 
+def vary_names(headers: Any) -> frozenset[str]:
+    """The request header names an answer's `Vary` lists (every line), lower case; `*` stays `*`."""
+    return frozenset(name for line in _values(headers, "Vary") for name in
+                     (part.strip().lower() for part in line.split(",")) if name)
+
+
+def vary_covered(headers: Any, keyed: frozenset[str]) -> bool:
+    """The answer varies only on request headers in `keyed`, those its key covers: it may answer
+    any request with that key (a copy stored before Vary was honoured may vary on more)."""
+    return not _values(headers, "Vary") or vary_names(headers) <= keyed
+
+
 def has_credentials(headers: Any) -> bool:
     """The request carries Authorization or Cookie: its answer may be personal."""
     return "Authorization" in headers or "Cookie" in headers
 
 
-def request_bypass_reason(method: str, headers: Any, *, keyed_by_credential: bool = False) -> str | None:
+def request_bypass_reason(method: str, headers: Any, *, keyed_by_credential: bool = False,
+                          has_body: bool = False) -> str | None:
     """None when the request may be answered from (and stored to) the cache, else why not.
 
-    Reasons: `method` (not GET/HEAD), `no-store` (the caller sent Cache-Control: no-store),
+    Reasons: `method` (not GET/HEAD), `body` (a GET or HEAD with a body: it is forwarded with it,
+    and the key does not cover it), `no-store` (the caller sent Cache-Control: no-store),
     `credentials` (Authorization or Cookie, unless the route keys copies by a hash of the
     credential: pass `keyed_by_credential=True` then). `credentials` is checked last, so a
     caller that only gets `credentials` knows nothing else stands in the way.
     """
     if method.upper() not in CACHEABLE_METHODS:
         return "method"
+    if has_body:
+        return "body"
     if "no-store" in parse_cache_control(headers):
         return "no-store"
     if not keyed_by_credential and has_credentials(headers):
@@ -89,14 +108,17 @@ def response_storable(
 ) -> str | None:
     """None when an upstream answer may be stored, else why not.
 
-    Reasons: `status` (not in `cache_statuses`), `set-cookie`, `no-store`, `private`
-    (also `private="field"`), `too-large` (more than `max_body_bytes`, or an unknown length:
-    a streamed body is never buffered for the cache).
+    Reasons: `status` (not in `cache_statuses`), `set-cookie`, `vary-star` (`Vary: *`: the answer
+    depends on more than request headers, RFC 9111 §4.1), `no-store`, `private` (also
+    `private="field"`), `too-large` (more than `max_body_bytes`, or an unknown length: a streamed
+    body is never buffered for the cache).
     """
     if status not in cache_statuses:
         return "status"
     if "Set-Cookie" in headers:
         return "set-cookie"
+    if "*" in vary_names(headers):
+        return "vary-star"
     directives = parse_cache_control(headers)
     if "no-store" in directives:
         return "no-store"

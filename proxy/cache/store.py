@@ -26,6 +26,9 @@ class Store(Protocol):
     async def set(self, key: str, entry: Entry) -> None:
         """Store `entry`; it expires at `entry.stale_until`."""
 
+    async def delete(self, key: str) -> None:
+        """Forget the entry under `key`, if there is one."""
+
     async def purge(self, service: str) -> int:
         """Delete every entry of `service`; how many were deleted."""
 

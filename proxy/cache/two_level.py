@@ -78,6 +78,10 @@ class TwoLevelStore:
         self._local.put(key, entry)
         await self._remote.set(key, entry)
 
+    async def delete(self, key: str) -> None:
+        self._local.discard(key)
+        await self._remote.delete(key)
+
     async def purge(self, service: str) -> int:
         local = await self._local.purge(service)
         remote = await self._remote.purge(service)
