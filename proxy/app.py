@@ -70,7 +70,7 @@ class Runtime:
                                keyrings=self.keyrings, latencies=self.latencies)
         retry = RetryStage(attempt, self.budgets, clock, bus.emit, rng)
         self.fallback = FallbackStage(retry, clock, breakers=self.breakers, latencies=self.latencies, emit=bus.emit)
-        self.cache = CacheStage(self.store, self.fallback, config.cache, clock, bus.emit)
+        self.cache = CacheStage(self.store, self.fallback, config.cache, clock, bus.emit, callable=self._callable)
         self.chain = DerivedStage(self.cache)
 
     def _kept(self, previous: "Runtime | None", field: str, build: Any) -> dict[str, Any]:
@@ -98,6 +98,10 @@ class Runtime:
 
     def _new_breaker(self, upstream: Upstream) -> Breaker:
         return Breaker(upstream.service, upstream.name, upstream.breaker, self.clock, self.bus.emit)
+
+    def _callable(self, service: Any) -> bool:
+        """Whether any upstream of `service` may be called now (its breaker lets an attempt through)."""
+        return any(self.breakers[upstream.name].would_allow() for upstream in service.upstreams)
 
     def upstream(self, name: str) -> Upstream | None:
         for upstream in self.config.upstreams():

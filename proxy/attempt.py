@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from . import events
 from .breaker import Breaker
@@ -90,6 +90,10 @@ class AttemptStage:
     def wait_hint(self, upstream: Upstream) -> float | None:
         """Seconds until the upstream's breaker lets an attempt through (0: now; None: nobody can tell)."""
         return self._breakers[upstream.name].wait_hint()
+
+    def on_shut(self, upstream: Upstream, listener: Callable[[], None]) -> Callable[[], None]:
+        """`listener` is called when the upstream's breaker opens or it starts a rest (see `Breaker.on_shut`)."""
+        return self._breakers[upstream.name].on_shut(listener)
 
     def _skip(self, upstream: Upstream, exchange: Exchange, outcome: Outcome, detail: str,
               wait: float | None) -> AttemptResult:

@@ -238,7 +238,7 @@ class Breaker:
 
     __slots__ = ("service", "provider", "policy", "_clock", "_emit", "_state", "_generation", "_failures",
                  "_probes", "_opened_mono", "_opened_at", "_retry_at", "_forced", "_window", "_rest_until",
-                 "_rest_until_wall", "_rest_serial", "_rest_probing")
+                 "_rest_until_wall", "_rest_serial", "_rest_probing", "_closing_listeners")
 
     def __init__(self, service: str, provider: str, policy: BreakerPolicy, clock: Clock,
                  emit: Callable[[Any], None] = discard) -> None:
@@ -260,6 +260,7 @@ class Breaker:
         self._rest_until_wall: float | None = None  # the same moment on the wall clock
         self._rest_serial = 0                       # bumped by every rest: an older rest's first attempt cannot end a newer one
         self._rest_probing = False                  # the first attempt after the rest is out
+        self._closing_listeners: list[Callable[[], None]] = []  # told once when the gate next shuts
 
     # --- the gate -------------------------------------------------------------------------
 
@@ -282,6 +283,22 @@ class Breaker:
             self._rest_probing = True
         return permit
 
+    def on_shut(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call `listener` (once) the next time the gate shuts: the breaker opens or a rest begins.
+        Returns a function that forgets it. (A retry waiting for its backoff stops waiting then.)"""
+        self._closing_listeners.append(listener)
+
+        def forget() -> None:
+            if listener in self._closing_listeners:
+                self._closing_listeners.remove(listener)
+
+        return forget
+
+    def _shut(self) -> None:
+        listeners, self._closing_listeners = self._closing_listeners, []
+        for listener in listeners:
+            listener()
+
     def would_allow(self) -> bool:
         """Whether `allow()` would give a permit now (without taking one)."""
         if self._rest_until is not None and (self._rest_probing or self._clock.monotonic() < self._rest_until):
@@ -302,6 +319,7 @@ class Breaker:
         self._rest_serial += 1
         self._rest_probing = False
         self._emit(UpstreamRested(self.service, self.provider, until_wall, shared))
+        self._shut()
 
     # --- operator actions -----------------------------------------------------------------
 
@@ -480,6 +498,8 @@ class Breaker:
         if announce:
             self._emit(BreakerTransition(self.service, self.provider, old.value, new.value, reason,
                                          self._failures, self.policy.fail_threshold, self._retry_at))
+        if new is State.OPEN:
+            self._shut()
 
 
 def _iso(epoch: float | None) -> str | None:

@@ -83,10 +83,14 @@ class _Copy:
 
 
 class CacheStage:
+    """See the module's text. `callable(service)` says whether any upstream of the service may be
+    called now (its breaker lets an attempt through): when none may, a copy answers without a refresh."""
+
     def __init__(self, store: Store, forward: Forward, settings: CacheSettings, clock: Clock,
-                 emit: events.Subscriber) -> None:
+                 emit: events.Subscriber, callable: Callable[[Any], bool] = lambda service: True) -> None:
         self._store = store
         self._forward = forward
+        self._callable = callable
         self._settings = settings
         self._clock = clock
         self._emit = emit
@@ -178,6 +182,9 @@ class CacheStage:
         key = copy.key
         if key in self._refreshes:
             return self._serve_stale(exchange, entry, key, "revalidating")  # somebody is already refreshing it
+        if not self._callable(exchange.service):
+            # Every breaker is open (or its upstream resting): a refresh would be turned away at once.
+            return self._serve_stale(exchange, entry, key, "breaker_open", detail="all_breakers_open")
         refresh = self._refresh(exchange, copy, rule)
         if rule.stale_if_slow == 0:
             return self._serve_stale(exchange, entry, key, "revalidating")
@@ -312,12 +319,12 @@ class CacheStage:
                       cache=state, age=entry.age(now), cache_status=cache_status, fallback=fallback)
 
     def _serve_stale(self, exchange: Exchange, entry: Entry, key: str, reason: str,
-                     failure: UpstreamsFailed | None = None) -> Answer:
+                     failure: UpstreamsFailed | None = None, detail: str | None = None) -> Answer:
         """The copy, as `X-Cache: STALE`, counted and logged with why (see `events.StaleServed`)."""
         service = exchange.service.name
         now = self._clock.time()
         age = entry.age(now)
-        detail = failure.error if failure is not None else reason
+        detail = failure.error if failure is not None else detail or reason
         self._emit(events.CacheLookup(service, "stale", age))
         self._emit(events.StaleServed(service, exchange.path, age, entry.upstream, reason, exchange.request_id,
                                       detail, key))

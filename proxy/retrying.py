@@ -13,6 +13,7 @@ without it.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from dataclasses import dataclass
 
@@ -98,9 +99,27 @@ class RetryStage:
         result.discard()
         tries.retries += 1
         self._emit(events.RetryScheduled(upstream.service, upstream.name, tries.made + 1, wait, exchange.request_id))
-        await self._clock.sleep(wait)
+        await self._backoff(upstream, wait)
         await self._try(tries, exchange)
         return True
+
+    async def _backoff(self, upstream: Upstream, seconds: float) -> None:
+        """Wait `seconds`, or until the upstream's breaker opens (or it starts a rest) meanwhile:
+        then the retry is turned away anyway, at once, and the request goes on without waiting."""
+        if seconds <= 0:
+            await self._clock.sleep(0.0)  # nothing to wait for (a stepped clock still notes the retry's wait)
+            return
+        shut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def wake() -> None:
+            if not shut.done():
+                shut.set_result(None)
+
+        forget = self._attempt.on_shut(upstream, wake)
+        try:
+            await self._clock.sleep(seconds, until=shut)
+        finally:
+            forget()
 
     async def _try(self, tries: Tries, exchange: Exchange, abandon: Abandon | None = None) -> None:
         upstream = tries.upstream

@@ -673,3 +673,31 @@ def test_would_allow_takes_no_permit(clock):
 def test_bad_rest_and_refused_settings_are_refused(changes):
     with pytest.raises((ValueError, TypeError)):
         dataclasses.replace(PROFILES["STANDARD"], **changes)
+
+
+# --- telling a waiting retry that the gate shut --------------------------------------------------
+
+def test_on_shut_listeners_hear_once_when_the_breaker_opens_or_a_rest_begins(clock):
+    breaker, _ = make(clock, PROFILES["STANDARD"])
+    heard: list[str] = []
+    breaker.on_shut(lambda: heard.append("first"))
+    forget = breaker.on_shut(lambda: heard.append("forgotten"))
+    forget()
+    breaker.allow().failure(0.01, refused=True)  # opens it
+    assert heard == ["first"]
+    breaker.reset()
+    breaker.on_shut(lambda: heard.append("rest"))
+    breaker.rest(clock.time() + 5)
+    breaker.rest(clock.time() + 50)  # a listener is told once, not at every later shutting
+    assert heard == ["first", "rest"]
+
+
+def test_closing_or_half_opening_tells_nobody(clock):
+    breaker, _ = make(clock, PROFILES["FAST"])
+    heard: list[str] = []
+    open_breaker(breaker)
+    breaker.on_shut(lambda: heard.append("x"))
+    clock.advance(30.0)
+    assert breaker.state is State.HALF_OPEN
+    breaker.allow().success(0.01)
+    assert breaker.state is State.CLOSED and heard == []

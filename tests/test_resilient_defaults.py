@@ -6,6 +6,8 @@ Real fake upstreams on loopback, a stepped clock; every test counts the calls ea
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from tests.fakes import Advance, Delay, Fail, Ok, metric, refused_port, route_table
@@ -272,3 +274,43 @@ async def test_a_503_with_every_breaker_forced_open_gives_no_time_it_cannot_know
     proxy.breaker("fx_primary").force_open()
     response = await proxy.get("/fx/latest/USD")
     assert response.status == 503 and "Retry-After" not in response.headers
+
+
+async def test_a_retry_waiting_for_its_backoff_stops_waiting_when_the_breaker_opens(fake_upstream, proxy_factory):
+    from proxy.clock import FakeClock
+    from tests.fakes import eventually
+
+    clock = FakeClock(autojump=False)
+    primary = await fake_upstream("primary")
+    secondary = await fake_upstream("secondary")
+    primary.default = secondary.default = Fail(503)
+    text = defaults_table(primary.url, secondary.url,
+                          retry={"retries": 1, "base_delay": "10s", "max_delay": "10s", "retry_on": ["5xx"]})
+    proxy = await proxy_factory(text, clock=clock)
+    request = asyncio.ensure_future(proxy.get("/fx/latest/USD"))
+    assert await eventually(lambda: clock.sleepers == 1)  # both upstreams failed: a retry waits its backoff
+    assert not request.done()
+    proxy.breaker("fx_primary").force_open()   # meanwhile (another request's failures, an operator)...
+    proxy.breaker("fx_secondary").force_open()
+    response = await asyncio.wait_for(request, 5.0)  # ...the wait ends: the retries would be turned away
+    assert response.status == 502
+    assert [(a["upstream"], a["outcome"]) for a in (await response.json())["attempts"]] == [
+        ("fx_primary", "http_5xx"), ("fx_secondary", "http_5xx"), ("fx_primary", "breaker_open")]
+    assert clock.monotonic() == 1000.0  # not one stepped second went by waiting
+    assert (primary.calls, secondary.calls) == (1, 1)
+
+
+async def test_a_copy_answers_without_a_refresh_while_every_breaker_is_open(fake_upstream, proxy_factory, clock):
+    primary = await fake_upstream("primary")
+    secondary = await fake_upstream("secondary")
+    proxy = await proxy_factory(defaults_table(primary.url, secondary.url, cache=True), clock=clock)
+    await proxy.get("/fx/latest/USD")
+    clock.advance(10)
+    proxy.breaker("fx_primary").force_open()
+    proxy.breaker("fx_secondary").force_open()
+    stale = await proxy.get("/fx/latest/USD")
+    assert stale.headers["X-Cache"] == "STALE"
+    assert stale.headers["Cache-Status"] == "resilience-proxy; fwd=stale; detail=all_breakers_open"
+    assert proxy.process.runtime.cache.refreshing == 0  # nothing was started that could only be turned away
+    assert (primary.calls, secondary.calls) == (1, 0)
+    assert await metric(proxy, "stale_served_total", service="fx", reason="breaker_open") == 1
