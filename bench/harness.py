@@ -307,6 +307,7 @@ class Bench:
         self.rounds = args.rounds or (1 if self.smoke else 3)
         self.latency_rounds = args.latency_rounds or (1 if self.smoke else 5)
         self.scenario_seconds = args.scenario_seconds or (1.0 if self.smoke else 15.0)
+        self.fault_rounds = args.fault_rounds or (1 if self.smoke else 3)
         self.rate = args.rate
         self.notes: list[str] = []
         self.work = Path(tempfile.mkdtemp(prefix="rp-bench-"))
@@ -557,18 +558,23 @@ class Bench:
     def run_faults(self) -> None:
         results: dict[str, dict[str, Any]] = {who: {} for who in PROXIES}
         probes: dict[str, Any] = {}
-        for scenario in SCENARIOS:
+        for scenario in fault_bench.chosen(self.args.scenarios):
+            runs: dict[str, list[dict[str, Any]]] = {who: [] for who in PROXIES}
+            for round_number in range(self.fault_rounds):  # interleaved: defaults, nginx, defaults, nginx, ...
+                for who in PROXIES:
+                    if who == "nginx" and scenario.redis:
+                        item = {"skipped": "nginx has no Redis cache to lose"}
+                    elif who == "nginx" and not self.nginx:
+                        item = {"skipped": "nginx is not installed"}
+                    else:
+                        item = self.fault_run(who, scenario, probes)
+                    runs[who].append(item)
+                    print(f"bench: fault {scenario.name} {who} round {round_number + 1}: " +
+                          (f"skipped: {item['skipped']}" if "skipped" in item else
+                           f"2xx {item['share_2xx'] * 100:.1f}%, p99 {item['p99_ms']:.1f} ms, > 0.5 s {item['slow']}, "
+                           f"primary calls {item['primary_calls']}, RA violations {item['violations']}"), flush=True)
             for who in PROXIES:
-                if who == "nginx" and scenario.redis:
-                    results[who][scenario.name] = {"skipped": "nginx has no Redis cache to lose"}
-                elif who == "nginx" and not self.nginx:
-                    results[who][scenario.name] = {"skipped": "nginx is not installed"}
-                else:
-                    results[who][scenario.name] = self.fault_run(who, scenario, probes)
-                item = results[who][scenario.name]
-                print(f"bench: fault {scenario.name} {who}: " + (f"skipped: {item['skipped']}" if "skipped" in item else
-                      f"2xx {item['share_2xx'] * 100:.1f}%, p99 {item['p99_ms']:.1f} ms, > 0.5 s {item['slow']}, "
-                      f"primary calls {item['primary_calls']}, RA violations {item['violations']}"), flush=True)
+                results[who][scenario.name] = fault_bench.combine(runs[who])
         results["comparison"] = fault_bench.compare(results)  # type: ignore[assignment]
         results["probe_all_down_cold"] = probes  # type: ignore[assignment]
         self.results["faults"] = results
@@ -710,6 +716,7 @@ class Bench:
             "pinning": {"proxies": self.subject_cpu, "load_and_fakes": self.load_cpu} if self.procs.pin else None,
             "seconds_per_run": self.duration, "rounds": self.rounds,
             "latency_rounds": self.latency_rounds, "fault_seconds": self.scenario_seconds,
+            "fault_rounds": self.fault_rounds,
             "fault_rate": self.rate, "wall_seconds": round(time.time() - started, 1),
             "commands": self.procs.commands, "notes": self.notes,
             "nginx": "included" if self.nginx else ("skipped (--skip-nginx)" if self.args.skip_nginx
@@ -946,6 +953,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--skip-nginx", action="store_true", help="leave nginx out")
     parser.add_argument("--faults-only", action="store_true", help="only the resilience scenarios (no speed, no RSS)")
+    parser.add_argument("--fault-rounds", type=_positive(int),
+                        help="interleaved runs per fault scenario and proxy, medians reported (default 3; smoke 1)")
+    parser.add_argument("--scenarios", help="only these fault scenarios, comma-separated (their healthy reference "
+                                            "is run too)")
     parser.add_argument("--no-install", action="store_true", help="never apt-get install wrk/nginx")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir with configs and process logs")

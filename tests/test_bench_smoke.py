@@ -192,3 +192,23 @@ def test_cache_rss_bench_fills_the_cache_past_its_budget_and_reports_rss_beside_
     assert 0 < last["entries"] < 2000  # the budget was reached: older copies were evicted
     assert 0 < last["cache_mib"] <= 0.25
     assert result["idle_rss_mib"] > 0 and result["final_rss_mib"] > 0
+
+
+def test_rounds_are_combined_as_medians_with_statuses_summed():
+    from bench.faults import combine
+
+    rounds = [{"share_2xx": 1.0, "p99_ms": p99, "slow": slow, "primary_calls": calls, "statuses": {"200": 10}}
+              for p99, slow, calls in ((4.0, 0, 7), (9.0, 2, 8), (5.0, 0, 7))]
+    combined = combine(rounds + [{"skipped": "not installed"}])
+    assert (combined["p99_ms"], combined["slow"], combined["primary_calls"]) == (5.0, 0, 7)
+    assert combined["statuses"] == {"200": 30} and combined["rounds"] == 3
+    assert combine([{"skipped": "nginx is not installed"}]) == {"skipped": "nginx is not installed"}
+
+
+def test_a_chosen_scenario_brings_its_healthy_reference_and_a_wrong_name_is_refused():
+    from bench.faults import chosen
+
+    assert [s.name for s in chosen("primary_429_cached")] == ["healthy_cached", "primary_429_cached"]
+    assert [s.name for s in chosen(None)] == list(SCENARIO_NAMES)
+    with pytest.raises(SystemExit, match="unknown scenario"):
+        chosen("primary_hangz")
