@@ -122,28 +122,34 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 # --- configurations ---------------------------------------------------------------------------------
 
-def defaults_service(scenario: Scenario, primary: int, secondary: int) -> dict[str, Any]:
+def service_name(scenario: Scenario, round_number: int) -> str:
+    """The service (and URL prefix) of one round of a scenario: every round starts from nothing,
+    with breakers, rests, caches and nginx's peer state of its own."""
+    return f"{scenario.short}{round_number}"
+
+
+def defaults_service(scenario: Scenario, name: str, primary: int, secondary: int) -> dict[str, Any]:
     """What most users write: the upstreams, a timeout and TTLs. Nothing else."""
-    service: dict[str, Any] = {"prefix": f"/{scenario.short}", "timeout": "1s", "upstreams": [
-        {"name": f"{scenario.short}_primary", "url": f"http://127.0.0.1:{primary}"},
-        {"name": f"{scenario.short}_secondary", "url": f"http://127.0.0.1:{secondary}"}]}
+    service: dict[str, Any] = {"prefix": f"/{name}", "timeout": "1s", "upstreams": [
+        {"name": f"{name}_primary", "url": f"http://127.0.0.1:{primary}"},
+        {"name": f"{name}_secondary", "url": f"http://127.0.0.1:{secondary}"}]}
     if scenario.cached:
         service["cache"] = {"ttl": f"{TTL:g}s", "stale": STALE}
     return service
 
 
-def nginx_parts(servers: dict[str, tuple[int, int]]) -> tuple[list[str], list[str]]:
-    """The upstream blocks and locations of every scenario (servers: short -> (primary, secondary) ports)."""
+def nginx_parts(servers: dict[str, tuple[Scenario, int, int]]) -> tuple[list[str], list[str]]:
+    """The upstream blocks and locations of every scenario round (service name -> (scenario, primary
+    port, secondary port))."""
     upstreams, locations = [], []
-    cached = {s.short: s.cached for s in SCENARIOS}
-    for short, (primary, secondary) in servers.items():
+    for short, (scenario, primary, secondary) in servers.items():
         upstreams.append(f"    upstream {short} {{\n"
                          f"        server 127.0.0.1:{primary} max_fails=3 fail_timeout=30s;\n"
                          f"        server 127.0.0.1:{secondary} backup;\n"
                          f"        keepalive 64;\n    }}")
         cache = ("            proxy_cache bench;\n"
                  f"            proxy_cache_valid 200 {TTL:g}s;\n"
-                 "            add_header X-Cache $upstream_cache_status;\n") if cached[short] else ""
+                 "            add_header X-Cache $upstream_cache_status;\n") if scenario.cached else ""
         locations.append(f"        location /{short}/ {{\n            proxy_pass http://{short}/;\n{cache}        }}")
     return upstreams, locations
 

@@ -435,8 +435,8 @@ class Bench:
                 SPEED_DEFAULTS))
         else:
             self.notes.append(f"no Redis answers at {self.redis_url}: the Redis-backed HIT case is skipped")
-        services = {scenario.short: fault_bench.defaults_service(scenario, *self.fault_ports("defaults", scenario))
-                    for scenario in SCENARIOS if not scenario.redis}
+        services = {name: fault_bench.defaults_service(scenario, name, *self.fault_ports("defaults", scenario))
+                    for scenario, name in self.fault_services()}
         self.launch_proxy("defaults", proxy_config(services))  # the route table most users write: nothing else
         wait_http(f"http://127.0.0.1:{self.port('hello')}/", hello)
         wait_http(f"http://127.0.0.1:{self.port('minimal')}{PASS_PATH}", minimal)
@@ -447,7 +447,7 @@ class Bench:
         if self.nginx:
             tmp = self.work / "nginx"
             tmp.mkdir()
-            servers = {scenario.short: self.fault_ports("nginx", scenario) for scenario in SCENARIOS if not scenario.redis}
+            servers = {name: (scenario, *self.fault_ports("nginx", scenario)) for scenario, name in self.fault_services()}
             conf = tmp / "nginx.conf"
             conf.write_text(nginx_config(tmp, self.port("nginx"), (a, b), servers))
             process = self.procs.start("nginx", [self.nginx, "-p", str(tmp), "-c", str(conf)], cpu=self.subject_cpu)
@@ -457,6 +457,11 @@ class Bench:
             except RuntimeError as exc:
                 error_log = (tmp / "error.log").read_text() if (tmp / "error.log").exists() else ""
                 raise RuntimeError(f"nginx did not start: {exc}\n{self.procs.log_tail('nginx')}\n{error_log}") from None
+
+    def fault_services(self) -> list[tuple[Scenario, str]]:
+        """(scenario, service name) of every round the long-running proxies serve (Redis's proxy is per run)."""
+        return [(scenario, fault_bench.service_name(scenario, number)) for scenario in SCENARIOS if not scenario.redis
+                for number in range(1, self.fault_rounds + 1)]
 
     def fault_ports(self, who: str, scenario: Scenario) -> tuple[int, int]:
         """The primary's and secondary's ports of one proxy's fakes (a refusing primary: a port nobody listens on)."""
@@ -567,7 +572,8 @@ class Bench:
                     elif who == "nginx" and not self.nginx:
                         item = {"skipped": "nginx is not installed"}
                     else:
-                        item = self.fault_run(who, scenario, probes)
+                        item = self.fault_run(who, scenario, fault_bench.service_name(scenario, round_number + 1),
+                                              probes)
                     runs[who].append(item)
                     print(f"bench: fault {scenario.name} {who} round {round_number + 1}: " +
                           (f"skipped: {item['skipped']}" if "skipped" in item else
@@ -579,7 +585,7 @@ class Bench:
         results["probe_all_down_cold"] = probes  # type: ignore[assignment]
         self.results["faults"] = results
 
-    def counts(self, who: str, scenario: Scenario) -> dict[str, int]:
+    def counts(self, who: str, scenario: Scenario, name: str) -> dict[str, int]:
         """What the fault's providers counted so far (a refusing primary: the connection attempts made to it)."""
         primary, secondary = self.fault_ports(who, scenario)
         out = {"secondary_calls": self.calls(secondary)}
@@ -587,8 +593,8 @@ class Bench:
             if who == "nginx":
                 out["primary_calls"] = fault_bench.nginx_refusals(self.work / "nginx" / "error.log", primary)
             else:
-                out["primary_calls"] = int(self.metric(who, "external_requests_total", service=scenario.short,
-                                                       provider=f"{scenario.short}_primary", outcome="connect_error"))
+                out["primary_calls"] = int(self.metric(who, "external_requests_total", service=name,
+                                                       provider=f"{name}_primary", outcome="connect_error"))
             out["violations"] = 0
         else:
             _, _, body = http("GET", f"http://127.0.0.1:{primary}/__bench/calls")
@@ -607,7 +613,7 @@ class Bench:
                     return sample.value
         return 0.0
 
-    def fault_run(self, who: str, scenario: Scenario, probes: dict[str, Any]) -> dict[str, Any]:
+    def fault_run(self, who: str, scenario: Scenario, name: str, probes: dict[str, Any]) -> dict[str, Any]:
         redis_process = None
         if scenario.redis:
             if not self.redis_server:
@@ -621,14 +627,14 @@ class Bench:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the throwaway redis-server did not start")
                 time.sleep(0.05)
-            services = {scenario.short: fault_bench.defaults_service(scenario, *self.fault_ports(who, scenario))}
+            services = {name: fault_bench.defaults_service(scenario, name, *self.fault_ports(who, scenario))}
             base = self.start_proxy("redis_faults", proxy_config(
                 services, {"backend": "redis", "url": f"redis://127.0.0.1:{redis_port}/0", "prefix": "rp-bench:"}))
         else:
             base = f"http://127.0.0.1:{self.port(who)}"
         primary, secondary = self.fault_ports(who, scenario)
         fakes = [secondary] if scenario.primary == "refuse" else [primary, secondary]
-        paths = [f"/{scenario.short}/item/{k}" for k in range(KEYS)]
+        paths = [f"/{name}/item/{k}" for k in range(KEYS)]
         try:
             for port in fakes:
                 self.mode(port, "ok")
@@ -640,7 +646,7 @@ class Bench:
             if scenario.primary != "refuse":
                 self.mode(primary, scenario.primary)
             self.mode(secondary, scenario.secondary)
-            before = self.counts(who, scenario)
+            before = self.counts(who, scenario, name)
             command = self.procs.cpu(self.load_cpu) + [
                 PYTHON, "-m", "bench.loadgen", "open", "--base", base, "--rate", str(self.rate),
                 "-d", str(self.scenario_seconds), "--timeout", "10"] + [arg for p in paths for arg in ("--path", p)]
@@ -659,7 +665,7 @@ class Bench:
                     generator.wait(5)
             if generator.returncode != 0:
                 raise RuntimeError(f"open-loop generator failed: {err.decode(errors='replace')}")
-            after = self.counts(who, scenario)
+            after = self.counts(who, scenario, name)
             if not scenario.can_answer:
                 status, headers, body = http("GET", base + paths[0])
                 probes[who] = fault_bench.probe_503(headers, status, body)
