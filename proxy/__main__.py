@@ -1,5 +1,5 @@
 """`python -m proxy run ...` is `resilience-proxy run ...`."""
 
-from .cli import main
+from proxy.ops.cli import main
 
 raise SystemExit(main())

@@ -23,8 +23,8 @@ import yaml
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.config import parse_config
-from proxy.process import ProxyProcess
+from proxy.config.parse import parse_config
+from proxy.ops.process import ProxyProcess
 
 
 @dataclass

@@ -12,9 +12,10 @@ import orjson
 import pytest
 import structlog
 
-from proxy import logs
-from proxy.mocks import MockProviders
+from proxy.demo.mocks import MockProviders
+from proxy.observability import logs
 from tests.fakes import Fail, Ok, route_table, start_proxy, stop_proxy
+
 
 @pytest.fixture
 async def vendors():

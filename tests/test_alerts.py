@@ -12,9 +12,9 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy import events
+from proxy import signals
 from proxy.clock import FakeClock
-from proxy.metrics import Metrics
+from proxy.observability.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "alerts.yaml"
@@ -41,21 +41,21 @@ def metric_names(expr: str) -> set[str]:
 def one_of_each_event() -> list:
     service, provider = "fx", "fx_primary"
     return [
-        events.AttemptFinished(service, provider, "http_5xx", 503, 0.2, 1, "GET", "https://p.example/x", "r1"),
-        events.UpstreamSkipped(service, provider, "breaker_open", "r1"),
-        events.BreakerTransition(service, provider, "CLOSED", "OPEN", "threshold"),
-        events.RetryScheduled(service, provider, 2, 0.1, "r1"),
-        events.RetryBudgetExhausted(service, provider, "r1"),
-        events.CacheLookup(service, "hit"),
-        events.StaleServed(service, "/fx/latest/USD", 120.0, provider, "error", "r1"),
-        events.UpstreamRested(service, provider, 1_733_040_060.0),
-        events.HedgeRaced(service, provider, "fx_secondary", "hedge", "r1"),
-        events.Coalesced(service),
-        events.RequestFinished(service, "latest", "GET", "/fx/latest/USD", 200, "STALE", provider, (), 0.3, "r1",
+        signals.AttemptFinished(service, provider, "http_5xx", 503, 0.2, 1, "GET", "https://p.example/x", "r1"),
+        signals.UpstreamSkipped(service, provider, "breaker_open", "r1"),
+        signals.BreakerTransition(service, provider, "CLOSED", "OPEN", "threshold"),
+        signals.RetryScheduled(service, provider, 2, 0.1, "r1"),
+        signals.RetryBudgetExhausted(service, provider, "r1"),
+        signals.CacheLookup(service, "hit"),
+        signals.StaleServed(service, "/fx/latest/USD", 120.0, provider, "error", "r1"),
+        signals.UpstreamRested(service, provider, 1_733_040_060.0),
+        signals.HedgeRaced(service, provider, "fx_secondary", "hedge", "r1"),
+        signals.Coalesced(service),
+        signals.RequestFinished(service, "latest", "GET", "/fx/latest/USD", 200, "STALE", provider, (), 0.3, "r1",
                                fallback=True),
-        events.CacheBackendState("redis", True),
-        events.CacheError("redis", "get", "timeout"),
-        events.ConfigReloaded(True, "sighup"),
+        signals.CacheBackendState("redis", True),
+        signals.CacheError("redis", "get", "timeout"),
+        signals.ConfigReloaded(True, "sighup"),
     ]
 
 

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from proxy.breaker import PROFILES, Breaker, BreakerPolicy, Permit, State
 from proxy.clock import FakeClock
-from proxy.events import BreakerFailure, BreakerTransition, UpstreamRested
+from proxy.resilience.breaker import PROFILES, Breaker, BreakerPolicy, Permit, State
+from proxy.signals import BreakerFailure, BreakerTransition, UpstreamRested
 
 SERVICE, PROVIDER = "fx", "fx_primary"
 

@@ -18,7 +18,7 @@ from proxy.cache.memory import MemoryStore
 from proxy.cache.redis_store import RedisStore
 from proxy.cache.two_level import TwoLevelStore
 from proxy.clock import FakeClock
-from proxy.events import CacheBackendState, CacheError
+from proxy.signals import CacheBackendState, CacheError
 from tests.fakes import refused_port
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"

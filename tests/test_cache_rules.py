@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.cache.rules import (has_credentials, parse_cache_control, request_bypass_reason, response_storable,
-                               vary_covered, vary_names)
+from proxy.cache.rules import (
+    has_credentials,
+    parse_cache_control,
+    request_bypass_reason,
+    response_storable,
+    vary_covered,
+    vary_names,
+)
 
 STATUSES = frozenset({200, 203, 301, 404})
 MAX = 1000

@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from proxy.cache.entry import Entry, encode_entry
 from proxy.cache.keys import cache_key
-from proxy.caching import MAX_VARIANTS
+from proxy.chain.cache_stage import MAX_VARIANTS
 from tests.fakes import Delay, Fail, Ok, start_proxy, stop_proxy
 from tests.test_caching import cached, redis_table
 from tests.test_hit_path import ChainCalls

@@ -395,7 +395,7 @@ async def test_cluster_waiters_fetch_for_themselves_when_the_lock_holder_fails(f
 
 
 async def test_cluster_coalescing_needs_the_redis_backend(fake_upstream):
-    from proxy.config import ConfigError, parse_config
+    from proxy.config.parse import ConfigError, parse_config
 
     with pytest.raises(ConfigError) as caught:
         parse_config(cached("http://a", route_cache={"coalesce": "cluster"}), "routes.yaml", {})

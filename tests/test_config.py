@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import ConfigError, load_config, parse_config, parse_duration, parse_size
+from proxy.config.parse import ConfigError, load_config, parse_config, parse_duration, parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = """\
@@ -204,7 +204,7 @@ def minimal(defaults: str = "{}", cache: str = "", upstream: str = "") -> str:
 
 
 def test_only_upstreams_a_timeout_and_ttls_get_every_resilient_default():
-    from proxy.hedging import HEDGE_AUTO
+    from proxy.resilience.hedging import HEDGE_AUTO
 
     config = parse_config(minimal(), "routes.yaml", {})
     service = config.services["fx"]
@@ -234,7 +234,7 @@ def test_every_default_can_be_switched_off():
 
 
 def test_hedge_after_nearest_wins_and_takes_a_fixed_duration():
-    from proxy.hedging import HedgePolicy
+    from proxy.resilience.hedging import HedgePolicy
 
     text = minimal("{hedge_after: off}", upstream=", hedge_after: 150ms")
     primary, secondary = parse_config(text, "routes.yaml", {}).services["fx"].upstreams

@@ -15,9 +15,9 @@ import pytest
 import yaml
 
 from proxy.clock import FakeClock
-from proxy.config import ConfigError, check_document, parse_config
-from proxy.process import ProxyProcess
-from proxy.yamlsrc import LineDict, LineList, load
+from proxy.config.parse import ConfigError, check_document, parse_config
+from proxy.config.yaml_source import LineDict, LineList, load
+from proxy.ops.process import ProxyProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 LINE = re.compile(r"^routes\.yaml:\d+: [^\n]+\Z")

@@ -7,7 +7,7 @@ from typing import Callable
 
 import pytest
 
-from proxy.deadlines import Deadlines
+from proxy.resilience.deadlines import Deadlines
 
 
 class Timer:

@@ -1,4 +1,4 @@
-"""`python -m proxy.demo --fast` runs the committed routes.yaml offline, finishes by itself and shows every step."""
+"""`python -m proxy.demo.walkthrough --fast` runs the committed routes.yaml offline, finishes by itself and shows every step."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.demo import excerpt
+from proxy.demo.walkthrough import excerpt
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 def demo() -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("NO_COLOR", None)
-    return subprocess.run([sys.executable, "-m", "proxy.demo", "--fast"], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "proxy.demo.walkthrough", "--fast"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=60)
 
 

@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from proxy.config import ConfigError, load_config, parse_config
-from proxy.process import ProxyProcess
+from proxy.config.parse import ConfigError, load_config, parse_config
+from proxy.ops.process import ProxyProcess
 from tests.fakes import refused_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -288,7 +288,7 @@ def test_dockerignore_keeps_development_files_out_of_the_context(path):
     assert ignored(path, dockerignore_patterns()), f"{path} would be sent to the Docker daemon"
 
 
-@pytest.mark.parametrize("path", ["proxy/app.py", "proxy/cache/__init__.py", "pyproject.toml", "README.md",
+@pytest.mark.parametrize("path", ["proxy/chain/build.py", "proxy/cache/__init__.py", "pyproject.toml", "README.md",
                                   "routes.yaml"])
 def test_dockerignore_keeps_what_the_build_needs(path):
     assert not ignored(path, dockerignore_patterns())

@@ -9,7 +9,7 @@ import io
 import orjson
 import structlog
 
-from proxy import logs
+from proxy.observability import logs
 from tests.fakes import Delay, Fail, Huge, Ok, route_table
 
 
@@ -117,8 +117,8 @@ async def test_a_refused_key_never_resends_a_streamed_body_empty(fake_upstream, 
 
 
 async def test_a_reload_applies_new_strip_headers_to_forwarding(fake_upstream, proxy_factory, clock, tmp_path):
-    from proxy.config import load_config
-    from proxy.process import ProxyProcess
+    from proxy.config.parse import load_config
+    from proxy.ops.process import ProxyProcess
 
     upstream = await fake_upstream()
     path = tmp_path / "routes.yaml"

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import asyncio
 
-from proxy import events
+from proxy import signals
 
 
-def request_finished(status: int = 200) -> events.RequestFinished:
-    return events.RequestFinished(service="fx", route="/fx", method="GET", path="/fx/a", status=status, cache="MISS",
+def request_finished(status: int = 200) -> signals.RequestFinished:
+    return signals.RequestFinished(service="fx", route="/fx", method="GET", path="/fx/a", status=status, cache="MISS",
                                   upstream="p", attempts=(), duration=0.01, request_id="r1")
 
 
-def breaker_failure() -> events.BreakerFailure:
-    return events.BreakerFailure(service="fx", provider="p", failures=1, threshold=5)
+def breaker_failure() -> signals.BreakerFailure:
+    return signals.BreakerFailure(service="fx", provider="p", failures=1, threshold=5)
 
 
 def test_every_subscriber_gets_the_event_even_after_one_fails():
-    bus = events.EventBus()
+    bus = signals.EventBus()
     seen = []
 
     def broken(event):
@@ -32,7 +32,7 @@ def test_every_subscriber_gets_the_event_even_after_one_fails():
 
 async def test_per_request_events_wait_for_the_callbacks_already_due():
     # Answers made ready in the same loop turn go out before any request is counted or logged.
-    bus = events.EventBus(later=events.PER_REQUEST)
+    bus = signals.EventBus(later=signals.PER_REQUEST)
     order = []
     bus.subscribe(lambda event: order.append(type(event).__name__))
     loop = asyncio.get_running_loop()
@@ -45,7 +45,7 @@ async def test_per_request_events_wait_for_the_callbacks_already_due():
 
 
 async def test_other_events_are_delivered_at_once_after_the_waiting_ones():
-    bus = events.EventBus(later=events.PER_REQUEST)
+    bus = signals.EventBus(later=signals.PER_REQUEST)
     seen = []
     bus.subscribe(seen.append)
     first, second, failure = request_finished(200), request_finished(502), breaker_failure()
@@ -58,7 +58,7 @@ async def test_other_events_are_delivered_at_once_after_the_waiting_ones():
 
 
 def test_without_a_running_loop_nothing_waits():
-    bus = events.EventBus(later=events.PER_REQUEST)
+    bus = signals.EventBus(later=signals.PER_REQUEST)
     seen = []
     bus.subscribe(seen.append)
     event = request_finished()
@@ -68,7 +68,7 @@ def test_without_a_running_loop_nothing_waits():
 
 async def test_waiting_events_can_be_delivered_on_demand():
     # ProxyProcess.stop() does this so a drain does not lose the last requests' counts.
-    bus = events.EventBus(later=events.PER_REQUEST)
+    bus = signals.EventBus(later=signals.PER_REQUEST)
     seen = []
     bus.subscribe(seen.append)
     event = request_finished()
@@ -84,7 +84,7 @@ class Interrupted(BaseException):
 
 
 async def test_an_interrupted_delivery_keeps_the_rest_for_the_next_one():
-    bus = events.EventBus(later=events.PER_REQUEST)
+    bus = signals.EventBus(later=signals.PER_REQUEST)
     seen = []
     interrupt = [True]
 
@@ -110,7 +110,7 @@ async def test_an_interrupted_delivery_keeps_the_rest_for_the_next_one():
 
 
 def test_events_left_by_a_closed_loop_are_delivered_before_the_next_one():
-    bus = events.EventBus(later=events.PER_REQUEST)
+    bus = signals.EventBus(later=signals.PER_REQUEST)
     seen = []
     bus.subscribe(lambda event: seen.append(event.status))
     loop = asyncio.new_event_loop()
@@ -127,7 +127,7 @@ def test_events_left_by_a_closed_loop_are_delivered_before_the_next_one():
 
 
 async def test_held_events_wait_for_the_hold_then_go_out_together():
-    bus = events.EventBus(later=events.PER_REQUEST, hold=0.02)
+    bus = signals.EventBus(later=signals.PER_REQUEST, hold=0.02)
     seen = []
     bus.subscribe(lambda event: seen.append(event.status))
     bus.emit(request_finished(200))
@@ -145,7 +145,7 @@ async def test_held_events_wait_for_the_hold_then_go_out_together():
 
 
 async def test_a_full_batch_goes_out_on_the_next_turn_without_waiting_for_the_hold():
-    bus = events.EventBus(later=events.PER_REQUEST, hold=60.0, batch=3)
+    bus = signals.EventBus(later=signals.PER_REQUEST, hold=60.0, batch=3)
     seen = []
     bus.subscribe(lambda event: seen.append(event.status))
     bus.emit(request_finished(200))
@@ -166,7 +166,7 @@ async def test_a_full_batch_goes_out_on_the_next_turn_without_waiting_for_the_ho
 
 
 async def test_a_held_delivery_read_early_is_not_repeated_by_its_timer():
-    bus = events.EventBus(later=events.PER_REQUEST, hold=0.02)
+    bus = signals.EventBus(later=signals.PER_REQUEST, hold=0.02)
     seen = []
     bus.subscribe(lambda event: seen.append(event.status))
     bus.emit(request_finished(200))

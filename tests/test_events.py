@@ -11,7 +11,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.outbox import Event
+from proxy.watch.outbox import Event
 from tests.fakes import Fail, Ok, route_table, start_proxy, stop_proxy
 
 
@@ -405,7 +405,7 @@ async def test_one_client_address_cannot_fill_the_topic_table(fake_upstream, pro
 
 
 def test_topic_quotas_are_read_from_the_events_settings():
-    from proxy.config import parse_config
+    from proxy.config.parse import parse_config
 
     defaults = parse_config(watched("http://127.0.0.1:1"), "routes.yaml", {}).events
     assert (defaults.max_topics_per_connection, defaults.max_topics_per_peer) == (100, 250)
@@ -415,8 +415,8 @@ def test_topic_quotas_are_read_from_the_events_settings():
 
 
 async def test_a_reload_that_removes_a_watch_tells_its_subscribers(fake_upstream, tmp_path, clock):
-    from proxy.config import load_config
-    from proxy.process import ProxyProcess
+    from proxy.config.parse import load_config
+    from proxy.ops.process import ProxyProcess
 
     api = await fake_upstream("kac")
     other = await fake_upstream("other")

@@ -12,9 +12,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from proxy import events
+from proxy import signals
 from proxy.clock import FakeClock
-from proxy.fleet import RestMessage, SharedRests
+from proxy.fleet.rests import RestMessage, SharedRests
 from tests.fakes import Fail, Ok, eventually, free_port, route_table, start_proxy, stop_proxy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,7 +142,7 @@ class _Runtime:
     "a str, not bytes",
 ])
 def test_a_message_that_is_not_a_rest_for_this_table_changes_nothing(data):
-    from proxy.breaker import PROFILES, Breaker
+    from proxy.resilience.breaker import PROFILES, Breaker
 
     clock = FakeClock()
     breaker = Breaker("fx", "fx_primary", PROFILES["STANDARD"], clock)
@@ -152,7 +152,7 @@ def test_a_message_that_is_not_a_rest_for_this_table_changes_nothing(data):
 
 
 def test_a_replica_ignores_its_own_messages_and_caps_what_it_applies():
-    from proxy.breaker import PROFILES, Breaker
+    from proxy.resilience.breaker import PROFILES, Breaker
 
     clock = FakeClock()
     seen: list = []
@@ -163,7 +163,7 @@ def test_a_replica_ignores_its_own_messages_and_caps_what_it_applies():
     far = msgspec.json.encode(RestMessage("rest", "fx_primary", clock.time() + 10 * 86400, "another"))
     assert fleet.apply(far) is True
     assert breaker.resting_until == pytest.approx(clock.time() + 3600)  # the local max_rest caps it
-    assert [e.shared for e in seen if isinstance(e, events.UpstreamRested)] == [True]
+    assert [e.shared for e in seen if isinstance(e, signals.UpstreamRested)] == [True]
 
 
 async def test_with_redis_down_the_rest_holds_on_the_replica_that_was_told(fake_upstream, proxy_factory):
@@ -176,5 +176,5 @@ async def test_with_redis_down_the_rest_holds_on_the_replica_that_was_told(fake_
     for _ in range(3):
         assert (await proxy.get("/fx/latest/USD")).headers["X-Upstream"] == "fx_secondary"
     assert primary.calls == 1
-    assert await eventually(lambda: any(isinstance(e, events.CacheError) and e.operation == "rest_publish"
+    assert await eventually(lambda: any(isinstance(e, signals.CacheError) and e.operation == "rest_publish"
                                         for e in seen), within=3.0)

@@ -10,12 +10,18 @@ import orjson
 import pytest
 import yaml
 
-from proxy.config import Upstream, load_config, parse_config
-from proxy.mocks import (DEMO_SERVICE_KEY, KAC_DOMESTIC_SCHEDULES, KAC_STATUS, ODCLOUD_DOMESTIC, ODCLOUD_INTERNATIONAL,
-                         MockProviders)
-from proxy.mocks.providers import COMMITTED_ROUTES
-from proxy.transform import TransformError, decode_document, normalise
-from proxy.vendor_codes import Meaning
+from proxy.adapters.transform import TransformError, decode_document, normalise
+from proxy.adapters.vendor_codes import Meaning
+from proxy.config.parse import Upstream, load_config, parse_config
+from proxy.demo.mocks import (
+    DEMO_SERVICE_KEY,
+    KAC_DOMESTIC_SCHEDULES,
+    KAC_STATUS,
+    ODCLOUD_DOMESTIC,
+    ODCLOUD_INTERNATIONAL,
+    MockProviders,
+)
+from proxy.demo.mocks.providers import COMMITTED_ROUTES
 
 KEY = DEMO_SERVICE_KEY
 ENCODED_KEY = "ZGVtby1rZXk%2BZm9yL3RoZS9tb2Nrcw%3D%3D"

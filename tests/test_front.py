@@ -1,4 +1,4 @@
-"""The lean front end (proxy/front.py): which requests it answers itself, how it hands a
+"""The lean front end (proxy/downstream/front.py): which requests it answers itself, how it hands a
 connection to aiohttp without losing a byte, and that its answers say what aiohttp's say."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.config import ServerSettings
-from proxy.front import SINGLETONS, LeanConnection, LeanFront, LeanRequest, is_plain_target, render_response
+from proxy.config.parse import ServerSettings
+from proxy.downstream.front import SINGLETONS, LeanConnection, LeanFront, LeanRequest, is_plain_target, render_response
 from tests.fakes import Delay, Fail, Huge, Ok, refused_port, route_table, start_proxy, stop_proxy
 
 GET = b"GET %s HTTP/1.1\r\nHost: proxy\r\n\r\n"
@@ -645,7 +645,7 @@ async def test_past_the_cap_a_connection_being_answered_is_never_closed(fake_ups
 
 
 def test_connection_bounds_are_server_settings_with_sane_values():
-    from proxy.config import ConfigError, parse_config
+    from proxy.config.parse import ConfigError, parse_config
 
     settings = parse_config(one_upstream("http://127.0.0.1:1", header_timeout="2s", keepalive_timeout="30s",
                                          max_connections=500), "routes.yaml", {})
@@ -665,7 +665,7 @@ def test_connection_bounds_are_server_settings_with_sane_values():
 async def test_without_a_set_cap_the_port_takes_what_the_fd_limit_leaves_room_for(proxied):
     import resource
 
-    from proxy.process import default_max_connections
+    from proxy.ops.process import default_max_connections
 
     proxy, upstream, front = proxied
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)

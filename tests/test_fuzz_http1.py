@@ -24,7 +24,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from proxy import http1
+from proxy.upstream import http1
 
 SEED = int(os.environ.get("FUZZ_SEED", "18"))
 CASES = int(os.environ.get("FUZZ_CASES", "300"))

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from proxy.hedging import HEDGE_AUTO, HedgePolicy, LatencyWindow
+from proxy.resilience.hedging import HEDGE_AUTO, HedgePolicy, LatencyWindow
 from tests.fakes import Delay, Ok, eventually, metric, route_table
 
 

@@ -1,4 +1,4 @@
-"""The HIT fast path (server.HitPath): the same answers, counts and refusals as the full chain."""
+"""The HIT fast path (proxy/downstream/handler.py HitPath): the same answers, counts and refusals as the full chain."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import structlog
 from aiohttp.http import SERVER_SOFTWARE
 from yarl import URL
 
-from proxy import logs
-from proxy.server import render_head
+from proxy.downstream.handler import render_head
+from proxy.observability import logs
 from tests.fakes import Ok
 from tests.test_caching import RATES, cached, redis_table
 
@@ -329,8 +329,8 @@ def test_the_rendered_head_is_what_web_response_would_send():
 async def test_a_target_the_cache_never_answers_is_remembered_per_route_table(fake_upstream, clock, tmp_path):
     # An uncached service's target is refused by the fast path once and then by the bare target alone;
     # a reload that caches the service starts from a new memo, so its copies are answered fast.
-    from proxy.config import load_config
-    from proxy.process import ProxyProcess
+    from proxy.config.parse import load_config
+    from proxy.ops.process import ProxyProcess
     from tests.fakes import RunningProxy, stop_proxy
 
     primary = await fake_upstream("primary")
@@ -359,9 +359,9 @@ async def test_a_target_the_cache_never_answers_is_remembered_per_route_table(fa
 
 async def test_the_memo_of_rendered_heads_stays_within_its_byte_budget(fake_upstream, proxy_factory, clock,
                                                                       monkeypatch):
-    from proxy import server
+    from proxy.downstream import handler
 
-    monkeypatch.setattr(server, "_MEMO_BYTES", 20_000)
+    monkeypatch.setattr(handler, "_MEMO_BYTES", 20_000)
     primary = await fake_upstream("primary")
     # a vendor's long policy header: every rendered head is over 4 KB
     primary.default = Ok(body=RATES, headers={"Content-Type": "application/json", "X-Policy": "p" * 4000})
@@ -372,5 +372,5 @@ async def test_the_memo_of_rendered_heads_stays_within_its_byte_budget(fake_upst
         assert (await proxy.get(f"/fx/latest/X{n}")).headers["X-Cache"] == "HIT"
     assert chain.count == 12  # every second request was answered by the fast path, head and all
     memo = proxy.process.runtime.hit_memo
-    held = sum(len(r.head or b"") + server._MEMO_ENTRY_BYTES for r in memo.values() if r is not False)
-    assert 0 < held <= 20_000 + 4200 + server._MEMO_ENTRY_BYTES  # at most one item past the budget
+    held = sum(len(r.head or b"") + handler._MEMO_ENTRY_BYTES for r in memo.values() if r is not False)
+    assert 0 < held <= 20_000 + 4200 + handler._MEMO_ENTRY_BYTES  # at most one item past the budget

@@ -9,7 +9,7 @@ import struct
 import pytest
 from yarl import URL
 
-from proxy import http1
+from proxy.upstream import http1
 
 
 class RawServer:

@@ -12,7 +12,8 @@ import pytest
 import structlog
 from yarl import URL
 
-from proxy import http1, logs
+from proxy.observability import logs
+from proxy.upstream import http1
 from tests.fakes import route_table
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Seq: %b\r\n\r\nok"

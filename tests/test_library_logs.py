@@ -1,4 +1,4 @@
-"""aiohttp's and asyncio's own log records go through the proxy's JSON lines (proxy/logs.py)."""
+"""aiohttp's and asyncio's own log records go through the proxy's JSON lines (proxy/observability/logs.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import structlog
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
-from proxy import logs
+from proxy.observability import logs
 
 
 @pytest.fixture

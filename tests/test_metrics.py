@@ -8,10 +8,10 @@ import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy import events
+from proxy import signals
 from proxy.clock import FakeClock
-from proxy.metrics import DURATION_BUCKETS, Metrics
-from proxy.outcome import Outcome
+from proxy.observability.metrics import DURATION_BUCKETS, Metrics
+from proxy.resilience.outcome import Outcome
 
 SERVICE, PRIMARY, SECONDARY = "fx", "fx_primary", "fx_secondary"
 
@@ -29,24 +29,24 @@ def value(metrics: Metrics, name: str, **labels: str) -> float | None:
 
 
 def attempt(outcome: str | Outcome = "success", duration: float = 0.1, provider: str = PRIMARY,
-            url: str = "https://primary.example/v6/latest/USD") -> events.AttemptFinished:
-    return events.AttemptFinished(service=SERVICE, provider=provider, outcome=outcome, status=200, duration=duration,
+            url: str = "https://primary.example/v6/latest/USD") -> signals.AttemptFinished:
+    return signals.AttemptFinished(service=SERVICE, provider=provider, outcome=outcome, status=200, duration=duration,
                                   attempt=1, method="GET", url=url, request_id="r1")
 
 
 def finished(status: int = 200, *, duration: float = 0.05, upstream: str | None = PRIMARY, fallback: bool = False,
-             path: str = "/fx/latest/USD") -> events.RequestFinished:
-    return events.RequestFinished(service=SERVICE, route="latest", method="GET", path=path, status=status,
+             path: str = "/fx/latest/USD") -> signals.RequestFinished:
+    return signals.RequestFinished(service=SERVICE, route="latest", method="GET", path=path, status=status,
                                   cache="MISS", upstream=upstream, attempts=((PRIMARY, "success"),),
                                   duration=duration, request_id="r1", fallback=fallback)
 
 
-def transition(old: str, new: str) -> events.BreakerTransition:
-    return events.BreakerTransition(SERVICE, PRIMARY, old, new, "threshold")
+def transition(old: str, new: str) -> signals.BreakerTransition:
+    return signals.BreakerTransition(SERVICE, PRIMARY, old, new, "threshold")
 
 
-def lookup(result: str) -> events.CacheLookup:
-    return events.CacheLookup(SERVICE, result)
+def lookup(result: str) -> signals.CacheLookup:
+    return signals.CacheLookup(SERVICE, result)
 
 
 @pytest.fixture
@@ -88,7 +88,7 @@ def test_attempt_duration_histogram_has_buckets_from_5ms_to_30s(metrics: Metrics
 
 
 def test_skipped_upstreams_are_counted_apart_from_requests(metrics: Metrics) -> None:
-    metrics(events.UpstreamSkipped(SERVICE, PRIMARY, "breaker_open", "r1"))
+    metrics(signals.UpstreamSkipped(SERVICE, PRIMARY, "breaker_open", "r1"))
     assert value(metrics, "upstream_skipped_total", service=SERVICE, provider=PRIMARY, reason="breaker_open") == 1
     assert not [s for s in parse(metrics) if s.name == "external_requests_total"]
 
@@ -118,7 +118,7 @@ def test_breaker_open_gauge_goes_0_1_0_and_state_is_one_hot(metrics: Metrics) ->
 def test_registering_again_keeps_values_unless_a_breaker_state_is_given(metrics: Metrics) -> None:
     metrics.register_provider(SERVICE, PRIMARY)
     assert value(metrics, "retries_total", service=SERVICE, provider=PRIMARY) == 0
-    metrics(events.RetryScheduled(SERVICE, PRIMARY, 2, 0.1, "r1"))
+    metrics(signals.RetryScheduled(SERVICE, PRIMARY, 2, 0.1, "r1"))
     metrics(transition("CLOSED", "OPEN"))
     metrics.register_provider(SERVICE, PRIMARY)
     assert value(metrics, "retries_total", service=SERVICE, provider=PRIMARY) == 1
@@ -132,7 +132,7 @@ def test_forget_provider_removes_its_series_and_keeps_the_others(metrics: Metric
     for provider in (PRIMARY, SECONDARY):
         metrics.register_provider(SERVICE, provider)
         metrics(attempt("http_5xx", provider=provider))
-        metrics(events.RetryBudgetExhausted(SERVICE, provider, "r1"))
+        metrics(signals.RetryBudgetExhausted(SERVICE, provider, "r1"))
     metrics(finished(upstream=PRIMARY, fallback=True))
     metrics.forget_provider(SERVICE, PRIMARY)
     samples = parse(metrics)
@@ -141,7 +141,7 @@ def test_forget_provider_removes_its_series_and_keeps_the_others(metrics: Metric
     assert value(metrics, "external_request_errors_total", service=SERVICE, provider=SECONDARY, reason="http_5xx") == 1
     # A request still finishing on the old route table: counted nowhere, and no series comes back.
     metrics(attempt(provider=PRIMARY))
-    metrics(events.BreakerTransition(SERVICE, PRIMARY, "CLOSED", "OPEN", "threshold"))
+    metrics(signals.BreakerTransition(SERVICE, PRIMARY, "CLOSED", "OPEN", "threshold"))
     metrics(finished(upstream=PRIMARY, fallback=True))
     assert not [s for s in parse(metrics) if s.labels.get("provider") == PRIMARY]
     assert value(metrics, "proxy_requests_total", service=SERVICE, code="200") == 2  # the service still counts
@@ -230,8 +230,8 @@ def test_fallbacks_count_only_fallback_answers_by_the_upstream_that_served(metri
 
 
 def test_stale_serves_are_counted_with_their_age_from_1_minute_to_7_days(metrics: Metrics) -> None:
-    metrics(events.StaleServed(SERVICE, "/fx/latest/USD", 7200.0, PRIMARY, "error", "r1"))
-    metrics(events.StaleServed(SERVICE, "/fx/latest/EUR", 30.0, PRIMARY, "timeout", "r2"))
+    metrics(signals.StaleServed(SERVICE, "/fx/latest/USD", 7200.0, PRIMARY, "error", "r1"))
+    metrics(signals.StaleServed(SERVICE, "/fx/latest/EUR", 30.0, PRIMARY, "timeout", "r2"))
     assert value(metrics, "stale_served_total", service=SERVICE, reason="error") == 1
     assert value(metrics, "stale_served_total", service=SERVICE, reason="timeout") == 1
     buckets = {float(s.labels["le"]): s.value for s in parse(metrics) if s.name == "stale_served_age_seconds_bucket"}
@@ -240,24 +240,24 @@ def test_stale_serves_are_counted_with_their_age_from_1_minute_to_7_days(metrics
 
 
 def test_retries_budget_exhaustion_and_coalescing_are_counted(metrics: Metrics) -> None:
-    metrics(events.RetryScheduled(SERVICE, PRIMARY, 2, 0.1, "r1"))
-    metrics(events.RetryScheduled(SERVICE, PRIMARY, 3, 0.2, "r1"))
-    metrics(events.RetryBudgetExhausted(SERVICE, PRIMARY, "r2"))
+    metrics(signals.RetryScheduled(SERVICE, PRIMARY, 2, 0.1, "r1"))
+    metrics(signals.RetryScheduled(SERVICE, PRIMARY, 3, 0.2, "r1"))
+    metrics(signals.RetryBudgetExhausted(SERVICE, PRIMARY, "r2"))
     for _ in range(3):
-        metrics(events.Coalesced(SERVICE))
+        metrics(signals.Coalesced(SERVICE))
     assert value(metrics, "retries_total", service=SERVICE, provider=PRIMARY) == 2
     assert value(metrics, "retry_budget_exhausted_total", service=SERVICE, provider=PRIMARY) == 1
     assert value(metrics, "coalesced_requests_total", service=SERVICE) == 3
 
 
 def test_cache_backend_state_and_errors(metrics: Metrics) -> None:
-    metrics(events.CacheBackendState("redis", False, "connection refused"))
+    metrics(signals.CacheBackendState("redis", False, "connection refused"))
     assert value(metrics, "cache_backend_up", backend="redis") == 0
-    metrics(events.CacheBackendState("redis", True))
+    metrics(signals.CacheBackendState("redis", True))
     assert value(metrics, "cache_backend_up", backend="redis") == 1
-    metrics(events.CacheError("redis", "get", "timeout"))
-    metrics(events.CacheError("redis", "get", "timeout"))
-    metrics(events.CacheError("redis", "set", "timeout"))
+    metrics(signals.CacheError("redis", "get", "timeout"))
+    metrics(signals.CacheError("redis", "get", "timeout"))
+    metrics(signals.CacheError("redis", "set", "timeout"))
     assert value(metrics, "cache_errors_total", backend="redis", operation="get") == 2
     assert value(metrics, "cache_errors_total", backend="redis", operation="set") == 1
 
@@ -265,10 +265,10 @@ def test_cache_backend_state_and_errors(metrics: Metrics) -> None:
 def test_reloads_are_counted_and_the_last_success_uses_the_wall_clock(metrics: Metrics, clock: FakeClock) -> None:
     assert value(metrics, "config_reloads_total", result="ok") == 0
     assert value(metrics, "config_reloads_total", result="error") == 0
-    metrics(events.ConfigReloaded(True, "sighup"))
+    metrics(signals.ConfigReloaded(True, "sighup"))
     succeeded_at = clock.time()
     clock.advance(30)
-    metrics(events.ConfigReloaded(False, "admin", ("routes.yaml:3: bad",)))
+    metrics(signals.ConfigReloaded(False, "admin", ("routes.yaml:3: bad",)))
     assert value(metrics, "config_reloads_total", result="ok") == 1
     assert value(metrics, "config_reloads_total", result="error") == 1
     assert value(metrics, "config_last_reload_success_timestamp_seconds") == succeeded_at
@@ -278,8 +278,8 @@ def test_label_values_never_contain_a_request_path(metrics: Metrics) -> None:
     metrics.register_provider(SERVICE, PRIMARY)
     metrics(attempt("http_5xx", url="https://primary.example/v6/latest/USD?access_key=x"))
     metrics(finished(502, path="/fx/latest/USD", fallback=True))
-    metrics(events.StaleServed(SERVICE, "/fx/latest/USD", 90.0, PRIMARY, "error", "r1"))
-    metrics(events.UpstreamSkipped(SERVICE, PRIMARY, "breaker_open", "r1"))
+    metrics(signals.StaleServed(SERVICE, "/fx/latest/USD", 90.0, PRIMARY, "error", "r1"))
+    metrics(signals.UpstreamSkipped(SERVICE, PRIMARY, "breaker_open", "r1"))
     metrics(lookup("stale"))
     label_values = {v for s in parse(metrics) for k, v in s.labels.items() if k != "le"}
     assert label_values >= {SERVICE, PRIMARY, "http_5xx", "502", "error"}
@@ -290,7 +290,7 @@ def test_unknown_events_are_ignored(metrics: Metrics) -> None:
     before = metrics.render()[0]
     metrics(object())
     metrics("AttemptFinished")
-    metrics(events.BreakerFailure(SERVICE, PRIMARY, 1, 5))
+    metrics(signals.BreakerFailure(SERVICE, PRIMARY, 1, 5))
     assert metrics.render()[0] == before
 
 

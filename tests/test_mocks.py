@@ -9,10 +9,20 @@ import aiohttp
 import pytest
 import yaml
 
-from proxy.config import load_config, parse_config
-from proxy.mocks import (DEMO_SERVICE_KEY, KAC_DOMESTIC_SCHEDULES, KAC_INTERNATIONAL_SCHEDULES, KAC_STATUS, MAX_HANG,
-                         ODCLOUD_DOMESTIC, ODCLOUD_INTERNATIONAL, ExchangeRateApiMock, FrankfurterMock, MockProviders)
-from proxy.mocks.providers import COMMITTED_ROUTES, VENDOR_URLS
+from proxy.config.parse import load_config, parse_config
+from proxy.demo.mocks import (
+    DEMO_SERVICE_KEY,
+    KAC_DOMESTIC_SCHEDULES,
+    KAC_INTERNATIONAL_SCHEDULES,
+    KAC_STATUS,
+    MAX_HANG,
+    ODCLOUD_DOMESTIC,
+    ODCLOUD_INTERNATIONAL,
+    ExchangeRateApiMock,
+    FrankfurterMock,
+    MockProviders,
+)
+from proxy.demo.mocks.providers import COMMITTED_ROUTES, VENDOR_URLS
 
 KEY = DEMO_SERVICE_KEY
 STATUS = {"serviceKey": KEY, "_type": "json", "schLineType": "D", "schIOType": "O", "schStTime": "0000",

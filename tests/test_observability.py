@@ -9,7 +9,7 @@ import orjson
 import pytest
 import structlog
 
-from proxy import logs
+from proxy.observability import logs
 from tests.fakes import Fail, Ok, metric_samples, route_table
 
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -221,9 +221,9 @@ async def test_log_lines_per_request_and_attempt_and_no_secret_anywhere(fake_ups
 
 async def test_a_scrape_and_a_health_read_count_requests_the_bus_still_holds(fake_upstream, proxy_factory, clock,
                                                                             monkeypatch):
-    from proxy import events
+    from proxy import signals
 
-    monkeypatch.setattr(events, "PER_REQUEST_HOLD", 3600.0)  # held for the whole test unless a read delivers
+    monkeypatch.setattr(signals, "PER_REQUEST_HOLD", 3600.0)  # held for the whole test unless a read delivers
     upstream = await fake_upstream("primary")
     proxy = await proxy_factory(route_table({"fx": {"retry": "NONE", "upstreams": [
         {"name": "fx_primary", "url": upstream.url}]}}), clock=clock)

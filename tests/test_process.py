@@ -15,8 +15,8 @@ import aiohttp
 import orjson
 import pytest
 
-from proxy.config import load_config
-from proxy.process import ProxyProcess
+from proxy.config.parse import load_config
+from proxy.ops.process import ProxyProcess
 from tests.fakes import Delay, Fail, Ok, free_port, route_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -244,7 +244,7 @@ async def test_counts_held_for_the_loop_turn_do_not_bring_a_removed_upstream_bac
     # A request's attempt on an upstream is counted when the held per-request events go out; a reload
     # before that which removes the upstream forgets it, and the attempt delivered afterwards must not
     # bring it back.
-    from proxy import events
+    from proxy import signals
     from tests.test_metrics import value
 
     a = await fake_upstream("a")
@@ -253,7 +253,7 @@ async def test_counts_held_for_the_loop_turn_do_not_bring_a_removed_upstream_bac
     _write(path, {"fx": {"retry": "NONE", "upstreams": [{"name": "fx_a", "url": a.url}, {"name": "fx_b", "url": b.url}]}})
     process, client, url = await _process(path, clock)
     try:
-        process.bus.emit(events.AttemptFinished(service="fx", provider="fx_a", outcome="success", status=200,
+        process.bus.emit(signals.AttemptFinished(service="fx", provider="fx_a", outcome="success", status=200,
                                                 duration=0.01, attempt=1, method="GET", url="http://a", request_id="r1"))
         _write(path, {"fx": {"retry": "NONE", "upstreams": [{"name": "fx_b", "url": b.url}]}})
         assert await process.reload("test") == []
@@ -268,9 +268,9 @@ async def test_counts_held_for_the_loop_turn_do_not_bring_a_removed_upstream_bac
 
 async def test_counts_of_a_request_finishing_while_the_table_closes_are_not_lost_at_stop(
         fake_upstream, tmp_path, clock, monkeypatch):
-    from proxy import events
+    from proxy import signals
 
-    monkeypatch.setattr(events, "PER_REQUEST_HOLD", 3600.0)  # nothing goes out by its timer in this test
+    monkeypatch.setattr(signals, "PER_REQUEST_HOLD", 3600.0)  # nothing goes out by its timer in this test
     a = await fake_upstream("a")
     path = tmp_path / "routes.yaml"
     _write(path, {"fx": {"retry": "NONE", "upstreams": [{"name": "fx_a", "url": a.url}]}})
@@ -281,14 +281,14 @@ async def test_counts_of_a_request_finishing_while_the_table_closes_are_not_lost
     close = process.runtime.close
 
     async def close_while_background_work_finishes_a_request():
-        process.bus.emit(events.RequestFinished(
+        process.bus.emit(signals.RequestFinished(
             service="fx", route="/fx", method="GET", path="/fx/a", status=200, cache="MISS", upstream="fx_a",
             attempts=(("fx_a", "success"),), duration=0.01, request_id="late-1"))
         await close()
 
     monkeypatch.setattr(process.runtime, "close", close_while_background_work_finishes_a_request)
     await process.stop()
-    assert [e.request_id for e in seen if isinstance(e, events.RequestFinished)] == ["late-1"]
+    assert [e.request_id for e in seen if isinstance(e, signals.RequestFinished)] == ["late-1"]
 
 
 async def test_a_malformed_request_is_one_json_line_without_the_callers_bytes(session, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import structlog
 from aiohttp.test_utils import make_mocked_request
 
-from proxy.health import Health
+from proxy.observability.admin import Health
 from tests.fakes import Delay, Fail, Ok, Reset, route_table
 
 

@@ -8,9 +8,17 @@ import random
 import pytest
 
 from proxy.clock import FakeClock
-from proxy.outcome import Outcome
-from proxy.retry import (POLICIES, RetryBudget, RetryPolicy, backoff_cap, backoff_delay, parse_retry_after,
-                         retry_delay, should_retry)
+from proxy.resilience.outcome import Outcome
+from proxy.resilience.retry_policy import (
+    POLICIES,
+    RetryBudget,
+    RetryPolicy,
+    backoff_cap,
+    backoff_delay,
+    parse_retry_after,
+    retry_delay,
+    should_retry,
+)
 
 NOW = 1_733_040_000.0  # Sun, 01 Dec 2024 08:00:00 GMT, FakeClock's default wall time
 

@@ -160,7 +160,7 @@ async def test_the_stale_line_is_logged_once_per_key_per_minute_and_every_answer
 
 @pytest.mark.parametrize("value", ["250ms", 0, "off"])
 async def test_stale_if_slow_shows_in_the_effective_config(value):
-    from proxy.config import parse_config
+    from proxy.config.parse import parse_config
 
     config = parse_config(table("http://127.0.0.1:1", stale_if_slow=value), "routes.yaml", {})
     expected = {"250ms": 0.25, 0: 0.0, "off": "off"}[value]

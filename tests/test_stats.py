@@ -7,22 +7,22 @@ import random
 
 import pytest
 
-from proxy import events
+from proxy import signals
 from proxy.clock import FakeClock
-from proxy.outcome import Outcome
-from proxy.stats import GROWTH, MAX_MINUTES, Stats
+from proxy.observability.stats import GROWTH, MAX_MINUTES, Stats
+from proxy.resilience.outcome import Outcome
 
 SERVICE, PRIMARY, SECONDARY = "fx", "fx_primary", "fx_secondary"
 
 
 def attempt(outcome: str | Outcome = "success", duration: float = 0.1,
-            provider: str = PRIMARY, service: str = SERVICE) -> events.AttemptFinished:
-    return events.AttemptFinished(service=service, provider=provider, outcome=outcome, status=200, duration=duration,
+            provider: str = PRIMARY, service: str = SERVICE) -> signals.AttemptFinished:
+    return signals.AttemptFinished(service=service, provider=provider, outcome=outcome, status=200, duration=duration,
                                   attempt=1, method="GET", url="https://primary.example/v6", request_id="r1")
 
 
-def finished(status: int = 200, duration: float = 0.05, service: str = SERVICE) -> events.RequestFinished:
-    return events.RequestFinished(service=service, route="latest", method="GET", path="/fx/latest/USD", status=status,
+def finished(status: int = 200, duration: float = 0.05, service: str = SERVICE) -> signals.RequestFinished:
+    return signals.RequestFinished(service=service, route="latest", method="GET", path="/fx/latest/USD", status=status,
                                   cache="MISS", upstream=PRIMARY, attempts=(), duration=duration, request_id="r1")
 
 
@@ -128,7 +128,7 @@ def test_service_figures_come_from_answers_and_cache_lookups(stats: Stats) -> No
     for status in (200, 404, 502, 504):
         stats(finished(status, duration=0.04))
     for result in ["hit"] * 3 + ["miss", "stale"] + ["bypass"] * 2:
-        stats(events.CacheLookup(SERVICE, result))
+        stats(signals.CacheLookup(SERVICE, result))
     stats(attempt())
     window = stats.window(5)
     service = window["services"][SERVICE]
@@ -140,8 +140,8 @@ def test_service_figures_come_from_answers_and_cache_lookups(stats: Stats) -> No
 
 
 def test_services_are_kept_apart(stats: Stats) -> None:
-    stats(events.CacheLookup(SERVICE, "hit"))
-    stats(events.CacheLookup("flights", "miss"))
+    stats(signals.CacheLookup(SERVICE, "hit"))
+    stats(signals.CacheLookup("flights", "miss"))
     stats(attempt(provider="kac", service="flights", outcome="http_5xx"))
     window = stats.window(5)
     assert window["services"][SERVICE]["cacheHitRate"] == 100.0
@@ -212,7 +212,7 @@ def test_forget_service_drops_its_history_and_late_requests(stats: Stats) -> Non
     window = stats.window(60)
     assert SERVICE not in window["services"] and window["services"]["flights"]["requests"] == 1
     stats(finished())  # a request still finishing on the old route table
-    stats(events.CacheLookup(SERVICE, "hit", 1.0))
+    stats(signals.CacheLookup(SERVICE, "hit", 1.0))
     assert SERVICE not in stats.window(60)["services"]
     stats.register(SERVICE, PRIMARY)  # put back by a later reload: counted again, from zero
     stats(finished())
@@ -221,6 +221,6 @@ def test_forget_service_drops_its_history_and_late_requests(stats: Stats) -> Non
 
 def test_unknown_events_are_ignored(stats: Stats) -> None:
     stats(object())
-    stats(events.Coalesced(SERVICE))
+    stats(signals.Coalesced(SERVICE))
     window = stats.window(60)
     assert window["providers"] == {} and window["services"] == {}

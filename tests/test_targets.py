@@ -1,12 +1,12 @@
-"""The request-target check (proxy/routing.py `check_target`): what may reach an upstream, and that
+"""The request-target check (proxy/config/routing.py `check_target`): what may reach an upstream, and that
 the lean front end never keeps a target the check would refuse."""
 
 from __future__ import annotations
 
 import pytest
 
-from proxy.front import is_plain_target
-from proxy.routing import UnsafePath, check_target
+from proxy.config.routing import UnsafePath, check_target
+from proxy.downstream.front import is_plain_target
 
 REFUSED = {
     "/fx/../admin": "dot segments",

@@ -8,10 +8,10 @@ import gzip
 import orjson
 import pytest
 
-from proxy.config import ConfigError, parse_config
-from proxy.quota import DailyReset, KeyRing
-from proxy.transform import TransformError, decode_document
-from proxy.vendor_codes import Meaning, ResultCodes, Verdict, blamed_parameter
+from proxy.adapters.quota import DailyReset, KeyRing
+from proxy.adapters.transform import TransformError, decode_document
+from proxy.adapters.vendor_codes import Meaning, ResultCodes, Verdict, blamed_parameter
+from proxy.config.parse import ConfigError, parse_config
 from tests.fakes import Fail, Ok, eventually, route_table, start_proxy, stop_proxy
 
 DATA_GO_KR = ResultCodes(

@@ -19,8 +19,8 @@ from redis.exceptions import ResponseError
 
 from proxy.cache.entry import Entry, decode_entry, encode_entry
 from proxy.clock import Clock
-from proxy.deadlines import Deadlines, for_running_loop
-from proxy.events import CacheBackendState, CacheError, discard
+from proxy.resilience.deadlines import Deadlines, for_running_loop
+from proxy.signals import CacheBackendState, CacheError, discard
 
 T = TypeVar("T")
 BACKEND = "redis"

@@ -1,0 +1,338 @@
+"""The running proxy: listeners, the current Runtime, reloads and a clean drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import resource
+import signal
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from proxy import signals
+from proxy.background import cancel_and_wait
+from proxy.chain.build import Runtime
+from proxy.clock import SYSTEM_CLOCK, Clock
+from proxy.config.parse import Config, ConfigError, ServerSettings, load_config
+from proxy.downstream.front import LeanFront
+from proxy.downstream.handler import HitPath, ProxyHandler, RawAnswer, error_response, request_id_of
+from proxy.fleet.rests import SharedRests
+from proxy.observability.admin import Health
+from proxy.observability.logs import REDACTOR, EventLog
+from proxy.observability.metrics import Metrics
+from proxy.observability.stats import Stats
+from proxy.watch.system import EventsSystem
+
+log = structlog.get_logger("resilience-proxy")
+
+# aiohttp refuses header lines past these with a 400; our own, lower limit answers 431 first.
+_PARSER_LIMITS = {"max_line_size": 65536, "max_field_size": 65536, "max_headers": 256}
+
+
+class ProxyProcess:
+    """Owns everything that lives as long as the process: bus, stats, metrics, listeners."""
+
+    def __init__(self, config: Config, *, clock: Clock = SYSTEM_CLOCK, env: Mapping[str, str] | None = None,
+                 log_events: bool = True) -> None:
+        self.env = os.environ if env is None else env
+        self.clock = clock
+        self.bus = signals.EventBus(later=signals.PER_REQUEST, hold=signals.PER_REQUEST_HOLD)
+        self.stats = Stats(clock)
+        self.metrics = Metrics(clock)
+        self.bus.subscribe(self.metrics)
+        self.bus.subscribe(self.stats)
+        if log_events:
+            self.bus.subscribe(EventLog(clock=clock))
+        self.admin_token = self.env.get("ADMIN_TOKEN") or None
+        REDACTOR.add_secrets(config.secrets | ({self.admin_token} if self.admin_token else set()))
+        self.runtime = Runtime(config, clock=clock, bus=self.bus)
+        self._register(config)
+        self.ready = False
+        self._config_digest = _digest(config.source)
+        self._reload_lock = asyncio.Lock()
+        self._proxy = ProxyHandler(self)
+        self._hit = HitPath(self)
+        self._health = Health(self)
+        self._runners: list[web.BaseRunner] = []
+        self._front: LeanFront | None = None
+        self._listener: asyncio.AbstractServer | None = None
+        self.addresses: dict[str, tuple[str, int]] = {}
+        self._watch_task: asyncio.Task[None] | None = None
+        self.events = EventsSystem(self, config)
+        self._retiring: set[asyncio.Task[None]] = set()
+        # With a shared Redis, a rest one replica is told of (Retry-After, a refused key) holds for all.
+        self.fleet: SharedRests | None = None
+        if config.cache.backend == "redis":
+            self.fleet = SharedRests(config.cache.url, config.cache.prefix, runtime=lambda: self.runtime,
+                                     clock=clock, emit=self.bus.emit)
+            self.bus.subscribe(self.fleet)
+
+    def _register(self, config: Config, breakers: dict[str, Any] | None = None) -> None:
+        for upstream in config.upstreams():
+            state = breakers[upstream.name].state.value if breakers else None
+            self.metrics.register_provider(upstream.service, upstream.name, state=state)
+            self.stats.register(upstream.service, upstream.name)
+
+    # --- requests ---------------------------------------------------------------------------
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse | RawAnswer:
+        fast = self.answer_from_cache(request)
+        if fast is not None:
+            return fast
+        return await self.handle_rest(request)
+
+    def answer_from_cache(self, request: web.BaseRequest) -> RawAnswer | None:
+        """A fresh in-process copy, answered without the chain; None: `handle_rest` answers."""
+        try:
+            return self._hit(request)
+        except Exception:
+            log.exception("unhandled error on the cache fast path", path=request.raw_path)
+            return None
+
+    async def handle_rest(self, request: web.BaseRequest) -> web.StreamResponse | RawAnswer:
+        request_id = request_id_of(request)
+        if request.method == "CONNECT" or not request.raw_path.startswith("/"):
+            return error_response(400, "bad_request", request_id,
+                                  "CONNECT and absolute-form targets are refused: this is not an open proxy", cache="BYPASS")
+        path = request.path
+        if path == "/events":
+            return await self.events.hub.handle(request)
+        if path == "/health" or path.startswith("/health/"):
+            response = await self._health(request, request_id)
+            response.headers["X-Request-ID"] = request_id
+            return response
+        try:
+            return await self._proxy(request, request_id)
+        except Exception:
+            log.exception("unhandled error while proxying", request_id=request_id, path=request.path)
+            return error_response(500, "internal_error", request_id)
+
+    async def handle_metrics(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.path != "/metrics":
+            return web.Response(status=404, text="only /metrics here\n")
+        self.bus.deliver_waiting()  # a scrape counts every request answered before it
+        body, content_type = self.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self, listen: tuple[str, int] | None = None,
+                    metrics_listen: tuple[str, int] | None | bool = True) -> None:
+        """Bind the listeners (port 0 picks a free one; see `addresses`)."""
+        await self.runtime.store.ping()  # learn the cache backend's state before the first request
+        self.events.start()
+        if self.fleet is not None:
+            self.fleet.start()
+        settings = self.runtime.config.server
+        # Connections start on the lean front end (plain GETs); aiohttp's server takes every other one.
+        self._front = LeanFront(self.handle, self.handle_rest, self.answer_from_cache, **_bounds(settings),
+                                **_PARSER_LIMITS)
+        main = web.ServerRunner(self._front.aiohttp, shutdown_timeout=settings.drain_timeout)
+        await main.setup()
+        host, port = listen or settings.listen
+        # backlog: bursts of new connections must not wait for SYN retries
+        self._listener = await asyncio.get_running_loop().create_server(self._front, host, port, backlog=1024)
+        self._runners.append(main)
+        self.addresses["main"] = self._listener.sockets[0].getsockname()[:2]
+        target = settings.metrics_listen if metrics_listen is True else metrics_listen
+        if target:
+            metrics = web.ServerRunner(web.Server(self.handle_metrics, access_log=None,
+                                                  keepalive_timeout=settings.keepalive_timeout))
+            await metrics.setup()
+            await web.TCPSite(metrics, target[0], target[1]).start()
+            self._runners.append(metrics)
+            self.addresses["metrics"] = metrics.addresses[0][:2]
+        self.ready = True
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to drain_timeout), close pools."""
+        self.ready = False
+        await cancel_and_wait(self._watch_task)
+        # WebSocket clients are told first (1001, going away) so they reconnect elsewhere instead of
+        # holding the drain open until its timeout.
+        await self.events.stop()
+        if self.fleet is not None:
+            await self.fleet.stop()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        waits = [runner.cleanup() for runner in self._runners]
+        if self._front is not None:
+            waits.append(self._front.shutdown(self.runtime.config.server.drain_timeout))
+        await asyncio.gather(*waits)
+        self._runners.clear()
+        retiring = list(self._retiring)
+        for task in retiring:
+            task.cancel()
+        await asyncio.gather(*retiring, return_exceptions=True)
+        try:
+            await self.runtime.close()
+        finally:
+            # Last: background work may finish a request while the table closes, and held counts
+            # and log lines would otherwise wait for a timer the ending loop never runs.
+            self.bus.deliver_waiting()
+
+    # --- reload -----------------------------------------------------------------------------
+
+    async def reload(self, source: str) -> list[str]:
+        """Re-read the route table; swap it in whole, or keep the old one and return the problems."""
+        async with self._reload_lock:
+            path = self.runtime.config.source
+            try:
+                config = load_config(path, self.env)
+            except ConfigError as exc:
+                self.bus.emit(signals.ConfigReloaded(False, source, tuple(exc.problems)))
+                return exc.problems
+            self._config_digest = _digest(path)
+            old = self.runtime
+            kept_breakers = {}
+            for upstream in config.upstreams():
+                previous = old.upstream(upstream.name)
+                if previous is not None and previous.breaker == upstream.breaker and upstream.name in old.breakers:
+                    kept_breakers[upstream.name] = old.breakers[upstream.name]
+            kept_budgets = {n: b for n, b in old.budgets.items() if n in kept_breakers}
+            kept_latencies = {n: w for n, w in old.latencies.items() if n in kept_breakers}
+            same_cache = config.cache == old.config.cache
+            store = old.store if same_cache else None
+            if self._front is not None:
+                self._front.set_bounds(**_bounds(config.server))
+            if config.server.listen != old.config.server.listen or \
+                    config.server.metrics_listen != old.config.server.metrics_listen:
+                log.warning("server.listen / metrics_listen changes take effect at the next restart", kind="reload")
+            runtime = Runtime(config, clock=self.clock, bus=self.bus, store=store,
+                              transport=old.transport.with_settings(config.server),
+                              breakers=kept_breakers, budgets=kept_budgets, latencies=kept_latencies, previous=old)
+            REDACTOR.add_secrets(config.secrets)
+            removed_upstreams = {u.name for u in old.config.upstreams()} - {u.name for u in config.upstreams()}
+            for name in removed_upstreams:
+                upstream = old.upstream(name)
+                if upstream is not None:
+                    self.metrics.forget_provider(upstream.service, name)
+                    self.stats.forget(name)
+            for service in old.config.services.keys() - config.services.keys():
+                self.metrics.forget_service(service)
+                self.stats.forget_service(service)
+            self._register(config, runtime.breakers)  # a replaced breaker starts CLOSED: say so
+            self.runtime = runtime  # atomic for requests: each reads `runtime` once
+            self.events.config_changed()
+            if same_cache:
+                for service in old.config.services.keys() - config.services.keys():
+                    await store.purge(service)
+            self._retire(old, keep_store=same_cache, keep_sessions={u.name for u in config.upstreams()})
+            self.bus.emit(signals.ConfigReloaded(True, source))
+            return []
+
+    def _retire(self, old: Runtime, *, keep_store: bool, keep_sessions: set[str]) -> None:
+        """Close what only the old table used, once the requests still running on it are done."""
+        grace = max((s.deadline for s in old.config.services.values()), default=0.0) + old.config.server.drain_timeout
+
+        async def retire() -> None:
+            deadline = asyncio.get_running_loop().time() + grace
+            while old.active and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+            if not keep_store:
+                await old.cache.close()
+            await old.transport.close(keep=keep_sessions)
+
+        task = asyncio.get_running_loop().create_task(retire())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    def file_changed(self) -> bool:
+        return _digest(self.runtime.config.source) != self._config_digest
+
+    async def watch(self, interval: float = 2.0) -> None:
+        """Poll the route table's content hash and reload when it changes (ConfigMap updates)."""
+        while True:
+            await asyncio.sleep(interval)
+            if self.file_changed():
+                await self.reload("file_change")
+                self._config_digest = _digest(self.runtime.config.source)  # don't retry a bad file every poll
+
+    def start_watching(self, interval: float = 2.0) -> None:
+        self._watch_task = asyncio.get_running_loop().create_task(self.watch(interval))
+
+
+# Connections the proxy port takes by default: an idle one costs about 3 KiB in the process (more
+# once aiohttp's), so 4096 stay small against the container's memory limit; and a quarter of the
+# descriptors is left for upstream pools, Redis and files.
+_DEFAULT_MAX_CONNECTIONS = 4096
+
+
+def _fd_limit() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def connections_room() -> int:
+    """Connections the fd limit leaves room for: three quarters of it."""
+    return max(16, _fd_limit() * 3 // 4)
+
+
+def default_max_connections() -> int:
+    """`server.max_connections` when not set."""
+    return min(_DEFAULT_MAX_CONNECTIONS, connections_room())
+
+
+def _bounds(settings: ServerSettings) -> dict[str, Any]:
+    """The lean front end's bounds from the server settings (see `LeanFront`)."""
+    if settings.max_connections is not None and settings.max_connections > connections_room():
+        log.warning("server.max_connections leaves too few file descriptors for upstream connections; "
+                    "past the fd limit, new callers wait instead of idle connections being closed",
+                    kind="connections", max_connections=settings.max_connections, fd_limit=_fd_limit())
+    return {"header_timeout": settings.header_timeout, "keepalive_timeout": settings.keepalive_timeout,
+            "max_connections": settings.max_connections or default_max_connections()}
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one where allowed; returns the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit", kind="connections", soft=soft, hard=hard, error=str(exc))
+    return _fd_limit()
+
+
+def _digest(path: str) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+async def serve(config: Config, *, listen: tuple[str, int] | None = None,
+                metrics_listen: tuple[str, int] | None = None) -> None:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads the route table."""
+    raise_fd_limit()  # before the default connection cap is sized from it
+    process = ProxyProcess(config)
+    await process.start(listen, metrics_listen if metrics_listen else True)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    reloads: set[asyncio.Task[list[str]]] = set()  # keep a reference, or the task may be collected mid-run
+
+    def on_sighup() -> None:
+        task = loop.create_task(process.reload("sighup"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    process.start_watching()
+    main, metrics = process.addresses.get("main"), process.addresses.get("metrics")
+    log.info("resilience-proxy serving", listen=f"{main[0]}:{main[1]}" if main else None,
+             metrics=f"{metrics[0]}:{metrics[1]}" if metrics else None, config=config.source,
+             services=sorted(config.services), cache=config.cache.backend)
+    await stop.wait()
+    log.info("draining: no new connections, finishing in-flight requests",
+             drain_timeout=config.server.drain_timeout)
+    await process.stop()
+    log.info("stopped")
