@@ -167,9 +167,10 @@ class HitStage:
             f"Cache-Status: {CACHE_NAME}; hit; ttl={int(entry.fresh_until - now)}\r\n\r\n".encode(),
             entry.body)), entry.status)
         duration = clock.monotonic() - started
-        if self._direct():
-            self._metrics.record_hit(resolved.service, entry.status, duration, started + duration)  # type: ignore[union-attr]
-            self._stats.record_hit(resolved.service, entry.status, duration)  # type: ignore[union-attr]
+        metrics, stats = self._metrics, self._stats
+        if metrics is not None and stats is not None and self._direct():
+            metrics.record_hit(resolved.service, entry.status, duration, started + duration)
+            stats.record_hit(resolved.service, entry.status, duration)
         else:
             emit = self._bus.emit
             emit(signals.CacheLookup(resolved.service, "hit", max(0.0, age)))
