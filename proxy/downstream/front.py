@@ -29,11 +29,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
-from aiohttp import hdrs, web
+from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from proxy.downstream.connection import LeanConnection
-from proxy.downstream.responder import AiohttpResponder, Responder
+from proxy.downstream.responder import Responder, answer_on_aiohttp
 from proxy.downstream.wire import RawAnswer
 
 log = structlog.get_logger("resilience-proxy")
@@ -159,16 +159,7 @@ class LeanFront:
         protocol = request.protocol
         if protocol in self.handed:
             self.now_answering(protocol)  # type: ignore[arg-type]
-        # aiohttp's parser drops what was sent after an upgrade it does not switch to (all but
-        # WebSocket): a request there would wait for an answer forever. The connection ends instead.
-        responder = AiohttpResponder(
-            request, close_after=hdrs.UPGRADE in request.headers or request.method == "CONNECT")
-        raw = self.hit(request)
-        if raw is not None:
-            responder.send(raw)
-        else:
-            await self.answer(request, responder)
-        return responder.result()
+        return await answer_on_aiohttp(request, self.hit, self.answer)
 
     # --- timeouts ---
 

@@ -22,7 +22,7 @@ from proxy.chain.exchange import Answer, Exchange
 from proxy.chain.fallback import RequestBodyTooLarge, UpstreamsFailed
 from proxy.clock import Clock
 from proxy.downstream.ids import request_id_of
-from proxy.downstream.responder import Responder
+from proxy.downstream.responder import Responder, answer_on_aiohttp
 from proxy.downstream.wire import RawAnswer, date_header, error_response, json_response, plain_keep_alive, render_head
 
 log = structlog.get_logger("resilience-proxy")
@@ -56,6 +56,10 @@ class Downstream:
         except Exception:
             log.exception("unhandled error on the cache fast path", path=request.raw_path)
             return None
+
+    async def on_aiohttp(self, request: web.BaseRequest) -> RawAnswer | web.StreamResponse:
+        """A handler for an aiohttp server of its own (`web.Server(downstream.on_aiohttp)`): the same way in."""
+        return await answer_on_aiohttp(request, self.hit, self.answer)
 
     async def answer(self, request: Any, responder: Responder) -> None:
         """Answer a request the HIT stage did not."""

@@ -10,9 +10,9 @@ head went out). The lean front end's writer (`proxy.downstream.connection.LeanRe
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from proxy.downstream.wire import RawAnswer
@@ -97,3 +97,17 @@ class AiohttpResponder:
         if self._close_after and self._close is not None:
             self._close()
         return self._answer
+
+
+async def answer_on_aiohttp(request: web.BaseRequest, hit: Callable[[Any], RawAnswer | None],
+                            answer: Callable[[Any, Responder], Awaitable[None]]) -> RawAnswer | web.StreamResponse:
+    """The way in for a request aiohttp's server read: stage 0, else `answer`; what its handler returns."""
+    # aiohttp's parser drops what was sent after an upgrade it does not switch to (all but
+    # WebSocket): a request there would wait for an answer forever. The connection ends instead.
+    responder = AiohttpResponder(request, close_after=hdrs.UPGRADE in request.headers or request.method == "CONNECT")
+    raw = hit(request)
+    if raw is not None:
+        responder.send(raw)
+    else:
+        await answer(request, responder)
+    return responder.result()

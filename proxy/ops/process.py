@@ -84,11 +84,11 @@ class ProxyProcess:
             self.metrics.register_provider(upstream.service, upstream.name, state=state)
             self.stats.register(upstream.service, upstream.name)
 
+    # --- requests ---------------------------------------------------------------------------
+
     def current_runtime(self) -> Runtime:
         """The route table in force; a reload swaps it whole, and each request reads it once."""
         return self.runtime
-
-    # --- requests ---------------------------------------------------------------------------
 
     async def handle_metrics(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.path != "/metrics":
