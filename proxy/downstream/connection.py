@@ -43,7 +43,6 @@ def is_plain_target(url: bytes) -> bool:
     return not own_endpoint(path.decode("ascii"))  # those handlers need aiohttp's request objects
 
 
-
 class LeanConnection(asyncio.Protocol):
     """One downstream connection while its requests are plain (see the module's docstring)."""
 

@@ -6,8 +6,9 @@ only our upstream client behind each, an httptools front end held a request ~90 
 reading it to writing it upstream where aiohttp's held it ~150 (c=10 over a 20 ms upstream,
 bpftrace from read to write; the bench's latency case). Most proxied traffic is simpler than
 what that machinery is for: GETs without a body on a keep-alive HTTP/1.1 connection. A
-`LeanConnection` parses those itself with httptools (llhttp, the parser aiohttp's own is
-built on), gives the handler a `LeanRequest` and writes the answer's bytes.
+`LeanConnection` (connection.py) parses those itself with httptools (llhttp, the parser
+aiohttp's own is built on) and hands the way in (handler.py) a `LeanRequest` and a
+`LeanResponder` that writes the answer's bytes (lean.py).
 
 Anything else makes the connection aiohttp's for good, starting from the first byte not yet
 answered, which aiohttp's parser reads again: another method, a body, HTTP/1.0 or
