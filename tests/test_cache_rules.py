@@ -6,7 +6,9 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.cache.rules import (
+    HIT_SCREENED,
     has_credentials,
+    is_conditional,
     parse_cache_control,
     request_bypass_reason,
     response_storable,
@@ -139,3 +141,25 @@ def test_a_copy_is_covered_when_its_key_covers_everything_it_varies_on():
     assert vary_covered([], keyed)
     assert not vary_covered([("Vary", "Accept-Encoding, Accept")], keyed)
     assert vary_covered([("Vary", "Accept-Encoding, Accept")], keyed | {"accept"})
+
+
+@pytest.mark.parametrize("name", ["If-None-Match", "if-modified-since", "If-Match", "If-Unmodified-Since",
+                                  "If-Range", "Range"])
+def test_conditional_and_range_requests_are_the_upstreams_to_answer(name):
+    assert is_conditional(headers((name, "x")))
+    assert name.lower().encode() in HIT_SCREENED  # the fast path leaves them to the full path
+
+
+def test_a_plain_request_is_not_conditional():
+    assert not is_conditional(headers(("Accept", "*/*"), ("If-Unknown", "x")))
+
+
+def test_the_hit_screen_covers_every_request_the_full_path_would_not_answer_from_a_shared_copy():
+    """A request the HIT stage answers is one the full path would answer from the same copy."""
+    for name, value in [("Authorization", "Bearer t"), ("Cookie", "a=1"), ("Cache-Control", "no-store"),
+                        ("Content-Length", "3"), ("Transfer-Encoding", "chunked"), ("If-None-Match", '"v1"')]:
+        screened = name.lower().encode() in HIT_SCREENED
+        full_path_bypasses = is_conditional(headers((name, value))) or request_bypass_reason(
+            "GET", headers((name, value)), has_body=name in ("Content-Length", "Transfer-Encoding")) is not None
+        assert screened and full_path_bypasses, name
+    assert b"expect" in HIT_SCREENED and b"accept" not in HIT_SCREENED and b"accept-encoding" not in HIT_SCREENED

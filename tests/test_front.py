@@ -14,7 +14,10 @@ import pytest
 from aiohttp import web
 
 from proxy.config.parse import ServerSettings
-from proxy.downstream.front import SINGLETONS, LeanConnection, LeanFront, LeanRequest, is_plain_target, render_response
+from proxy.downstream.connection import SINGLETONS, LeanConnection, is_plain_target
+from proxy.downstream.front import LeanFront
+from proxy.downstream.lean import LeanRequest
+from proxy.downstream.wire import render_response
 from tests.fakes import Delay, Fail, Huge, Ok, refused_port, route_table, start_proxy, stop_proxy
 
 GET = b"GET %s HTTP/1.1\r\nHost: proxy\r\n\r\n"
@@ -707,8 +710,8 @@ async def test_stopping_cancels_what_is_still_running_after_the_drain(fake_upstr
 
 
 async def test_a_connection_lost_to_any_error_reads_as_the_caller_gone_to_a_writer():
-    front = LeanFront(_never_called, _never_called, lambda request: None, max_line_size=8190, max_field_size=8190,
-                      max_headers=100, header_timeout=10.0, keepalive_timeout=75.0, max_connections=100)
+    front = LeanFront(_never_called, lambda request: None, max_line_size=8190, max_field_size=8190, max_headers=100,
+                      header_timeout=10.0, keepalive_timeout=75.0, max_connections=100)
     connection = LeanConnection(front)
 
     class Transport:

@@ -1,4 +1,4 @@
-"""The HIT fast path (proxy/downstream/handler.py HitPath): the same answers, counts and refusals as the full chain."""
+"""The HIT fast path (proxy/downstream/hit.py HitStage, stage 0 of the chain): the same answers, counts and refusals as the full chain."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import structlog
 from aiohttp.http import SERVER_SOFTWARE
 from yarl import URL
 
-from proxy.downstream.handler import render_head
+from proxy.downstream.wire import render_head
 from proxy.observability import logs
 from tests.fakes import Ok
 from tests.test_caching import RATES, cached, redis_table
@@ -346,7 +346,7 @@ async def test_a_target_the_cache_never_answers_is_remembered_per_route_table(fa
         for _ in range(2):
             assert (await proxy.get("/fx/latest/USD")).headers["X-Cache"] == "BYPASS"
         assert chain.count == 2 and primary.calls == 2
-        assert process.runtime.hit_memo.get("/fx/latest/USD") is False
+        assert process.runtime.hit.memo.get("/fx/latest/USD") is False
         path.write_text(cached(primary.url))
         assert await process.reload("test") == []
         chain = ChainCalls(process.runtime)
@@ -359,9 +359,9 @@ async def test_a_target_the_cache_never_answers_is_remembered_per_route_table(fa
 
 async def test_the_memo_of_rendered_heads_stays_within_its_byte_budget(fake_upstream, proxy_factory, clock,
                                                                       monkeypatch):
-    from proxy.downstream import handler
+    from proxy.downstream import hit
 
-    monkeypatch.setattr(handler, "_MEMO_BYTES", 20_000)
+    monkeypatch.setattr(hit, "_MEMO_BYTES", 20_000)
     primary = await fake_upstream("primary")
     # a vendor's long policy header: every rendered head is over 4 KB
     primary.default = Ok(body=RATES, headers={"Content-Type": "application/json", "X-Policy": "p" * 4000})
@@ -371,6 +371,6 @@ async def test_the_memo_of_rendered_heads_stays_within_its_byte_budget(fake_upst
         await proxy.get(f"/fx/latest/X{n}")
         assert (await proxy.get(f"/fx/latest/X{n}")).headers["X-Cache"] == "HIT"
     assert chain.count == 12  # every second request was answered by the fast path, head and all
-    memo = proxy.process.runtime.hit_memo
-    held = sum(len(r.head or b"") + handler._MEMO_ENTRY_BYTES for r in memo.values() if r is not False)
-    assert 0 < held <= 20_000 + 4200 + handler._MEMO_ENTRY_BYTES  # at most one item past the budget
+    memo = proxy.process.runtime.hit.memo
+    held = sum(len(r.head or b"") + hit._MEMO_ENTRY_BYTES for r in memo.values() if r is not False)
+    assert 0 < held <= 20_000 + 4200 + hit._MEMO_ENTRY_BYTES  # at most one item past the budget

@@ -8,7 +8,6 @@ import pytest
 import structlog
 from aiohttp.test_utils import make_mocked_request
 
-from proxy.observability.admin import Health
 from tests.fakes import Delay, Fail, Ok, Reset, route_table
 
 
@@ -251,7 +250,7 @@ async def test_admin_without_a_token_is_for_loopback_callers_only(fake_upstream,
     local = await proxy.request("POST", "/health/integrations/circuits/fx_primary/open")
     assert local.status == 200
     assert proxy.breaker("fx_primary").state.value == "OPEN"
-    health = Health(proxy.process)
+    health = proxy.process.health
     for peer in (("10.1.2.3", 5555), ("::ffff:192.168.1.9", 5555), ("2001:db8::1", 5555, 0, 0)):
         transport = _Transport(peer)
         request = make_mocked_request("POST", "/health/integrations/circuits/fx_primary/reset", transport=transport)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.config.routing import UnsafePath, check_target
-from proxy.downstream.front import is_plain_target
+from proxy.downstream.connection import is_plain_target
 
 REFUSED = {
     "/fx/../admin": "dot segments",

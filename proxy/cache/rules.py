@@ -5,6 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
+# A request carrying one may get a personal answer: never from (or into) a shared copy, unless keyed by it.
+CREDENTIAL_HEADERS = ("Authorization", "Cookie")
+# Conditional and range requests are answered by the upstream for this caller alone.
+CONDITIONAL_HEADERS = ("If-None-Match", "If-Modified-Since", "If-Match", "If-Unmodified-Since", "If-Range", "Range")
+# A request carrying one has a body (or asks to send one).
+BODY_HEADERS = ("Expect", "Content-Length", "Transfer-Encoding")
+# The HIT fast path's screen, as lower-case bytes (the raw header names a parser gives): a request
+# carrying one of these goes the full way, where the rules below decide. Cache-Control is screened
+# whole: only the full path reads its directives.
+HIT_SCREENED = frozenset(name.lower().encode("ascii") for name in
+                         (*CREDENTIAL_HEADERS, "Cache-Control", *CONDITIONAL_HEADERS, *BODY_HEADERS))
 
 
 def _values(headers: Any, name: str) -> list[str]:
@@ -74,7 +85,12 @@ def vary_covered(headers: Any, keyed: frozenset[str]) -> bool:
 
 def has_credentials(headers: Any) -> bool:
     """The request carries Authorization or Cookie: its answer may be personal."""
-    return "Authorization" in headers or "Cookie" in headers
+    return any(name in headers for name in CREDENTIAL_HEADERS)
+
+
+def is_conditional(headers: Any) -> bool:
+    """A conditional or range request (`If-*`, `Range`): the upstream answers it for this caller alone."""
+    return any(name in headers for name in CONDITIONAL_HEADERS)
 
 
 def request_bypass_reason(method: str, headers: Any, *, keyed_by_credential: bool = False,

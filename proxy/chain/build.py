@@ -1,6 +1,7 @@
 """Wiring: the one place where the chain is assembled from a Config.
 
-    cache (stale-if-slow) → coalesce → fallback over upstreams, hedging a late one
+    resolve (target → service, route, key) → HIT (stage 0: a fresh in-process copy, no chain objects)
+    → derived → cache (stale-if-slow) → coalesce → fallback over upstreams, hedging a late one
         → (retry → breaker and rest → timeout → HTTP call)
 
 Per-request stages sit above per-attempt stages (Envoy's order). A `Runtime` holds one
@@ -11,7 +12,7 @@ the HTTP sessions); a reload builds a new Runtime and swaps it in whole.
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, Callable
 
 from proxy import signals
 from proxy.adapters.quota import KeyRing, SharedTokenBucket, TokenBucket
@@ -20,6 +21,7 @@ from proxy.chain.attempt import AttemptStage
 from proxy.chain.cache_stage import CacheStage
 from proxy.chain.derive import DerivedStage
 from proxy.chain.fallback import FallbackStage
+from proxy.chain.resolve import Resolver
 from proxy.chain.retries import RetryStage
 from proxy.clock import Clock
 from proxy.config.parse import Config, Upstream
@@ -39,18 +41,28 @@ def build_store(config: Config, clock: Clock, emit: signals.Subscriber) -> Store
     return MemoryStore(settings.max_bytes, clock)
 
 
+# Stage 0 answers a downstream request from its rendered bytes, so it lives with the front ends
+# (proxy/downstream/hit.py): the process hands its factory in, and it is built here with the rest.
+HitFactory = Callable[["Runtime"], Callable[[Any], Any]]
+
+
 class Runtime:
-    """One assembled chain and its long-lived parts."""
+    """One assembled chain and its long-lived parts.
+
+    `resolve(raw_target)` is the route table's reading of a target (memoised for this table);
+    `hit(request)` is stage 0 when a `hit` factory is given (else None: every request takes
+    `chain`); `chain(exchange)` is the rest of the chain, outermost stage first.
+    """
 
     def __init__(self, config: Config, *, clock: Clock, bus: signals.EventBus, store: Store | None = None,
                  transport: HttpTransport | None = None, breakers: dict[str, Breaker] | None = None,
                  budgets: dict[str, RetryBudget] | None = None, latencies: dict[str, LatencyWindow] | None = None,
-                 rng: random.Random | None = None, previous: "Runtime | None" = None) -> None:
+                 rng: random.Random | None = None, previous: "Runtime | None" = None,
+                 hit: HitFactory | None = None) -> None:
         self.config = config
         self.clock = clock
         self.active = 0  # requests running on this table; a reload retires it once they are done
-        self.hit_memo: dict[Any, Any] = {}  # server.HitPath: (target, Accept-Encoding) -> route and cache key; target -> False
-        self.hit_memo_bytes = 0  # what server.HitPath counts the memo's items and rendered heads at
+        self.resolve = Resolver(config)
         self.bus = bus
         self.transport = transport or HttpTransport(config.server)
         self.breakers = breakers if breakers is not None else {}
@@ -72,6 +84,7 @@ class Runtime:
         self.fallback = FallbackStage(retry, clock, breakers=self.breakers, latencies=self.latencies, emit=bus.emit)
         self.cache = CacheStage(self.store, self.fallback, config.cache, clock, bus.emit, callable=self._callable)
         self.chain = DerivedStage(self.cache)
+        self.hit = hit(self) if hit is not None else None  # last: it reads the store and the resolver
 
     def _kept(self, previous: "Runtime | None", field: str, build: Any) -> dict[str, Any]:
         """Per-upstream quota state, kept across a reload when the upstream's setting is unchanged."""

@@ -41,6 +41,7 @@ from proxy.cache import (
 )
 from proxy.cache.coalesce import CoalescedCallCancelled
 from proxy.cache.entry import vary_index
+from proxy.cache.rules import is_conditional
 from proxy.chain.exchange import Answer, Exchange
 from proxy.chain.fallback import UpstreamsFailed
 from proxy.clock import Clock
@@ -52,15 +53,6 @@ _CLUSTER_POLL = 0.02
 # Variants kept per key: a caller cycling through Accept values cannot fill the cache with one URL.
 MAX_VARIANTS = 8
 Forward = Callable[[Exchange], Awaitable[Answer]]
-
-
-_CONDITIONAL = ("If-None-Match", "If-Modified-Since", "If-Match", "If-Unmodified-Since", "If-Range", "Range")
-
-
-def _conditional(exchange: Exchange) -> bool:
-    """Conditional and range requests are answered by the upstream for this caller alone."""
-    headers = exchange.headers
-    return any(name in headers for name in _CONDITIONAL)
 
 
 def _public(answer: Answer) -> bool:
@@ -123,7 +115,7 @@ class CacheStage:
     async def __call__(self, exchange: Exchange) -> Answer:
         rule = self.rule_for(exchange)
         service = exchange.service.name
-        if not rule.enabled or _conditional(exchange) or request_bypass_reason(
+        if not rule.enabled or is_conditional(exchange.headers) or request_bypass_reason(
                 exchange.method, exchange.headers, keyed_by_credential=rule.key_by_credential,
                 has_body=bool(exchange.body) or exchange.body_stream is not None):
             self._emit(signals.CacheLookup(service, "bypass"))

@@ -6,8 +6,9 @@ only our upstream client behind each, an httptools front end held a request ~90 
 reading it to writing it upstream where aiohttp's held it ~150 (c=10 over a 20 ms upstream,
 bpftrace from read to write; the bench's latency case). Most proxied traffic is simpler than
 what that machinery is for: GETs without a body on a keep-alive HTTP/1.1 connection. A
-`LeanConnection` parses those itself with httptools (llhttp, the parser aiohttp's own is
-built on), gives the handler a `LeanRequest` and writes the answer's bytes.
+`LeanConnection` (connection.py) parses those itself with httptools (llhttp, the parser
+aiohttp's own is built on) and hands the way in (handler.py) a `LeanRequest` and a
+`LeanResponder` that writes the answer's bytes (lean.py).
 
 Anything else makes the connection aiohttp's for good, starting from the first byte not yet
 answered, which aiohttp's parser reads again: another method, a body, HTTP/1.0 or
@@ -25,171 +26,30 @@ closes the longest idle one first (see `LeanFront`).
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import httptools
 import structlog
-from aiohttp import hdrs, web
-from aiohttp.http import HttpVersion11
+from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
-from multidict import CIMultiDict, CIMultiDictProxy, istr
-from yarl import URL
 
-from proxy.downstream.handler import (
-    RawAnswer,
-    date_header,
-    error_response,
-    new_request_id,
-    own_endpoint,
-    render_bodiless,
-    render_head,
-)
+from proxy.downstream.connection import LeanConnection
+from proxy.downstream.responder import Responder, answer_on_aiohttp
+from proxy.downstream.wire import RawAnswer
 
 log = structlog.get_logger("resilience-proxy")
 
-_NOT_PLAIN = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade",
-                        b"sec-websocket-key1"})  # aiohttp refuses the old WebSocket handshake: let it
-# Headers aiohttp's parser refuses to see twice (aiohttp/http_parser.py SINGLETON_HEADERS; a test
-# checks this covers them): a request repeating one is aiohttp's to refuse.
-SINGLETONS = frozenset({b"content-length", b"content-location", b"content-range", b"content-type", b"etag",
-                        b"host", b"max-forwards", b"server", b"transfer-encoding", b"user-agent"})
-_HELD_MAX = 64 * 1024   # bytes of a request not yet whole (or sent early) before aiohttp takes over
-# aiohttp's parser spells the header names it knows (aiohttp.hdrs) its own way, whatever the caller
-# sent; so do we, so that an upstream sees the same names from either front end.
-_CANONICAL = {str(name).lower().encode(): str(name) for name in vars(hdrs).values() if isinstance(name, istr)}
-
-Handler = Callable[[Any], Awaitable[Any]]
-
-
-class LeanRequest:
-    """The part of `web.BaseRequest` the proxy's handlers read, for a plain GET.
-
-    `HitPath`, `ProxyHandler` and `request_id_of` use exactly these; a request that would
-    need more (a body, the proxy's own endpoints) never becomes a LeanRequest.
-    """
-
-    __slots__ = ("raw_path", "path", "raw_headers", "transport", "_connection", "_headers", "_url")
-
-    method = "GET"
-    version = HttpVersion11
-    keep_alive = True
-    content_length = None
-    body_exists = False
-
-    def __init__(self, target: str, raw_headers: tuple[tuple[bytes, bytes], ...], connection: "LeanConnection") -> None:
-        self.raw_path = target
-        self.path = target.split("?", 1)[0]  # no percent-encoding here: decoded is as received
-        self.raw_headers = raw_headers
-        self.transport = connection.transport
-        self._connection = connection
-        self._headers: CIMultiDictProxy[str] | None = None
-        self._url: URL | None = None
-
-    @property
-    def headers(self) -> CIMultiDictProxy[str]:
-        if self._headers is None:
-            # Decoded as aiohttp decodes them: UTF-8, undecodable bytes kept as surrogates.
-            self._headers = CIMultiDictProxy(CIMultiDict(
-                (_CANONICAL.get(name.lower()) or name.decode("utf-8", "surrogateescape"),
-                 value.decode("utf-8", "surrogateescape"))
-                for name, value in self.raw_headers))
-        return self._headers
-
-    @property
-    def rel_url(self) -> URL:
-        if self._url is None:
-            path, _, query = self.raw_path.partition("?")
-            self._url = URL.build(path=path, query_string=query, encoded=True)  # as aiohttp's parser builds it
-        return self._url
-
-    def stream_response(self, status: int, reason: str | None, headers: CIMultiDict[str]) -> "LeanStream":
-        """What `ProxyHandler` streams a large answer through (in place of `web.StreamResponse`)."""
-        return LeanStream(self._connection, status, reason, headers)
-
-
-class LeanStream:
-    """`web.StreamResponse`'s prepare / write / write_eof / force_close on a lean connection,
-    framed as aiohttp frames it: Content-Length when known, else chunked."""
-
-    __slots__ = ("_connection", "_status", "_reason", "_headers", "content_length", "keep_alive", "_chunked",
-                 "_bodiless")
-
-    def __init__(self, connection: "LeanConnection", status: int, reason: str | None,
-                 headers: CIMultiDict[str]) -> None:
-        self._connection = connection
-        self._status = status
-        self._reason = reason
-        self._headers = headers
-        self.content_length: int | None = None
-        self.keep_alive = True
-        self._chunked = False
-        self._bodiless = status < 200 or status in (204, 304)
-
-    async def prepare(self, request: LeanRequest) -> None:
-        headers = list(self._headers.items())
-        if self._bodiless:  # e.g. a 304 whose Content-Length describes the representation
-            rendered = render_bodiless(self._status, self._reason, headers)
-        else:
-            rendered = render_head(self._status, self._reason, headers, [], frozenset(), self.content_length)
-            self._chunked = self.content_length is None
-        if rendered is None:
-            raise ValueError(f"answer {self._status} cannot be written as it is")  # as aiohttp refuses it
-        head, dated = rendered
-        self._connection.write(b"".join((head, b"" if dated else date_header(), b"\r\n")))
-
-    async def write(self, data: bytes) -> None:
-        if not data or self._bodiless:
-            return
-        if self._chunked:
-            data = b"%x\r\n%b\r\n" % (len(data), data)
-        self._connection.write(data)
-        await self._connection.drain()
-
-    async def write_eof(self, data: bytes = b"") -> None:
-        await self.write(data)
-        if self._chunked:
-            self._connection.write(b"0\r\n\r\n")
-        await self._connection.drain()
-
-    def force_close(self) -> None:
-        self.keep_alive = False
-
-
-def render_response(response: web.Response) -> bytes | None:
-    """A buffered `web.Response` as the bytes aiohttp would send (header order aside), or None."""
-    body = response.body
-    if not isinstance(body, bytes):
-        return None
-    headers = list(response.headers.items())
-    if response.status < 200 or response.status in (204, 304):
-        rendered = render_bodiless(response.status, response.reason, headers)
-        body = b""
-    else:
-        rendered = render_head(response.status, response.reason, headers, [], frozenset(), len(body))
-    if rendered is None:
-        return None
-    head, dated = rendered
-    return b"".join((head, b"" if dated else date_header(), b"\r\n", body))
-
-
-def is_plain_target(url: bytes) -> bool:
-    """A target `LeanRequest` can stand for: an origin-form path whose decoded form is itself."""
-    path = url.split(b"?", 1)[0]
-    if not path.startswith(b"/") or not url.isascii():
-        return False
-    if b"%" in path or b"/." in path or b"//" in path or b"#" in url:
-        return False
-    return not own_endpoint(path.decode("ascii"))  # those handlers need aiohttp's request objects
+Answer = Callable[[Any, Responder], Awaitable[None]]
+Hit = Callable[[Any], RawAnswer | None]
 
 
 class LeanFront:
     """Makes the proxy port's connections (a protocol factory for `loop.create_server`) and bounds them.
 
-    `fast(request)` may answer at once (a fresh cached copy) or return None; `handler(request)`
-    answers the rest; `aiohttp_handler(request)` answers what aiohttp's server (`self.aiohttp`)
-    reads on a connection handed to it.
+    Both kinds of connection answer a request the same way: `hit(request)` may answer at once
+    (stage 0: a fresh cached copy) or return None; then `answer(request, responder)` answers
+    through the connection's `Responder` (a `LeanResponder` here, an `AiohttpResponder` on a
+    connection handed to aiohttp's server, `self.aiohttp`).
 
     Every connection on the port, lean or handed to aiohttp, is bounded alike: the head of a
     request must arrive whole within `header_timeout` of its first byte (of the connection, for
@@ -200,15 +60,13 @@ class LeanFront:
     idle connections can use up the process's file descriptors and lock callers out.
     """
 
-    def __init__(self, aiohttp_handler: Handler, handler: Handler, fast: Callable[[Any], RawAnswer | None],
-                 *, max_line_size: int, max_field_size: int, max_headers: int, header_timeout: float,
-                 keepalive_timeout: float, max_connections: int) -> None:
-        self.handler = handler
-        self.fast = fast
+    def __init__(self, answer: Answer, hit: Hit, *, max_line_size: int, max_field_size: int, max_headers: int,
+                 header_timeout: float, keepalive_timeout: float, max_connections: int) -> None:
+        self.answer = answer
+        self.hit = hit
         self.max_line_size = max_line_size
         self.max_field_size = max_field_size
         self.max_headers = max_headers
-        self._aiohttp_handler = aiohttp_handler
         # aiohttp's access log would repeat the request lines.
         self._handler_options: dict[str, Any] = dict(
             auto_decompress=False, access_log=None, max_line_size=max_line_size, max_field_size=max_field_size,
@@ -298,17 +156,11 @@ class LeanFront:
         if head_whole:  # being answered from here on: never shed while aiohttp gets to it
             self.now_answering(protocol)
 
-    async def _aiohttp_request(self, request: web.BaseRequest) -> Any:
+    async def _aiohttp_request(self, request: web.BaseRequest) -> RawAnswer | web.StreamResponse:
         protocol = request.protocol
-        if isinstance(protocol, HandedOff):
-            self.now_answering(protocol)
-        answer = await self._aiohttp_handler(request)
-        if (hdrs.UPGRADE in request.headers or request.method == "CONNECT") \
-                and not isinstance(answer, web.WebSocketResponse):
-            # aiohttp's parser drops what was sent after an upgrade it does not switch to (all but
-            # WebSocket): a request there would wait for an answer forever. The connection ends instead.
-            _close_after(answer)
-        return answer
+        if protocol in self.handed:
+            self.now_answering(protocol)  # type: ignore[arg-type]
+        return await answer_on_aiohttp(request, self.hit, self.answer)
 
     # --- timeouts ---
 
@@ -361,15 +213,6 @@ class LeanFront:
                 connection.abort()
 
 
-def _close_after(answer: Any) -> None:
-    """Make an answer end its connection (`Connection: close`, then aiohttp closes it)."""
-    if isinstance(answer, RawAnswer):
-        answer.data = answer.data.replace(b"\r\n", b"\r\nConnection: close\r\n", 1)  # after the status line
-        answer.keep_alive = False
-    elif isinstance(answer, web.StreamResponse):
-        answer.force_close()
-
-
 class HandedOff(RequestHandler):
     """aiohttp's protocol for a connection the lean front end handed over, with the same bounds.
 
@@ -413,256 +256,3 @@ class HandedOff(RequestHandler):
     def close_connection(self) -> None:
         """Close it now (aiohttp's own `close()` only stops it after the request in hand)."""
         self.force_close()
-
-
-class LeanConnection(asyncio.Protocol):
-    """One downstream connection while its requests are plain (see the module's docstring)."""
-
-    def __init__(self, front: LeanFront) -> None:
-        self._front = front
-        self._parser = httptools.HttpRequestParser(self)
-        self.transport: asyncio.Transport | None = None
-        self._held = bytearray()       # bytes since the end of the last answered request
-        self._url = b""
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._plain = True             # every request read so far can be answered here (once not, aiohttp's)
-        self._seen: set[bytes] = set()  # its singleton headers so far
-        self._complete: tuple[str, tuple[tuple[bytes, bytes], ...]] | None = None
-        self._ended = False            # a request ended in the bytes being parsed
-        self._more = False             # and bytes of a next one came with them
-        self._head_whole = False       # the request being parsed has all its head
-        self.answering: asyncio.Task[None] | None = None
-        self.idle_since: float | None = None  # loop time of the last answer (or of the connect); None while answering
-        self.reading_since: float | None = None  # loop time the next request's head started (or the connect)
-        self._reading_paused = False
-        self._writing_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
-
-    # --- asyncio.Protocol ---
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:  # as aiohttp's server sets them
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            except OSError:
-                pass
-        if self._front.closing or not self._front.opened(self, asyncio.get_running_loop().time()):
-            transport.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        self._front.forget(self)
-        self._wake_drain(exc or ConnectionResetError("the caller closed the connection"))
-
-    def data_received(self, data: bytes) -> None:
-        if self.reading_since is None and self.answering is None:
-            self._front.now_reading(self, asyncio.get_running_loop().time())
-        self._held += data
-        if self.answering is not None:
-            # Sent before its predecessor was answered: looked at once that answer is out.
-            if len(self._held) > _HELD_MAX and not self._reading_paused and self.transport is not None:
-                self.transport.pause_reading()
-                self._reading_paused = True
-            return
-        self._parse(data)
-
-    def pause_writing(self) -> None:
-        self._writing_paused = True
-
-    def resume_writing(self) -> None:
-        self._writing_paused = False
-        self._wake_drain(None)
-
-    # --- httptools callbacks ---
-
-    def on_message_begin(self) -> None:
-        if self._ended:
-            self._more = True
-        self._url = b""
-        self._headers = []
-        self._seen = set()  # (_plain is never set back: a connection with a request not plain is aiohttp's)
-        self._head_whole = False
-
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-        if len(self._url) > self._front.max_line_size:
-            self._plain = False
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        # What aiohttp's parser checks on top of llhttp's: a request failing any of it goes to aiohttp,
-        # which answers it as it always did.
-        headers = self._headers
-        if len(name) + len(value) > self._front.max_field_size or len(headers) >= self._front.max_headers \
-                or b"\x00" in value:
-            self._plain = False
-        lower = name.lower()
-        if lower in _NOT_PLAIN:
-            self._plain = False
-        elif lower in SINGLETONS:
-            if lower in self._seen:
-                self._plain = False
-            self._seen.add(lower)
-        headers.append((name, value.rstrip(b" \t")))  # llhttp strips the space before a value, not after
-
-    def on_headers_complete(self) -> None:
-        self._head_whole = True
-        parser = self._parser
-        if not (parser.get_method() == b"GET" and parser.get_http_version() == "1.1" and b"host" in self._seen
-                and parser.should_keep_alive() and not parser.should_upgrade() and is_plain_target(self._url)):
-            self._plain = False
-
-    def on_message_complete(self) -> None:
-        if self._plain and not self._ended:  # a plain target is ASCII
-            self._complete = (self._url.decode("ascii"), tuple(self._headers))
-        self._ended = True
-
-    # --- parsing, answering, handing off ---
-
-    def _parse(self, data: bytes) -> None:
-        self._complete = None
-        self._ended = self._more = False
-        try:
-            self._parser.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # aiohttp has the answer for each
-            self._plain = False
-        if not self._plain or self._more:
-            self._hand_off()
-        elif self._complete is not None:
-            target, headers = self._complete
-            self._complete = None
-            self._answer(LeanRequest(target, headers, self))
-        elif len(self._held) > _HELD_MAX:
-            self._hand_off()  # a request this large is aiohttp's to refuse or to take
-
-    def _hand_off(self) -> None:
-        transport = self.transport
-        self._front.forget(self)
-        if transport is None or transport.is_closing():
-            return
-        if self._front.closing:
-            transport.close()
-            return
-        data, self._held = bytes(self._held), bytearray()
-        if self._reading_paused:
-            self._reading_paused = False
-            transport.resume_reading()
-        self._front.hand_off(transport, data, self, self._head_whole)
-
-    def _answer(self, request: LeanRequest) -> None:
-        self._held.clear()  # the parse ended where this request does
-        front = self._front
-        front.now_answering(self)
-        front.lean_requests += 1
-        try:
-            raw = front.fast(request)
-        except Exception:
-            log.exception("unhandled error on the cache fast path", path=request.raw_path)
-            raw = None
-        if raw is not None:
-            try:
-                self.write(raw.data)
-            except ConnectionError:
-                return
-            if self._writing_paused:
-                self.answering = asyncio.get_running_loop().create_task(self._drained())
-            else:
-                self._done(True)
-            return
-        self.answering = asyncio.get_running_loop().create_task(self._full(request))
-
-    async def _drained(self, keep_alive: bool = True) -> None:
-        try:
-            await self.drain()  # a caller that does not read holds this connection, not our memory
-        except ConnectionError:
-            return
-        self._done(keep_alive)
-
-    async def _full(self, request: LeanRequest) -> None:
-        try:
-            answer = await self._front.handler(request)
-        except Exception:
-            log.exception("unhandled error while proxying", path=request.raw_path)
-            answer = error_response(500, "internal_error", new_request_id())
-        if self.transport is None:
-            return  # the caller left; the chain's work (a cached copy, the breaker's count) still counted
-        if isinstance(answer, RawAnswer):
-            data: bytes | None = answer.data
-        elif isinstance(answer, LeanStream):
-            self._done(answer.keep_alive)  # already written by whoever streamed it
-            return
-        elif isinstance(answer, web.Response):
-            data = render_response(answer)
-        else:
-            data = None
-        keep_alive = True
-        if data is None:
-            log.error("an answer the lean front end cannot write; connection closed",
-                      kind="front", answer=type(answer).__name__, status=getattr(answer, "status", None))
-            data = render_response(error_response(500, "internal_error", new_request_id()))
-            keep_alive = False
-        try:
-            self.write(data or b"")
-        except ConnectionError:
-            return
-        await self._drained(keep_alive)
-
-    def _done(self, keep_alive: bool) -> None:
-        """The answer is out: wait for the next request, or read the one that came early."""
-        self.answering = None
-        transport = self.transport
-        if transport is None:
-            return
-        if not keep_alive or self._front.closing:
-            transport.close()
-            return
-        now = asyncio.get_running_loop().time()
-        self._front.now_idle(self, now)
-        if self._held:
-            self.reading_since = now  # sent early: its head's time starts with its turn
-            if self._reading_paused:
-                self._reading_paused = False
-                transport.resume_reading()
-            self._parse(bytes(self._held))
-
-    # --- writing ---
-
-    def write(self, data: bytes) -> None:
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("the caller closed the connection")
-        transport.write(data)
-
-    async def drain(self) -> None:
-        if self.transport is None:
-            raise ConnectionResetError("the caller closed the connection")
-        if not self._writing_paused:
-            return
-        waiter = self._drain_waiter
-        if waiter is None:
-            waiter = self._drain_waiter = asyncio.get_running_loop().create_future()
-        await waiter
-
-    def _wake_drain(self, exc: BaseException | None) -> None:
-        waiter, self._drain_waiter = self._drain_waiter, None
-        if waiter is not None and not waiter.done():
-            if exc is None:
-                waiter.set_result(None)
-            else:
-                # Whatever ended the connection (a reset, a keep-alive probe's ETIMEDOUT), to a writer
-                # it is the caller gone.
-                lost = ConnectionResetError("the caller's connection was lost")
-                lost.__cause__ = exc
-                waiter.set_exception(lost)
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    close_connection = close  # what the front end calls on any of its connections
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()

@@ -15,13 +15,18 @@ import ipaddress
 import re
 from datetime import datetime, timezone
 from importlib import resources
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import web
 from yarl import URL
 
-from proxy.downstream.handler import json_response
+from proxy.downstream.wire import json_response
+from proxy.observability.metrics import Metrics
+from proxy.observability.stats import Stats
 from proxy.resilience.breaker import State
+
+if TYPE_CHECKING:
+    from proxy.chain.build import Runtime
 
 # A provider whose error rate over the last 5 minutes is above this is DEGRADED.
 DEGRADED_ERROR_RATE = 0.2
@@ -110,10 +115,26 @@ def _forbidden(detail: str, request_id: str) -> web.Response:
 
 
 class Health:
-    """Dispatches `/health...` requests."""
+    """Dispatches `/health...` requests.
 
-    def __init__(self, state: Any) -> None:
-        self._state = state  # .runtime, .bus, .stats, .metrics, .admin_token, .ready, .reload()
+    `current_runtime()` is the route table in force; `deliver_waiting()` delivers the events the
+    bus still holds (a read counts every request answered before it); `is_ready()` says whether
+    the listeners are up; `reload(source)` re-reads the route table and returns its problems;
+    `describe_events()` reports the watch events' outbox, topics and deliveries.
+    """
+
+    def __init__(self, *, current_runtime: Callable[[], "Runtime"], deliver_waiting: Callable[[], None],
+                 stats: Stats, metrics: Metrics, admin_token: str | None, is_ready: Callable[[], bool],
+                 reload: Callable[[str], Awaitable[list[str]]],
+                 describe_events: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        self._runtime = current_runtime
+        self._deliver_waiting = deliver_waiting
+        self._stats = stats
+        self._metrics = metrics
+        self._admin_token = admin_token
+        self._is_ready = is_ready
+        self._reload_table = reload
+        self._describe_events = describe_events
 
     async def __call__(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
         path = request.path.rstrip("/") or "/"
@@ -123,7 +144,7 @@ class Health:
             handler = self._reads.get(path)
             if handler is None:
                 return json_response(404, {"error": "not_found", "request_id": request_id})
-            self._state.bus.deliver_waiting()  # what is read counts every request answered before it
+            self._deliver_waiting()  # what is read counts every request answered before it
             return await handler(self, request)
         admin = self._admin_route(method, parts)
         if admin is None:
@@ -147,7 +168,7 @@ class Health:
             status = "degraded"
         else:
             status = "healthy"
-        runtime = self._state.runtime
+        runtime = self._runtime()
         return json_response(200, {"status": status, "services": services,
                                    "timestamp": now_iso(runtime.clock.time())})
 
@@ -155,16 +176,16 @@ class Health:
         return json_response(200, {"status": "alive"})
 
     async def ready(self, request: web.BaseRequest) -> web.Response:
-        if not self._state.ready:
+        if not self._is_ready():
             return json_response(503, {"status": "starting"})
-        return json_response(200, {"status": "ready", "config": self._state.runtime.config.source})
+        return json_response(200, {"status": "ready", "config": self._runtime().config.source})
 
     async def integrations(self, request: web.BaseRequest) -> web.Response:
         return json_response(200, {"services": self._services(),
-                                   "timestamp": now_iso(self._state.runtime.clock.time())})
+                                   "timestamp": now_iso(self._runtime().clock.time())})
 
     async def circuits(self, request: web.BaseRequest) -> web.Response:
-        runtime = self._state.runtime
+        runtime = self._runtime()
         circuits = []
         for upstream in runtime.config.upstreams():
             circuit = runtime.breakers[upstream.name].snapshot()
@@ -179,20 +200,20 @@ class Health:
         text = request.query.get("minutes", "60")
         if not text.isdigit() or not 1 <= int(text) <= 1440:
             return json_response(400, {"error": "bad_request", "detail": "minutes must be a whole number from 1 to 1440"})
-        return json_response(200, self._state.stats.window(int(text)))
+        return json_response(200, self._stats.window(int(text)))
 
     async def cache(self, request: web.BaseRequest) -> web.Response:
-        runtime = self._state.runtime
-        window = self._state.stats.window(5)
+        runtime = self._runtime()
+        window = self._stats.window(5)
         body = dict(runtime.store.describe())
         body["hitRate"] = {name: s.get("cacheHitRate") for name, s in window["services"].items()}
         return json_response(200, body)
 
     async def outbox(self, request: web.BaseRequest) -> web.Response:
-        return json_response(200, await self._state.events.describe())
+        return json_response(200, await self._describe_events())
 
     async def metrics(self, request: web.BaseRequest) -> web.Response:
-        body, content_type = self._state.metrics.render()
+        body, content_type = self._metrics.render()
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def ui(self, request: web.BaseRequest) -> web.Response:
@@ -207,8 +228,8 @@ class Health:
     }
 
     def _services(self) -> dict[str, Any]:
-        runtime = self._state.runtime
-        stats = self._state.stats
+        runtime = self._runtime()
+        stats = self._stats
         out: dict[str, Any] = {}
         for service in runtime.config.services.values():
             providers = []
@@ -254,7 +275,7 @@ class Health:
         return None
 
     def _authorize(self, request: web.BaseRequest, request_id: str) -> web.Response | None:
-        token = self._state.admin_token
+        token = self._admin_token
         if token:
             given = request.headers.get("Authorization", "")
             scheme, _, value = given.partition(" ")
@@ -277,8 +298,8 @@ class Health:
         return None
 
     async def _circuit(self, provider: str, action: str) -> web.Response:
-        breaker = self._state.runtime.breakers.get(provider)
-        if breaker is None or self._state.runtime.upstream(provider) is None:
+        breaker = self._runtime().breakers.get(provider)
+        if breaker is None or self._runtime().upstream(provider) is None:
             return json_response(404, {"error": "unknown_provider", "provider": provider})
         if action == "reset":
             breaker.reset()
@@ -287,7 +308,7 @@ class Health:
         return json_response(200, breaker.snapshot())
 
     async def _purge(self, service: str) -> web.Response:
-        runtime = self._state.runtime
+        runtime = self._runtime()
         if service not in runtime.config.services:
             return json_response(404, {"error": "unknown_service", "service": service})
         if not runtime.store.connected:
@@ -297,7 +318,7 @@ class Health:
         return json_response(200, {"service": service, "purged": removed})
 
     async def _reload(self, request: web.BaseRequest) -> web.Response:
-        problems = await self._state.reload("admin")
+        problems = await self._reload_table("admin")
         if problems:
             return json_response(400, {"error": "invalid_config", "problems": problems})
-        return json_response(200, {"status": "reloaded", "config": self._state.runtime.config.source})
+        return json_response(200, {"status": "reloaded", "config": self._runtime().config.source})

@@ -20,7 +20,8 @@ from proxy.chain.build import Runtime
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.config.parse import Config, ConfigError, ServerSettings, load_config
 from proxy.downstream.front import LeanFront
-from proxy.downstream.handler import HitPath, ProxyHandler, RawAnswer, error_response, request_id_of
+from proxy.downstream.handler import Downstream
+from proxy.downstream.hit import HitStage
 from proxy.fleet.rests import SharedRests
 from proxy.observability.admin import Health
 from proxy.observability.logs import REDACTOR, EventLog
@@ -50,20 +51,25 @@ class ProxyProcess:
             self.bus.subscribe(EventLog(clock=clock))
         self.admin_token = self.env.get("ADMIN_TOKEN") or None
         REDACTOR.add_secrets(config.secrets | ({self.admin_token} if self.admin_token else set()))
-        self.runtime = Runtime(config, clock=clock, bus=self.bus)
+        self._hit = HitStage.factory(metrics=self.metrics, stats=self.stats)  # stage 0 of every Runtime
+        self.runtime = Runtime(config, clock=clock, bus=self.bus, hit=self._hit)
         self._register(config)
         self.ready = False
         self._config_digest = _digest(config.source)
         self._reload_lock = asyncio.Lock()
-        self._proxy = ProxyHandler(self)
-        self._hit = HitPath(self)
-        self._health = Health(self)
+        self.health = Health(current_runtime=self.current_runtime, deliver_waiting=self.bus.deliver_waiting,
+                             stats=self.stats, metrics=self.metrics, admin_token=self.admin_token,
+                             is_ready=lambda: self.ready, reload=self.reload,
+                             describe_events=lambda: self.events.describe())
         self._runners: list[web.BaseRunner] = []
         self._front: LeanFront | None = None
         self._listener: asyncio.AbstractServer | None = None
         self.addresses: dict[str, tuple[str, int]] = {}
         self._watch_task: asyncio.Task[None] | None = None
-        self.events = EventsSystem(self, config)
+        self.events = EventsSystem(config, current_runtime=self.current_runtime, clock=clock, emit=self.bus.emit)
+        # The one way in, for both kinds of connection (see proxy/downstream/handler.py).
+        self.downstream = Downstream(self.current_runtime, emit=self.bus.emit, health=self.health,
+                                     events=self.events.hub.handle)
         self._retiring: set[asyncio.Task[None]] = set()
         # With a shared Redis, a rest one replica is told of (Retry-After, a refused key) holds for all.
         self.fleet: SharedRests | None = None
@@ -80,37 +86,9 @@ class ProxyProcess:
 
     # --- requests ---------------------------------------------------------------------------
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse | RawAnswer:
-        fast = self.answer_from_cache(request)
-        if fast is not None:
-            return fast
-        return await self.handle_rest(request)
-
-    def answer_from_cache(self, request: web.BaseRequest) -> RawAnswer | None:
-        """A fresh in-process copy, answered without the chain; None: `handle_rest` answers."""
-        try:
-            return self._hit(request)
-        except Exception:
-            log.exception("unhandled error on the cache fast path", path=request.raw_path)
-            return None
-
-    async def handle_rest(self, request: web.BaseRequest) -> web.StreamResponse | RawAnswer:
-        request_id = request_id_of(request)
-        if request.method == "CONNECT" or not request.raw_path.startswith("/"):
-            return error_response(400, "bad_request", request_id,
-                                  "CONNECT and absolute-form targets are refused: this is not an open proxy", cache="BYPASS")
-        path = request.path
-        if path == "/events":
-            return await self.events.hub.handle(request)
-        if path == "/health" or path.startswith("/health/"):
-            response = await self._health(request, request_id)
-            response.headers["X-Request-ID"] = request_id
-            return response
-        try:
-            return await self._proxy(request, request_id)
-        except Exception:
-            log.exception("unhandled error while proxying", request_id=request_id, path=request.path)
-            return error_response(500, "internal_error", request_id)
+    def current_runtime(self) -> Runtime:
+        """The route table in force; a reload swaps it whole, and each request reads it once."""
+        return self.runtime
 
     async def handle_metrics(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.path != "/metrics":
@@ -130,8 +108,7 @@ class ProxyProcess:
             self.fleet.start()
         settings = self.runtime.config.server
         # Connections start on the lean front end (plain GETs); aiohttp's server takes every other one.
-        self._front = LeanFront(self.handle, self.handle_rest, self.answer_from_cache, **_bounds(settings),
-                                **_PARSER_LIMITS)
+        self._front = LeanFront(self.downstream.answer, self.downstream.hit, **_bounds(settings), **_PARSER_LIMITS)
         main = web.ServerRunner(self._front.aiohttp, shutdown_timeout=settings.drain_timeout)
         await main.setup()
         host, port = listen or settings.listen
@@ -206,7 +183,8 @@ class ProxyProcess:
                 log.warning("server.listen / metrics_listen changes take effect at the next restart", kind="reload")
             runtime = Runtime(config, clock=self.clock, bus=self.bus, store=store,
                               transport=old.transport.with_settings(config.server),
-                              breakers=kept_breakers, budgets=kept_budgets, latencies=kept_latencies, previous=old)
+                              breakers=kept_breakers, budgets=kept_budgets, latencies=kept_latencies, previous=old,
+                              hit=self._hit)
             REDACTOR.add_secrets(config.secrets)
             removed_upstreams = {u.name for u in old.config.upstreams()} - {u.name for u in config.upstreams()}
             for name in removed_upstreams:

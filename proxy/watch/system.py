@@ -9,24 +9,34 @@ in this process (and is not durable).
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import redis.asyncio as aioredis
 import structlog
 
 from proxy.background import cancel_and_wait, stop_if_asked
+from proxy import signals
+from proxy.clock import Clock
 from proxy.config.parse import Config
 from proxy.watch.outbox import Event, MemoryOutbox, RedisOutbox, parse_event_fields
 from proxy.watch.push import Hub
 from proxy.watch.watcher import Watcher
 from proxy.watch.webhooks import WebhookWorker
 
+if TYPE_CHECKING:
+    from proxy.chain.build import Runtime
+
 log = structlog.get_logger("resilience-proxy")
 
 
 class EventsSystem:
-    def __init__(self, state: Any, config: Config) -> None:
-        self._state = state
+    """The watcher, outbox, WebSocket hub and webhook worker of one process, wired together.
+
+    `current_runtime()` is the route table in force (topics and polls follow a reload).
+    """
+
+    def __init__(self, config: Config, *, current_runtime: Callable[[], "Runtime"], clock: Clock,
+                 emit: signals.Subscriber) -> None:
         settings = config.events
         self._redis: Any = None
         if config.cache.backend == "redis":
@@ -34,11 +44,11 @@ class EventsSystem:
             self._redis = aioredis.Redis.from_url(config.cache.url, socket_timeout=10, socket_connect_timeout=2)
             self.outbox: Any = RedisOutbox(self._redis, f"{config.cache.prefix}{{{settings.stream}}}", settings.maxlen)
         else:
-            self.outbox = MemoryOutbox(state.clock, settings.maxlen)
-        emit = state.bus.emit
-        self.watcher = Watcher(state, self.outbox, self._publish, emit=emit, max_topics=settings.max_topics)
-        self.hub = Hub(self.watcher, self.outbox, settings, state.clock, emit)
-        self.webhooks = WebhookWorker(state, self.outbox, state.clock, emit, redis=self._redis)
+            self.outbox = MemoryOutbox(clock, settings.maxlen)
+        self.watcher = Watcher(current_runtime, self.outbox, self._publish, clock=clock, emit=emit,
+                               max_topics=settings.max_topics)
+        self.hub = Hub(self.watcher, self.outbox, settings, clock, emit)
+        self.webhooks = WebhookWorker(lambda: current_runtime().config, self.outbox, clock, emit, redis=self._redis)
         self._tail_task: asyncio.Task[None] | None = None
         self._started_webhooks = False
 

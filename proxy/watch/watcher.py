@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from urllib.parse import parse_qsl, urlencode
 
 import orjson
@@ -30,12 +30,17 @@ from proxy.adapters.transform import TransformError, decode_json, evaluate
 from proxy.background import cancel_and_wait, stop_if_asked
 from proxy.chain.exchange import Exchange
 from proxy.chain.fallback import UpstreamsFailed
+from proxy.clock import Clock
 from proxy.config.parse import Route, Service
 from proxy.config.routing import UnsafePath, check_target
 from proxy.watch.outbox import Event, Outbox
 
+if TYPE_CHECKING:
+    from proxy.chain.build import Runtime
+
 log = structlog.get_logger("resilience-proxy")
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+
 
 class UnknownTopic(ValueError):
     """The topic names no watched route."""
@@ -65,11 +70,17 @@ def _iso(epoch: float) -> str:
 
 
 class Watcher:
-    """Keeps the subscribed topics, polls the due ones, detects changes and emits events."""
+    """Keeps the subscribed topics, polls the due ones, detects changes and emits events.
 
-    def __init__(self, state: Any, outbox: Outbox, publish: Callable[[Event], Awaitable[None] | None], *,
+    Topics are resolved against, and polls go through the chain of, the route table
+    `current_runtime()` gives at that moment (a reload swaps it); `clock` says when a topic is due.
+    """
+
+    def __init__(self, current_runtime: Callable[[], "Runtime"], outbox: Outbox,
+                 publish: Callable[[Event], Awaitable[None] | None], *, clock: Clock,
                  emit: signals.Subscriber = signals.discard, max_topics: int = 1000, concurrency: int = 16) -> None:
-        self._state = state              # .runtime (swapped on reload), .clock
+        self._runtime = current_runtime
+        self._clock = clock
         self._outbox = outbox
         self._publish = publish
         self._emit = emit
@@ -90,7 +101,7 @@ class Watcher:
             decoded = check_target(raw_path)
         except (UnsafePath, UnicodeDecodeError) as exc:
             raise UnknownTopic(str(exc)) from None
-        config = self._state.runtime.config
+        config = self._runtime().config
         service = config.service_for(decoded)
         route, params = service.route_for(decoded) if service else (None, {})
         if service is None or route is None or route.watch is None:
@@ -126,7 +137,7 @@ class Watcher:
     def add_static_topics(self) -> list[str]:
         """Topics a watch lists under `topics:` are always polled (for webhook-only consumers)."""
         problems = []
-        for _, route in self._state.runtime.config.watched_routes():
+        for _, route in self._runtime().config.watched_routes():
             for topic in route.watch.topics:  # type: ignore[union-attr]
                 try:
                     resolved = self.resolve(topic)
@@ -164,7 +175,7 @@ class Watcher:
 
     async def tick(self) -> int:
         """Poll every topic that is due; returns how many were polled."""
-        now = self._state.clock.monotonic()
+        now = self._clock.monotonic()
         due = [t for t in list(self.topics.values()) if t.due <= now and (t.subscribers or t.static)]
         for topic in due:
             topic.due = now + topic.route.watch.interval  # type: ignore[union-attr]
@@ -192,7 +203,7 @@ class Watcher:
             await self._poll_now(topic)
 
     async def _poll_now(self, topic: Topic) -> None:
-        runtime = self._state.runtime
+        runtime = self._runtime()
         clock = runtime.clock
         topic.polls += 1
         exchange = Exchange(

@@ -17,7 +17,7 @@ import asyncio
 import hashlib
 import hmac
 import socket
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
 import orjson
@@ -38,10 +38,12 @@ def signature(secret: str, body: bytes) -> str:
 
 
 class WebhookWorker:
-    def __init__(self, state: Any, outbox: Any, clock: Clock, emit: signals.Subscriber, *, redis: Any = None,
-                 consumer: str | None = None, base_delay: float = 1.0, max_delay: float = 60.0,
+    """Delivers watch events to the webhooks the route table `current_config()` gives names (see the module)."""
+
+    def __init__(self, current_config: Callable[[], Config], outbox: Any, clock: Clock, emit: signals.Subscriber, *,
+                 redis: Any = None, consumer: str | None = None, base_delay: float = 1.0, max_delay: float = 60.0,
                  timeout: float = 10.0, claim_idle: float = 600.0) -> None:
-        self._state = state          # .runtime.config (current route table)
+        self._config = current_config
         self._outbox = outbox
         self._clock = clock
         self._emit = emit
@@ -57,7 +59,7 @@ class WebhookWorker:
         self.counters = {"delivered": 0, "failed_attempts": 0, "dead": 0}
 
     def _watch_of(self, event: Event) -> Watch | None:
-        config: Config = self._state.runtime.config
+        config = self._config()
         for _, route in config.watched_routes():
             if route.name == event.route and route.watch is not None and route.watch.webhook is not None:
                 return route.watch
@@ -177,4 +179,4 @@ class WebhookWorker:
 
     def any_webhooks(self) -> bool:
         return any(r.watch is not None and r.watch.webhook is not None
-                   for _, r in self._state.runtime.config.watched_routes())
+                   for _, r in self._config().watched_routes())
