@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import uuid
 from typing import Any
 
@@ -27,6 +28,12 @@ class Kit:
         self.bus = signals.EventBus()
         self.bus.subscribe(self.events.append)
         self.runtime = Runtime(config, clock=clock, bus=self.bus, transport=transport, **runtime)
+        # The stages as Runtime wired them, innermost first.
+        self.fallback = self.runtime.fallback
+        self.retry = self.fallback._retry
+        self.attempt = self.retry._attempt
+        self.cache = self.runtime.cache
+        self.chain = self.runtime.chain
 
     def exchange(self, method: str, path: str, *, headers: dict[str, str] | None = None, body: bytes = b"",
                  query: tuple[tuple[str, str], ...] = ()) -> Exchange:
@@ -50,9 +57,16 @@ class Kit:
         await self.runtime.close()
 
 
+class HighestDraw(random.Random):
+    """An RNG whose every draw is the top of its range: full-jitter backoff waits its whole cap."""
+
+    def random(self) -> float:
+        return 1.0
+
+
 def kit(services: dict[str, Any], *, clock: FakeClock | None = None, env: dict[str, str] | None = None,
-        **top: Any) -> Kit:
+        rng: random.Random | None = None, **top: Any) -> Kit:
     """A Kit for `services` (route-table YAML as a dict), memory cache, on a fresh FakeTransport."""
     clock = clock or FakeClock()
     config = parse_config(route_table(services, **top), "routes.yaml", env or {})
-    return Kit(config, clock, FakeTransport(clock))
+    return Kit(config, clock, FakeTransport(clock), rng=rng or HighestDraw())

@@ -22,7 +22,7 @@ def one(**upstream: object) -> dict:
 async def attempt(k, path="/svc/items/1", number=1, **kwargs):
     exchange = k.exchange("GET", path, **kwargs)
     upstream = exchange.service.upstreams[0]
-    return await k.runtime.fallback._retry._attempt(upstream, exchange, number), exchange
+    return await k.attempt(upstream, exchange, number), exchange
 
 
 async def test_the_request_sent_is_the_url_and_headers_the_route_table_builds():
@@ -44,7 +44,7 @@ async def test_the_timeout_is_the_upstreams_or_what_is_left_of_the_deadline_whic
     k.transport.script("vendor", reply(200))
     exchange = k.exchange("GET", "/svc/x")
     exchange.deadline_at = k.clock.monotonic() + 0.5
-    await k.runtime.fallback._retry._attempt(exchange.service.upstreams[0], exchange, 1)
+    await k.attempt(exchange.service.upstreams[0], exchange, 1)
     assert k.transport.timeouts == [0.5]
 
 
