@@ -16,7 +16,7 @@ run: $(BIN)/.installed
 test: $(BIN)/.installed-test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# `make fuzz`: proxy/upstream/http1.py against aiohttp's client on mutated answers, at length (~20 s; FUZZ_CASES,
+# `make fuzz`: proxy/upstream/http1/ against aiohttp's client on mutated answers, at length (~20 s; FUZZ_CASES,
 # FUZZ_SEED: a failure prints both, and the input; `make test` runs the first 300 cases of seed 18).
 fuzz: $(BIN)/.installed-test
 	FUZZ_CASES=$(FUZZ_CASES) FUZZ_SEED=$(FUZZ_SEED) $(BIN)/python -m pytest -q -s tests/test_fuzz_http1.py

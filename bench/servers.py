@@ -29,6 +29,8 @@ import time
 import orjson
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 
+from proxy.demo.mocks.base import Handler, LoopbackServer
+
 BODY = orjson.dumps({"result": "success", "base_code": "USD", "time_last_update_unix": 1732579201,
                      "rates": {"USD": 1, "EUR": 0.9512, "GBP": 0.7963, "JPY": 154.21, "KRW": 1398.77,
                                "CNY": 7.2441, "AUD": 1.5402, "CAD": 1.4011, "CHF": 0.8837, "SGD": 1.3444}})
@@ -49,10 +51,22 @@ def _run(main: object) -> None:
         uvloop.run(main)  # type: ignore[arg-type]
 
 
-async def _serve(handler: object, port: int) -> None:
-    runner = web.ServerRunner(web.Server(handler, auto_decompress=False), access_log=None, shutdown_timeout=0.1)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
+class BenchServer(LoopbackServer):
+    """A loopback server as the bench runs them: a deep backlog, bodies untouched."""
+
+    auto_decompress = False
+    backlog = 1024
+
+
+class ProviderServer(BenchServer):
+    """A fake provider's server: a hung request's handler ends when the proxy gives up and closes the connection."""
+
+    handler_cancellation = True
+
+
+async def _serve(handler: Handler, port: int) -> None:
+    server = await BenchServer(handler).start(port)  # referenced while it serves
+    assert server.up
     await asyncio.Event().wait()
 
 
@@ -213,15 +227,10 @@ class FakeProvider:
 
 
 async def upstreams(listeners: list[tuple[str, int]]) -> None:
-    runners = []
     timer = PreciseTimer()
-    for name, port in listeners:
-        # A hung request's handler ends when the proxy gives up and closes the connection.
-        server = web.Server(FakeProvider(name, timer), auto_decompress=False, handler_cancellation=True)
-        runner = web.ServerRunner(server, access_log=None, shutdown_timeout=0.1)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
-        runners.append(runner)
+    servers = [ProviderServer(FakeProvider(name, timer), name=name) for name, port in listeners]
+    for server, (_, port) in zip(servers, listeners):
+        await server.start(port)
     await asyncio.Event().wait()
 
 

@@ -36,7 +36,8 @@ async def fake_upstream():
     started: list[FakeUpstream] = []
 
     async def start(name: str = "fake") -> FakeUpstream:
-        upstream = await FakeUpstream.start(name)
+        upstream = FakeUpstream(name)
+        await upstream.start()
         started.append(upstream)
         return upstream
 

@@ -1,6 +1,6 @@
 """Fake upstreams: real aiohttp servers on 127.0.0.1 whose behaviour a test scripts.
 
-    upstream = await FakeUpstream.start()
+    upstream = await FakeUpstream("a").start()
     upstream.script(Fail(503, times=2), Ok(body=b"rates"))   # then the default (Ok) forever
     ... upstream.calls ... upstream.seen[-1].path_qs ...
 
@@ -24,6 +24,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.config.parse import parse_config
+from proxy.demo.mocks.base import LoopbackServer
 from proxy.ops.process import ProxyProcess
 
 
@@ -108,31 +109,16 @@ class Gzip:
         return gzip.compress(self.text, mtime=0)
 
 
-class FakeUpstream:
-    """A scripted HTTP server on 127.0.0.1."""
+class FakeUpstream(LoopbackServer):
+    """A scripted HTTP server on 127.0.0.1: `await FakeUpstream("a").start()`."""
+
+    auto_decompress = False  # a test sees the body exactly as the proxy sent it
 
     def __init__(self, name: str = "fake") -> None:
-        self.name = name
+        super().__init__(name=name)
         self.seen: list[Seen] = []
         self._script: list[Any] = []
         self.default: Any = Ok(body=f'{{"from": "{name}"}}'.encode())
-        self._runner: web.ServerRunner | None = None
-        self.port = 0
-
-    @classmethod
-    async def start(cls, name: str = "fake") -> "FakeUpstream":
-        upstream = cls(name)
-        server = web.Server(upstream._handle, auto_decompress=False)
-        upstream._runner = web.ServerRunner(server, access_log=None, shutdown_timeout=0.1)
-        await upstream._runner.setup()
-        site = web.TCPSite(upstream._runner, "127.0.0.1", 0)
-        await site.start()
-        upstream.port = upstream._runner.addresses[0][1]
-        return upstream
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def calls(self) -> int:
@@ -144,15 +130,10 @@ class FakeUpstream:
             self._script.extend([step] * getattr(step, "times", 1))
         return self
 
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
     def _next(self) -> Any:
         return self._script.pop(0) if self._script else self.default
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         body = await request.read()
         self.seen.append(Seen(request.method, request.raw_path, CIMultiDict(request.headers), body))
         return await self._perform(self._next(), request)

@@ -10,10 +10,10 @@ from urllib.parse import quote, quote_plus
 import structlog
 from yarl import URL
 
+from proxy.chain.rewrite import masked_url
 from proxy.config.parse import parse_config
 from proxy.masking import Masker
 from proxy.observability import logs
-from proxy.upstream.transport import masked_url
 from tests.fakes import Fail, route_table
 from tests.test_config import _cli
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from yarl import URL
 
-from proxy.upstream.transport import MaskedUrl, end_to_end
+from proxy.chain.rewrite import MaskedUrl
+from proxy.upstream.headers import end_to_end
 
 
 def test_masked_url_masks_only_when_turned_into_text() -> None:

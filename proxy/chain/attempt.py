@@ -22,13 +22,14 @@ from proxy.adapters.quota import KeyRing, SharedTokenBucket, TokenBucket, finger
 from proxy.adapters.transform import TransformError, decode_document, normalise
 from proxy.adapters.vendor_codes import Meaning, Verdict, blamed_parameter
 from proxy.chain.exchange import AttemptRecord, Exchange
+from proxy.chain.rewrite import MaskedUrl, NoPathForUpstream, build_url, request_headers
 from proxy.clock import Clock
-from proxy.config.parse import Upstream
+from proxy.config.parse import ServerSettings, Upstream
 from proxy.resilience.breaker import Breaker
 from proxy.resilience.hedging import LatencyWindow
 from proxy.resilience.outcome import Outcome, from_status, is_breaker_failure
 from proxy.resilience.retry_policy import parse_retry_after
-from proxy.upstream.transport import AttemptError, HttpTransport, MaskedUrl, NoPathForUpstream, Reply, build_url
+from proxy.upstream.interface import AttemptError, Reply, Transport, UpstreamRequest
 
 _UNREAD = object()  # an answer's body not decoded yet
 
@@ -76,10 +77,12 @@ class Abandon:
 class AttemptStage:
     """breaker → rate limit → key → timeout → transport → transform, for one attempt."""
 
-    def __init__(self, transport: HttpTransport, breakers: dict[str, Breaker], clock: Clock,
+    def __init__(self, transport: Transport, breakers: dict[str, Breaker], clock: Clock,
                  emit: signals.Subscriber, *, limiters: dict[str, TokenBucket | SharedTokenBucket] | None = None,
-                 keyrings: dict[str, KeyRing] | None = None, latencies: dict[str, LatencyWindow] | None = None) -> None:
+                 keyrings: dict[str, KeyRing] | None = None, latencies: dict[str, LatencyWindow] | None = None,
+                 strip_headers: frozenset[str] = ServerSettings().strip_headers) -> None:
         self._transport = transport
+        self._strip_headers = strip_headers
         self._breakers = breakers
         self._clock = clock
         self._emit = emit
@@ -113,7 +116,7 @@ class AttemptStage:
             key_index, values["key"] = current
         try:
             url = build_url(upstream, exchange, values)
-            headers = self._transport.request_headers(upstream, exchange, values)
+            headers = request_headers(upstream, exchange, values, self._strip_headers)
         except (NoPathForUpstream, KeyError):
             return self._skip(upstream, exchange, Outcome.NO_PATH, "the route gives no path for this upstream", None)
         breaker = self._breakers[upstream.name]
@@ -134,7 +137,8 @@ class AttemptStage:
         timeout = min(upstream.timeout, exchange.deadline_at - started)
         refused = False
         try:
-            reply = await self._transport.send(upstream, exchange, url, headers, timeout)
+            request = UpstreamRequest(upstream.name, exchange.method, url, headers, exchange.body, exchange.body_stream)
+            reply = await self._transport.send(request, timeout)
         except AttemptError as exc:
             result = AttemptResult(exc.outcome, detail=exc.detail)
             refused = exc.refused

@@ -28,6 +28,7 @@ from proxy.config.parse import Config, Upstream
 from proxy.resilience.breaker import Breaker
 from proxy.resilience.hedging import LatencyWindow
 from proxy.resilience.retry_policy import RetryBudget
+from proxy.upstream.interface import Transport
 from proxy.upstream.transport import HttpTransport
 
 
@@ -55,7 +56,7 @@ class Runtime:
     """
 
     def __init__(self, config: Config, *, clock: Clock, bus: signals.EventBus, store: Store | None = None,
-                 transport: HttpTransport | None = None, breakers: dict[str, Breaker] | None = None,
+                 transport: Transport | None = None, breakers: dict[str, Breaker] | None = None,
                  budgets: dict[str, RetryBudget] | None = None, latencies: dict[str, LatencyWindow] | None = None,
                  rng: random.Random | None = None, previous: "Runtime | None" = None,
                  hit: HitFactory | None = None) -> None:
@@ -64,7 +65,7 @@ class Runtime:
         self.active = 0  # requests running on this table; a reload retires it once they are done
         self.resolve = Resolver(config)
         self.bus = bus
-        self.transport = transport or HttpTransport(config.server)
+        self.transport: Transport = transport or HttpTransport(config.server)
         self.breakers = breakers if breakers is not None else {}
         self.budgets = budgets if budgets is not None else {}
         self.latencies = latencies if latencies is not None else {}  # recent answer times: when to hedge
@@ -79,7 +80,8 @@ class Runtime:
         self.limiters = self._kept(previous, "rate_limit", self._new_limiter)
         self.keyrings = self._kept(previous, "keys", lambda u: KeyRing(u.keys, clock, u.key_cooldown))
         attempt = AttemptStage(self.transport, self.breakers, clock, bus.emit, limiters=self.limiters,
-                               keyrings=self.keyrings, latencies=self.latencies)
+                               keyrings=self.keyrings, latencies=self.latencies,
+                               strip_headers=config.server.strip_headers)
         retry = RetryStage(attempt, self.budgets, clock, bus.emit, rng)
         self.fallback = FallbackStage(retry, clock, breakers=self.breakers, latencies=self.latencies, emit=bus.emit)
         self.cache = CacheStage(self.store, self.fallback, config.cache, clock, bus.emit, callable=self._callable)

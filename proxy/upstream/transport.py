@@ -1,170 +1,23 @@
-"""The HTTP call to one upstream: the narrow cut between the chain's logic and the network.
+"""The HTTP call to one upstream: `send(UpstreamRequest, timeout) -> Reply` over sockets.
 
 One keep-alive connection pool per upstream (`http1.Pool`: no cookies, no redirects, no
-decompression), URL and headers built from the route table, and every way an attempt
-can fail turned into an `AttemptError` carrying its `Outcome`.
+decompression), and every way an attempt can fail turned into an `AttemptError` carrying
+its `Outcome`. The request arrives finished (URL and headers are built by `chain/rewrite.py`);
+this module knows nothing of routes or of the chain.
 """
 
 from __future__ import annotations
 
-import asyncio
-import re
-from dataclasses import dataclass
 from typing import Any
 
-from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.chain.exchange import Exchange
-from proxy.config.parse import HOP_BY_HOP, ServerSettings, Upstream
-from proxy.config.routing import Template
-from proxy.masking import Masker
+from proxy.config.parse import ServerSettings
 from proxy.resilience.deadlines import Deadlines, for_running_loop
 from proxy.resilience.outcome import Outcome
 from proxy.upstream import http1
-
-# `Expect` is answered by the proxy itself (the body is read before any upstream is chosen).
-_NEVER_FORWARDED = HOP_BY_HOP | {"host", "content-length", "x-forwarded-host", "expect"}
-
-
-class AttemptError(Exception):
-    """An attempt that produced no usable HTTP answer (`refused`: nothing listens on the upstream's port)."""
-
-    def __init__(self, outcome: Outcome, detail: str, *, refused: bool = False) -> None:
-        super().__init__(detail)
-        self.outcome = outcome
-        self.detail = detail
-        self.refused = refused
-
-
-class NoPathForUpstream(Exception):
-    """The request's route does not give this upstream's path template its placeholders."""
-
-
-@dataclass(slots=True)
-class Reply:
-    """An upstream's HTTP answer: buffered (`body`) or, when too large, an open `stream`."""
-
-    status: int
-    reason: str
-    headers: list[tuple[str, str]]
-    body: bytes
-    stream: http1.Response | None = None
-    retry_after: str | None = None
-
-    def release(self) -> None:
-        if self.stream is not None:
-            self.stream.release()
-            self.stream = None
-
-
-def connection_tokens(headers: Any) -> set[str]:
-    """Header names a `Connection` header declares hop-by-hop."""
-    names: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        names.update(token.strip().lower() for token in value.split(",") if token.strip())
-    return names
-
-
-def end_to_end_pairs(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """`end_to_end` for an answer's header list as it came off the wire."""
-    drop = _NEVER_FORWARDED
-    for name, value in pairs:
-        if name.lower() == "connection":
-            if drop is _NEVER_FORWARDED:
-                drop = set(_NEVER_FORWARDED)
-            drop.update(token.strip().lower() for token in value.split(",") if token.strip())
-    return [(name, value) for name, value in pairs if name.lower() not in drop]
-
-
-def end_to_end(headers: Any, extra_drop: frozenset[str] | set[str] = frozenset()) -> list[tuple[str, str]]:
-    """Headers minus hop-by-hop ones (and what `Connection` names), order and duplicates kept."""
-    drop = _NEVER_FORWARDED | extra_drop if extra_drop else _NEVER_FORWARDED
-    if "Connection" in headers:
-        drop = drop | connection_tokens(headers)
-    return [(str(name), value) for name, value in headers.items() if name.lower() not in drop]
-
-
-def build_url(upstream: Upstream, exchange: Exchange, values: dict[str, str]) -> URL:
-    """The upstream URL for this attempt: base URL + path (template or rest) + query.
-
-    `values` are the route's placeholders plus `upstream` and, with keys, `key`. The query is the
-    caller's, then the upstream's `query`, then the route's own for this upstream (the query part of
-    its `paths` entry), each later one winning; every value is percent-encoded here, once.
-    """
-    template = None
-    route_query: tuple[tuple[str, Template], ...] = ()
-    if exchange.route is not None:
-        if upstream.name in exchange.route.skipped:
-            raise NoPathForUpstream(upstream.name)
-        template = exchange.route.paths.get(upstream.name)
-        route_query = exchange.route.queries.get(upstream.name, ())
-    if template is None:
-        template = upstream.path
-    if template is not None:
-        if any(name not in values for name in template.names):
-            raise NoPathForUpstream(upstream.name)
-        path = template.render(values, encode=True)
-    else:
-        path = exchange.rest or ""
-    base = upstream.url.raw_path.rstrip("/")
-    query = list(exchange.query)
-    own = upstream.query + route_query if route_query else upstream.query
-    if own:
-        names = {name for name, _ in own}
-        query = [(k, v) for k, v in query if k not in names]  # the route table's values win
-        table: dict[str, str] = {}
-        for name, value in own:
-            if any(n not in values for n in value.names):
-                continue  # filled by another route's placeholder: not part of this request
-            table.pop(name, None)  # a later setting replaces an earlier one, unset or not
-            rendered = value.render(values, encode=False)
-            if rendered:  # an optional key left unset (`${KEY:-}`) is not sent at all
-                table[name] = rendered
-        query.extend(table.items())
-    return upstream.url.with_path(base + path, encoded=True).with_query(query) if query else \
-        upstream.url.with_path(base + path, encoded=True)
-
-
-_SECRET_NAME = re.compile(r"(key|token|secret|password|passwd|signature|sig|auth|credential|session)", re.I)
-
-
-def masked_url(url: URL, upstream: Upstream) -> str:
-    """The URL for logs: values of query parameters from ${VAR}, or named like a secret, are hidden, and so is
-    every value from ${VAR} in any form, wherever it is (a key in the path, a key encoded in the query)."""
-    if url.query_string:
-        url = url.with_query([(k, "***" if k in upstream.secret_query or _SECRET_NAME.search(k) else v)
-                              for k, v in url.query.items()])
-    return Masker(upstream.secrets)(str(url)) if upstream.secrets else str(url)
-
-
-class MaskedUrl:
-    """An attempt's URL for logs, masked (`masked_url`) only when something turns it into text.
-
-    Attempt events carry one of these: at the default level nothing writes a successful
-    attempt's line, so the masking (and the URL's text) is never paid for on that path.
-    """
-
-    __slots__ = ("_url", "_upstream", "_text")
-
-    def __init__(self, url: URL, upstream: Upstream) -> None:
-        self._url = url
-        self._upstream = upstream
-        self._text: str | None = None
-
-    def __str__(self) -> str:
-        if self._text is None:
-            self._text = masked_url(self._url, self._upstream)
-        return self._text
-
-    def __repr__(self) -> str:
-        return repr(str(self))
-
-    def __eq__(self, other: object) -> bool:
-        return str(self) == (str(other) if isinstance(other, MaskedUrl) else other)
-
-    def __hash__(self) -> int:
-        return hash(str(self))
+from proxy.upstream.headers import end_to_end_pairs
+from proxy.upstream.interface import AttemptError, Reply, UpstreamRequest
 
 
 class HttpTransport:
@@ -174,16 +27,14 @@ class HttpTransport:
         self._settings = settings
         self._limit = limit_per_upstream
         self._pools: dict[str, http1.Pool] = {}
-        self._strip: dict[frozenset[str], frozenset[str]] = {}  # a service's forward_headers -> what is stripped
         self._deadlines: Deadlines | None = None  # the attempts' time limits, on the loop they run on
 
-    def _pool(self, upstream: Upstream) -> http1.Pool:
-        pool = self._pools.get(upstream.name)
-        url = upstream.url
+    def _pool(self, name: str, url: URL) -> http1.Pool:
+        pool = self._pools.get(name)
         if pool is None or pool.closed or pool.origin != (url.scheme, url.host, url.port):
             if pool is not None:
                 pool.close()  # the upstream moved (a reload kept its name): its old connections go
-            pool = self._pools[upstream.name] = http1.Pool(url, limit=self._limit, keepalive=30.0)
+            pool = self._pools[name] = http1.Pool(url, limit=self._limit, keepalive=30.0)
         return pool
 
     def with_settings(self, settings: ServerSettings) -> "HttpTransport":
@@ -199,32 +50,17 @@ class HttpTransport:
             if keep is None or name not in keep:
                 self._pools.pop(name).close()
 
-    def request_headers(self, upstream: Upstream, exchange: Exchange, values: dict[str, str]) -> CIMultiDict[str]:
-        forward = exchange.service.forward_headers
-        strip = self._strip.get(forward)
-        if strip is None:
-            strip = self._strip[forward] = self._settings.strip_headers - forward
-        headers = CIMultiDict(end_to_end(exchange.headers, strip))
-        for name, template in upstream.headers:
-            if any(n not in values for n in template.names):
-                continue
-            value = template.render(values, encode=False)
-            if value:
-                headers[name] = value
-        return headers
-
-    async def send(self, upstream: Upstream, exchange: Exchange, url: URL, headers: CIMultiDict[str],
-                   timeout: float) -> Reply:
+    async def send(self, request: UpstreamRequest, timeout: float) -> Reply:
         """One HTTP attempt, bounded by `timeout` seconds until the body is buffered."""
-        pool = self._pool(upstream)
-        body: Any = exchange.body_stream if exchange.body_stream is not None else (exchange.body or None)
-        target = url.raw_path_qs
+        pool = self._pool(request.upstream, request.url)
+        body: Any = request.body_stream if request.body_stream is not None else (request.body or None)
         deadlines = self._deadlines = for_running_loop(self._deadlines)
         try:
             async with deadlines.after(timeout):
-                response = await pool.request(exchange.method, target, headers, body, timeout)
+                # The one call into the HTTP/1.1 client: another client would slot in here.
+                response = await pool.request(request.method, request.url.raw_path_qs, request.headers, body, timeout)
                 try:
-                    return await self._read(response, exchange.method)
+                    return await self._read(response, request.method)
                 except BaseException:
                     response.release()
                     raise

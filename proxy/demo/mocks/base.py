@@ -1,4 +1,9 @@
-"""A mock provider: a real HTTP server on 127.0.0.1 whose faults a demo or a test switches.
+"""Loopback servers: the one family the demo mocks, the test fakes and the bench's providers build on.
+
+`LoopbackServer` is a real aiohttp server on 127.0.0.1 for one handler (start on a free or given
+port, go down and come back on the same port, stop). `MockServer` adds the fault switches and
+call counting every mock provider shares; `tests/fakes.FakeUpstream` adds a per-test script;
+`bench/servers.py` runs its baselines and fake providers on it. A mock provider:
 
     fx = ExchangeRateApiMock()
     await fx.start()                  # port 0: the bound port is `fx.port`
@@ -16,9 +21,11 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from aiohttp import web
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 # The longest any scripted hang may last.
 MAX_HANG = 60.0
@@ -45,49 +52,49 @@ class Fault:
     times: int | None = None  # None: until heal()
 
 
-class MockServer:
-    """The life cycle, fault switches and call counting every mock provider shares.
+class LoopbackServer:
+    """A real HTTP server on `host` (127.0.0.1) for one handler: `handle`, or the one given.
 
-    Subclasses implement `answer(request)` with the vendor's own paths and JSON shapes.
+    Subclasses override `handle`; class attributes set the server's options once for a family
+    (`auto_decompress`, `handler_cancellation`, `backlog`, `shutdown_timeout`).
     """
 
-    #: A short description printed by the demo.
-    kind = "mock provider"
-    #: The path the vendor's base URL carries (`https://api.odcloud.kr/api`: "/api").
-    base_path = ""
+    auto_decompress = True       # False: the handler sees bodies exactly as they came on the wire
+    handler_cancellation = False  # True: a handler is cancelled when its client goes away
+    backlog = 128
+    shutdown_timeout = 0.1
 
-    def __init__(self, name: str, *, host: str = "127.0.0.1") -> None:
+    def __init__(self, handler: Handler | None = None, *, name: str = "loopback", host: str = "127.0.0.1") -> None:
         self.name = name
         self.host = host
         self.port = 0
-        self.seen: list[SeenRequest] = []
-        self._fault: Fault | None = None
+        self._handler = handler
         self._runner: web.ServerRunner | None = None
 
-    # --- life cycle ------------------------------------------------------------------------
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """The answer to one request (the handler given to the constructor, unless overridden)."""
+        if self._handler is None:
+            raise NotImplementedError("give a handler or override handle()")
+        return await self._handler(request)
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     @property
-    def base_url(self) -> str:
-        """What an upstream `url:` points at: the server and the vendor's base path."""
-        return self.url + self.base_path
-
-    @property
     def up(self) -> bool:
         """Whether the server is listening."""
         return self._runner is not None
 
-    async def start(self, port: int | None = None) -> "MockServer":
+    async def start(self, port: int | None = None) -> "LoopbackServer":
         """Listen on `port` (default: the port it had before, or a free one the first time)."""
         if self._runner is not None:
             return self
-        server = web.Server(self._handle)
-        runner = web.ServerRunner(server, access_log=None, shutdown_timeout=0.2)
+        server = web.Server(self.handle, auto_decompress=self.auto_decompress,
+                            handler_cancellation=self.handler_cancellation)
+        runner = web.ServerRunner(server, access_log=None, shutdown_timeout=self.shutdown_timeout)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port if port is None else port)
+        site = web.TCPSite(runner, self.host, self.port if port is None else port, backlog=self.backlog)
         try:
             await site.start()
         except OSError:
@@ -112,11 +119,34 @@ class MockServer:
     async def stop(self) -> None:
         await self.go_down()
 
-    async def __aenter__(self) -> "MockServer":
+    async def __aenter__(self) -> "LoopbackServer":
         return await self.start()
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.stop()
+
+
+class MockServer(LoopbackServer):
+    """The fault switches and call counting every mock provider shares.
+
+    Subclasses implement `answer(request)` with the vendor's own paths and JSON shapes.
+    """
+
+    shutdown_timeout = 0.2
+    #: A short description printed by the demo.
+    kind = "mock provider"
+    #: The path the vendor's base URL carries (`https://api.odcloud.kr/api`: "/api").
+    base_path = ""
+
+    def __init__(self, name: str, *, host: str = "127.0.0.1") -> None:
+        super().__init__(name=name, host=host)
+        self.seen: list[SeenRequest] = []
+        self._fault: Fault | None = None
+
+    @property
+    def base_url(self) -> str:
+        """What an upstream `url:` points at: the server and the vendor's base path."""
+        return self.url + self.base_path
 
     # --- faults ----------------------------------------------------------------------------
 
@@ -170,7 +200,7 @@ class MockServer:
                 self._fault = None
         return fault
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         self.seen.append(SeenRequest(request.method, request.path, request.path_qs, dict(request.query)))
         fault = self._take_fault()
         if fault is not None and fault.kind == "status":
