@@ -52,7 +52,7 @@ class Runtime:
         self.hit_memo: dict[Any, Any] = {}  # server.HitPath: (target, Accept-Encoding) -> route and cache key; target -> False
         self.hit_memo_bytes = 0  # what server.HitPath counts the memo's items and rendered heads at
         self.bus = bus
-        self.transport = transport or HttpTransport(config.server)
+        self.transport = transport or HttpTransport(config.server, client=config.upstream_client)
         self.breakers = breakers if breakers is not None else {}
         self.budgets = budgets if budgets is not None else {}
         self.latencies = latencies if latencies is not None else {}  # recent answer times: when to hedge
