@@ -84,11 +84,23 @@ def client_impl(pieces) -> str:
 
 
 @pytest.fixture
-def client_pool(client_impl):
-    """The upstream client's pool class under test (`http1.Pool` or `aiohttp_client.Pool`)."""
+async def client_pool(client_impl):
+    """Makes pools of the upstream client under test (`http1.Pool` or `aiohttp_client.Pool`); closed after the test."""
+    import asyncio
+
     from proxy.upstream import aiohttp_client, http1
 
-    return http1.Pool if client_impl == "http1" else aiohttp_client.Pool
+    kind = http1.Pool if client_impl == "http1" else aiohttp_client.Pool
+    made = []
+
+    def make(*args, **kwargs):
+        made.append(kind(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for pool in made:
+        pool.close()
+    await asyncio.sleep(0)  # an aiohttp pool's session closes in a task of its own
 
 
 @pytest.fixture
