@@ -172,7 +172,7 @@ _closing: set[asyncio.Task[None]] = set()  # sessions closing in the background:
 def _payload_error(exc: aiohttp.ClientPayloadError) -> Exception:
     """A body cut short by the close is a `Disconnected`; a body framed wrongly is a `BadAnswer`."""
     text = str(exc)
-    if "Not enough data" in text or "not completed" in text and "Not enough" in text:
+    if "Not enough data" in text:  # aiohttp's ContentLengthError / TransferEncodingError at the close
         return Disconnected(f"Server disconnected before the answer was complete ({text[:120]})")
     return BadAnswer(text)
 
