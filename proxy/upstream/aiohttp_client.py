@@ -103,7 +103,9 @@ class Pool:
 
     def _open_session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self._limit, limit_per_host=0, keepalive_timeout=self._keepalive)
+            # As http1: names resolved at each new connection, a limit per upstream, idle ones closed after `keepalive`.
+            connector = aiohttp.TCPConnector(limit=self._limit, limit_per_host=0, keepalive_timeout=self._keepalive,
+                                             use_dns_cache=False)
             self._session = aiohttp.ClientSession(
                 connector=connector, trust_env=False, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
                 skip_auto_headers=_NO_AUTO_HEADERS, timeout=aiohttp.ClientTimeout(total=None),
@@ -123,7 +125,8 @@ class Pool:
             headers["Authorization"] = self.authorization
         session = self._open_session()
         url = URL(str(self._base) + target, encoded=True)
-        timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout)
+        # Only the socket's connect, as http1 bounds it: a wait for a free connection is the caller's deadline's.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout)
         try:
             response = await session.request(method, url, headers=headers, data=body or None,
                                              allow_redirects=False, timeout=timeout, compress=None)
