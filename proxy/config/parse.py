@@ -808,8 +808,8 @@ def check_document(document: Any, filename: str, yaml_problems: list[tuple[int, 
     root = check.mapping(document, "the file", 1)
     if root is None:
         raise ConfigError(_format(check))
-    check.known_keys(root, {"version", "server", "cache", "defaults", "services", "events",
-                                "upstream_client"}, "top level")
+    check.known_keys(root, {"version", "server", "cache", "defaults", "services", "events", "upstream_client"},
+                     "top level")
     effective: dict[str, Any] = {"version": 1}
 
     if root.get("version") != 1 or isinstance(root.get("version"), bool):
