@@ -16,7 +16,7 @@ import shutil
 import socket
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import yaml
@@ -246,12 +246,15 @@ class RunningProxy:
 
 
 async def start_proxy(text: str, *, env: dict[str, str] | None = None, clock: Any = None,
-                      filename: str = "routes.yaml") -> RunningProxy:
+                      filename: str = "routes.yaml", pieces: tuple[str, str] | None = None) -> RunningProxy:
+    """`pieces`: (server.front, upstream_client) in place of the table's, to run a test over aiohttp's."""
     import aiohttp
 
     from proxy.clock import SYSTEM_CLOCK
 
     config = parse_config(text, filename, env or {})
+    if pieces is not None:
+        config = replace(config, server=replace(config.server, front=pieces[0]), upstream_client=pieces[1])
     process = ProxyProcess(config, clock=clock or SYSTEM_CLOCK, env=env or {})
     await process.start()
     client = aiohttp.ClientSession(auto_decompress=False, connector=aiohttp.TCPConnector(limit=0))

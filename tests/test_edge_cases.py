@@ -7,10 +7,13 @@ import asyncio
 import io
 
 import orjson
+import pytest
 import structlog
 
 from proxy.observability import logs
 from tests.fakes import Delay, Fail, Huge, Ok, route_table
+
+pytestmark = pytest.mark.http_pieces("front", "client")  # over ours and aiohttp's (docs/http-pieces.md)
 
 
 def cached_service(url: str, **service: object) -> str:

@@ -10,6 +10,8 @@ import pytest
 
 from tests.fakes import Garbage, Gzip, Huge, Ok, route_table
 
+pytestmark = pytest.mark.http_pieces("front", "client")  # over ours and aiohttp's (docs/http-pieces.md)
+
 FAST_RETRY = {"retries": 0, "base_delay": "1ms", "max_delay": "5ms"}
 
 

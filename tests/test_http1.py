@@ -11,6 +11,8 @@ from yarl import URL
 
 from proxy.upstream import http1
 
+pytestmark = pytest.mark.http_pieces("client")  # observable client behaviour over http1 and aiohttp's (docs/http-pieces.md)
+
 
 class RawServer:
     """Answers each request on a connection with the next scripted reply (bytes, or a callable)."""
@@ -82,48 +84,51 @@ async def get(pool: http1.Pool, method: str = "GET", body: bytes | None = None) 
     return response, data
 
 
-async def test_sequential_requests_reuse_one_keep_alive_connection(raw_server):
+async def test_sequential_requests_reuse_one_keep_alive_connection(client_pool, raw_server):
     server, url = await raw_server([OK % n for n in range(3)])
-    pool = http1.Pool(url)
+    pool = client_pool(url)
     seen = [(await get(pool))[0].header("X-Seq") for _ in range(3)]
     assert seen == ["0", "1", "2"] and server.connections == 1
     assert server.requests[0].startswith(b"GET /x HTTP/1.1\r\nHost: 127.0.0.1:")
     pool.close()
 
 
-async def test_the_pool_never_opens_more_than_its_limit(raw_server):
+async def test_the_pool_never_opens_more_than_its_limit(client_pool, raw_server):
     server, url = await raw_server([b"SLOW:" + OK % n for n in range(6)])
-    pool = http1.Pool(url, limit=2)
+    pool = client_pool(url, limit=2)
     answers = await asyncio.gather(*(get(pool) for _ in range(6)))
     assert sorted(int(r.header("X-Seq")) for r, _ in answers) == list(range(6))
     assert server.most_open == 2 and server.connections == 2
     pool.close()
 
 
-async def test_a_body_delimited_by_the_close_is_read_whole(raw_server):
+async def test_a_body_delimited_by_the_close_is_read_whole(client_pool, raw_server):
     _, url = await raw_server([b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"y" * 70000])
-    pool = http1.Pool(url)
+    pool = client_pool(url)
     response, data = await get(pool)
     assert response.status == 200 and data == b"y" * 70000 and response.content_length is None
     pool.close()
 
 
-async def test_informational_answers_are_skipped(raw_server):
+async def test_informational_answers_are_skipped(client_pool, raw_server):
     _, url = await raw_server([b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
                                + OK % 7])
-    pool = http1.Pool(url)
+    pool = client_pool(url)
     response, data = await get(pool)
     assert (response.status, response.header("X-Seq"), response.header("Link"), data) == (200, "7", None, b"ok")
     pool.close()
 
 
-async def test_a_head_answer_ends_with_its_headers_even_with_a_content_length(raw_server):
+async def test_a_head_answer_ends_with_its_headers_even_with_a_content_length(client_pool, client_impl, raw_server):
     server, url = await raw_server([b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n", OK % 1])
-    pool = http1.Pool(url)
+    pool = client_pool(url)
     response, data = await asyncio.wait_for(get(pool, "HEAD"), 2.0)
     assert response.status == 200 and response.content_length == 5000 and data == b""
     assert (await get(pool))[1] == b"ok"
-    assert server.connections == 2  # the HEAD connection is never reused: its framing cannot be trusted
+    if client_impl == "http1":
+        assert server.connections == 2  # llhttp cannot be told the request was HEAD: the connection is not reused
+    else:
+        assert server.connections == 1  # aiohttp's parser knows it was HEAD: the connection is reused
     pool.close()
 
 
@@ -132,17 +137,19 @@ async def test_a_head_answer_ends_with_its_headers_even_with_a_content_length(ra
     (b"THIS IS NOT HTTP\r\n\r\n", None),
     (b"HTTP/1.1 200 OK\r\nContent-Length: ten\r\n\r\n", None),
 ], ids=["huge-headers", "garbage", "bad-length"])
-async def test_what_is_not_http_is_a_bad_answer(raw_server, reply, message):
+async def test_what_is_not_http_is_a_bad_answer(client_pool, client_impl, raw_server, reply, message):
     _, url = await raw_server([reply])
-    pool = http1.Pool(url)
+    pool = client_pool(url)
+    if client_impl == "aiohttp" and message is not None:
+        message = "Got more than 65536 bytes"  # aiohttp's words for its line limit; the class is the contract
     with pytest.raises(http1.BadAnswer, match=message):
         await get(pool)
     pool.close()
 
 
-async def test_a_close_mid_body_is_a_disconnect_not_a_short_answer(raw_server):
+async def test_a_close_mid_body_is_a_disconnect_not_a_short_answer(client_pool, raw_server):
     _, url = await raw_server([b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nConnection: close\r\n\r\nonly this"])
-    pool = http1.Pool(url)
+    pool = client_pool(url)
     response = await pool.request("GET", "/x", {}, None, 1.0)
     with pytest.raises(http1.Disconnected):
         await response.read_all(1 << 20)
@@ -150,19 +157,19 @@ async def test_a_close_mid_body_is_a_disconnect_not_a_short_answer(raw_server):
     pool.close()
 
 
-async def test_a_reused_connection_closed_under_us_is_retried_once_for_idempotent_methods(raw_server):
+async def test_a_reused_connection_closed_under_us_is_retried_once_for_idempotent_methods(client_pool, raw_server):
     # The second request meets a connection the server closed: sent again on a new one.
     server, url = await raw_server([OK % 1, b"CLOSE", OK % 2])
-    pool = http1.Pool(url)
+    pool = client_pool(url)
     await get(pool)
     await asyncio.sleep(0.05)
     assert (await get(pool))[0].header("X-Seq") == "2"
     assert server.connections == 2 and len(server.requests) == 3
 
 
-async def test_a_post_on_a_closed_reused_connection_is_not_sent_twice(raw_server):
+async def test_a_post_on_a_closed_reused_connection_is_not_sent_twice(client_pool, raw_server):
     server, url = await raw_server([OK % 1, b"CLOSE", OK % 2])
-    pool = http1.Pool(url)
+    pool = client_pool(url)
     await get(pool)
     await asyncio.sleep(0.05)
     with pytest.raises(http1.Disconnected):
@@ -170,19 +177,19 @@ async def test_a_post_on_a_closed_reused_connection_is_not_sent_twice(raw_server
     assert len(server.requests) == 2
 
 
-async def test_connect_failures_and_header_injection_are_refused(raw_server):
+async def test_connect_failures_and_header_injection_are_refused(client_pool, raw_server):
     server, url = await raw_server([])
     await server.stop()
     await asyncio.sleep(0)
     with pytest.raises(http1.ConnectFailed, match="Cannot connect"):
-        await http1.Pool(URL("http://127.0.0.1:1")).request("GET", "/", {}, None, 1.0)
+        await client_pool(URL("http://127.0.0.1:1")).request("GET", "/", {}, None, 1.0)
     with pytest.raises(ValueError, match="line break"):
-        await http1.Pool(url).request("GET", "/", {"X-A": "1\r\nX-Injected: 1"}, None, 1.0)
+        await client_pool(url).request("GET", "/", {"X-A": "1\r\nX-Injected: 1"}, None, 1.0)
 
 
-async def test_credentials_in_the_url_become_basic_auth_and_bodies_carry_their_length(raw_server):
+async def test_credentials_in_the_url_become_basic_auth_and_bodies_carry_their_length(client_pool, raw_server):
     server, url = await raw_server([OK % 1])
-    pool = http1.Pool(url.with_user("me").with_password("pw"))
+    pool = client_pool(url.with_user("me").with_password("pw"))
     await get(pool, "POST", b'{"a": 1}')
     head = server.requests[0].decode()
     assert "Authorization: Basic bWU6cHc=\r\n" in head and "Content-Length: 8\r\n" in head
@@ -236,9 +243,9 @@ async def test_https_upstreams_are_verified_and_spoken_to_over_tls(self_signed):
         server.close()
 
 
-async def test_a_request_body_cut_short_by_an_early_answer_never_reuses_the_connection(raw_server):
+async def test_a_request_body_cut_short_by_an_early_answer_never_reuses_the_connection(client_pool, raw_server):
     server, url = await raw_server([b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n", OK % 2])
-    pool = http1.Pool(url)
+    pool = client_pool(url)
 
     async def body():
         yield b"a" * 1000
@@ -255,13 +262,13 @@ async def test_a_request_body_cut_short_by_an_early_answer_never_reuses_the_conn
     pool.close()
 
 
-async def test_a_connection_paused_under_a_large_body_reads_again_when_pooled(raw_server):
+async def test_a_connection_paused_under_a_large_body_reads_again_when_pooled(client_pool, raw_server):
     # Bodies larger than the read-ahead pause the socket; the paused connection must not go back to the pool
     # still paused, or the next request on it waits for an answer nobody reads.
     big = b"x" * (400 * 1024)
     reply = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Seq: %%d\r\n\r\n%b" % (len(big), big)
     server, url = await raw_server([reply % n for n in range(3)])
-    pool = http1.Pool(url)
+    pool = client_pool(url)
     for n in range(3):
         async with asyncio.timeout(2):
             response = await pool.request("GET", "/x", {}, None, 1.0)
@@ -287,7 +294,7 @@ def endless_upload(sent: list[int]):
 
 
 @pytest.mark.parametrize("then_close", [False, True])
-async def test_an_upload_answered_early_returns_the_answer_not_a_stall(then_close):
+async def test_an_upload_answered_early_returns_the_answer_not_a_stall(client_pool, then_close):
     # The upstream refuses the body (413) and stops reading it; the client is blocked writing. The answer
     # must end the upload: with the connection kept open, and with the upstream closing after its answer.
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -304,7 +311,7 @@ async def test_an_upload_answered_early_returns_the_answer_not_a_stall(then_clos
             writer.close()
 
     server, url = await serve_once(handler)
-    pool = http1.Pool(url)
+    pool = client_pool(url)
     sent = [0]
     async with asyncio.timeout(2):
         response = await pool.request("POST", "/x", {}, endless_upload(sent), 1.0)
@@ -316,7 +323,7 @@ async def test_an_upload_answered_early_returns_the_answer_not_a_stall(then_clos
     server.close()
 
 
-async def test_a_reset_cuts_a_body_delimited_by_the_close(raw_server):
+async def test_a_reset_cuts_a_body_delimited_by_the_close(client_pool, client_impl, raw_server):
     # A close-delimited body ends with a clean close (FIN); a reset mid-body is a broken answer.
     go = asyncio.Event()
 
@@ -330,13 +337,16 @@ async def test_a_reset_cuts_a_body_delimited_by_the_close(raw_server):
         writer.transport.abort()  # close with linger 0: a reset
 
     server, url = await serve_once(handler)
-    pool = http1.Pool(url)
+    pool = client_pool(url)
     async with asyncio.timeout(2):
         response = await pool.request("GET", "/x", {}, None, 1.0)
         assert await response.read() == b"the first half"
         go.set()
-        with pytest.raises(http1.Disconnected):
-            await response.read_all(1 << 20)
+        if client_impl == "http1":
+            with pytest.raises(http1.Disconnected):
+                await response.read_all(1 << 20)
+        else:  # a known weakness of the reference: aiohttp ends a body that runs to the close at a reset too
+            assert await response.read_all(1 << 20) == (b"", True)
     response.release()
     pool.close()
     server.close()
@@ -387,17 +397,17 @@ async def test_a_fresh_connection_at_the_limit_makes_room_by_closing_an_idle_one
     pool.close()
 
 
-async def test_trailers_after_a_chunked_body_are_not_taken_for_headers(raw_server):
+async def test_trailers_after_a_chunked_body_are_not_taken_for_headers(client_pool, raw_server):
     reply = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n"
              b"2\r\nok\r\n0\r\nX-Checksum: abc\r\n\r\n")
     _, url = await raw_server([reply])
-    pool = http1.Pool(url)
+    pool = client_pool(url)
     response, body = await get(pool)
     assert body == b"ok" and response.header("X-Checksum") is None and response.header("Trailer") == "X-Checksum"
     pool.close()
 
 
-async def test_an_answer_ends_an_upload_waiting_on_a_slow_caller():
+async def test_an_answer_ends_an_upload_waiting_on_a_slow_caller(client_pool):
     # The caller's next chunk is slow to come; the upstream has already refused the upload. The answer is
     # passed on at once and the caller's body is no longer read.
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -408,7 +418,7 @@ async def test_an_answer_ends_an_upload_waiting_on_a_slow_caller():
         writer.close()
 
     server, url = await serve_once(handler)
-    pool = http1.Pool(url)
+    pool = client_pool(url)
     closed = []
 
     async def body():
@@ -430,7 +440,7 @@ async def test_an_answer_ends_an_upload_waiting_on_a_slow_caller():
     server.close()
 
 
-async def test_a_refused_upload_s_answer_delimited_by_the_close_survives_the_reset_that_ends_it():
+async def test_a_refused_upload_s_answer_delimited_by_the_close_survives_the_reset_that_ends_it(client_pool):
     # The upstream answers an upload it will not read, without a length, and closes: with our bytes still
     # unread its kernel resets the connection. The answer was whole; the reset is our unread upload's doing.
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -443,7 +453,7 @@ async def test_a_refused_upload_s_answer_delimited_by_the_close_survives_the_res
         writer.close()  # unread bytes in its buffer: a reset, not a clean close
 
     server, url = await serve_once(handler)
-    pool = http1.Pool(url)
+    pool = client_pool(url)
     sent = [0]
     async with asyncio.timeout(2):
         response = await pool.request("POST", "/x", {}, endless_upload(sent), 1.0)
@@ -453,3 +463,16 @@ async def test_a_refused_upload_s_answer_delimited_by_the_close_survives_the_res
     assert response.status == 413 and body == b"too big, sorry" and complete
     pool.close()
     server.close()
+
+
+async def test_a_fresh_connection_closed_before_any_answer(client_pool, client_impl, raw_server):
+    server, url = await raw_server([b"CLOSE", OK % 2])
+    pool = client_pool(url)
+    if client_impl == "http1":  # only a reused connection's close may be the keep-alive race: no second send
+        with pytest.raises(http1.Disconnected):
+            await get(pool)
+        assert len(server.requests) == 1
+    else:  # aiohttp sends any idempotent request once more after a disconnect, fresh connection or not
+        assert (await get(pool))[0].header("X-Seq") == "2"
+        assert len(server.requests) == 2
+    pool.close()

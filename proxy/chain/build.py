@@ -65,7 +65,7 @@ class Runtime:
         self.active = 0  # requests running on this table; a reload retires it once they are done
         self.resolve = Resolver(config)
         self.bus = bus
-        self.transport: Transport = transport or HttpTransport(config.server)
+        self.transport: Transport = transport or HttpTransport(config.server, client=config.upstream_client)
         self.breakers = breakers if breakers is not None else {}
         self.budgets = budgets if budgets is not None else {}
         self.latencies = latencies if latencies is not None else {}  # recent answer times: when to hedge

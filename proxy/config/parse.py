@@ -258,6 +258,7 @@ class ServerSettings:
     header_timeout: float = 10.0     # a request's head must arrive whole within this (nginx client_header_timeout)
     keepalive_timeout: float = 75.0  # an idle keep-alive connection is closed after this (nginx keepalive_timeout)
     max_connections: int | None = None  # open downstream connections; None: sized below the fd limit at start
+    front: str = "lean"  # who parses the proxy port's requests: "lean" (plain GETs ours) or "aiohttp" (all)
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +297,7 @@ class Config:
     services: Mapping[str, Service]
     retry_budget: RetryBudgetSettings
     events: EventsSettings = EventsSettings()
+    upstream_client: str = "http1"  # who speaks HTTP to upstreams: "http1" (ours) or "aiohttp" (its ClientSession)
     secrets: frozenset[str] = frozenset()
     effective: Mapping[str, Any] = field(default_factory=dict)  # for `check`, secrets masked
 
@@ -806,7 +808,8 @@ def check_document(document: Any, filename: str, yaml_problems: list[tuple[int, 
     root = check.mapping(document, "the file", 1)
     if root is None:
         raise ConfigError(_format(check))
-    check.known_keys(root, {"version", "server", "cache", "defaults", "services", "events"}, "top level")
+    check.known_keys(root, {"version", "server", "cache", "defaults", "services", "events", "upstream_client"},
+                     "top level")
     effective: dict[str, Any] = {"version": 1}
 
     if root.get("version") != 1 or isinstance(root.get("version"), bool):
@@ -819,7 +822,7 @@ def check_document(document: Any, filename: str, yaml_problems: list[tuple[int, 
     if server_data is not None:
         check.known_keys(server_data, {"listen", "metrics_listen", "max_request_body", "replay_buffer",
                                        "max_header_bytes", "drain_timeout", "strip_headers", "max_response_buffer",
-                                       "header_timeout", "keepalive_timeout", "max_connections"}, "server")
+                                       "header_timeout", "keepalive_timeout", "max_connections", "front"}, "server")
         metrics_listen = server.metrics_listen
         if "metrics_listen" in server_data:
             metrics_listen = None if server_data["metrics_listen"] in (None, False, "off") else \
@@ -851,6 +854,10 @@ def check_document(document: Any, filename: str, yaml_problems: list[tuple[int, 
         "header_timeout": server.header_timeout, "keepalive_timeout": server.keepalive_timeout,
         "max_connections": server.max_connections,
     }
+
+    server, upstream_client = _http_pieces(check, root, server_data, server)
+    effective["server"]["front"] = server.front
+    effective["upstream_client"] = upstream_client
 
     # cache
     cache_data = check.mapping(root.get("cache"), "cache", line_of(root, "cache"))
@@ -928,7 +935,33 @@ def check_document(document: Any, filename: str, yaml_problems: list[tuple[int, 
     if check.problems:
         raise ConfigError(_format(check))
     return Config(source=filename, server=server, cache=cache, services=services, retry_budget=budget,
-                  events=events_settings, secrets=frozenset(check.secrets), effective=_plain(effective, check.masker))
+                  events=events_settings, upstream_client=upstream_client, secrets=frozenset(check.secrets),
+                  effective=_plain(effective, check.masker))
+
+
+_FRONTS = ("lean", "aiohttp")
+_CLIENTS = ("http1", "aiohttp")
+
+
+def _http_pieces(check: _Checker, root: LineDict, server_data: LineDict | None,
+                 server: ServerSettings) -> tuple[ServerSettings, str]:
+    """`server.front` and `upstream_client`: our HTTP pieces or aiohttp's (docs/http-pieces.md)."""
+
+    def one_of(choices: tuple[str, ...]) -> Callable[[Any], str]:
+        def convert(value: Any) -> str:
+            if value not in choices:
+                raise ValueError(f"expected {' or '.join(choices)}, got {value!r}")
+            return value
+        return convert
+
+    front = check.get(server_data, "front", "server", one_of(_FRONTS), server.front) if server_data else server.front
+    client = "http1"
+    if "upstream_client" in root:
+        try:
+            client = one_of(_CLIENTS)(root["upstream_client"])
+        except ValueError as exc:
+            check.problem(line_of(root, "upstream_client"), f"upstream_client: {exc}")
+    return replace(server, front=front), client
 
 
 def _events(check: _Checker, value: Any, line: int) -> EventsSettings:

@@ -61,7 +61,8 @@ class LeanFront:
     """
 
     def __init__(self, answer: Answer, hit: Hit, *, max_line_size: int, max_field_size: int, max_headers: int,
-                 header_timeout: float, keepalive_timeout: float, max_connections: int) -> None:
+                 header_timeout: float, keepalive_timeout: float, max_connections: int,
+                 lean: bool = True) -> None:
         self.answer = answer
         self.hit = hit
         self.max_line_size = max_line_size
@@ -71,7 +72,7 @@ class LeanFront:
         self._handler_options: dict[str, Any] = dict(
             auto_decompress=False, access_log=None, max_line_size=max_line_size, max_field_size=max_field_size,
             max_headers=max_headers)
-        self.set_bounds(header_timeout, keepalive_timeout, max_connections)
+        self.set_bounds(header_timeout, keepalive_timeout, max_connections, lean)
         self.aiohttp = web.Server(self._aiohttp_request, **self._handler_options)
         self.connections: set[LeanConnection] = set()
         self.handed: set[HandedOff] = set()
@@ -83,11 +84,16 @@ class LeanFront:
         self._reported = dict(self.closed)
         self._sweep: asyncio.TimerHandle | None = None
 
-    def __call__(self) -> "LeanConnection":
-        return LeanConnection(self)
+    def __call__(self) -> "LeanConnection | HandedOff":
+        if self.lean:
+            return LeanConnection(self)
+        # `server.front: aiohttp`: aiohttp's server reads every request, bounded as a handed-off connection.
+        return HandedOff(self, self.aiohttp, loop=asyncio.get_running_loop(), first=True, **self._handler_options)
 
-    def set_bounds(self, header_timeout: float, keepalive_timeout: float, max_connections: int) -> None:
-        """At start and at a reload: what the sweep and the next connections go by."""
+    def set_bounds(self, header_timeout: float, keepalive_timeout: float, max_connections: int,
+                   lean: bool = True) -> None:
+        """At start and at a reload: what the sweep and the next connections go by (`lean`: whose parser)."""
+        self.lean = lean
         self.header_timeout = header_timeout
         self.keepalive_timeout = keepalive_timeout
         self.max_connections = max_connections
@@ -96,7 +102,7 @@ class LeanFront:
 
     # --- which connections are open, and which idle ---
 
-    def opened(self, connection: "LeanConnection", now: float) -> bool:
+    def opened(self, connection: "LeanConnection | HandedOff", now: float) -> bool:
         """A new connection: make room for it at the cap; False when none can be made."""
         if len(self.connections) + len(self.handed) >= self.max_connections:
             if not self.idle:
@@ -106,7 +112,10 @@ class LeanFront:
             self.forget(oldest)  # counted out now: its connection_lost comes a loop turn later
             oldest.close_connection()
             self.closed["shed"] += 1
-        self.connections.add(connection)
+        if isinstance(connection, HandedOff):
+            self.handed.add(connection)  # `server.front: aiohttp`
+        else:
+            self.connections.add(connection)
         connection.reading_since = now  # its first request's head is due within header_timeout
         self.now_idle(connection, now)
         if self._sweep is None:
@@ -221,14 +230,20 @@ class HandedOff(RequestHandler):
     request start arriving, and the front end's sweep closes it as it closes its own.
     """
 
-    __slots__ = ("_front", "idle_since", "reading_since", "_early")
+    __slots__ = ("_front", "idle_since", "reading_since", "_early", "_first")
 
-    def __init__(self, front: LeanFront, manager: web.Server, **options: Any) -> None:
+    def __init__(self, front: LeanFront, manager: web.Server, *, first: bool = False, **options: Any) -> None:
         super().__init__(manager, **options)
         self._front = front
         self.idle_since: float | None = None
         self.reading_since: float | None = None
         self._early = False  # bytes of a next request came while one was being answered
+        self._first = first  # aiohttp's from the connect (`server.front: aiohttp`), not handed over
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self._first and (self._front.closing or not self._front.opened(self, asyncio.get_running_loop().time())):
+            transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self.idle_since is None:

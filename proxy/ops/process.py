@@ -107,7 +107,8 @@ class ProxyProcess:
         if self.fleet is not None:
             self.fleet.start()
         settings = self.runtime.config.server
-        # Connections start on the lean front end (plain GETs); aiohttp's server takes every other one.
+        # Connections start on the lean front end (plain GETs); aiohttp's server takes every other one
+        # (all of them with `server.front: aiohttp`).
         self._front = LeanFront(self.downstream.answer, self.downstream.hit, **_bounds(settings), **_PARSER_LIMITS)
         main = web.ServerRunner(self._front.aiohttp, shutdown_timeout=settings.drain_timeout)
         await main.setup()
@@ -182,7 +183,7 @@ class ProxyProcess:
                     config.server.metrics_listen != old.config.server.metrics_listen:
                 log.warning("server.listen / metrics_listen changes take effect at the next restart", kind="reload")
             runtime = Runtime(config, clock=self.clock, bus=self.bus, store=store,
-                              transport=old.transport.with_settings(config.server),
+                              transport=old.transport.with_settings(config.server, config.upstream_client),
                               breakers=kept_breakers, budgets=kept_budgets, latencies=kept_latencies, previous=old,
                               hit=self._hit)
             REDACTOR.add_secrets(config.secrets)
@@ -264,7 +265,8 @@ def _bounds(settings: ServerSettings) -> dict[str, Any]:
                     "past the fd limit, new callers wait instead of idle connections being closed",
                     kind="connections", max_connections=settings.max_connections, fd_limit=_fd_limit())
     return {"header_timeout": settings.header_timeout, "keepalive_timeout": settings.keepalive_timeout,
-            "max_connections": settings.max_connections or default_max_connections()}
+            "max_connections": settings.max_connections or default_max_connections(),
+            "lean": settings.front == "lean"}  # `server.front`: applies to the connections made from then on
 
 
 def raise_fd_limit() -> int:

@@ -15,17 +15,24 @@ from yarl import URL
 from proxy.config.parse import ServerSettings
 from proxy.resilience.deadlines import Deadlines, for_running_loop
 from proxy.resilience.outcome import Outcome
-from proxy.upstream import http1
+from proxy.upstream import aiohttp_client, http1
 from proxy.upstream.headers import end_to_end_pairs
 from proxy.upstream.interface import AttemptError, Reply, UpstreamRequest
+
+
+# `upstream_client` in the route table: whose HTTP client the pools are (docs/http-pieces.md).
+_CLIENTS: dict[str, Any] = {"http1": http1.Pool, "aiohttp": aiohttp_client.Pool}
 
 
 class HttpTransport:
     """Sends attempts to upstreams over one keep-alive connection pool per upstream."""
 
-    def __init__(self, settings: ServerSettings, *, limit_per_upstream: int = 256) -> None:
+    def __init__(self, settings: ServerSettings, *, limit_per_upstream: int = 256, client: str = "http1") -> None:
         self._settings = settings
         self._limit = limit_per_upstream
+        self.client = client
+        self._pool_type = _CLIENTS[client]
+        self._pools_shared = False  # handed on to a reloaded table's transport, which keeps those still used
         self._pools: dict[str, http1.Pool] = {}
         self._deadlines: Deadlines | None = None  # the attempts' time limits, on the loop they run on
 
@@ -37,17 +44,22 @@ class HttpTransport:
             pool = self._pools[name] = http1.Pool(url, limit=self._limit, keepalive=30.0)
         return pool
 
-    def with_settings(self, settings: ServerSettings) -> "HttpTransport":
-        """The same connection pools under new settings (a reloaded route table's `server:`)."""
-        other = HttpTransport(settings, limit_per_upstream=self._limit)
-        other._pools = self._pools
+    def with_settings(self, settings: ServerSettings, client: str | None = None) -> "HttpTransport":
+        """The same connection pools under new settings (a reloaded route table's `server:`).
+
+        With another `client`, the new table starts with pools of its own; this one's all close when it retires.
+        """
+        other = HttpTransport(settings, limit_per_upstream=self._limit, client=client or self.client)
+        if other.client == self.client:
+            other._pools = self._pools
+            self._pools_shared = True
         other._deadlines = self._deadlines
         return other
 
     async def close(self, keep: set[str] | None = None) -> None:
-        """Close the pools (all, or those of upstreams not in `keep`)."""
+        """Close the pools (all, or those of upstreams not in `keep` when they were handed on)."""
         for name in list(self._pools):
-            if keep is None or name not in keep:
+            if keep is None or not self._pools_shared or name not in keep:
                 self._pools.pop(name).close()
 
     async def send(self, request: UpstreamRequest, timeout: float) -> Reply:
