@@ -41,7 +41,7 @@ class HttpTransport:
         if pool is None or pool.closed or pool.origin != (url.scheme, url.host, url.port):
             if pool is not None:
                 pool.close()  # the upstream moved (a reload kept its name): its old connections go
-            pool = self._pools[name] = http1.Pool(url, limit=self._limit, keepalive=30.0)
+            pool = self._pools[name] = self._pool_type(url, limit=self._limit, keepalive=30.0)
         return pool
 
     def with_settings(self, settings: ServerSettings, client: str | None = None) -> "HttpTransport":
@@ -69,7 +69,7 @@ class HttpTransport:
         deadlines = self._deadlines = for_running_loop(self._deadlines)
         try:
             async with deadlines.after(timeout):
-                # The one call into the HTTP/1.1 client: another client would slot in here.
+                # The one call into the HTTP client (`upstream_client`: http1 or aiohttp, same interface).
                 response = await pool.request(request.method, request.url.raw_path_qs, request.headers, body, timeout)
                 try:
                     return await self._read(response, request.method)
