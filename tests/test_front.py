@@ -13,7 +13,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.config.parse import ServerSettings
+from proxy.config.model import ServerSettings
 from proxy.downstream.front import SINGLETONS, LeanConnection, LeanFront, LeanRequest, is_plain_target, render_response
 from tests.fakes import Delay, Fail, Huge, Ok, refused_port, route_table, start_proxy, stop_proxy
 

@@ -9,7 +9,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.chain.exchange import Exchange
-from proxy.config.parse import ConfigError, decoded_once, parse_config
+from proxy.config.parse import ConfigError, parse_config
+from proxy.config.values import decoded_once
 from proxy.upstream.transport import NoPathForUpstream, build_url
 from tests.fakes import route_table
 

@@ -23,7 +23,7 @@ from proxy.adapters.transform import TransformError, decode_document, normalise
 from proxy.adapters.vendor_codes import Meaning, Verdict, blamed_parameter
 from proxy.chain.exchange import AttemptRecord, Exchange
 from proxy.clock import Clock
-from proxy.config.parse import Upstream
+from proxy.config.model import Upstream
 from proxy.resilience.breaker import Breaker
 from proxy.resilience.hedging import LatencyWindow
 from proxy.resilience.outcome import Outcome, from_status, is_breaker_failure

@@ -22,7 +22,7 @@ from proxy.chain.derive import DerivedStage
 from proxy.chain.fallback import FallbackStage
 from proxy.chain.retries import RetryStage
 from proxy.clock import Clock
-from proxy.config.parse import Config, Upstream
+from proxy.config.model import Config, Upstream
 from proxy.resilience.breaker import Breaker
 from proxy.resilience.hedging import LatencyWindow
 from proxy.resilience.retry_policy import RetryBudget

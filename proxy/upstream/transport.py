@@ -16,8 +16,9 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.chain.exchange import Exchange
-from proxy.config.parse import HOP_BY_HOP, ServerSettings, Upstream
+from proxy.config.model import ServerSettings, Upstream
 from proxy.config.routing import Template
+from proxy.config.values import HOP_BY_HOP
 from proxy.masking import Masker
 from proxy.resilience.deadlines import Deadlines, for_running_loop
 from proxy.resilience.outcome import Outcome
