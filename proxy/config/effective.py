@@ -79,8 +79,7 @@ _SHOWN: dict[tuple[type, str], Callable[[Any], Any]] = {
     (CacheRule, "stale_if_slow"): lambda rule: "off" if rule.stale_if_slow is None else rule.stale_if_slow,
     (Defaults, "hedge"): lambda defaults: _hedge_text(defaults.hedge),
     (Upstream, "hedge"): lambda upstream: _hedge_text(upstream.hedge),
-    (Upstream, "url"): lambda upstream: upstream.as_written.url if upstream.as_written.url is not None
-    else str(upstream.url),
+    (Upstream, "url"): lambda upstream: _upstream_url(upstream),
     (Upstream, "query"): lambda upstream: dict(upstream.as_written.query),
     (Upstream, "headers"): lambda upstream: dict(upstream.as_written.headers),
     (Route, "paths"): lambda route: {**{name: _path_text(path, route.queries.get(name, ()))
@@ -177,6 +176,11 @@ def _hedge_text(hedge: HedgePolicy | None) -> Any:
 
 def _address(address: tuple[str, int] | None) -> str | None:
     return None if address is None else f"{address[0]}:{address[1]}"
+
+
+def _upstream_url(upstream: Upstream) -> str:
+    """The URL as written when a `${VAR}` was in it (masked), else the URL as parsed."""
+    return upstream.as_written.url if upstream.as_written.url is not None else str(upstream.url)
 
 
 def _without_password(url: str) -> str:

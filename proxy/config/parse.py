@@ -16,7 +16,15 @@ from typing import Any
 
 from proxy.config.checker import Checker, Fields
 from proxy.config.effective import render
-from proxy.config.model import CacheSettings, Config, Defaults, EventsSettings, RetryBudgetSettings, Service, ServerSettings
+from proxy.config.model import (
+    CacheSettings,
+    Config,
+    Defaults,
+    EventsSettings,
+    RetryBudgetSettings,
+    ServerSettings,
+    Service,
+)
 from proxy.config.policies import NEAREST_KEYS, read_nearest
 from proxy.config.routing import prefixes_overlap
 from proxy.config.service_checks import read_service
@@ -95,7 +103,7 @@ def parse_config(text: str, filename: str, env: Mapping[str, str]) -> Config:
 
 
 def check_document(document: Any, filename: str, yaml_problems: list[tuple[int, str]]) -> Config:
-    """Validate a route table as `yamlsrc.load` read it (its document and problems); see `load_config`."""
+    """Validate a route table as `yaml_source.load` read it (its document and problems); see `load_config`."""
     check = Checker(filename)
     check.problems.extend(yaml_problems)
     check.masker = Masker(environment_values(document))

@@ -28,13 +28,14 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2, "gb": 1000**3, "gib": 1024**3, None: 1}
-NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}\Z")
+NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}\Z")  # a service's or an upstream's name
 HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 # Nothing the proxy times needs longer; far larger values overflow clocks, dates and Redis TTLs.
 MAX_DURATION = 3650 * 86400.0
 MAX_SIZE = 1024**4     # 1 TiB: sizes past it are typing mistakes, and overflow what they are handed to
 MAX_COUNT = 10**9      # the same for counts (thresholds, queue lengths, topics)
+# Headers about one connection (RFC 9110 7.6.1): never forwarded, and no upstream's `headers:` may set them.
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
     "te", "trailer", "transfer-encoding", "upgrade",
