@@ -33,6 +33,8 @@ from proxy.config.parse import (
     parse_config,
 )
 from proxy.masking import Masker
+from proxy.resilience.breaker import BreakerPolicy
+from proxy.resilience.retry_policy import RetryPolicy
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 # Every kind of value `check` prints: secrets in a URL, a path, a query, a header, a Redis password and a
@@ -76,6 +78,11 @@ def test_every_field_of_the_model_is_printed_in_its_order_or_said_why_not():
     with_codes, without_codes = fx["upstreams"][1], fx["upstreams"][0]
     assert list(with_codes) == printed_keys(Upstream)
     assert list(without_codes) == [key for key in printed_keys(Upstream) if key != "result_codes"]
+    # fx_primary has both rate-based trips on, so its breaker prints every field; fx_secondary's failure rate is off.
+    assert list(without_codes["breaker"]) == [item.name for item in fields(BreakerPolicy)]
+    assert list(with_codes["breaker"]) == [item.name for item in fields(BreakerPolicy)
+                                           if item.name not in ("failure_rate", "window", "min_calls", "min_failures")]
+    assert list(without_codes["retry"]) == [item.name for item in fields(RetryPolicy)]
     shown_sections = {item.name for item in fields(Config) if (Config, item.name) not in NOT_SHOWN}
     assert shown_sections == {"server", "cache", "defaults", "retry_budget", "services"}
 

@@ -1,10 +1,11 @@
 """The effective config `resilience-proxy check` prints, rendered from the typed `Config`.
 
 Every field of a model struct is printed under its own name, in the order model.py declares it,
-unless one of the tables below renames it (`_NAMES`), formats it from its struct (`_SHOWN`) or
-leaves it out (`NOT_SHOWN`, with the reason). A field added to model.py is therefore printed
-without touching this module. Values from `${VAR}` are masked on the way out, as they are
-everywhere else (`proxy.masking`).
+unless one of the tables below renames it (`_NAMES`), formats it from its struct (`_SHOWN`),
+leaves it out (`NOT_SHOWN`, with the reason) or prints it only while it means something
+(`_LEFT_OUT_WHEN`). The breaker and retry policies print the same way. A field added to model.py
+(or to a policy) is therefore printed without touching this module. Values from `${VAR}` are masked
+on the way out, as they are everywhere else (`proxy.masking`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from proxy.config.yaml_source import Substituted
 from proxy.masking import Masker
 from proxy.resilience.breaker import BreakerPolicy
 from proxy.resilience.hedging import HedgePolicy
-from proxy.resilience.retry_policy import RetryPolicy
 
 _OLDER = "not printed by `check` before the config split (issue 19); printing it would change check's output"
 
@@ -87,9 +87,13 @@ _SHOWN: dict[tuple[type, str], Callable[[Any], Any]] = {
                                      **{name: "off" for name in sorted(route.skipped)}},
 }
 
-# Fields left out while they hold None, rather than printed as null, and why.
-_OMITTED_WHEN_NONE: dict[tuple[type, str], str] = {
-    (Upstream, "result_codes"): "only vendors that answer 200 with an error code inside have them",
+# Fields printed only while they mean something: left out while the test holds.
+_LEFT_OUT_WHEN: dict[tuple[type, str], Callable[[Any], bool]] = {
+    (Upstream, "result_codes"): lambda upstream: upstream.result_codes is None,
+    **{(BreakerPolicy, name): lambda policy: policy.failure_rate is None  # the failure-rate trip is off
+       for name in ("failure_rate", "window", "min_calls", "min_failures")},
+    **{(BreakerPolicy, name): lambda policy: policy.slow_call_rate is None  # the slow-call trip is off
+       for name in ("slow_call_duration", "slow_call_rate")},
 }
 
 
@@ -111,9 +115,10 @@ def shown(struct: Any) -> dict[str, Any]:
     for item in fields(struct):
         if _lookup(NOT_SHOWN, struct, item.name) is not None:
             continue
-        value = getattr(struct, item.name)
-        if value is None and _lookup(_OMITTED_WHEN_NONE, struct, item.name) is not None:
+        left_out = _lookup(_LEFT_OUT_WHEN, struct, item.name)
+        if left_out is not None and left_out(struct):
             continue
+        value = getattr(struct, item.name)
         show = _lookup(_SHOWN, struct, item.name)
         out[_lookup(_NAMES, struct, item.name) or item.name] = show(struct) if show else _value(value)
     return out
@@ -128,12 +133,7 @@ def _lookup(table: Mapping[tuple[type, str], Any], struct: Any, name: str) -> An
 
 
 def _value(value: Any) -> Any:
-    """A field's value as its type prints: structs as mappings, sets sorted, policies as their settings."""
-    if isinstance(value, BreakerPolicy):
-        return _breaker(value)
-    if isinstance(value, RetryPolicy):
-        return {"retries": value.retries, "base_delay": value.base_delay, "max_delay": value.max_delay,
-                "retry_on": sorted(value.retry_on)}
+    """A field's value as its type prints: structs (and policies) as mappings, sets sorted."""
     if isinstance(value, HedgePolicy):
         return _hedge_text(value)
     if isinstance(value, ResultCodes):
@@ -153,19 +153,6 @@ def _value(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {key: _value(item) for key, item in value.items()}
     return value
-
-
-def _breaker(policy: BreakerPolicy) -> dict[str, Any]:
-    """A breaker's settings; the rate-based trips only when they are on."""
-    out: dict[str, Any] = {"fail_threshold": policy.fail_threshold, "open_timeout": policy.open_timeout,
-                           "half_open_max_calls": policy.half_open_max_calls}
-    if policy.failure_rate is not None:
-        out.update(failure_rate=policy.failure_rate, window=policy.window, min_calls=policy.min_calls,
-                   min_failures=policy.min_failures)
-    if policy.slow_call_rate is not None:
-        out.update(slow_call_duration=policy.slow_call_duration, slow_call_rate=policy.slow_call_rate)
-    out.update(trip_on_429=policy.trip_on_429, trip_on_refused=policy.trip_on_refused, max_rest=policy.max_rest)
-    return out
 
 
 def _hedge_text(hedge: HedgePolicy | None) -> Any:
