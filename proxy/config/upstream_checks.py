@@ -61,6 +61,7 @@ def read_upstreams(check: Checker, data: LineDict, where: str, line: int, servic
 
 def _read_upstream(check: Checker, u_data: LineDict, u_where: str, u_line: int, service: str, nearest: Defaults,
                    upstream_lines: dict[str, int]) -> Upstream | None:
+    """One upstream; None when it has no name or no usable url (the problems are reported)."""
     check.known_keys(u_data, UPSTREAM_KEYS, u_where)
     u_name = check.get(u_data, "name", u_where, string, None)
     if u_name is None:
