@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import PYTHON, Processes, free_port, proxy_config, rss_kib, wait_http
-from proxy.config.parse import parse_size
+from proxy.config.values import parse_size
 
 MIB = 1024 * 1024
 

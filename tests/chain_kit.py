@@ -12,7 +12,8 @@ from proxy import signals
 from proxy.chain.build import Runtime
 from proxy.chain.exchange import Exchange
 from proxy.clock import FakeClock
-from proxy.config.parse import Config, parse_config
+from proxy.config.model import Config
+from proxy.config.parse import parse_config
 from tests.fake_transport import FakeTransport
 from tests.fakes import route_table
 

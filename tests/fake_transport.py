@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.clock import Clock, FakeClock
-from proxy.config.parse import ServerSettings
+from proxy.config.model import ServerSettings
 from proxy.resilience.outcome import Outcome
 from proxy.upstream.interface import AttemptError, Reply, UpstreamRequest
 

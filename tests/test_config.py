@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config.parse import ConfigError, load_config, parse_config, parse_duration, parse_size
+from proxy.config.parse import ConfigError, load_config, parse_config
+from proxy.config.values import parse_duration, parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = """\

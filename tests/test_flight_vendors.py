@@ -12,7 +12,8 @@ import yaml
 
 from proxy.adapters.transform import TransformError, decode_document, normalise
 from proxy.adapters.vendor_codes import Meaning
-from proxy.config.parse import Upstream, load_config, parse_config
+from proxy.config.model import Upstream
+from proxy.config.parse import load_config, parse_config
 from proxy.demo.mocks import (
     DEMO_SERVICE_KEY,
     KAC_DOMESTIC_SCHEDULES,

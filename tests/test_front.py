@@ -13,7 +13,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.config.parse import ServerSettings
+from proxy.config.model import ServerSettings
 from proxy.downstream.connection import SINGLETONS, LeanConnection, is_plain_target
 from proxy.downstream.front import LeanFront
 from proxy.downstream.lean import LeanRequest

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from proxy import signals
-from proxy.config.parse import EventsSettings
+from proxy.config.model import EventsSettings
 from proxy.watch.outbox import Event, MemoryOutbox
 from proxy.watch.push import Hub
 from proxy.watch.watcher import Watcher

@@ -10,7 +10,8 @@ from yarl import URL
 
 from proxy.chain.exchange import Exchange
 from proxy.chain.rewrite import NoPathForUpstream, build_url
-from proxy.config.parse import ConfigError, decoded_once, parse_config
+from proxy.config.parse import ConfigError, parse_config
+from proxy.config.values import decoded_once
 from tests.fakes import route_table
 
 # A data.go.kr key as the portal shows it: "decoded", and "encoded" (percent-encoded once).

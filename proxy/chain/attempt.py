@@ -24,7 +24,7 @@ from proxy.adapters.vendor_codes import Meaning, Verdict, blamed_parameter
 from proxy.chain.exchange import AttemptRecord, Exchange
 from proxy.chain.rewrite import MaskedUrl, NoPathForUpstream, build_url, request_headers
 from proxy.clock import Clock
-from proxy.config.parse import ServerSettings, Upstream
+from proxy.config.model import ServerSettings, Upstream
 from proxy.resilience.breaker import Breaker
 from proxy.resilience.hedging import LatencyWindow
 from proxy.resilience.outcome import Outcome, from_status, is_breaker_failure

@@ -24,7 +24,7 @@ from proxy.chain.fallback import FallbackStage
 from proxy.chain.resolve import Resolver
 from proxy.chain.retries import RetryStage
 from proxy.clock import Clock
-from proxy.config.parse import Config, Upstream
+from proxy.config.model import Config, Upstream
 from proxy.resilience.breaker import Breaker
 from proxy.resilience.hedging import LatencyWindow
 from proxy.resilience.retry_policy import RetryBudget

@@ -45,7 +45,7 @@ from proxy.cache.rules import is_conditional
 from proxy.chain.exchange import Answer, Exchange
 from proxy.chain.fallback import UpstreamsFailed
 from proxy.clock import Clock
-from proxy.config.parse import CacheRule, CacheSettings
+from proxy.config.model import CacheRule, CacheSettings
 
 NAME = "resilience-proxy"
 _CLUSTER_LOCK_MAX = 30.0  # seconds a replica may hold a fetch lock; expiry frees it if the replica dies

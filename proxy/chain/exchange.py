@@ -7,7 +7,7 @@ from typing import Any, AsyncIterator
 
 from multidict import CIMultiDictProxy
 
-from proxy.config.parse import Route, Service
+from proxy.config.model import Route, Service
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 

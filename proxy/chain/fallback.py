@@ -29,7 +29,7 @@ from proxy.chain.attempt import Abandon, AttemptResult
 from proxy.chain.exchange import Answer, AttemptRecord, Exchange
 from proxy.chain.retries import RetryStage, Tries
 from proxy.clock import Clock
-from proxy.config.parse import Upstream
+from proxy.config.model import Upstream
 from proxy.resilience.breaker import Breaker, State
 from proxy.resilience.hedging import LatencyWindow
 from proxy.resilience.outcome import SKIPPED, Outcome

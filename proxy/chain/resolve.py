@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
-from proxy.config.parse import Config, Route, Service
+from proxy.config.model import Config, Route, Service
 from proxy.config.routing import UnsafePath, check_target
 
 # Targets remembered per table, and the longest remembered: a caller cycling through paths

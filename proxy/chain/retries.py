@@ -21,7 +21,7 @@ from proxy import signals
 from proxy.chain.attempt import Abandon, AttemptResult, AttemptStage
 from proxy.chain.exchange import Exchange
 from proxy.clock import Clock
-from proxy.config.parse import Upstream
+from proxy.config.model import Upstream
 from proxy.resilience.outcome import SKIPPED
 from proxy.resilience.retry_policy import RetryBudget, parse_retry_after, retry_delay, should_retry
 

@@ -13,7 +13,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.chain.exchange import Exchange
-from proxy.config.parse import Upstream
+from proxy.config.model import Upstream
 from proxy.config.routing import Template
 from proxy.masking import Masker
 from proxy.upstream.headers import end_to_end

@@ -24,7 +24,8 @@ from typing import Any, TextIO
 
 import aiohttp
 
-from proxy.config.parse import Config, load_config
+from proxy.config.model import Config
+from proxy.config.parse import load_config
 from proxy.demo.mocks import MockProviders
 from proxy.demo.mocks.providers import COMMITTED_ROUTES, VENDOR_URLS
 from proxy.observability import logs

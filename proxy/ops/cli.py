@@ -10,7 +10,8 @@ import sys
 
 import yaml
 
-from proxy.config.parse import ConfigError, load_config, parse_listen
+from proxy.config.parse import ConfigError, load_config
+from proxy.config.values import parse_listen
 
 
 def _parser() -> argparse.ArgumentParser:

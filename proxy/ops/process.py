@@ -18,7 +18,8 @@ from proxy import signals
 from proxy.background import cancel_and_wait
 from proxy.chain.build import Runtime
 from proxy.clock import SYSTEM_CLOCK, Clock
-from proxy.config.parse import Config, ConfigError, ServerSettings, load_config
+from proxy.config.model import Config, ServerSettings
+from proxy.config.parse import ConfigError, load_config
 from proxy.downstream.front import LeanFront
 from proxy.downstream.handler import Downstream
 from proxy.downstream.hit import HitStage

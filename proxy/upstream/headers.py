@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.config.parse import HOP_BY_HOP
+from proxy.config.values import HOP_BY_HOP
 
 # `Expect` is answered by the proxy itself (the body is read before any upstream is chosen).
 NEVER_FORWARDED = HOP_BY_HOP | {"host", "content-length", "x-forwarded-host", "expect"}

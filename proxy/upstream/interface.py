@@ -13,7 +13,7 @@ from typing import AsyncIterator, Protocol
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.config.parse import ServerSettings
+from proxy.config.model import ServerSettings
 from proxy.resilience.outcome import Outcome
 
 

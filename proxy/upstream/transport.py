@@ -12,13 +12,12 @@ from typing import Any
 
 from yarl import URL
 
-from proxy.config.parse import ServerSettings
+from proxy.config.model import ServerSettings
 from proxy.resilience.deadlines import Deadlines, for_running_loop
 from proxy.resilience.outcome import Outcome
 from proxy.upstream import aiohttp_client, http1
 from proxy.upstream.headers import end_to_end_pairs
 from proxy.upstream.interface import AttemptError, Reply, UpstreamRequest
-
 
 # `upstream_client` in the route table: whose HTTP client the pools are (docs/http-pieces.md).
 _CLIENTS: dict[str, Any] = {"http1": http1.Pool, "aiohttp": aiohttp_client.Pool}

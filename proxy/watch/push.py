@@ -36,7 +36,7 @@ from aiohttp import WSMsgType, web
 from proxy import signals
 from proxy.background import cancel_and_wait, stop_if_asked
 from proxy.clock import Clock
-from proxy.config.parse import EventsSettings
+from proxy.config.model import EventsSettings
 from proxy.watch.outbox import Event, Outbox, id_key
 from proxy.watch.watcher import TooManyTopics, UnknownTopic, Watcher
 

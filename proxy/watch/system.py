@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any, Callable
 import redis.asyncio as aioredis
 import structlog
 
-from proxy.background import cancel_and_wait, stop_if_asked
 from proxy import signals
+from proxy.background import cancel_and_wait, stop_if_asked
 from proxy.clock import Clock
-from proxy.config.parse import Config
+from proxy.config.model import Config
 from proxy.watch.outbox import Event, MemoryOutbox, RedisOutbox, parse_event_fields
 from proxy.watch.push import Hub
 from proxy.watch.watcher import Watcher

@@ -31,7 +31,7 @@ from proxy.background import cancel_and_wait, stop_if_asked
 from proxy.chain.exchange import Exchange
 from proxy.chain.fallback import UpstreamsFailed
 from proxy.clock import Clock
-from proxy.config.parse import Route, Service
+from proxy.config.model import Route, Service
 from proxy.config.routing import UnsafePath, check_target
 from proxy.watch.outbox import Event, Outbox
 

@@ -26,7 +26,7 @@ import structlog
 from proxy import signals
 from proxy.background import cancel_and_wait, stop_if_asked
 from proxy.clock import Clock
-from proxy.config.parse import Config, Watch
+from proxy.config.model import Config, Watch
 from proxy.watch.outbox import Event, parse_event_fields
 
 log = structlog.get_logger("resilience-proxy")

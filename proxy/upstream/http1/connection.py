@@ -18,12 +18,12 @@ from proxy.upstream.http1.answer import (
     BadAnswer,
     Disconnected,
     Response,
-    _NothingReceived,
     _canonical,
     _codings,
     _content_length,
     _head_end,
     _lenient_parser,
+    _NothingReceived,
 )
 
 if TYPE_CHECKING:

@@ -11,8 +11,14 @@ from typing import Any
 
 from yarl import URL
 
-from proxy.upstream.http1.answer import ConnectFailed, ConnectRefused, ConnectTimeout, Disconnected, Response, \
-    _NothingReceived
+from proxy.upstream.http1.answer import (
+    ConnectFailed,
+    ConnectRefused,
+    ConnectTimeout,
+    Disconnected,
+    Response,
+    _NothingReceived,
+)
 from proxy.upstream.http1.connection import _Connection
 
 _REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})

@@ -1,0 +1,143 @@
+"""The typed model is the one place a config key lives: the sections read its fields, and `check` prints
+the effective config from it, so a key added to the model cannot be forgotten in `check`'s output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import pytest
+import yaml
+
+from proxy.config.effective import NOT_SHOWN, render
+from proxy.config.model import (
+    CacheRule,
+    CacheSettings,
+    Config,
+    Defaults,
+    EventsSettings,
+    RetryBudgetSettings,
+    Route,
+    ServerSettings,
+    Service,
+    Upstream,
+)
+from proxy.config.parse import (
+    CACHE_FIELDS,
+    EVENTS_FIELDS,
+    RETRY_BUDGET_FIELDS,
+    SERVER_FIELDS,
+    ConfigError,
+    keys_of,
+    load_config,
+    parse_config,
+)
+from proxy.masking import Masker
+from proxy.resilience.breaker import BreakerPolicy
+from proxy.resilience.retry_policy import RetryPolicy
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+# Every kind of value `check` prints: secrets in a URL, a path, a query, a header, a Redis password and a
+# route's path; numbers and escapes as written; result codes; routes switched off; derived and watched routes.
+ENV = {"REDIS_PASSWORD": "hunter2hunter2", "FX_HOST": "api.vendor.example", "FX_KEY": "k%2Fey9",
+       "FX_TOKEN": "tok-123456", "FX_KEY_1": "key-one-1", "FX_KEY_2": ""}
+MINIMAL = "version: 1\nservices:\n  fx:\n    upstreams: [{name: fx_primary, url: 'https://p.example'}]\n"
+# Fields `check` prints under the key routes.yaml spells them with.
+SPELLED = {"fallback_first": "fallback_before_retry", "hedge": "hedge_after", "pattern": "match"}
+
+
+def printed_keys(struct: type) -> list[str]:
+    return [SPELLED.get(item.name, item.name) for item in fields(struct) if (struct, item.name) not in NOT_SHOWN]
+
+
+def dump(effective: object) -> str:
+    return yaml.safe_dump(dict(effective), sort_keys=False, default_flow_style=False)  # as `check` prints it
+
+
+def test_check_prints_what_it_printed_before_the_model_drove_it():
+    # The expected text was printed by the code before the split (commit 13ade3e), byte for byte.
+    config = load_config(GOLDEN / "effective_config.yaml", ENV)
+    printed = dump(config.effective)
+    assert printed == (GOLDEN / "effective_config.check.txt").read_text()
+    for secret in ("hunter2hunter2", "api.vendor.example", "k%2Fey9", "k/ey9", "tok-123456", "key-one-1"):
+        assert secret not in printed
+
+
+def test_every_field_of_the_model_is_printed_in_its_order_or_said_why_not():
+    effective = load_config(GOLDEN / "effective_config.yaml", ENV).effective
+    assert list(effective) == ["version", "server", "upstream_client", "cache", "defaults", "services"]
+    assert list(effective["server"]) == printed_keys(ServerSettings)
+    assert list(effective["cache"]) == printed_keys(CacheSettings)
+    assert list(effective["defaults"]) == printed_keys(Defaults) + ["retry_budget"]
+    assert list(effective["defaults"]["retry_budget"]) == printed_keys(RetryBudgetSettings)
+    fx = effective["services"]["fx"]
+    assert list(fx) == printed_keys(Service)
+    assert list(fx["cache"]) == printed_keys(CacheRule)
+    for route in fx["routes"]:
+        assert list(route) == printed_keys(Route) and list(route["cache"]) == printed_keys(CacheRule)
+    with_codes, without_codes = fx["upstreams"][1], fx["upstreams"][0]
+    assert list(with_codes) == printed_keys(Upstream)
+    assert list(without_codes) == [key for key in printed_keys(Upstream) if key != "result_codes"]
+    # fx_primary has both rate-based trips on, so its breaker prints every field; fx_secondary's failure rate is off.
+    assert list(without_codes["breaker"]) == [item.name for item in fields(BreakerPolicy)]
+    assert list(with_codes["breaker"]) == [item.name for item in fields(BreakerPolicy)
+                                           if item.name not in ("failure_rate", "window", "min_calls", "min_failures")]
+    assert list(without_codes["retry"]) == [item.name for item in fields(RetryPolicy)]
+    shown_sections = {item.name for item in fields(Config) if (Config, item.name) not in NOT_SHOWN}
+    assert shown_sections == {"server", "upstream_client", "cache", "defaults", "retry_budget", "services"}
+
+
+def test_every_field_check_leaves_out_exists_and_says_why():
+    for (struct, name), reason in NOT_SHOWN.items():
+        assert name in {item.name for item in fields(struct)}, (struct.__name__, name)
+        assert len(reason) > 10, (struct.__name__, name)
+
+
+def test_a_field_added_to_the_model_is_printed_with_no_change_to_the_renderer():
+    @dataclass(frozen=True, slots=True, kw_only=True)
+    class WithKnob(ServerSettings):
+        knob: str = "on"
+
+    config = parse_config(MINIMAL, "routes.yaml", {})
+    widened = replace(config, server=WithKnob(**{f.name: getattr(config.server, f.name) for f in fields(ServerSettings)}))
+    printed = render(widened, Masker())
+    assert list(printed["server"]) == list(config.effective["server"]) + ["knob"]
+    assert printed["server"]["knob"] == "on"
+    assert printed["server"]["listen"] == "0.0.0.0:8080"  # the fields it extends print as before
+
+
+def test_check_prints_the_typed_values_not_the_text_of_the_file():
+    config = parse_config(MINIMAL, "routes.yaml", {})
+    service = config.services["fx"]
+    changed = replace(config, server=replace(config.server, max_connections=7),
+                      services={"fx": replace(service, deadline=2.5, upstreams=(replace(service.upstreams[0], timeout=0.75),))})
+    printed = render(changed, Masker())
+    assert printed["server"]["max_connections"] == 7
+    assert printed["services"]["fx"]["deadline"] == 2.5
+    assert printed["services"]["fx"]["upstreams"][0]["timeout"] == 0.75
+    assert config.effective["server"]["max_connections"] is None  # the parsed config's own rendering is untouched
+
+
+def test_a_value_from_the_environment_is_masked_wherever_the_model_holds_it():
+    config = parse_config("version: 1\ncache: {prefix: 'app-${TENANT}:'}\n" + MINIMAL.removeprefix("version: 1\n"),
+                          "routes.yaml", {"TENANT": "acme-secret"})
+    assert config.cache.prefix == "app-acme-secret:"
+    assert config.effective["cache"]["prefix"] == "app-***:"
+    assert render(config, Masker({"acme-secret"}))["cache"]["prefix"] == "app-***:"
+
+
+def test_each_flat_section_reads_every_field_of_its_struct():
+    # The keys a section accepts are its struct's fields; each is read by the section's table or by hand.
+    assert {key for key, _ in SERVER_FIELDS} | {"metrics_listen"} == keys_of(ServerSettings)
+    assert {key for key, _ in CACHE_FIELDS} | {"backend", "url"} == keys_of(CacheSettings)
+    assert {key for key, _ in RETRY_BUDGET_FIELDS} | {"enabled"} == keys_of(RetryBudgetSettings)
+    assert {key for key, _ in EVENTS_FIELDS} == keys_of(EventsSettings)
+
+
+def test_a_flat_section_names_its_struct_fields_when_a_key_is_unknown():
+    config_text = "version: 1\nevents: {max_topic: 5}\n" + MINIMAL.removeprefix("version: 1\n")
+    with pytest.raises(ConfigError) as caught:
+        parse_config(config_text, "routes.yaml", {})
+    problems = caught.value.problems
+    assert problems == [f"routes.yaml:2: events: unknown key 'max_topic' (allowed: {', '.join(sorted(keys_of(EventsSettings)))})"]
+    assert "max_topics_per_peer" in problems[0]
