@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import socket
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator
@@ -54,6 +55,15 @@ class ConnectTimeout(ConnectFailed):
 
 class ConnectRefused(ConnectFailed):
     """The upstream's host answered that nothing listens on the port."""
+
+
+class HostUnknown(ConnectFailed):
+    """The resolver answered that the upstream's host name does not exist (not a transient DNS failure)."""
+
+
+# getaddrinfo's "no such host" answers; EAI_AGAIN (the resolver did not answer) is transient, so not here.
+_NO_SUCH_HOST = frozenset(code for code in (getattr(socket, "EAI_NONAME", None), getattr(socket, "EAI_NODATA", None))
+                          if code is not None)
 
 
 class Disconnected(Exception):
@@ -683,7 +693,10 @@ class Pool:
             raise ConnectTimeout("connect timeout") from None
         except OSError as exc:
             self._abandon(made)
-            failure = ConnectRefused if isinstance(exc, ConnectionRefusedError) else ConnectFailed
+            if isinstance(exc, socket.gaierror) and exc.errno in _NO_SUCH_HOST:
+                failure: type[ConnectFailed] = HostUnknown
+            else:
+                failure = ConnectRefused if isinstance(exc, ConnectionRefusedError) else ConnectFailed
             raise failure(f"Cannot connect to host {self.host_header} [{exc.strerror or exc}]") from None
         except BaseException:
             self._abandon(made)
