@@ -57,6 +57,15 @@ def one_of_each_event() -> list:
         signals.CacheBackendState("redis", True),
         signals.CacheError("redis", "get", "timeout"),
         signals.ConfigReloaded(True, "sighup"),
+        signals.KeySpent(service, provider, "fp-1", 429, 1_733_040_060.0, 1),
+        signals.WatchEventEmitted(service, "status", "e1"),
+        signals.EventDelivered("ws", "status"),
+        signals.EventDelivered("ws", "status", redelivery=True),
+        signals.EventAcked("ws", "status"),
+        signals.EventDeadLettered("status", "e1", "gone"),
+        signals.ClientDropped("slow"),
+        signals.TopicSubscribers("status", "flights/status/KE1", 1),
+        signals.OutboxState(3, 1.5),
     ]
 
 
@@ -213,24 +222,59 @@ def panel_expressions(dashboard: dict) -> dict[str, list[str]]:
             if panel.get("type") != "row"}
 
 
-def test_dashboard_imports_with_a_prometheus_datasource_input(dashboard: dict) -> None:
+def test_dashboard_picks_its_prometheus_from_a_variable_with_no_import_placeholders(dashboard: dict) -> None:
+    """Provisioned from files or a ConfigMap, Grafana resolves no `${DS_...}` input: a variable does it."""
     assert 36 <= dashboard["schemaVersion"] <= 41
-    assert [(i["name"], i["type"], i["pluginId"]) for i in dashboard["__inputs"]] == \
-        [("DS_PROMETHEUS", "datasource", "prometheus")]
+    assert "DS_" not in DASHBOARD.read_text() and "__inputs" not in dashboard
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert (variables["datasource"]["type"], variables["datasource"]["query"]) == ("datasource", "prometheus")
+    selected = {"type": "prometheus", "uid": "${datasource}"}
     for panel in dashboard["panels"]:
-        assert panel["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
+        assert panel["datasource"] == selected, panel["title"]
         for target in panel["targets"]:
-            assert target["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
+            assert target["datasource"] == selected, panel["title"]
+    for name in ("namespace", "pod", "service"):
+        assert variables[name]["datasource"] == selected, name
     ids = [panel["id"] for panel in dashboard["panels"]]
     assert len(ids) == len(set(ids))
 
 
+def test_dashboard_has_namespace_pod_and_service_variables_every_query_honours(dashboard: dict) -> None:
+    names = [v["name"] for v in dashboard["templating"]["list"]]
+    assert names == ["datasource", "namespace", "pod", "service"]
+    for title, exprs in panel_expressions(dashboard).items():
+        for expr in exprs:
+            for metric in metric_names(expr):
+                selectors = re.findall(rf"(?<![\w:]){metric}(\{{[^}}]*\}})?", expr)
+                for selector in selectors:
+                    assert 'namespace=~"$namespace"' in selector and 'pod=~"$pod"' in selector, (title, metric)
+
+
+def test_dashboard_ratios_are_computed_from_counters(dashboard: dict) -> None:
+    """Averaging a percent gauge across pods weighs a quiet pod like a busy one: sum the counters, then divide."""
+    exprs = panel_expressions(dashboard)
+    everything = " ".join(e for group in exprs.values() for e in group)
+    assert "cache_hit_rate" not in everything and not re.search(r"\bavg\b", everything)
+    (hit_rate,) = exprs["Cache hit rate (fresh hits / lookups)"]
+    assert re.fullmatch(r'sum by \(service\) \(rate\(cache_requests_total\{[^}]*result="hit"\}\[\$__rate_interval\]\)\) '
+                        r'/ sum by \(service\) \(rate\(cache_requests_total\{[^}]*result!="bypass"\}'
+                        r'\[\$__rate_interval\]\)\)', hit_rate), hit_rate
+    (errors,) = exprs["Upstream error ratio"]
+    assert re.fullmatch(r"sum by \(service, provider\) \(rate\(external_request_errors_total\{[^}]*\}\[\$__rate_interval\]\)\) "
+                        r"/ sum by \(service, provider\) \(rate\(external_requests_total\{[^}]*\}\[\$__rate_interval\]\)\)",
+                        errors), errors
+
+
 def test_dashboard_has_the_panels_operators_need(dashboard: dict) -> None:
     exprs = " ".join(e for group in panel_expressions(dashboard).values() for e in group)
-    for needed in ("proxy_requests_total", "external_request_errors_total", "circuit_breaker_open", "cache_hit_rate",
+    for needed in ("proxy_requests_total", "external_request_errors_total", "circuit_breaker_open",
                    "cache_requests_total", "stale_served_total", "retries_total", "retry_budget_exhausted_total",
-                   "fallbacks_total", "cache_backend_up"):
-        assert needed in exprs, needed
+                   "fallbacks_total", "cache_backend_up", "api_key_rotations_total", "upstream_rests_total",
+                   "upstream_rest_until_seconds", "events_emitted_total", "event_deliveries_total",
+                   "event_redeliveries_total", "event_acks_total", "event_dead_letters_total",
+                   "event_clients_dropped_total", "event_subscribers", "outbox_length",
+                   "outbox_oldest_unacked_age_seconds"):
+        assert re.search(rf"(?<![\w:]){needed}\{{", exprs), needed
     for q in ("0.5", "0.95", "0.99"):
         assert f"histogram_quantile({q}, sum by (service, provider, le) " \
                f"(rate(external_request_duration_seconds_bucket" in exprs
@@ -245,5 +289,7 @@ def test_dashboard_panels_use_only_exported_metrics(dashboard: dict, exported: s
             assert names <= exported, (title, names - exported)
     for variable in dashboard["templating"]["list"]:
         query = variable["query"]["query"] if isinstance(variable["query"], dict) else variable["query"]
-        match = re.fullmatch(r"label_values\((\w+),\s*\w+\)", query)
+        if variable["type"] == "datasource":
+            continue
+        match = re.fullmatch(r"label_values\((\w+)(?:\{[^}]*\})?,\s*\w+\)", query)
         assert match and match.group(1) in exported, variable["name"]
