@@ -256,13 +256,18 @@ def test_dashboard_ratios_are_computed_from_counters(dashboard: dict) -> None:
     everything = " ".join(e for group in exprs.values() for e in group)
     assert "cache_hit_rate" not in everything and not re.search(r"\bavg\b", everything)
     (hit_rate,) = exprs["Cache hit rate (fresh hits / lookups)"]
-    assert re.fullmatch(r'sum by \(service\) \(rate\(cache_requests_total\{[^}]*result="hit"\}\[\$__rate_interval\]\)\) '
-                        r'/ sum by \(service\) \(rate\(cache_requests_total\{[^}]*result!="bypass"\}'
-                        r'\[\$__rate_interval\]\)\)', hit_rate), hit_rate
+    assert re.fullmatch(counter_ratio("service", ("cache_requests_total", 'result="hit"'),
+                                      ("cache_requests_total", 'result!="bypass"')), hit_rate), hit_rate
     (errors,) = exprs["Upstream error ratio"]
-    assert re.fullmatch(r"sum by \(service, provider\) \(rate\(external_request_errors_total\{[^}]*\}\[\$__rate_interval\]\)\) "
-                        r"/ sum by \(service, provider\) \(rate\(external_requests_total\{[^}]*\}\[\$__rate_interval\]\)\)",
-                        errors), errors
+    assert re.fullmatch(counter_ratio("service, provider", ("external_request_errors_total", ""),
+                                      ("external_requests_total", "")), errors), errors
+
+
+def counter_ratio(by: str, numerator: tuple[str, str], denominator: tuple[str, str]) -> str:
+    """A regex of `sum by (by) (rate(name{..., matcher}[$__rate_interval]))`, one divided by the other."""
+    def part(name: str, matcher: str) -> str:
+        return rf"sum by \({re.escape(by)}\) \(rate\({name}\{{[^}}]*{re.escape(matcher)}\}}\[\$__rate_interval\]\)\)"
+    return part(*numerator) + " / " + part(*denominator)
 
 
 def test_dashboard_has_the_panels_operators_need(dashboard: dict) -> None:

@@ -354,7 +354,8 @@ def containers(documents: list[dict[str, Any]] | None = None) -> list[tuple[str,
 def sidecar(documents: list[dict[str, Any]] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(pod template, container) of the proxy sidecar."""
     found = [(d["spec"]["template"], c) for d in documents or deployments()
-             for c in pod_containers(d["spec"]["template"]["spec"]) if c["image"].split(":")[0].endswith("resilience-proxy")]
+             for c in pod_containers(d["spec"]["template"]["spec"])
+             if c["image"].split(":")[0].endswith("resilience-proxy")]
     assert len(found) == 1, "exactly one proxy sidecar in the manifests"
     return found[0]
 
