@@ -12,13 +12,13 @@ import asyncio
 import math
 from typing import Any, Awaitable, Callable, TypeVar
 
-import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
 from proxy.cache.entry import Entry, decode_entry, encode_entry
 from proxy.clock import Clock
+from proxy.fleet.connection import RedisTarget, is_cluster, open_client
 from proxy.resilience.deadlines import Deadlines, for_running_loop
 from proxy.signals import CacheBackendState, CacheError, discard
 
@@ -58,7 +58,7 @@ class RedisStore:
 
     def __init__(
         self,
-        url: str,
+        url: str | RedisTarget,
         *,
         prefix: str = "rp:",
         clock: Clock,
@@ -87,14 +87,13 @@ class RedisStore:
         self._slots = asyncio.Semaphore(max_connections)
         self._deadlines: Deadlines | None = None  # the commands' time limits (one timer, not one per call)
         self._max_calls = max_connections
-        self._client = aioredis.Redis.from_url(
+        self._client = open_client(
             url,
             max_connections=2 * max_connections,
             socket_timeout=op_timeout * 2,
-            socket_connect_timeout=op_timeout * 2,
+            connect_timeout=op_timeout * 2,
             health_check_interval=health_check_interval,
             retry=Retry(NoBackoff(), 1),
-            decode_responses=False,
         )
         self._connected: bool | None = None  # unknown until the first call
         self._down_until = float("-inf")
@@ -137,23 +136,44 @@ class RedisStore:
         await self._call("delete", lambda: self._client.unlink(self._prefix + key))
 
     async def purge(self, service: str) -> int:
-        """Delete the service's keys with SCAN + UNLINK in batches; each call is bounded on its own.
+        """Delete the service's keys with SCAN + UNLINK in batches, on every master of a Cluster;
+        each call is bounded on its own.
 
         The pattern matches `service:` followed by exactly one 64-hex digest, so purging `fx`
         never touches a service named `fx:eu`.
         """
         pattern = _glob_escape(self._prefix + service + ":") + "?" * 64
+        if not is_cluster(self._client):
+            return await self._purge_node(pattern, None)
+        nodes = await self._call("purge", self._primaries)
+        if nodes is _UNAVAILABLE:
+            return 0
+        deleted = 0
+        for node in nodes:
+            deleted += await self._purge_node(pattern, node)
+        return deleted
+
+    async def _primaries(self) -> list[Any]:
+        await self._client.initialize()  # the masters as the Cluster names them now
+        return list(self._client.get_primaries())
+
+    async def _purge_node(self, pattern: str, node: Any) -> int:
+        """SCAN one node (`node` None: the only one) and UNLINK what matches."""
+        where = {} if node is None else {"target_nodes": node}
         deleted = 0
         cursor: int | bytes = 0
         while True:
             scanned = await self._call(
                 "purge",
-                lambda: self._client.scan(cursor=cursor, match=pattern, count=self._scan_count),
+                lambda: self._client.scan(cursor=cursor, match=pattern, count=self._scan_count, **where),
             )
             if scanned is _UNAVAILABLE:
                 return deleted
             cursor, keys = scanned
+            if isinstance(cursor, dict):  # a Cluster answers per node
+                cursor = next(iter(cursor.values()), 0)
             if keys:
+                # On a Cluster, redis-py splits a multi-key UNLINK by slot.
                 removed = await self._call("purge", lambda: self._client.unlink(*keys))
                 if removed is _UNAVAILABLE:
                     return deleted

@@ -23,6 +23,7 @@ from proxy.chain.fallback import FallbackStage
 from proxy.chain.retries import RetryStage
 from proxy.clock import Clock
 from proxy.config.parse import Config, Upstream
+from proxy.fleet.connection import target_of
 from proxy.resilience.breaker import Breaker
 from proxy.resilience.hedging import LatencyWindow
 from proxy.resilience.retry_policy import RetryBudget
@@ -33,7 +34,7 @@ def build_store(config: Config, clock: Clock, emit: signals.Subscriber) -> Store
     """The configured cache backend; Redis gets a small in-process tier in front of it."""
     settings = config.cache
     if settings.backend == "redis":
-        remote = RedisStore(settings.url, prefix=settings.prefix, clock=clock, emit=emit, op_timeout=settings.op_timeout)
+        remote = RedisStore(target_of(settings), prefix=settings.prefix, clock=clock, emit=emit, op_timeout=settings.op_timeout)
         local = MemoryStore(min(settings.max_bytes, 16 * 1024 * 1024), clock)
         return TwoLevelStore(remote, local, local_ttl=settings.local_ttl, clock=clock)
     return MemoryStore(settings.max_bytes, clock)
@@ -45,7 +46,8 @@ class Runtime:
     def __init__(self, config: Config, *, clock: Clock, bus: signals.EventBus, store: Store | None = None,
                  transport: HttpTransport | None = None, breakers: dict[str, Breaker] | None = None,
                  budgets: dict[str, RetryBudget] | None = None, latencies: dict[str, LatencyWindow] | None = None,
-                 rng: random.Random | None = None, previous: "Runtime | None" = None) -> None:
+                 rng: random.Random | None = None, previous: "Runtime | None" = None,
+                 probe_lease: Any = None) -> None:
         self.config = config
         self.clock = clock
         self.active = 0  # requests running on this table; a reload retires it once they are done
@@ -67,7 +69,7 @@ class Runtime:
         self.limiters = self._kept(previous, "rate_limit", self._new_limiter)
         self.keyrings = self._kept(previous, "keys", lambda u: KeyRing(u.keys, clock, u.key_cooldown))
         attempt = AttemptStage(self.transport, self.breakers, clock, bus.emit, limiters=self.limiters,
-                               keyrings=self.keyrings, latencies=self.latencies)
+                               keyrings=self.keyrings, latencies=self.latencies, probe_lease=probe_lease)
         retry = RetryStage(attempt, self.budgets, clock, bus.emit, rng)
         self.fallback = FallbackStage(retry, clock, breakers=self.breakers, latencies=self.latencies, emit=bus.emit)
         self.cache = CacheStage(self.store, self.fallback, config.cache, clock, bus.emit, callable=self._callable)

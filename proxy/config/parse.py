@@ -27,6 +27,7 @@ from proxy.adapters.transform import placeholders as expression_placeholders
 from proxy.adapters.vendor_codes import MEANINGS, Meaning, ResultCodes
 from proxy.config.routing import MatchPattern, Template, prefixes_overlap
 from proxy.config.yaml_source import MAX_BYTES, LineDict, LineList, Substituted, line_of, load
+from proxy.fleet.connection import SentinelSettings, TlsSettings
 from proxy.masking import Masker
 from proxy.resilience.breaker import PROFILES, BreakerPolicy
 from proxy.resilience.hedging import HEDGE_AUTO, HedgePolicy
@@ -270,6 +271,9 @@ class CacheSettings:
     prefix: str = "rp:"
     op_timeout: float = 0.05
     local_ttl: float = 1.0
+    cluster: bool = False                     # url is a seed node of a Redis Cluster
+    sentinel: SentinelSettings | None = None  # the master is whichever the Sentinels name
+    tls: TlsSettings | None = None            # files for rediss://
 
 
 @dataclass(frozen=True, slots=True)
@@ -483,7 +487,8 @@ _BREAKER_FIELDS = (("fail_threshold", _positive_int), ("open_timeout", parse_dur
                    ("half_open_max_calls", _positive_int), ("failure_rate", _fraction_or_off),
                    ("window", parse_duration), ("min_calls", _positive_int), ("min_failures", _positive_int),
                    ("slow_call_duration", parse_duration), ("slow_call_rate", _fraction),
-                   ("trip_on_429", _boolean), ("trip_on_refused", _boolean), ("max_rest", parse_duration))
+                   ("trip_on_429", _boolean), ("trip_on_refused", _boolean), ("max_rest", parse_duration),
+                   ("shared", _boolean))
 
 
 def _breaker(check: _Checker, value: Any, where: str, line: int, base: BreakerPolicy) -> BreakerPolicy:
@@ -617,8 +622,14 @@ def _password(url: str) -> str:
 
 def _redis_url_problem(url: str) -> str | None:
     """Why redis-py would fail on `url` at start or at every call, found now; None when it would not."""
-    if url.partition("://")[0] not in ("redis", "rediss", "unix"):
+    scheme, _, rest = url.partition("://")
+    if scheme == "redis+sentinel" or scheme == "sentinel":
+        return "Sentinel is set with cache.sentinel: {hosts: [...], service: ...}, not a URL"
+    if scheme not in ("redis", "rediss", "unix"):
         return "expected a redis://, rediss:// or unix:// URL"
+    if scheme != "unix" and ("," in rest.partition("/")[0] or ";" in rest.partition("/")[0]):
+        return ("one host only; for several use cache.sentinel.hosts, or cache.cluster: true "
+                "with one node of the cluster")
     try:
         parsed = URL(url)
         port = parsed.port
@@ -636,6 +647,87 @@ def _redis_url_problem(url: str) -> str | None:
     if unknown:
         return f"unknown connection option {sorted(unknown)[0]!r}"
     return None
+
+
+def _redis_topology(check: _Checker, data: LineDict, url: str | None, line: int) -> dict[str, Any]:
+    """`cache.cluster`, `cache.sentinel` and `cache.tls` (the Redis shapes beyond one node); `url`
+    is None unless the backend is redis."""
+    cluster = check.get(data, "cluster", "cache", _boolean, False)
+    sentinel = _sentinel(check, data["sentinel"], line_of(data, "sentinel")) if "sentinel" in data else None
+    tls = _tls(check, data["tls"], line_of(data, "tls")) if "tls" in data else None
+    if cluster and "sentinel" in data:
+        check.problem(line_of(data, "sentinel"), "cache.cluster and cache.sentinel: set one of them (a Cluster "
+                                                 "fails over by itself; Sentinel watches one master)")
+    if url is not None and cluster and url.startswith("unix:"):
+        check.problem(line_of(data, "url") if "url" in data else line, "cache.url: a Cluster is reached over TCP: "
+                                                                        "use redis://host:port of one of its nodes")
+    if url is not None and tls is not None and sentinel is None and not url.startswith("rediss://"):
+        check.problem(line_of(data, "tls"), "cache.tls: needs a rediss:// cache.url (TLS files for a plain connection)")
+    if url is None:
+        for key in ("cluster", "sentinel", "tls"):
+            if key in data and data[key] not in (False, None):
+                check.problem(line_of(data, key), f"cache.{key}: only with cache.backend: redis")
+    return {"cluster": cluster, "sentinel": sentinel, "tls": tls}
+
+
+def _sentinel(check: _Checker, value: Any, line: int) -> SentinelSettings | None:
+    data = check.mapping(value, "cache.sentinel", line)
+    if data is None:
+        return None
+    check.known_keys(data, {"hosts", "service", "db", "password"}, "cache.sentinel")
+    hosts: list[tuple[str, int]] = []
+    raw_hosts = data.get("hosts")
+    if not isinstance(raw_hosts, list) or not raw_hosts:
+        check.problem(line_of(data, "hosts") if "hosts" in data else line,
+                      "cache.sentinel.hosts: a list of one or more Sentinels as host:port is needed")
+    else:
+        for item in raw_hosts:
+            host, _, port = str(item).rpartition(":") if isinstance(item, str) else ("", "", "")
+            host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+            if not host or not valid_host(host) or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+                check.problem(line_of(data, "hosts"), f"cache.sentinel.hosts: expected host:port, got {item!r}")
+            else:
+                hosts.append((host, int(port)))
+    service = check.get(data, "service", "cache.sentinel", _string, "")
+    if not service:
+        check.problem(line_of(data, "service") if "service" in data else line,
+                      "cache.sentinel.service: the master's name as the Sentinels know it (e.g. mymaster) is needed")
+    db = data.get("db", 0)
+    if isinstance(db, bool) or not isinstance(db, int) or not 0 <= db <= 15:
+        check.problem(line_of(data, "db"), f"cache.sentinel.db: expected a database number 0..15, got {db!r}")
+        db = 0
+    password = check.get(data, "password", "cache.sentinel", _string, "")
+    if isinstance(data.get("password"), Substituted):
+        check.secret(password)
+    return SentinelSettings(tuple(hosts), service, db, password)
+
+
+def _tls(check: _Checker, value: Any, line: int) -> TlsSettings | None:
+    data = check.mapping(value, "cache.tls", line)
+    if data is None:
+        return None
+    check.known_keys(data, {"ca_file", "cert_file", "key_file"}, "cache.tls")
+    files: dict[str, str | None] = {}
+    for key in ("ca_file", "cert_file", "key_file"):
+        path = check.get(data, key, "cache.tls", _string, None)
+        if path is not None and not os.path.isfile(path):
+            check.problem(line_of(data, key), f"cache.tls.{key}: no readable file at {path!r}")
+        files[key] = path
+    if (files["cert_file"] is None) != (files["key_file"] is None):
+        check.problem(line, "cache.tls: cert_file and key_file go together (a client certificate and its key)")
+    return TlsSettings(**files)
+
+
+def _topology_dict(cache: CacheSettings) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if cache.cluster:
+        out["cluster"] = True
+    if cache.sentinel is not None:
+        out["sentinel"] = {"hosts": [f"{h}:{p}" for h, p in cache.sentinel.hosts], "service": cache.sentinel.service,
+                           "db": cache.sentinel.db, "password": "***" if cache.sentinel.password else ""}
+    if cache.tls is not None:
+        out["tls"] = {"ca_file": cache.tls.ca_file, "cert_file": cache.tls.cert_file, "key_file": cache.tls.key_file}
+    return out
 
 
 @functools.cache
@@ -857,13 +949,13 @@ def check_document(document: Any, filename: str, yaml_problems: list[tuple[int, 
     cache = CacheSettings()
     if cache_data is not None:
         check.known_keys(cache_data, {"backend", "url", "max_stale", "max_bytes", "max_body_bytes", "prefix",
-                                      "op_timeout", "local_ttl"}, "cache")
+                                      "op_timeout", "local_ttl", "cluster", "sentinel", "tls"}, "cache")
         backend = check.get(cache_data, "backend", "cache", _string, cache.backend)
         if backend not in ("memory", "redis"):
             check.problem(line_of(cache_data, "backend"), f"cache.backend: expected memory or redis, got {backend!r}")
             backend = "memory"
         url = check.get(cache_data, "url", "cache", _string, cache.url)
-        problem = _redis_url_problem(url) if backend == "redis" else None
+        problem = _redis_url_problem(url) if backend == "redis" and "sentinel" not in cache_data else None
         if problem is not None:
             check.problem(line_of(cache_data, "url") if "url" in cache_data else line_of(root, "cache"),
                           f"cache.url: {problem}")
@@ -877,10 +969,12 @@ def check_document(document: Any, filename: str, yaml_problems: list[tuple[int, 
             prefix=check.get(cache_data, "prefix", "cache", _string, cache.prefix),
             op_timeout=check.get(cache_data, "op_timeout", "cache", _positive_duration, cache.op_timeout),
             local_ttl=check.get(cache_data, "local_ttl", "cache", parse_duration, cache.local_ttl),
+            **_redis_topology(check, cache_data, url if backend == "redis" else None, line_of(root, "cache")),
         )
     masked_url = str(URL(cache.url).with_password("***")) if _password(cache.url) else cache.url
     effective["cache"] = {"backend": cache.backend, "url": masked_url, "max_stale": cache.max_stale,
-                          "max_bytes": cache.max_bytes, "max_body_bytes": cache.max_body_bytes, "prefix": cache.prefix}
+                          "max_bytes": cache.max_bytes, "max_body_bytes": cache.max_body_bytes, "prefix": cache.prefix,
+                          **_topology_dict(cache)}
 
     # defaults
     defaults_data = check.mapping(root.get("defaults"), "defaults", line_of(root, "defaults"))
@@ -924,6 +1018,12 @@ def check_document(document: Any, filename: str, yaml_problems: list[tuple[int, 
                              "retry_budget": {"enabled": budget.enabled, "ratio": budget.ratio,
                                               "min_per_second": budget.min_per_second, "window": budget.window}}
     effective["services"] = effective_services
+    if cache.backend != "redis":
+        for service in services.values():
+            for upstream in service.upstreams:
+                if upstream.breaker.shared:
+                    check.problem(upstream_lines.get(upstream.name, 1), f"services.{service.name}: breaker.shared: "
+                                  f"true (upstream {upstream.name!r}) needs cache.backend: redis, where replicas share it")
     events_settings = _events(check, root.get("events"), line_of(root, "events")) if "events" in root else EventsSettings()
     if check.problems:
         raise ConfigError(_format(check))
@@ -1275,6 +1375,8 @@ def _breaker_dict(policy: BreakerPolicy) -> dict[str, Any]:
     if policy.slow_call_rate is not None:
         out.update(slow_call_duration=policy.slow_call_duration, slow_call_rate=policy.slow_call_rate)
     out.update(trip_on_429=policy.trip_on_429, trip_on_refused=policy.trip_on_refused, max_rest=policy.max_rest)
+    if policy.shared:
+        out["shared"] = True
     return out
 
 

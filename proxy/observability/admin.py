@@ -21,6 +21,7 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.downstream.handler import json_response
+from proxy.fleet.connection import target_of
 from proxy.resilience.breaker import State
 
 # A provider whose error rate over the last 5 minutes is above this is DEGRADED.
@@ -148,8 +149,19 @@ class Health:
         else:
             status = "healthy"
         runtime = self._state.runtime
-        return json_response(200, {"status": status, "services": services,
-                                   "timestamp": now_iso(runtime.clock.time())})
+        body = {"status": status, "services": services, "timestamp": now_iso(runtime.clock.time())}
+        fleet = self._fleet()
+        if fleet is not None:
+            body["fleet"] = fleet
+        return json_response(200, body)
+
+    def _fleet(self) -> dict[str, Any] | None:
+        """Whether shared breakers follow the fleet or, Redis being out of reach, decide locally."""
+        shared = getattr(self._state, "fleet_breakers", None)
+        if shared is None or not shared.count():
+            return None
+        return {"sharedBreakers": shared.count(), "breakers": "fleet" if shared.connected else "local",
+                "redis": target_of(self._state.runtime.config.cache).shape}
 
     async def live(self, request: web.BaseRequest) -> web.Response:
         return json_response(200, {"status": "alive"})
@@ -165,9 +177,12 @@ class Health:
 
     async def circuits(self, request: web.BaseRequest) -> web.Response:
         runtime = self._state.runtime
+        shared = getattr(self._state, "fleet_breakers", None)
         circuits = []
         for upstream in runtime.config.upstreams():
             circuit = runtime.breakers[upstream.name].snapshot()
+            if upstream.breaker.shared and shared is not None:  # fleet: the fleet's state; local: Redis unreachable
+                circuit["shared"] = "fleet" if shared.connected else "local"
             ring = runtime.keyrings.get(upstream.name)
             if ring is not None:  # fingerprints only: key values never leave the process
                 circuit["keys"] = [{**k, "spentUntil": now_iso(k["spentUntil"]) if k["spentUntil"] else None}
@@ -284,7 +299,11 @@ class Health:
             breaker.reset()
         else:
             breaker.force_open()
-        return json_response(200, breaker.snapshot())
+        body = breaker.snapshot()
+        shared = getattr(self._state, "fleet_breakers", None)
+        if breaker.policy.shared and shared is not None:  # every replica, or this one only when Redis is away
+            body["shared"] = "fleet" if await shared.act(provider, action) else "local"
+        return json_response(200, body)
 
     async def _purge(self, service: str) -> web.Response:
         runtime = self._state.runtime

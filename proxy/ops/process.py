@@ -21,6 +21,9 @@ from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.config.parse import Config, ConfigError, ServerSettings, load_config
 from proxy.downstream.front import LeanFront
 from proxy.downstream.handler import HitPath, ProxyHandler, RawAnswer, error_response, request_id_of
+from proxy.fleet.breakers import SharedBreakers
+from proxy.fleet.connection import target_of
+from proxy.fleet.link import FleetLink
 from proxy.fleet.rests import SharedRests
 from proxy.observability.admin import Health
 from proxy.observability.logs import REDACTOR, EventLog
@@ -50,7 +53,7 @@ class ProxyProcess:
             self.bus.subscribe(EventLog(clock=clock))
         self.admin_token = self.env.get("ADMIN_TOKEN") or None
         REDACTOR.add_secrets(config.secrets | ({self.admin_token} if self.admin_token else set()))
-        self.runtime = Runtime(config, clock=clock, bus=self.bus)
+        self.runtime = Runtime(config, clock=clock, bus=self.bus, probe_lease=self._claim_probe)
         self._register(config)
         self.ready = False
         self._config_digest = _digest(config.source)
@@ -65,12 +68,25 @@ class ProxyProcess:
         self._watch_task: asyncio.Task[None] | None = None
         self.events = EventsSystem(self, config)
         self._retiring: set[asyncio.Task[None]] = set()
-        # With a shared Redis, a rest one replica is told of (Retry-After, a refused key) holds for all.
+        # With a shared Redis, a rest one replica is told of (Retry-After, a refused key) holds for all,
+        # and so does a shared breaker's OPEN state; both travel on one link per replica.
         self.fleet: SharedRests | None = None
+        self.fleet_breakers: SharedBreakers | None = None
+        self._fleet_link: FleetLink | None = None
         if config.cache.backend == "redis":
-            self.fleet = SharedRests(config.cache.url, config.cache.prefix, runtime=lambda: self.runtime,
+            self._fleet_link = FleetLink(target_of(config.cache), emit=self.bus.emit)
+            self.fleet = SharedRests(self._fleet_link, config.cache.prefix, runtime=lambda: self.runtime,
                                      clock=clock, emit=self.bus.emit)
+            self.fleet_breakers = SharedBreakers(self._fleet_link, config.cache.prefix, runtime=lambda: self.runtime,
+                                                 clock=clock, emit=self.bus.emit)
             self.bus.subscribe(self.fleet)
+            self.bus.subscribe(self.fleet_breakers)
+            self._fleet_link.on_change(lambda up, error: self.bus.emit(signals.FleetLinkChanged(
+                up, self.fleet_breakers.count() if self.fleet_breakers else 0, error)))
+
+    async def _claim_probe(self, upstream: Any) -> bool:
+        """Whether this replica sends a shared breaker's half-open probe (see SharedBreakers.claim_probe)."""
+        return True if self.fleet_breakers is None else await self.fleet_breakers.claim_probe(upstream)
 
     def _register(self, config: Config, breakers: dict[str, Any] | None = None) -> None:
         for upstream in config.upstreams():
@@ -126,8 +142,8 @@ class ProxyProcess:
         """Bind the listeners (port 0 picks a free one; see `addresses`)."""
         await self.runtime.store.ping()  # learn the cache backend's state before the first request
         self.events.start()
-        if self.fleet is not None:
-            self.fleet.start()
+        if self._fleet_link is not None:
+            self._fleet_link.start()
         settings = self.runtime.config.server
         # Connections start on the lean front end (plain GETs); aiohttp's server takes every other one.
         self._front = LeanFront(self.handle, self.handle_rest, self.answer_from_cache, **_bounds(settings),
@@ -158,6 +174,10 @@ class ProxyProcess:
         await self.events.stop()
         if self.fleet is not None:
             await self.fleet.stop()
+        if self.fleet_breakers is not None:
+            await self.fleet_breakers.stop()
+        if self._fleet_link is not None:
+            await self._fleet_link.stop()
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -206,7 +226,8 @@ class ProxyProcess:
                 log.warning("server.listen / metrics_listen changes take effect at the next restart", kind="reload")
             runtime = Runtime(config, clock=self.clock, bus=self.bus, store=store,
                               transport=old.transport.with_settings(config.server),
-                              breakers=kept_breakers, budgets=kept_budgets, latencies=kept_latencies, previous=old)
+                              breakers=kept_breakers, budgets=kept_budgets, latencies=kept_latencies, previous=old,
+                              probe_lease=self._claim_probe)
             REDACTOR.add_secrets(config.secrets)
             removed_upstreams = {u.name for u in old.config.upstreams()} - {u.name for u in config.upstreams()}
             for name in removed_upstreams:

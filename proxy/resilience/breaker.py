@@ -10,6 +10,7 @@ as a frozen event on the injected `emit`, which is how logs and metrics learn ab
     HALF_OPEN --(a probe succeeds)--> CLOSED
     HALF_OPEN --(a probe fails)--> OPEN (a fresh open_timeout)
     any --(force_open)--> OPEN until reset;  any --(reset)--> CLOSED
+    any --(follow_open / follow_close: what the fleet agreed, for a shared breaker)--> OPEN / CLOSED
 
 The breaker is the upstream's one gate, so it also keeps the *rest* an upstream asked for
 (`Retry-After` on a 429 or 503): while resting, `allow()` refuses whatever the state; when the
@@ -67,7 +68,8 @@ class BreakerPolicy:
     certainly never saw the request) opens the breaker at once instead of counting as one failure.
     `max_rest` caps how long a `Retry-After` may rest the upstream (0: never rest).
     `trip_on_429` is read by the caller when it classifies outcomes; the breaker itself only
-    receives success or failure.
+    receives success or failure. `shared` is read by the fleet (`proxy.fleet.breakers`): the
+    breaker's OPEN state and half-open probe are then agreed on through Redis.
     """
 
     fail_threshold: int
@@ -82,6 +84,7 @@ class BreakerPolicy:
     trip_on_429: bool = False
     trip_on_refused: bool = True
     max_rest: float = 3600.0
+    shared: bool = False
 
     def __post_init__(self) -> None:
         _require_int("fail_threshold", self.fail_threshold, minimum=1)
@@ -100,7 +103,7 @@ class BreakerPolicy:
             _require_number("slow_call_duration", self.slow_call_duration, minimum=0.0, exclusive=True)
         if (self.slow_call_rate is None) != (self.slow_call_duration is None):
             raise ValueError("slow_call_rate and slow_call_duration must be set together")
-        for name in ("trip_on_429", "trip_on_refused"):
+        for name in ("trip_on_429", "trip_on_refused", "shared"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
         _require_number("max_rest", self.max_rest, minimum=0.0)
@@ -335,6 +338,24 @@ class Breaker:
             return
         self._to(State.OPEN, "forced", forced=True)
 
+    # --- the fleet (a shared breaker follows what another replica saw) ---------------------
+
+    def follow_open(self, retry_at: float | None, *, reason: str = "fleet") -> None:
+        """Open because the fleet says so: until `retry_at` (wall-clock epoch seconds; past: probe
+        at once), or until reset when None (forced open on another replica). Nothing happens when
+        the breaker already stands so (no event, no new generation)."""
+        forced = retry_at is None
+        if self._state is State.OPEN and self._forced == forced and (forced or (
+                self._retry_at is not None and abs(self._retry_at - retry_at) < 0.001)):
+            return
+        hold = None if retry_at is None else retry_at - self._clock.time()
+        self._to(State.OPEN, reason, forced=forced, open_for=hold)
+
+    def follow_close(self) -> None:
+        """Close because the fleet says so (a probe elsewhere succeeded, or a reset)."""
+        if self._state is not State.CLOSED:
+            self._to(State.CLOSED, "fleet")
+
     # --- what it looks like ---------------------------------------------------------------
 
     @property
@@ -478,16 +499,19 @@ class Breaker:
         if failed:
             self._emit(BreakerFailure(self.service, self.provider, self._failures, policy.fail_threshold))
 
-    def _to(self, new: State, reason: str, *, forced: bool = False, announce: bool = True) -> None:
+    def _to(self, new: State, reason: str, *, forced: bool = False, announce: bool = True,
+            open_for: float | None = None) -> None:
         old = self._state
         self._state = new
         self._generation += 1
         self._probes = 0
         self._forced = forced
         if new is State.OPEN:
-            self._opened_mono = self._clock.monotonic()
+            # `open_for`: how long the fleet keeps it open (the timeout is counted from that).
+            hold = self.policy.open_timeout if open_for is None else open_for
+            self._opened_mono = self._clock.monotonic() + hold - self.policy.open_timeout
             self._opened_at = self._clock.time()
-            self._retry_at = None if forced else self._opened_at + self.policy.open_timeout
+            self._retry_at = None if forced else self._opened_at + hold
         elif new is State.HALF_OPEN:
             self._retry_at = None
         else:
