@@ -97,9 +97,8 @@ def open_client(target: RedisTarget | str, *, socket_timeout: float | None, conn
             options["max_connections"] = max_connections
         return guard.master_for(sentinel.service, db=sentinel.db, password=sentinel.password or None, **options)
     if target.cluster:
-        # Retries after a redirect or a lost node; the caller's own deadline bounds them.
-        return RedisCluster.from_url(target.url, max_connections=max_connections or 100,
-                                     cluster_error_retry_attempts=3, **options)
+        # The caller's deadline bounds redirects and retries after a lost node.
+        return RedisCluster.from_url(target.url, max_connections=max_connections or 100, **options)
     if max_connections is not None:
         options["max_connections"] = max_connections
     return aioredis.Redis.from_url(target.url, **options)
