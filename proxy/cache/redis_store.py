@@ -28,6 +28,7 @@ BACKEND = "redis"
 # holds one for a round trip (well under a millisecond in a pod's network), so 64 carry tens
 # of thousands of calls a second.
 MAX_CONNECTIONS = 64
+_FIRST_CONNECT = 1.0  # seconds the start-up ping may take
 
 
 class _Unavailable:
@@ -91,7 +92,7 @@ class RedisStore:
             url,
             max_connections=2 * max_connections,
             socket_timeout=op_timeout * 2,
-            connect_timeout=op_timeout * 2,
+            connect_timeout=max(op_timeout * 2, _FIRST_CONNECT),  # the budget in _call is what bounds a call
             health_check_interval=health_check_interval,
             retry=Retry(NoBackoff(), 1),
         )
@@ -182,7 +183,10 @@ class RedisStore:
                 return deleted
 
     async def ping(self) -> bool:
-        return await self._call("ping", self._client.ping) is not _UNAVAILABLE
+        # The first call may pay a TLS handshake, a Cluster's discovery or a Sentinel lookup:
+        # at start it gets a second, so a slow first connection does not mean Redis is down.
+        budget = _FIRST_CONNECT if self._connected is None else None
+        return await self._call("ping", self._client.ping, budget=budget) is not _UNAVAILABLE
 
     # --- cluster-wide coalescing: a short lock per cache key ------------------------------
 
@@ -209,7 +213,8 @@ class RedisStore:
     def describe(self) -> dict[str, Any]:
         return {"backend": BACKEND, "connected": self.connected, "entries": None, "bytes": None}
 
-    async def _call(self, operation: str, command: Callable[[], Awaitable[T]]) -> T | _Unavailable:
+    async def _call(self, operation: str, command: Callable[[], Awaitable[T]],
+                    budget: float | None = None) -> T | _Unavailable:
         """Run one Redis command within `op_timeout`, or not at all while Redis is down."""
         probe = self._connected is False
         if probe:
@@ -219,7 +224,7 @@ class RedisStore:
         slotted = False
         deadlines = self._deadlines = for_running_loop(self._deadlines)
         try:
-            async with deadlines.after(self._op_timeout), self._slots:
+            async with deadlines.after(max(budget or 0.0, self._op_timeout)), self._slots:
                 slotted = True
                 result = await command()
         except ResponseError as exc:
