@@ -80,6 +80,11 @@ def test_cluster_and_sentinel_together_are_refused():
                         "itself; Sentinel watches one master)"]
 
 
+def test_a_cluster_url_naming_another_database_is_refused():
+    problems = problems_of(table("  backend: redis\n  url: redis://127.0.0.1:7000/3\n  cluster: true"))
+    assert problems == ["routes.yaml:4: cache.url: a Cluster has only database 0"]
+
+
 def test_tls_files_that_do_not_exist_are_named(tmp_path):
     missing = tmp_path / "ca.pem"
     problems = problems_of(table(f"  backend: redis\n  url: rediss://127.0.0.1:6380/0\n  tls: {{ca_file: '{missing}'}}"))
@@ -128,6 +133,7 @@ def test_valid_topologies_become_typed_settings(tmp_path):
     assert "hunter2-redis" in sentinel.secrets
     assert sentinel.effective["cache"]["sentinel"]["password"] == "***"
     assert "hunter2-redis" not in repr(sentinel.effective)
+    assert "url" not in sentinel.effective["cache"]  # not used: the Sentinels name the master
 
     tls = parse_config(table(f"  backend: redis\n  url: rediss://10.0.0.5:6380/0\n  tls: {{ca_file: '{ca}', "
                              f"cert_file: '{cert}', key_file: '{key}'}}"), "routes.yaml", {})

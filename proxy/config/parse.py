@@ -661,6 +661,8 @@ def _redis_topology(check: _Checker, data: LineDict, url: str | None, line: int)
     if url is not None and cluster and url.startswith("unix:"):
         check.problem(line_of(data, "url") if "url" in data else line, "cache.url: a Cluster is reached over TCP: "
                                                                         "use redis://host:port of one of its nodes")
+    elif url is not None and cluster and url.partition("://")[2].partition("/")[2].partition("?")[0] not in ("", "0"):
+        check.problem(line_of(data, "url") if "url" in data else line, "cache.url: a Cluster has only database 0")
     if url is not None and tls is not None and sentinel is None and not url.startswith("rediss://"):
         check.problem(line_of(data, "tls"), "cache.tls: needs a rediss:// cache.url (TLS files for a plain connection)")
     if url is None:
@@ -975,6 +977,8 @@ def check_document(document: Any, filename: str, yaml_problems: list[tuple[int, 
     effective["cache"] = {"backend": cache.backend, "url": masked_url, "max_stale": cache.max_stale,
                           "max_bytes": cache.max_bytes, "max_body_bytes": cache.max_body_bytes, "prefix": cache.prefix,
                           **_topology_dict(cache)}
+    if cache.sentinel is not None:
+        del effective["cache"]["url"]  # the Sentinels name the master; the URL is not used
 
     # defaults
     defaults_data = check.mapping(root.get("defaults"), "defaults", line_of(root, "defaults"))
