@@ -69,12 +69,13 @@ async def test_a_failover_is_followed_without_a_restart(sentinel, fake_upstream,
     a, b = await proxy_factory(text, clock=clock), await proxy_factory(text, clock=clock)
     assert (await a.get("/fx/before")).headers["X-Cache"] == "MISS"
     old_master = sentinel.master()
-    assert cli(old_master, "wait", "1", "2000") == "1"  # the copy reached the replica
+    promoted = sentinel.replica_port if old_master == sentinel.master_port else sentinel.master_port
+    # The copy is written after the answer went out: wait until it reached the replica.
+    wait_for(lambda: cli(promoted, "--scan", "--pattern", f"{redis_prefix}fx:*") != "", 5.0, "replication")
 
     sentinel.servers.stop(old_master)
     during = await a.get("/fx/during")  # no master: served without the cache, not failed
     assert (during.status, during.headers["X-Cache"]) == (200, "MISS")
-    promoted = sentinel.replica_port if old_master == sentinel.master_port else sentinel.master_port
     wait_for(lambda: sentinel.master() == promoted, 20.0, "the Sentinel to promote the replica")
 
     async def stored_after_failover() -> bool:
@@ -83,6 +84,8 @@ async def test_a_failover_is_followed_without_a_restart(sentinel, fake_upstream,
         return reply.status == 200 and a.process.runtime.store.connected
 
     assert await eventually(stored_after_failover, within=10.0, step=0.2)
+    wait_for(lambda: len(cli(promoted, "--scan", "--pattern", f"{redis_prefix}fx:*").splitlines()) == 2, 5.0,
+             "the new copy on the new master")
     calls = upstream.calls
     after = await b.get("/fx/after")
     assert (after.status, after.headers["X-Cache"]) == (200, "HIT")  # written to, and read from, the new master
