@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakes import route_table
-from tests.redis_servers import Servers, need_redis_tools, port_from_env, wait_for
+from tests.redis_servers import Servers, need_redis_tools, port_from_env
 
 need_redis_tools()
 if shutil.which("openssl") is None:
