@@ -264,3 +264,45 @@ def test_a_decision_of_its_own_is_not_followed_twice():
     assert fleet.apply(own) is False
     other = msgspec.json.encode(BreakerMessage("open", "fx_primary", "another", clock.time() + 30))
     assert fleet.apply(other) is True and breaker.state is State.OPEN
+
+
+async def test_a_breaker_opened_in_another_process_is_followed_here(fake_upstream, tmp_path, redis_url, redis_prefix):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import aiohttp
+
+    from tests.fakes import free_port, start_proxy, stop_proxy
+
+    primary, secondary = await fake_upstream("primary"), await fake_upstream("secondary")
+    primary.default = Fail(503)
+    text = shared_table(primary.url, secondary.url, redis_url, redis_prefix)
+    path = tmp_path / "routes.yaml"
+    path.write_text(text)
+    port = free_port()
+    other = subprocess.Popen([sys.executable, "-m", "proxy", "run", "--config", str(path), "--listen",
+                              f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{free_port()}"],
+                             cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "LOG_LEVEL": "warning"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    here = await start_proxy(text)
+    try:
+        async def other_ready() -> bool:
+            try:
+                async with here.client.get(f"http://127.0.0.1:{port}/health") as reply:
+                    return reply.status == 200 and (await reply.json()).get("fleet", {}).get("breakers") == "fleet"
+            except aiohttp.ClientError:
+                return False
+
+        assert await eventually(other_ready, within=15.0, step=0.1)
+        for n in range(3):  # the other process trips its breaker
+            async with here.client.get(f"http://127.0.0.1:{port}/fx/trip/{n}") as reply:
+                assert reply.headers["X-Upstream"] == "fx_secondary"
+        assert await eventually(lambda: states([here]) == ["OPEN"], within=3.0)
+        assert (await here.get("/fx/here")).headers["X-Upstream"] == "fx_secondary"
+        assert primary.calls == 3
+    finally:
+        await stop_proxy(here)
+        other.terminate()
+        other.wait(10)

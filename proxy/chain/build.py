@@ -48,6 +48,7 @@ class Runtime:
                  budgets: dict[str, RetryBudget] | None = None, latencies: dict[str, LatencyWindow] | None = None,
                  rng: random.Random | None = None, previous: "Runtime | None" = None,
                  probe_lease: Any = None) -> None:
+        # probe_lease: async (upstream) -> bool, whether this replica sends a shared breaker's probe.
         self.config = config
         self.clock = clock
         self.active = 0  # requests running on this table; a reload retires it once they are done

@@ -281,8 +281,8 @@ class EventLog:
             self._log.info("Fleet link to Redis is up: shared breakers and rests follow the fleet", kind="fleet",
                            shared_breakers=e.shared_breakers)
         else:
-            self._log.error(f"Fleet link to Redis is down: each replica uses its local breakers "
-                            f"({e.shared_breakers} set shared) and rests until it is back", kind="fleet",
+            what = f"its local breakers ({e.shared_breakers} set shared) and rests" if e.shared_breakers else "its own rests"
+            self._log.error(f"Fleet link to Redis is down: each replica uses {what} until it is back", kind="fleet",
                             shared_breakers=e.shared_breakers, error=e.error)
 
     def _RequestFinished(self, e: signals.RequestFinished) -> None:
