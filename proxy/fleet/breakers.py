@@ -89,7 +89,7 @@ class SharedBreakers:
         self._emit = emit
         self.source = os.urandom(8).hex()
         self._following: set[str] = set()  # upstreams held open because the fleet said so
-        self._queue: asyncio.Queue[tuple[str, BreakerMessage]] = asyncio.Queue()
+        self._queue: asyncio.Queue[BreakerMessage] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         link.on(self._channel, self.apply, self._catch_up)
 
@@ -131,15 +131,14 @@ class SharedBreakers:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        self._queue.put_nowait(("", message))
+        self._queue.put_nowait(message)
         if self._writer is None or self._writer.done():
             self._writer = loop.create_task(self._write_all())
 
     async def _write_all(self) -> None:
         # One writer, in order: an OPEN then CLOSED decided a moment apart must not arrive swapped.
         while not self._queue.empty():
-            _, message = self._queue.get_nowait()
-            await self._write(message)
+            await self._write(self._queue.get_nowait())
 
     async def _write(self, message: BreakerMessage) -> bool:
         state, lease = self._keys(message.upstream)
@@ -171,7 +170,11 @@ class SharedBreakers:
             return False
         self._following.discard(upstream)
         message = BreakerMessage("closed" if action == "reset" else "open", upstream, self.source, None)
-        await self._write_all()  # what was decided before the operator acted goes first
+        # What was decided before the operator acted goes first.
+        if self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
+        else:
+            await self._write_all()
         return await self._write(message)
 
     async def claim_probe(self, upstream: Any) -> bool:
