@@ -31,6 +31,7 @@ import msgspec
 from proxy import signals
 from proxy.clock import Clock
 from proxy.fleet.link import TIMEOUT, FleetLink
+from proxy.resilience.breaker import State
 
 # A state written must outlive its retry time by this much, so a replica that starts (or comes
 # back) just after it still learns that the fleet is probing, not that all is well.
@@ -197,6 +198,8 @@ class SharedBreakers:
         verdict = int(answer[0])
         if verdict == 1:
             return True
+        if breaker.state is not State.HALF_OPEN:
+            return False  # the fleet's word arrived while we asked (it may be newer than this answer)
         if verdict == 2 and self.apply(answer[1], catching_up=True):
             return False
         held_for = max(int(answer[1]) if verdict == 0 else 0, 1) / 1000
