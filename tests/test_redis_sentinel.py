@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from proxy.clock import FakeClock
-from tests.fakes import eventually, route_table
+from tests.fakes import Fail, eventually, route_table
 from tests.redis_servers import SentinelSet, Servers, cli, need_redis_tools, port_from_env, wait_for
 
 need_redis_tools()
@@ -49,6 +49,31 @@ async def test_replicas_share_copies_through_the_master_the_sentinel_names(senti
     assert await eventually(lambda: a.process.fleet.listening, within=3.0)
     cache = await (await a.get("/health/integrations/cache")).json()
     assert cache["connected"] is True
+
+
+async def test_a_rest_and_a_shared_breaker_reach_every_replica_through_the_sentinels_master(
+        sentinel, fake_upstream, proxy_factory, redis_prefix):
+    resting, failing, healthy = await fake_upstream("resting"), await fake_upstream("failing"), await fake_upstream("ok")
+    resting.script(Fail(429, headers={"Retry-After": "30"}))
+    failing.default = Fail(503)
+    hosts = [f"127.0.0.1:{sentinel.sentinel_port}"]
+    text = route_table({
+        "fx": {"timeout": "1s", "retry": "NONE", "upstreams": [{"name": "fx_primary", "url": resting.url},
+                                                               {"name": "fx_secondary", "url": healthy.url}]},
+        "rates": {"timeout": "1s", "retry": "NONE", "breaker": {"profile": "FAST", "shared": True},
+                  "upstreams": [{"name": "rates_primary", "url": failing.url},
+                                {"name": "rates_secondary", "url": healthy.url}]}},
+        cache={"backend": "redis", "prefix": redis_prefix, "sentinel": {"hosts": hosts, "service": "mymaster"}})
+    a, b = await proxy_factory(text), await proxy_factory(text)
+    assert await eventually(lambda: a.process.fleet.listening and b.process.fleet.listening, within=3.0)
+    await a.get("/fx/latest/USD")
+    for n in range(3):
+        await a.get(f"/rates/{n}")
+    assert await eventually(lambda: b.breaker("fx_primary").resting, within=3.0)
+    assert await eventually(lambda: b.breaker("rates_primary").state.value == "OPEN", within=3.0)
+    await b.get("/fx/latest/EUR")
+    await b.get("/rates/other")
+    assert (resting.calls, failing.calls) == (1, 3)  # the other replica sent neither anything
 
 
 async def test_an_unknown_master_name_serves_without_the_cache(sentinel, fake_upstream, proxy_factory, redis_prefix):
