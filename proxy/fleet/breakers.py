@@ -121,8 +121,7 @@ class SharedBreakers:
             return
         if event.new == "OPEN":
             self._following.discard(event.provider)
-            retry_at = None if event.reason == "forced" else event.retry_at
-            self._enqueue(BreakerMessage("open", event.provider, self.source, retry_at))
+            self._enqueue(BreakerMessage("open", event.provider, self.source, event.retry_at))
         elif event.new == "CLOSED":
             self._following.discard(event.provider)
             self._enqueue(BreakerMessage("closed", event.provider, self.source))
