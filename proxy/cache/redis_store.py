@@ -186,7 +186,12 @@ class RedisStore:
         # The first call may pay a TLS handshake, a Cluster's discovery or a Sentinel lookup:
         # at start it gets a second, so a slow first connection does not mean Redis is down.
         budget = _FIRST_CONNECT if self._connected is None else None
-        return await self._call("ping", self._client.ping, budget=budget) is not _UNAVAILABLE
+        if budget is not None and is_cluster(self._client):
+            # Every master at once, so no request pays for a connection to one of them later.
+            ping = lambda: self._client.ping(target_nodes="primaries")  # noqa: E731
+        else:
+            ping = self._client.ping
+        return await self._call("ping", ping, budget=budget) is not _UNAVAILABLE
 
     # --- cluster-wide coalescing: a short lock per cache key ------------------------------
 
