@@ -15,7 +15,7 @@ import ipaddress
 import re
 from datetime import datetime, timezone
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 from aiohttp import web
 from yarl import URL
@@ -113,6 +113,20 @@ def _same_origin(origin: str, host: str) -> bool:
         return False
 
 
+class SharedBreakers(Protocol):
+    """What /health shows and does of the breakers shared by the fleet (proxy.fleet.breakers)."""
+
+    @property
+    def connected(self) -> bool:
+        """Whether this replica follows the fleet right now (False: local breakers only)."""
+
+    def count(self) -> int:
+        """How many breakers of the current route table are shared."""
+
+    async def act(self, upstream: str, action: str) -> bool:
+        """Share an operator's `reset` or `open` with every replica; False when Redis was not told."""
+
+
 def _forbidden(detail: str, request_id: str) -> web.Response:
     return json_response(403, {"error": "forbidden", "detail": detail, "request_id": request_id})
 
@@ -123,13 +137,15 @@ class Health:
     `current_runtime()` is the route table in force; `deliver_waiting()` delivers the events the
     bus still holds (a read counts every request answered before it); `is_ready()` says whether
     the listeners are up; `reload(source)` re-reads the route table and returns its problems;
-    `describe_events()` reports the watch events' outbox, topics and deliveries.
+    `describe_events()` reports the watch events' outbox, topics and deliveries;
+    `shared_breakers` (with a shared Redis, whose shape is `redis_shape`) are the fleet's breakers.
     """
 
     def __init__(self, *, current_runtime: Callable[[], "Runtime"], deliver_waiting: Callable[[], None],
                  stats: Stats, metrics: Metrics, admin_token: str | None, is_ready: Callable[[], bool],
                  reload: Callable[[str], Awaitable[list[str]]],
-                 describe_events: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+                 describe_events: Callable[[], Awaitable[dict[str, Any]]],
+                 shared_breakers: SharedBreakers | None = None, redis_shape: str = "single") -> None:
         self._runtime = current_runtime
         self._deliver_waiting = deliver_waiting
         self._stats = stats
@@ -138,6 +154,8 @@ class Health:
         self._is_ready = is_ready
         self._reload_table = reload
         self._describe_events = describe_events
+        self._shared = shared_breakers
+        self._redis_shape = redis_shape
 
     async def __call__(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
         path = request.path.rstrip("/") or "/"
@@ -172,8 +190,19 @@ class Health:
         else:
             status = "healthy"
         runtime = self._runtime()
-        return json_response(200, {"status": status, "services": services,
-                                   "timestamp": now_iso(runtime.clock.time())})
+        body = {"status": status, "services": services, "timestamp": now_iso(runtime.clock.time())}
+        fleet = self._fleet()
+        if fleet is not None:
+            body["fleet"] = fleet
+        return json_response(200, body)
+
+    def _fleet(self) -> dict[str, Any] | None:
+        """Whether shared breakers follow the fleet or, Redis being out of reach, decide locally."""
+        shared = self._shared
+        if shared is None or not shared.count():
+            return None
+        return {"sharedBreakers": shared.count(), "breakers": "fleet" if shared.connected else "local",
+                "redis": self._redis_shape}
 
     async def probe(self, request: web.BaseRequest) -> web.Response:
         """`/health/live` or `/health/ready` (one of `PROBES`), the same answer as on the main port."""
@@ -195,9 +224,12 @@ class Health:
 
     async def circuits(self, request: web.BaseRequest) -> web.Response:
         runtime = self._runtime()
+        shared = self._shared
         circuits = []
         for upstream in runtime.config.upstreams():
             circuit = runtime.breakers[upstream.name].snapshot()
+            if upstream.breaker.shared and shared is not None:  # fleet: the fleet's state; local: Redis unreachable
+                circuit["shared"] = "fleet" if shared.connected else "local"
             ring = runtime.keyrings.get(upstream.name)
             if ring is not None:  # fingerprints only: key values never leave the process
                 circuit["keys"] = [{**k, "spentUntil": now_iso(k["spentUntil"]) if k["spentUntil"] else None}
@@ -314,7 +346,11 @@ class Health:
             breaker.reset()
         else:
             breaker.force_open()
-        return json_response(200, breaker.snapshot())
+        body = breaker.snapshot()
+        shared = self._shared
+        if breaker.policy.shared and shared is not None:  # every replica, or this one only when Redis is away
+            body["shared"] = "fleet" if await shared.act(provider, action) else "local"
+        return json_response(200, body)
 
     async def _purge(self, service: str) -> web.Response:
         runtime = self._runtime()
