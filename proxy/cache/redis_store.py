@@ -70,7 +70,11 @@ _UNLOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del'
 
 
 class RedisStore:
-    """A `Store` in Redis that never fails a request (see the module docstring)."""
+    """A `Store` in Redis that never fails a request (see the module docstring).
+
+    `url` is where `connect` opens the client: a URL for the default `open_node`, or the
+    `RedisTarget` that `proxy.fleet.connection.open_client` reads (a Cluster, a Sentinel, TLS).
+    """
 
     name = BACKEND
 
