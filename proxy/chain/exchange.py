@@ -50,6 +50,7 @@ class Exchange:
     attempts: list[AttemptRecord] = field(default_factory=list)
     body_too_large: bool = False
     may_hedge: bool = False   # no copy could answer if the upstreams are slow: a late attempt may be hedged
+    trace: Any = None         # its `tracing.Trace`: traceparent for the upstreams, trace id for the logs
 
     @property
     def replayable(self) -> bool:

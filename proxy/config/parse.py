@@ -26,6 +26,8 @@ from proxy.adapters.transform import check_expression
 from proxy.adapters.transform import placeholders as expression_placeholders
 from proxy.adapters.vendor_codes import MEANINGS, Meaning, ResultCodes
 from proxy.config.routing import MatchPattern, Template, prefixes_overlap
+from proxy.config.telemetry import MetricsSettings, TracingSettings, parse_metrics, parse_tracing
+from proxy.config.telemetry import effective as telemetry_effective
 from proxy.config.yaml_source import MAX_BYTES, LineDict, LineList, Substituted, line_of, load
 from proxy.masking import Masker
 from proxy.resilience.breaker import PROFILES, BreakerPolicy
@@ -296,6 +298,8 @@ class Config:
     services: Mapping[str, Service]
     retry_budget: RetryBudgetSettings
     events: EventsSettings = EventsSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    tracing: TracingSettings = TracingSettings()
     secrets: frozenset[str] = frozenset()
     effective: Mapping[str, Any] = field(default_factory=dict)  # for `check`, secrets masked
 
@@ -806,7 +810,8 @@ def check_document(document: Any, filename: str, yaml_problems: list[tuple[int, 
     root = check.mapping(document, "the file", 1)
     if root is None:
         raise ConfigError(_format(check))
-    check.known_keys(root, {"version", "server", "cache", "defaults", "services", "events"}, "top level")
+    check.known_keys(root, {"version", "server", "cache", "defaults", "services", "events", "metrics", "tracing"},
+                     "top level")
     effective: dict[str, Any] = {"version": 1}
 
     if root.get("version") != 1 or isinstance(root.get("version"), bool):
@@ -925,10 +930,13 @@ def check_document(document: Any, filename: str, yaml_problems: list[tuple[int, 
                                               "min_per_second": budget.min_per_second, "window": budget.window}}
     effective["services"] = effective_services
     events_settings = _events(check, root.get("events"), line_of(root, "events")) if "events" in root else EventsSettings()
+    metrics, tracing = parse_metrics(check, root), parse_tracing(check, root)
+    effective.update(telemetry_effective(metrics, tracing))
     if check.problems:
         raise ConfigError(_format(check))
     return Config(source=filename, server=server, cache=cache, services=services, retry_budget=budget,
-                  events=events_settings, secrets=frozenset(check.secrets), effective=_plain(effective, check.masker))
+                  events=events_settings, metrics=metrics, tracing=tracing, secrets=frozenset(check.secrets),
+                  effective=_plain(effective, check.masker))
 
 
 def _events(check: _Checker, value: Any, line: int) -> EventsSettings:

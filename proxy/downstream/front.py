@@ -46,6 +46,7 @@ from proxy.downstream.handler import (
     render_bodiless,
     render_head,
 )
+from proxy.downstream.server_name import request_factory
 
 log = structlog.get_logger("resilience-proxy")
 
@@ -103,6 +104,13 @@ class LeanRequest:
             path, _, query = self.raw_path.partition("?")
             self._url = URL.build(path=path, query_string=query, encoded=True)  # as aiohttp's parser builds it
         return self._url
+
+    @property
+    def remote(self) -> str | None:
+        """The caller's address, as aiohttp's `request.remote` gives it."""
+        transport = self.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        return str(peer[0]) if isinstance(peer, (tuple, list)) and peer else None
 
     def stream_response(self, status: int, reason: str | None, headers: CIMultiDict[str]) -> "LeanStream":
         """What `ProxyHandler` streams a large answer through (in place of `web.StreamResponse`)."""
@@ -214,7 +222,7 @@ class LeanFront:
             auto_decompress=False, access_log=None, max_line_size=max_line_size, max_field_size=max_field_size,
             max_headers=max_headers)
         self.set_bounds(header_timeout, keepalive_timeout, max_connections)
-        self.aiohttp = web.Server(self._aiohttp_request, **self._handler_options)
+        self.aiohttp = web.Server(self._aiohttp_request, request_factory=request_factory(), **self._handler_options)
         self.connections: set[LeanConnection] = set()
         self.handed: set[HandedOff] = set()
         self.idle: dict[LeanConnection | HandedOff, None] = {}  # not being answered, the longest idle first

@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator
 import orjson
 import structlog
 from aiohttp import web
-from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
+from aiohttp.http import HttpVersion11
 from multidict import CIMultiDict
 
 from proxy import signals
@@ -29,7 +29,9 @@ from proxy.cache import KEYED_HEADERS, cache_key, vary_covered
 from proxy.chain.exchange import Answer, Exchange
 from proxy.chain.fallback import RequestBodyTooLarge, UpstreamsFailed
 from proxy.config.routing import UnsafePath, check_target
+from proxy.downstream.server_name import SERVER_NAME
 from proxy.observability.logs import EventLog
+from proxy.observability.tracing import Trace, start_trace, stamp, trace_of
 
 log = structlog.get_logger("resilience-proxy")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
@@ -69,6 +71,14 @@ def _reseed_ids() -> None:
 
 
 os.register_at_fork(after_in_child=_reseed_ids)
+
+
+def client_of(request: web.BaseRequest) -> str | None:
+    """The caller's address for the request log line."""
+    try:
+        return request.remote
+    except Exception:  # a transport already gone
+        return None
 
 
 def request_id_of(request: web.BaseRequest) -> str:
@@ -145,8 +155,9 @@ def render_head(status: int, reason: str | None, headers: list[tuple[str, str]],
     """The status line and headers `web.Response` would send for this answer, each line ending
     in CRLF, and whether `headers` carry their own Date (else one is to be added).
 
-    `headers` minus the names in `drop` (lower case), then `own`; Content-Type, Server and
-    Content-Length are filled in as aiohttp does; a `body_length` of None means a body of
+    `headers` minus the names in `drop` (lower case) and any Server, then `own`; Content-Type and
+    Content-Length are filled in as aiohttp does, Server is always ours (`SERVER_NAME`, as
+    nginx replaces an upstream's); a `body_length` of None means a body of
     unknown length, sent chunked (as `web.StreamResponse` sends it). None when the answer is
     not a plain one (bodiless statuses, framing headers, characters aiohttp would refuse):
     those go through `web.Response`.
@@ -159,15 +170,14 @@ def render_head(status: int, reason: str | None, headers: list[tuple[str, str]],
         lower = name.lower()
         if lower in _NOT_RENDERED:
             return None
-        if lower in drop:
+        if lower in drop or lower == "server":
             continue
         names.add(lower)
         lines.append(f"{name}: {value}")
     lines.extend(f"{name}: {value}" for name, value in own)
     if body_length != 0 and "content-type" not in names:
         lines.append("Content-Type: application/octet-stream")
-    if "server" not in names:
-        lines.append(f"Server: {SERVER_SOFTWARE}")
+    lines.append(f"Server: {SERVER_NAME}")
     lines.append("Transfer-Encoding: chunked" if body_length is None else f"Content-Length: {body_length}")
     return _encoded(lines, names)
 
@@ -179,12 +189,11 @@ def render_bodiless(status: int, reason: str | None, headers: list[tuple[str, st
     names = set()
     for name, value in headers:
         lower = name.lower()
-        if lower in ("content-length", "transfer-encoding"):
+        if lower in ("content-length", "transfer-encoding", "server"):
             continue
         names.add(lower)
         lines.append(f"{name}: {value}")
-    if "server" not in names:
-        lines.append(f"Server: {SERVER_SOFTWARE}")
+    lines.append(f"Server: {SERVER_NAME}")
     return _encoded(lines, names)
 
 
@@ -269,7 +278,7 @@ class HitPath:
             return None  # a target the cache never answers (an uncached service, a proxy endpoint)
         clock = runtime.clock
         started = clock.monotonic()
-        encoding = given_id = None
+        encoding = given_id = traceparent = tracestate = None
         size = 0
         for name, value in request.raw_headers:
             size += len(name) + len(value) + 4
@@ -282,6 +291,13 @@ class HitPath:
                 encoding = value
             elif lower == b"x-request-id":
                 given_id = value
+            elif lower == b"traceparent" or lower == b"tracestate":
+                if (traceparent if lower == b"traceparent" else tracestate) is not None:
+                    return None  # repeated: the full path reads them as a whole
+                if lower == b"traceparent":
+                    traceparent = value
+                else:
+                    tracestate = value
         if size > runtime.config.server.max_header_bytes:
             return None
         resolved = memo.get((raw_path, encoding))
@@ -326,16 +342,27 @@ class HitPath:
         duration = clock.monotonic() - started
         if self._direct():
             state = self._state
-            state.metrics.record_hit(resolved.service, entry.status, duration, started + duration)
+            state.metrics.record_hit(resolved.service, entry.status, duration, started + duration, resolved.route)
             state.stats.record_hit(resolved.service, entry.status, duration)
         else:
             emit = self._state.bus.emit
+            trace = start_trace(_text(traceparent), _text(tracestate), recording=self._state.spans is not None)
+            if self._state.spans is not None:
+                stamp(trace, started)
             emit(signals.CacheLookup(resolved.service, "hit", max(0.0, age)))
             emit(signals.RequestFinished(
                 service=resolved.service, route=resolved.route, method="GET", path=resolved.path,
                 status=entry.status, cache="HIT", upstream=entry.upstream, attempts=(), duration=duration,
-                request_id=request_id, fallback=False))
+                request_id=request_id, fallback=False, client=client_of(request), bytes_in=0,
+                bytes_out=len(entry.body), trace=trace))
         return answer
+
+
+def _text(value: bytes | str | None) -> str | None:
+    """A header value as text (a lean request's are bytes)."""
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    return value
 
 
 def own_endpoint(path: str) -> bool:
@@ -374,35 +401,61 @@ class ProxyHandler:
         self._state = state  # has .runtime (swapped whole on reload) and .bus
 
     async def __call__(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
+        recording = self._state.spans is not None
+        trace = trace_of(request.headers, recording=recording)
+        # Every line logged while this request runs carries its trace id (structlog's contextvars).
+        tokens = structlog.contextvars.bind_contextvars(trace_id=trace.trace_id)
+        try:
+            return await self._handle(request, request_id, trace, recording)
+        finally:
+            structlog.contextvars.reset_contextvars(**tokens)
+
+    def refuse(self, request: web.BaseRequest, request_id: str, status: int, error: str, detail: str | None = None,
+               *, service: str | None = None, trace: Trace | None = None, started: float | None = None) -> web.Response:
+        """An error answer to a request no route took, counted and logged (`RequestRefused`)."""
+        clock = self._state.runtime.clock
+        self._state.bus.emit(signals.RequestRefused(
+            status=status, error=error, service=service, method=request.method,
+            path=request.raw_path.split("?", 1)[0][:200], request_id=request_id,
+            duration=0.0 if started is None else clock.monotonic() - started, client=client_of(request),
+            trace=trace))
+        return error_response(status, error, request_id, detail, cache="BYPASS")
+
+    async def _handle(self, request: web.BaseRequest, request_id: str, trace: Trace,
+                      recording: bool) -> web.StreamResponse:
         runtime = self._state.runtime  # read once: a reload mid-request does not affect this one
         config = runtime.config
         clock = runtime.clock
         started = clock.monotonic()
+        if recording:
+            stamp(trace, started)
         settings = config.server
 
         raw_path = request.raw_path
         try:
             decoded = check_target(raw_path)
         except (UnsafePath, UnicodeDecodeError) as exc:
-            return error_response(400, "bad_request", request_id, str(exc), cache="BYPASS")
+            return self.refuse(request, request_id, 400, "bad_request", str(exc), trace=trace, started=started)
         header_bytes = sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
         if header_bytes > settings.max_header_bytes:
-            return error_response(431, "request_headers_too_large", request_id,
-                                  f"{header_bytes} bytes of headers; the limit is {settings.max_header_bytes}", cache="BYPASS")
+            return self.refuse(request, request_id, 431, "request_headers_too_large",
+                               f"{header_bytes} bytes of headers; the limit is {settings.max_header_bytes}",
+                               trace=trace, started=started)
         service = config.service_for(decoded)
         if service is None:
-            return error_response(404, "no_route", request_id, cache="BYPASS")
+            return self.refuse(request, request_id, 404, "no_route", trace=trace, started=started)
         length = request.content_length
         if length is not None and length > settings.max_request_body:
-            return error_response(413, "request_body_too_large", request_id,
-                                  f"{length} bytes; the limit is {settings.max_request_body}", cache="BYPASS")
+            return self.refuse(request, request_id, 413, "request_body_too_large",
+                               f"{length} bytes; the limit is {settings.max_request_body}", service=service.name,
+                               trace=trace, started=started)
 
         route, params = service.route_for(decoded)
         path = raw_path.split("?", 1)[0]
         exchange = Exchange(
             request_id=request_id, method=request.method, service=service, route=route, params=params,
             path=path, rest=_rest_of(path, service.prefix), query=tuple(request.rel_url.query.items()),
-            headers=request.headers, deadline_at=started + service.deadline)
+            headers=request.headers, deadline_at=started + service.deadline, trace=trace)
         runtime.active += 1  # from here on this request holds the table it started on
         try:
             await self._read_body(request, exchange, settings.replay_buffer, settings.max_request_body)
@@ -413,25 +466,30 @@ class ProxyHandler:
             if failure.retry_after is not None:
                 headers["Retry-After"] = str(int(failure.retry_after))  # when an upstream may be tried again
             response = json_response(failure.status, failure.body(request_id), headers)
-            self._finished(exchange, failure.status, "MISS", None, started, clock)
+            self._finished(request, exchange, failure.status, "MISS", None, started, clock,
+                           bytes_out=len(response.body))
             return response
         except RequestBodyTooLarge:
-            return error_response(413, "request_body_too_large", request_id,
-                                  f"the limit is {settings.max_request_body} bytes", cache="BYPASS")
+            return self.refuse(request, request_id, 413, "request_body_too_large",
+                               f"the limit is {settings.max_request_body} bytes", service=service.name,
+                               trace=trace, started=started)
         else:
-            response = await self._write(request, answer, exchange, clock)
-            self._finished(exchange, answer.status, answer.cache, answer.upstream, started, clock, answer.fallback)
+            response, sent = await self._write(request, answer, exchange, clock)
+            self._finished(request, exchange, answer.status, answer.cache, answer.upstream, started, clock,
+                           answer.fallback, bytes_out=sent)
             return response
         finally:
             runtime.active -= 1
 
-    def _finished(self, exchange: Exchange, status: int, cache: str, upstream: str | None, started: float,
-                  clock: Any, fallback: bool = False) -> None:
+    def _finished(self, request: web.BaseRequest, exchange: Exchange, status: int, cache: str, upstream: str | None,
+                  started: float, clock: Any, fallback: bool = False, *, bytes_out: int | None) -> None:
         self._state.bus.emit(signals.RequestFinished(
             service=exchange.service.name, route=exchange.route_name, method=exchange.method, path=exchange.path,
             status=status, cache=cache, upstream=upstream,
             attempts=tuple((a.upstream, a.outcome) for a in exchange.attempts),
-            duration=clock.monotonic() - started, request_id=exchange.request_id, fallback=fallback))
+            duration=clock.monotonic() - started, request_id=exchange.request_id, fallback=fallback,
+            client=client_of(request), bytes_in=len(exchange.body) if exchange.replayable else None,
+            bytes_out=bytes_out, trace=exchange.trace))
 
     async def _read_body(self, request: web.BaseRequest, exchange: Exchange, replay: int, limit: int) -> None:
         """Buffer the body up to `replay` bytes; stream the rest (sent once, never replayed)."""
@@ -467,12 +525,13 @@ class ProxyHandler:
         exchange.body_stream = rest()
 
     async def _write(self, request: web.BaseRequest, answer: Answer, exchange: Exchange,
-                     clock: Any) -> web.StreamResponse | RawAnswer:
+                     clock: Any) -> tuple[web.StreamResponse | RawAnswer, int]:
+        """The answer to send and its body bytes (those written, for a streamed one)."""
         request_id = exchange.request_id
         if answer.stream is None and request.method != "HEAD" and plain_keep_alive(request):
             raw = _raw_answer(answer, request_id)
             if raw is not None:
-                return raw
+                return raw, len(answer.body)
         headers = CIMultiDict(answer.headers)
         headers["X-Cache"] = answer.cache
         if answer.upstream:
@@ -483,7 +542,9 @@ class ProxyHandler:
         if answer.cache_status:
             headers["Cache-Status"] = answer.cache_status
         if answer.stream is None:
-            return web.Response(status=answer.status, reason=answer.reason or None, headers=headers, body=answer.body)
+            sent = 0 if request.method == "HEAD" else len(answer.body)
+            return web.Response(status=answer.status, reason=answer.reason or None, headers=headers,
+                                body=answer.body), sent
         upstream_response = answer.stream
         length = upstream_response.content_length
         # A lean connection's request (proxy/downstream/front.py) streams through its own writer, framed the same way.
@@ -496,17 +557,20 @@ class ProxyHandler:
         service = exchange.service
         idle = next((u.timeout for u in service.upstreams if u.name == answer.upstream), service.deadline)
         deadline = asyncio.get_running_loop().time() + exchange.deadline_at - clock.monotonic()
+        sent = 0
         try:
             await response.prepare(request)
             async with asyncio.timeout_at(deadline):
                 if answer.body:
                     await response.write(answer.body)
+                    sent += len(answer.body)
                 while True:
                     async with asyncio.timeout(idle):
                         chunk = await upstream_response.read()
                     if not chunk:
                         break
                     await response.write(chunk)
+                    sent += len(chunk)
             await response.write_eof()
         except Exception as exc:
             # The status line is out: no second answer can follow. Cut the connection so the caller
@@ -519,7 +583,7 @@ class ProxyHandler:
                 request.transport.abort()
         finally:
             upstream_response.release()
-        return response
+        return response, sent
 
 
 def _raw_answer(answer: Answer, request_id: str) -> RawAnswer | None:

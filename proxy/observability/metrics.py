@@ -1,8 +1,9 @@
 """Prometheus metrics, fed by the proxy's events.
 
-`Metrics` is an event-bus subscriber and the only module that imports prometheus_client. Label
-values come from event fields that the route table names (service, upstream, outcome, ...), never
-from a request path, so the number of series stays bounded by the config.
+`Metrics` is an event-bus subscriber; it and `exposition` (build and process facts, the name
+prefix) are the only modules that import prometheus_client. Label values come from event fields
+that the route table names (service, route, upstream, outcome, ...), never from a request path,
+so the number of series stays bounded by the config.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from prometheus_client.registry import Collector
 
 from proxy import signals
 from proxy.clock import Clock
+from proxy.observability.exposition import Exposition, add_runtime_collectors
 from proxy.resilience.outcome import NOT_ERRORS, Outcome
 
 # From 5 ms (a cache-warm upstream on the same network) up to 30 s (the longest sensible deadline).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0)
+# A whole proxied request starts far lower: a HIT is answered in well under a millisecond.
+PROXY_DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025) + DURATION_BUCKETS
 # Ages of stale copies served: 1 minute up to the 7 days `max_stale` allows.
 STALE_AGE_BUCKETS = (60.0, 300.0, 900.0, 1800.0, 3600.0, 3 * 3600.0, 6 * 3600.0, 12 * 3600.0,
                      86400.0, 2 * 86400.0, 3 * 86400.0, 7 * 86400.0)
@@ -43,11 +47,12 @@ def _text(value: Any) -> str:
 class _Labelled:
     """One labelled metric plus a cache of its children, so the hot path skips `.labels()`."""
 
-    __slots__ = ("metric", "children")
+    __slots__ = ("metric", "children", "buckets")
 
-    def __init__(self, metric: Any) -> None:
+    def __init__(self, metric: Any, buckets: tuple[float, ...] = DURATION_BUCKETS) -> None:
         self.metric = metric
         self.children: dict[tuple[str, ...], Any] = {}
+        self.buckets = buckets  # a histogram's upper bounds (what `_Pending.observe` counts into)
 
     def __call__(self, *values: str) -> Any:
         child = self.children.get(values)
@@ -118,9 +123,10 @@ class _Pending:
     def observe(self, family: _Labelled, labels: tuple[str, ...], value: float) -> None:
         key = (family, labels)
         slot = self.histograms.get(key)
+        buckets = family.buckets
         if slot is None:
-            slot = self.histograms[key] = [[0] * (len(DURATION_BUCKETS) + 1), 0.0]
-        slot[0][bisect_left(DURATION_BUCKETS, value)] += 1
+            slot = self.histograms[key] = [[0] * (len(buckets) + 1), 0.0]
+        slot[0][bisect_left(buckets, value)] += 1
         slot[1] += value
 
     def lookup(self, service: str, hit: bool) -> None:
@@ -159,13 +165,17 @@ class Metrics:
     so it ages out when traffic stops.
     """
 
-    def __init__(self, clock: Clock, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, clock: Clock, registry: CollectorRegistry | None = None, *, prefix: str = "",
+                 runtime_collectors: bool = True) -> None:
         self._clock = clock
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
         self._pending: _Pending | None = None
         self._hit_lock = threading.RLock()  # render() may run on a scrape thread
         r.register(_Flusher(self.flush))
+        if runtime_collectors:
+            add_runtime_collectors(r)
+        self.exposition = Exposition(r, prefix)
         sp = ("service", "provider")
 
         def counter(name: str, doc: str, labels: tuple[str, ...]) -> _Labelled:
@@ -208,11 +218,14 @@ class Metrics:
                                  "(in the past, or 0: not resting).", sp)
         self._coalesced = counter("coalesced_requests_total",
                                   "Requests that waited for an identical in-flight request.", ("service",))
-        self._proxy_requests = counter("proxy_requests_total", "Proxied requests answered, by status code.",
-                                       ("service", "code"))
+        self._proxy_requests = counter("proxy_requests_total",
+                                       "Requests answered on the proxy port (refusals included), by status code, "
+                                       "route (none: no route took it) and cache result.",
+                                       ("service", "route", "code", "cache"))
         self._proxy_duration = _Labelled(Histogram("proxy_request_duration_seconds",
                                                    "Duration of one proxied request, retries and fallback included.",
-                                                   ("service",), buckets=DURATION_BUCKETS, registry=r))
+                                                   ("service",), buckets=PROXY_DURATION_BUCKETS, registry=r),
+                                         PROXY_DURATION_BUCKETS)
         self._backend_up = gauge("cache_backend_up", "1 while the cache backend is reachable.", ("backend",))
         self._cache_errors = counter("cache_errors_total", "Cache backend errors by operation.",
                                      ("backend", "operation"))
@@ -261,6 +274,7 @@ class Metrics:
             signals.UpstreamRested: self._upstream_rested,
             signals.Coalesced: self._coalesced_event,
             signals.RequestFinished: self._request_finished,
+            signals.RequestRefused: self._request_refused,
             signals.CacheBackendState: self._backend_state,
             signals.CacheError: self._cache_error,
             signals.ConfigReloaded: self._config_reloaded,
@@ -334,7 +348,7 @@ class Metrics:
         with self._hit_lock:
             for service in list(self._hit_windows):
                 self._refresh_hit_rate(service, second)
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.exposition), CONTENT_TYPE_LATEST
 
     def hit_rate(self, service: str) -> float | None:
         """The service's `cache_hit_rate` right now, or None with no lookups in the last 5 minutes."""
@@ -357,12 +371,12 @@ class Metrics:
             pending = self._pending = _Pending(second)
         return pending
 
-    def record_hit(self, service: str, status: int, duration: float, monotonic_now: float) -> None:
+    def record_hit(self, service: str, status: int, duration: float, monotonic_now: float, route: str) -> None:
         """What `CacheLookup(service, "hit")` + `RequestFinished(...)` of a HIT would count (the fast path)."""
         pending = self._batch(monotonic_now)
         pending.count(self._cache_requests, (service, "hit"))
         pending.lookup(service, True)
-        pending.count(self._proxy_requests, (service, str(status)))
+        pending.count(self._proxy_requests, (service, route, str(status), "hit"))
         pending.observe(self._proxy_duration, (service,), duration)
 
     def flush(self) -> None:
@@ -375,7 +389,7 @@ class Metrics:
             for (family, labels), count in pending.counts.items():
                 family(*labels).inc(count)
             for (family, labels), (buckets, total) in pending.histograms.items():
-                _add_observations(family(*labels), buckets, total)
+                _add_observations(family(*labels), buckets, total, family.buckets)
             second = pending.second
             for service, (hits, lookups) in pending.lookups.items():
                 window = self._hit_windows.get(service)
@@ -464,11 +478,16 @@ class Metrics:
 
     def _request_finished(self, e: signals.RequestFinished) -> None:
         pending = self._batch(self._clock.monotonic())
-        pending.count(self._proxy_requests, (e.service, str(e.status)))
+        pending.count(self._proxy_requests, (e.service, e.route, str(e.status), e.cache.lower()))
         pending.observe(self._proxy_duration, (e.service,), e.duration)
         if e.fallback and (e.service, e.upstream) not in self._forgotten_providers:
             # For a stale answer `upstream` is the one that produced the copy.
             pending.count(self._fallbacks, (e.service, e.upstream or "none"))
+
+    def _request_refused(self, e: signals.RequestRefused) -> None:
+        # The caller's path never becomes a label: a refusal no route took is counted under "none".
+        pending = self._batch(self._clock.monotonic())
+        pending.count(self._proxy_requests, (e.service or "none", "none", str(e.status), "bypass"))
 
     def _backend_state(self, e: signals.CacheBackendState) -> None:
         self._backend_up(e.backend).set(1 if e.connected else 0)
@@ -484,13 +503,13 @@ class Metrics:
             self._reloads("error").inc()
 
 
-def _add_observations(histogram: Any, buckets: list[int], total: float) -> None:
+def _add_observations(histogram: Any, buckets: list[int], total: float, bounds: tuple[float, ...]) -> None:
     """Add counted observations to a histogram child: per-bucket counts and their sum."""
     try:
         slots, total_value = histogram._buckets, histogram._sum
     except AttributeError:  # a prometheus_client without these internals: observe one by one
         for index, count in enumerate(buckets):
-            bound = DURATION_BUCKETS[index] if index < len(DURATION_BUCKETS) else DURATION_BUCKETS[-1] * 2
+            bound = bounds[index] if index < len(bounds) else bounds[-1] * 2
             for _ in range(count):
                 histogram.observe(bound)
         return

@@ -21,6 +21,7 @@ from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.config.parse import Config, ConfigError, ServerSettings, load_config
 from proxy.downstream.front import LeanFront
 from proxy.downstream.handler import HitPath, ProxyHandler, RawAnswer, error_response, request_id_of
+from proxy.downstream.server_name import request_factory
 from proxy.fleet.rests import SharedRests
 from proxy.observability.admin import Health
 from proxy.observability.logs import REDACTOR, EventLog
@@ -43,11 +44,18 @@ class ProxyProcess:
         self.clock = clock
         self.bus = signals.EventBus(later=signals.PER_REQUEST, hold=signals.PER_REQUEST_HOLD)
         self.stats = Stats(clock)
-        self.metrics = Metrics(clock)
+        self.metrics = Metrics(clock, prefix=config.metrics.prefix)
         self.bus.subscribe(self.metrics)
         self.bus.subscribe(self.stats)
         if log_events:
             self.bus.subscribe(EventLog(clock=clock))
+        self.started_at = clock.time()
+        # Spans over OTLP only when configured: otherwise OpenTelemetry is never imported.
+        self.spans: Any = None
+        if config.tracing.otlp_endpoint:
+            from proxy.observability.otlp import SpanExport
+            self.spans = SpanExport(config.tracing.otlp_endpoint, config.tracing.service_name)
+            self.bus.subscribe(self.spans)
         self.admin_token = self.env.get("ADMIN_TOKEN") or None
         REDACTOR.add_secrets(config.secrets | ({self.admin_token} if self.admin_token else set()))
         self.runtime = Runtime(config, clock=clock, bus=self.bus)
@@ -97,8 +105,8 @@ class ProxyProcess:
     async def handle_rest(self, request: web.BaseRequest) -> web.StreamResponse | RawAnswer:
         request_id = request_id_of(request)
         if request.method == "CONNECT" or not request.raw_path.startswith("/"):
-            return error_response(400, "bad_request", request_id,
-                                  "CONNECT and absolute-form targets are refused: this is not an open proxy", cache="BYPASS")
+            return self._proxy.refuse(request, request_id, 400, "bad_request",
+                                      "CONNECT and absolute-form targets are refused: this is not an open proxy")
         path = request.path
         if path == "/events":
             return await self.events.hub.handle(request)
@@ -141,7 +149,7 @@ class ProxyProcess:
         self.addresses["main"] = self._listener.sockets[0].getsockname()[:2]
         target = settings.metrics_listen if metrics_listen is True else metrics_listen
         if target:
-            metrics = web.ServerRunner(web.Server(self.handle_metrics, access_log=None,
+            metrics = web.ServerRunner(web.Server(self.handle_metrics, access_log=None, request_factory=request_factory(),
                                                   keepalive_timeout=settings.keepalive_timeout))
             await metrics.setup()
             await web.TCPSite(metrics, target[0], target[1]).start()
@@ -172,6 +180,8 @@ class ProxyProcess:
         await asyncio.gather(*retiring, return_exceptions=True)
         try:
             await self.runtime.close()
+            if self.spans is not None:
+                await asyncio.to_thread(self.spans.shutdown)  # sends what is still queued
         finally:
             # Last: background work may finish a request while the table closes, and held counts
             # and log lines would otherwise wait for a timer the ending loop never runs.
@@ -204,6 +214,9 @@ class ProxyProcess:
             if config.server.listen != old.config.server.listen or \
                     config.server.metrics_listen != old.config.server.metrics_listen:
                 log.warning("server.listen / metrics_listen changes take effect at the next restart", kind="reload")
+            if config.tracing != old.config.tracing:
+                log.warning("tracing changes take effect at the next restart", kind="reload")
+            self.metrics.exposition.prefix = config.metrics.prefix
             runtime = Runtime(config, clock=self.clock, bus=self.bus, store=store,
                               transport=old.transport.with_settings(config.server),
                               breakers=kept_breakers, budgets=kept_budgets, latencies=kept_latencies, previous=old)

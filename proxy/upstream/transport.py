@@ -211,6 +211,8 @@ class HttpTransport:
             value = template.render(values, encode=False)
             if value:
                 headers[name] = value
+        if exchange.trace is not None:  # W3C trace context: validated, never the caller's malformed one
+            exchange.trace.apply(headers)
         return headers
 
     async def send(self, upstream: Upstream, exchange: Exchange, url: URL, headers: CIMultiDict[str],
