@@ -33,7 +33,7 @@ class TracingSettings:
 
 
 def _prefix(value: Any) -> str:
-    if value is None:
+    if value is None or value == "":
         return ""
     if not isinstance(value, str) or not PREFIX_PATTERN.match(value):
         raise ValueError(f"expected letters, digits and _ starting with a letter (a Prometheus name part), got {value!r}")
