@@ -12,14 +12,17 @@ import functools
 import hashlib
 import hmac
 import ipaddress
+import platform
 import re
 from datetime import datetime, timezone
 from importlib import resources
 from typing import Any, Awaitable, Callable
 
+import aiohttp
 from aiohttp import web
 from yarl import URL
 
+import proxy
 from proxy.downstream.handler import json_response
 from proxy.resilience.breaker import State
 
@@ -165,15 +168,36 @@ class Health:
 
     async def circuits(self, request: web.BaseRequest) -> web.Response:
         runtime = self._state.runtime
+        now = runtime.clock.time()
         circuits = []
         for upstream in runtime.config.upstreams():
-            circuit = runtime.breakers[upstream.name].snapshot()
+            breaker = runtime.breakers[upstream.name]
+            circuit = breaker.snapshot()
+            circuit["sinceChangeSeconds"] = round(max(0.0, now - breaker.changed_at), 3)
             ring = runtime.keyrings.get(upstream.name)
             if ring is not None:  # fingerprints only: key values never leave the process
                 circuit["keys"] = [{**k, "spentUntil": now_iso(k["spentUntil"]) if k["spentUntil"] else None}
                                    for k in ring.snapshot()]
+            # What HAProxy's and Envoy's pages show per backend: connections in use, requests in flight.
+            pool = runtime.transport.pool_usage(upstream.name)
+            circuit["pool"] = pool
+            circuit["inFlight"] = pool["busy"] + pool["waiting"]
+            limiter = runtime.limiters.get(upstream.name)
+            circuit["rateLimit"] = limiter.snapshot() if limiter is not None else None
             circuits.append(circuit)
         return json_response(200, {"circuits": circuits})
+
+    async def about(self, request: web.BaseRequest) -> web.Response:
+        """The running proxy: version, uptime, the route table's hash and its last reload."""
+        state = self._state
+        now = state.runtime.clock.time()
+        reload = state.last_reload
+        return json_response(200, {
+            "version": proxy.__version__, "python": platform.python_version(), "aiohttp": aiohttp.__version__,
+            "startedAt": now_iso(state.started_at), "uptimeSeconds": round(max(0.0, now - state.started_at), 3),
+            "config": {"source": state.runtime.config.source, "sha256": state.config_digest,
+                       "lastReload": None if reload is None else {**reload, "at": now_iso(reload["at"])}},
+            "timestamp": now_iso(now)})
 
     async def stats(self, request: web.BaseRequest) -> web.Response:
         text = request.query.get("minutes", "60")
@@ -203,6 +227,7 @@ class Health:
         "/health": health, "/health/live": live, "/health/ready": ready,
         "/health/integrations": integrations, "/health/integrations/circuits": circuits,
         "/health/integrations/stats": stats, "/health/integrations/cache": cache, "/health/integrations/outbox": outbox, "/health/metrics": metrics,
+        "/health/integrations/proxy": about,
         "/health/ui": ui,
     }
 

@@ -50,6 +50,7 @@ class ProxyProcess:
         if log_events:
             self.bus.subscribe(EventLog(clock=clock))
         self.started_at = clock.time()
+        self.last_reload: dict[str, Any] | None = None  # when, how (sighup, file_change, admin) and whether it took
         # Spans over OTLP only when configured: otherwise OpenTelemetry is never imported.
         self.spans: Any = None
         if config.tracing.otlp_endpoint:
@@ -196,6 +197,7 @@ class ProxyProcess:
             try:
                 config = load_config(path, self.env)
             except ConfigError as exc:
+                self.last_reload = {"at": self.clock.time(), "source": source, "ok": False}
                 self.bus.emit(signals.ConfigReloaded(False, source, tuple(exc.problems)))
                 return exc.problems
             self._config_digest = _digest(path)
@@ -237,6 +239,7 @@ class ProxyProcess:
                 for service in old.config.services.keys() - config.services.keys():
                     await store.purge(service)
             self._retire(old, keep_store=same_cache, keep_sessions={u.name for u in config.upstreams()})
+            self.last_reload = {"at": self.clock.time(), "source": source, "ok": True}
             self.bus.emit(signals.ConfigReloaded(True, source))
             return []
 
@@ -255,6 +258,11 @@ class ProxyProcess:
         task = asyncio.get_running_loop().create_task(retire())
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+
+    @property
+    def config_digest(self) -> str | None:
+        """sha256 of the route table file as last read (None when it could not be read)."""
+        return self._config_digest
 
     def file_changed(self) -> bool:
         return _digest(self.runtime.config.source) != self._config_digest

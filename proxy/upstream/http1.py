@@ -600,6 +600,12 @@ class Pool:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self.closed = False
 
+    def usage(self) -> dict[str, int]:
+        """Connections open, idle and busy (an answer being read), callers waiting for one, and the limit."""
+        idle = len(self._idle)
+        return {"open": self._open, "idle": idle, "busy": self._open - idle, "waiting": len(self._waiters),
+                "limit": self._limit}
+
     async def request(self, method: str, target: str, headers: Any,
                       body: bytes | AsyncIterator[bytes] | None, connect_timeout: float) -> Response:
         """Send one request; returns once the answer's status and headers are in."""

@@ -193,6 +193,13 @@ class HttpTransport:
         other._deadlines = self._deadlines
         return other
 
+    def pool_usage(self, name: str) -> dict[str, int]:
+        """The upstream's connection pool (`http1.Pool.usage`); zeros before its first attempt."""
+        pool = self._pools.get(name)
+        if pool is None or pool.closed:
+            return {"open": 0, "idle": 0, "busy": 0, "waiting": 0, "limit": self._limit}
+        return pool.usage()
+
     async def close(self, keep: set[str] | None = None) -> None:
         """Close the pools (all, or those of upstreams not in `keep`)."""
         for name in list(self._pools):
