@@ -32,6 +32,15 @@ def new_span_id() -> str:
     return f"{getrandbits(64) or 1:016x}"
 
 
+def _new_ids() -> tuple[str, str]:
+    """A trace id and a span id from one draw (a request starting a trace needs both)."""
+    ids = f"{getrandbits(192):048x}"
+    trace_id, span_id = ids[:32], ids[32:]
+    if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
+        return new_trace_id(), new_span_id()
+    return trace_id, span_id
+
+
 def parse_traceparent(value: str) -> tuple[str, str, int] | None:
     """(trace id, parent span id, flags) of a valid `traceparent`, or None.
 
@@ -89,7 +98,7 @@ def start_trace(traceparent: str | None, tracestate: str | None, *, recording: b
     """
     parsed = parse_traceparent(traceparent) if traceparent else None
     if parsed is None:
-        trace_id, span_id = new_trace_id(), new_span_id()
+        trace_id, span_id = _new_ids()
         return Trace(trace_id, span_id, None, recording, None, f"00-{trace_id}-{span_id}-{'01' if recording else '00'}")
     trace_id, parent_id, flags = parsed
     state = tracestate if tracestate and valid_tracestate(tracestate) else None
