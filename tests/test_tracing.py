@@ -338,3 +338,47 @@ async def test_a_trace_the_caller_does_not_sample_exports_no_span(fake_upstream,
         assert parse_traceparent(upstream.seen[0].headers["traceparent"])[2] == 0  # the caller's flag is kept
     finally:
         await collector.stop()
+
+
+async def test_a_connect_refusal_logs_the_caller_s_trace_id(fake_upstream, proxy_factory, clock, log_lines):
+    upstream = await fake_upstream()
+    proxy = await proxy_factory(table(upstream.url), clock=clock)
+    host, port = proxy.process.addresses["main"]
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(f"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\ntraceparent: {TRACEPARENT}\r\n\r\n"
+                 .encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 400")
+    proxy.process.bus.deliver_waiting()
+    [refused] = [line for line in log_lines() if line.get("event") == "request refused"]
+    assert refused["trace_id"] == TRACE_ID and refused["method"] == "CONNECT" and refused["error"] == "bad_request"
+
+
+async def test_a_reload_that_changes_tracing_says_it_waits_for_a_restart(fake_upstream, clock, tmp_path, log_lines):
+    from proxy.config.parse import load_config
+    from proxy.ops.process import ProxyProcess
+
+    upstream = await fake_upstream()
+    path = tmp_path / "routes.yaml"
+    path.write_text(table(upstream.url))
+    process = ProxyProcess(load_config(path, {}), clock=clock, env={})
+    path.write_text(table(upstream.url, tracing={"otlp_endpoint": "http://127.0.0.1:4318"}))
+    assert await process.reload("admin") == []
+    assert process.spans is None  # not started by a reload
+    assert any(line["event"] == "tracing changes take effect at the next restart" for line in log_lines())
+    await process.stop()
+
+
+async def test_a_collector_that_is_down_costs_no_request(proxy_factory, fake_upstream, clock):
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http", reason="the [otel] extra is not installed")
+    from tests.fakes import refused_port
+
+    upstream = await fake_upstream()
+    proxy = await proxy_factory(table(upstream.url, tracing={"otlp_endpoint": f"http://127.0.0.1:{refused_port()}"}),
+                                clock=clock)
+    for _ in range(3):
+        assert (await proxy.get("/fx/latest/USD", headers={"traceparent": TRACEPARENT})).status == 200
+    assert sent_traceparent(upstream).startswith(f"00-{TRACE_ID}-")
+    proxy.process.bus.deliver_waiting()
+    assert upstream.calls == 3

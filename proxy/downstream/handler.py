@@ -414,6 +414,8 @@ class ProxyHandler:
                *, service: str | None = None, trace: Trace | None = None, started: float | None = None) -> web.Response:
         """An error answer to a request no route took, counted and logged (`RequestRefused`)."""
         clock = self._state.runtime.clock
+        if trace is None:  # refused before the handler read it (CONNECT, absolute-form targets)
+            trace = trace_of(request.headers, recording=self._state.spans is not None)
         self._state.bus.emit(signals.RequestRefused(
             status=status, error=error, service=service, method=request.method,
             path=request.raw_path.split("?", 1)[0][:200], request_id=request_id,
