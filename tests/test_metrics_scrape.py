@@ -11,8 +11,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
 import proxy as proxy_package
-from proxy.config.parse import ConfigError, parse_config
-from tests.fakes import Ok, route_table
+from proxy.config.parse import ConfigError, load_config, parse_config
+from proxy.ops.process import ProxyProcess
+from tests.fakes import Ok, RunningProxy, route_table
 
 FX_ROUTES = [{"match": "/fx/latest/{base}", "name": "latest"}]
 
@@ -127,11 +128,6 @@ async def test_the_prefix_follows_a_reload(fake_upstream, proxy_factory, clock, 
     upstream = await fake_upstream()
     path = tmp_path / "routes.yaml"
     path.write_text(table(upstream.url))
-    from tests.fakes import RunningProxy
-
-    from proxy.config.parse import load_config
-    from proxy.ops.process import ProxyProcess
-
     process = ProxyProcess(load_config(path, {}), clock=clock, env={})
     await process.start()
     client = aiohttp.ClientSession()

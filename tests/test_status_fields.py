@@ -18,7 +18,7 @@ from aiohttp import web
 import proxy as proxy_package
 from proxy.config.parse import load_config
 from proxy.ops.process import ProxyProcess
-from tests.fakes import Fail, Ok, RunningProxy, route_table
+from tests.fakes import Fail, RunningProxy, route_table
 from tests.test_status_page import PAGE, StatusDom, chromium, console_problems, run_chromium  # noqa: F401
 
 QUOTA = Fail(429, headers={"Retry-After": "120"}, body=b'{"error": "quota exceeded"}')
