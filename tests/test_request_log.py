@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 
 import aiohttp
@@ -121,3 +122,16 @@ async def test_no_answer_carries_python_or_aiohttp_versions(fake_upstream, proxy
                     proxy.metrics_url + "/elsewhere"):
             async with session.get(url) as answer:
                 assert "aiohttp" not in answer.headers.get("Server", "") and "Python" not in answer.headers["Server"]
+
+
+async def test_a_websocket_upgrade_names_no_versions(fake_upstream, proxy_factory, clock):
+    upstream = await fake_upstream()
+    proxy = await proxy_factory(table(upstream.url), clock=clock)
+    reader, writer = await asyncio.open_connection(*proxy.process.addresses["main"])
+    try:
+        writer.write(b"GET /events HTTP/1.1\r\nHost: proxy\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 101") and b"\r\nServer: resilience-proxy\r\n" in head
