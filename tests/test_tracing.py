@@ -17,6 +17,7 @@ from proxy.config.parse import ConfigError, parse_config
 from proxy.observability import logs
 from proxy.observability.tracing import parse_traceparent, start_trace, valid_tracestate
 from tests.fakes import Fail, Ok, route_table
+from tests.test_hit_path import ChainCalls
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -318,6 +319,17 @@ async def test_spans_reach_an_otlp_collector(fake_upstream, proxy_factory, clock
         assert lookup.parent_span_id == request.span_id and attributes(lookup)["proxy.cache"] == "MISS"
         for span in spans:
             assert span.end_time_unix_nano >= span.start_time_unix_nano > 0
+        # A HIT on the fast path: its own trace, a server span and its cache lookup, no attempt.
+        other = f"00-{'5' * 32}-{PARENT_ID}-01"
+        chain = ChainCalls(proxy.process.runtime)
+        hit = await proxy.get("/fx/latest/USD", headers={"traceparent": other})
+        assert hit.headers["X-Cache"] == "HIT" and upstream.calls == 2 and chain.count == 0
+        proxy.process.bus.deliver_waiting()
+        assert await asyncio.to_thread(proxy.process.spans.force_flush, 10_000)
+        hit_spans = [s for s in collector.spans if s.trace_id.hex() == "5" * 32]
+        assert sorted(s.name for s in hit_spans) == ["GET latest", "cache lookup"]
+        [server] = [s for s in hit_spans if s.kind == Span.SPAN_KIND_SERVER]
+        assert attributes(server)["proxy.cache"] == "HIT" and server.parent_span_id.hex() == PARENT_ID
     finally:
         await collector.stop()
 

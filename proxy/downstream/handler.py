@@ -349,6 +349,7 @@ class HitPath:
             trace = start_trace(_text(traceparent), _text(tracestate), recording=self._state.spans is not None)
             if self._state.spans is not None:
                 stamp(trace, started)
+                trace.lookup = (started, started + duration)  # on this path the lookup is all there is
             emit(signals.CacheLookup(resolved.service, "hit", max(0.0, age)))
             emit(signals.RequestFinished(
                 service=resolved.service, route=resolved.route, method="GET", path=resolved.path,
