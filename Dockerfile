@@ -5,6 +5,9 @@
 #   docker run --rm -p 8080:8080 -p 9090:9090 --stop-timeout 15 resilience-proxy:0.1.0
 
 # Both stages use this one image: wheels and environment markers are resolved for the builder's Python.
+# Not pinned by digest yet: Docker Hub could not be reached where this was written, and a digest must be
+# read from the registry, never made up. Pin it where you build:
+#   docker buildx imagetools inspect python:3.11-slim   ->  PYTHON_IMAGE=python:3.11-slim@sha256:<digest>
 ARG PYTHON_IMAGE=python:3.11-slim
 
 FROM ${PYTHON_IMAGE} AS build
@@ -12,10 +15,12 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 # pyproject names README.md as the package's long description, so the build needs it.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY proxy ./proxy
-# The project's wheel plus a wheel of every dependency: the final stage installs offline from these.
-RUN python -m pip wheel --wheel-dir /wheels .
+# A wheel of every dependency at its locked version (hashes checked), then the project's own wheel
+# without resolving anything: the final stage installs offline from these, so only locked versions exist.
+RUN python -m pip wheel --wheel-dir /wheels --require-hashes -r requirements.lock \
+    && python -m pip wheel --wheel-dir /wheels --no-deps .
 
 FROM ${PYTHON_IMAGE} AS runtime
 ENV PYTHONUNBUFFERED=1 \

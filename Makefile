@@ -2,11 +2,15 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= routes.yaml
+# Exact versions, with hashes, of every dependency (pip-compile --generate-hashes; `make lock` renews them),
+# so two installs, and the image, get the same packages.
+LOCK      := requirements.lock
+TEST_LOCK := requirements-test.lock
 
 FUZZ_CASES ?= 20000
 FUZZ_SEED  ?= 18
 
-.PHONY: run test check bench bench-cache clean demo fuzz
+.PHONY: run test check bench bench-cache clean demo fuzz lock
 
 # `make run`: create the venv, install the package, serve routes.yaml (:8080, metrics :9090).
 run: $(BIN)/.installed
@@ -36,17 +40,30 @@ bench-cache: $(BIN)/.installed-test
 demo: $(BIN)/.installed
 	$(BIN)/python -m proxy.demo
 
-$(BIN)/.installed: pyproject.toml
+# The locked dependencies first (hashes checked), then the package itself without resolving anything.
+$(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --require-hashes -r $(LOCK)
+	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
-$(BIN)/.installed-test: pyproject.toml
+$(BIN)/.installed-test: pyproject.toml $(TEST_LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --require-hashes -r $(TEST_LOCK)
+	$(BIN)/pip install -q --no-deps -e .
 	touch $(BIN)/.installed $@
 
+# `make lock`: resolve pyproject.toml's dependencies again into both lock files (after changing them;
+# tests/test_build.py fails while a lock misses a dependency). Resolved for this machine's Python.
+lock:
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q 'pip-tools>=7.4,<8'
+	.venv-lock/bin/pip-compile -q --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links \
+		--output-file $(LOCK) pyproject.toml
+	.venv-lock/bin/pip-compile -q --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links \
+		--extra test --output-file $(TEST_LOCK) pyproject.toml
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-lock build *.egg-info .pytest_cache

@@ -18,6 +18,7 @@ from proxy.observability.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "alerts.yaml"
+RULE_TESTS = ROOT / "deploy" / "prometheus" / "alerts.test.yaml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "resilience-proxy.json"
 
 # PromQL words that look like identifiers but are not metric names.
@@ -56,6 +57,15 @@ def one_of_each_event() -> list:
         signals.CacheBackendState("redis", True),
         signals.CacheError("redis", "get", "timeout"),
         signals.ConfigReloaded(True, "sighup"),
+        signals.KeySpent(service, provider, "fp-1", 429, 1_733_040_060.0, 1),
+        signals.WatchEventEmitted(service, "status", "e1"),
+        signals.EventDelivered("ws", "status"),
+        signals.EventDelivered("ws", "status", redelivery=True),
+        signals.EventAcked("ws", "status"),
+        signals.EventDeadLettered("status", "e1", "gone"),
+        signals.ClientDropped("slow"),
+        signals.TopicSubscribers("status", "flights/status/KE1", 1),
+        signals.OutboxState(3, 1.5),
     ]
 
 
@@ -132,7 +142,11 @@ def test_the_seed_alerts_and_the_new_ones_have_their_thresholds(rules: list[dict
     assert (by_name["CacheHitRateLow"]["for"], by_name["CacheHitRateLow"]["labels"]["severity"]) == ("15m", "warning")
     assert by_name["StaleServing"]["for"] == "10m"
     assert flat("CircuitBreakerOpen") == "circuit_breaker_open > 0"
-    assert flat("CacheHitRateLow") == "cache_hit_rate < 50"
+    # From the counters summed over replicas, and only with at least 100 lookups in the window.
+    assert flat("CacheHitRateLow") == (
+        'sum by (service) (rate(cache_requests_total{result="hit"}[10m])) '
+        '/ sum by (service) (rate(cache_requests_total{result!="bypass"}[10m])) < 0.5 '
+        'and sum by (service) (increase(cache_requests_total{result!="bypass"}[10m])) >= 100')
     # Only stale copies standing in for failures page anyone: background refreshes are routine.
     assert flat("StaleServing") == \
         'sum by (service) (rate(stale_served_total{reason=~"error|timeout|breaker_open"}[5m])) > 0'
@@ -155,12 +169,48 @@ def test_alert_expressions_use_only_exported_metrics(rules: list[dict], exported
         assert names <= exported, (rule["alert"], names - exported)
 
 
+def promtool() -> str:
+    found = shutil.which("promtool")
+    if found is None:
+        pytest.skip("promtool is not on PATH (.ci/run installs Debian's prometheus package, which has it); "
+                    "the rules and their unit tests are still checked structurally here")
+    return found
+
+
 def test_promtool_accepts_the_rules_file() -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool is not on PATH; the rules file is still checked structurally by the tests above")
-    result = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([promtool(), "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_unit_tests_of_every_alert_pass() -> None:
+    result = subprocess.run([promtool(), "test", "rules", str(RULE_TESTS)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def rule_tests() -> dict:
+    return yaml.safe_load(RULE_TESTS.read_text())
+
+
+def test_every_alert_has_a_unit_test_where_it_fires_and_one_where_it_stays_quiet(rules: list[dict],
+                                                                                 rule_tests: dict) -> None:
+    assert rule_tests["rule_files"] == [RULES.name]
+    fires, quiet = set(), set()
+    for case in rule_tests["tests"]:
+        for check in case["alert_rule_test"]:
+            (fires if check["exp_alerts"] else quiet).add(check["alertname"])
+    names = {rule["alert"] for rule in rules}
+    assert fires == names, names - fires
+    assert quiet == names, names - quiet
+
+
+def test_the_unit_tests_feed_only_exported_metrics(rule_tests: dict, exported: set[str]) -> None:
+    """A test on a series the proxy never exports would prove nothing about production."""
+    for case in rule_tests["tests"]:
+        for series in case["input_series"]:
+            name = series["series"].partition("{")[0]
+            assert name in exported, (case["name"], name)
 
 
 def panel_expressions(dashboard: dict) -> dict[str, list[str]]:
@@ -172,24 +222,64 @@ def panel_expressions(dashboard: dict) -> dict[str, list[str]]:
             if panel.get("type") != "row"}
 
 
-def test_dashboard_imports_with_a_prometheus_datasource_input(dashboard: dict) -> None:
+def test_dashboard_picks_its_prometheus_from_a_variable_with_no_import_placeholders(dashboard: dict) -> None:
+    """Provisioned from files or a ConfigMap, Grafana resolves no `${DS_...}` input: a variable does it."""
     assert 36 <= dashboard["schemaVersion"] <= 41
-    assert [(i["name"], i["type"], i["pluginId"]) for i in dashboard["__inputs"]] == \
-        [("DS_PROMETHEUS", "datasource", "prometheus")]
+    assert "DS_" not in DASHBOARD.read_text() and "__inputs" not in dashboard
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert (variables["datasource"]["type"], variables["datasource"]["query"]) == ("datasource", "prometheus")
+    selected = {"type": "prometheus", "uid": "${datasource}"}
     for panel in dashboard["panels"]:
-        assert panel["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
+        assert panel["datasource"] == selected, panel["title"]
         for target in panel["targets"]:
-            assert target["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
+            assert target["datasource"] == selected, panel["title"]
+    for name in ("namespace", "pod", "service"):
+        assert variables[name]["datasource"] == selected, name
     ids = [panel["id"] for panel in dashboard["panels"]]
     assert len(ids) == len(set(ids))
 
 
+def test_dashboard_has_namespace_pod_and_service_variables_every_query_honours(dashboard: dict) -> None:
+    names = [v["name"] for v in dashboard["templating"]["list"]]
+    assert names == ["datasource", "namespace", "pod", "service"]
+    for title, exprs in panel_expressions(dashboard).items():
+        for expr in exprs:
+            for metric in metric_names(expr):
+                selectors = re.findall(rf"(?<![\w:]){metric}(\{{[^}}]*\}})?", expr)
+                for selector in selectors:
+                    assert 'namespace=~"$namespace"' in selector and 'pod=~"$pod"' in selector, (title, metric)
+
+
+def test_dashboard_ratios_are_computed_from_counters(dashboard: dict) -> None:
+    """Averaging a percent gauge across pods weighs a quiet pod like a busy one: sum the counters, then divide."""
+    exprs = panel_expressions(dashboard)
+    everything = " ".join(e for group in exprs.values() for e in group)
+    assert "cache_hit_rate" not in everything and not re.search(r"\bavg\b", everything)
+    (hit_rate,) = exprs["Cache hit rate (fresh hits / lookups)"]
+    assert re.fullmatch(counter_ratio("service", ("cache_requests_total", 'result="hit"'),
+                                      ("cache_requests_total", 'result!="bypass"')), hit_rate), hit_rate
+    (errors,) = exprs["Upstream error ratio"]
+    assert re.fullmatch(counter_ratio("service, provider", ("external_request_errors_total", ""),
+                                      ("external_requests_total", "")), errors), errors
+
+
+def counter_ratio(by: str, numerator: tuple[str, str], denominator: tuple[str, str]) -> str:
+    """A regex of `sum by (by) (rate(name{..., matcher}[$__rate_interval]))`, one divided by the other."""
+    def part(name: str, matcher: str) -> str:
+        return rf"sum by \({re.escape(by)}\) \(rate\({name}\{{[^}}]*{re.escape(matcher)}\}}\[\$__rate_interval\]\)\)"
+    return part(*numerator) + " / " + part(*denominator)
+
+
 def test_dashboard_has_the_panels_operators_need(dashboard: dict) -> None:
     exprs = " ".join(e for group in panel_expressions(dashboard).values() for e in group)
-    for needed in ("proxy_requests_total", "external_request_errors_total", "circuit_breaker_open", "cache_hit_rate",
+    for needed in ("proxy_requests_total", "external_request_errors_total", "circuit_breaker_open",
                    "cache_requests_total", "stale_served_total", "retries_total", "retry_budget_exhausted_total",
-                   "fallbacks_total", "cache_backend_up"):
-        assert needed in exprs, needed
+                   "fallbacks_total", "cache_backend_up", "api_key_rotations_total", "upstream_rests_total",
+                   "upstream_rest_until_seconds", "events_emitted_total", "event_deliveries_total",
+                   "event_redeliveries_total", "event_acks_total", "event_dead_letters_total",
+                   "event_clients_dropped_total", "event_subscribers", "outbox_length",
+                   "outbox_oldest_unacked_age_seconds"):
+        assert re.search(rf"(?<![\w:]){needed}\{{", exprs), needed
     for q in ("0.5", "0.95", "0.99"):
         assert f"histogram_quantile({q}, sum by (service, provider, le) " \
                f"(rate(external_request_duration_seconds_bucket" in exprs
@@ -204,5 +294,7 @@ def test_dashboard_panels_use_only_exported_metrics(dashboard: dict, exported: s
             assert names <= exported, (title, names - exported)
     for variable in dashboard["templating"]["list"]:
         query = variable["query"]["query"] if isinstance(variable["query"], dict) else variable["query"]
-        match = re.fullmatch(r"label_values\((\w+),\s*\w+\)", query)
+        if variable["type"] == "datasource":
+            continue
+        match = re.fullmatch(r"label_values\((\w+)(?:\{[^}]*\})?,\s*\w+\)", query)
         assert match and match.group(1) in exported, variable["name"]

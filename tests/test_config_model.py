@@ -24,16 +24,7 @@ from proxy.config.model import (
     TracingSettings,
     Upstream,
 )
-from proxy.config.parse import (
-    CACHE_FIELDS,
-    EVENTS_FIELDS,
-    RETRY_BUDGET_FIELDS,
-    SERVER_FIELDS,
-    ConfigError,
-    keys_of,
-    load_config,
-    parse_config,
-)
+from proxy.config.parse import CACHE_FIELDS, ConfigError, EVENTS_FIELDS, RETRY_BUDGET_FIELDS, SERVER_FIELDS, keys_of, load_config, parse_config
 from proxy.config.telemetry import METRICS_KEYS, TRACING_KEYS
 from proxy.masking import Masker
 from proxy.resilience.breaker import BreakerPolicy

@@ -25,11 +25,15 @@ import pytest
 import yaml
 
 from proxy.config.parse import ConfigError, load_config, parse_config
+from proxy.config.values import parse_listen
 from proxy.ops.process import ProxyProcess
-from tests.fakes import refused_port
+from tests.fakes import REDIS_SERVER, free_port, refused_port
 
 REPO = Path(__file__).resolve().parents[1]
 KUBE = REPO / "deploy" / "kubernetes"
+PRE_129 = REPO / "deploy" / "kubernetes-pre-1.29"  # the base with the plain-container component
+# Kinds that need a CRD, so kubernetes-validate has no schema for them: their shape is tested below.
+CRD_GROUPS = {"monitoring.coreos.com"}
 DUMMY_SECRET = "dummy-secret-value"
 ADMIN = "dummy-admin-token"
 
@@ -338,25 +342,49 @@ def deployments() -> list[dict[str, Any]]:
     return manifests_of_kind("Deployment")
 
 
-def containers() -> list[tuple[str, dict[str, Any]]]:
-    return [(d["metadata"]["name"], c) for d in deployments() for c in d["spec"]["template"]["spec"]["containers"]]
+def pod_containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every container of a pod spec, init containers (native sidecars among them) first."""
+    return pod.get("initContainers", []) + pod["containers"]
 
 
-def sidecar() -> tuple[dict[str, Any], dict[str, Any]]:
-    """(pod spec, container) of the proxy sidecar."""
-    found = [(d["spec"]["template"], c) for d in deployments() for c in d["spec"]["template"]["spec"]["containers"]
+def containers(documents: list[dict[str, Any]] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    return [(d["metadata"]["name"], c) for d in documents or deployments()
+            for c in pod_containers(d["spec"]["template"]["spec"])]
+
+
+def sidecar(documents: list[dict[str, Any]] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(pod template, container) of the proxy sidecar."""
+    found = [(d["spec"]["template"], c) for d in documents or deployments()
+             for c in pod_containers(d["spec"]["template"]["spec"])
              if c["image"].split(":")[0].endswith("resilience-proxy")]
     assert len(found) == 1, "exactly one proxy sidecar in the manifests"
     return found[0]
 
 
+def kubelet_env(container: dict[str, Any], secret: str = DUMMY_SECRET) -> dict[str, str]:
+    """A container's environment as the kubelet builds it: Secret values all `secret`, and each
+    $(VAR) replaced by a variable defined earlier in the list (anything else is left as it is)."""
+    env: dict[str, str] = {}
+    for item in container.get("env", []):
+        if "value" not in item:
+            env[item["name"]] = secret
+            continue
+        env[item["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), item["value"])
+    return env
+
+
 def sidecar_env() -> dict[str, str]:
     """The sidecar's environment as the kubelet builds it, with every Secret value a dummy."""
+    return kubelet_env(sidecar()[1])
+
+
+def main_listen(config_text: str) -> tuple[str, int]:
+    """Where the sidecar's proxy port listens: its `--listen` argument, else the route table's server.listen."""
     _, container = sidecar()
-    env = {}
-    for item in container.get("env", []):
-        env[item["name"]] = item["value"] if "value" in item else DUMMY_SECRET
-    return env
+    args = container["args"]
+    if "--listen" in args:
+        return parse_listen(args[args.index("--listen") + 1])
+    return parse_config(config_text, "routes.yaml", sidecar_env()).server.listen
 
 
 def port_number(container: dict[str, Any], port: int | str) -> int:
@@ -449,8 +477,9 @@ def test_the_redis_configmap_is_routes_yaml_with_the_redis_cache_section():
 @pytest.mark.parametrize("file", route_table_files())
 def test_each_route_table_validates_with_the_sidecars_environment(file):
     config = parse_config(route_text(file), f"{file}:routes.yaml", sidecar_env())
+    # The proxy port is for the app in the pod only: other pods must not call vendors with its keys.
+    assert main_listen(route_text(file)) == ("127.0.0.1", 8080)
     # The kubelet probes and Prometheus scrapes the pod IP, never the pod's loopback.
-    assert config.server.listen == ("0.0.0.0", 8080)
     assert config.server.metrics_listen is not None and config.server.metrics_listen[0] == "0.0.0.0"
 
 
@@ -488,8 +517,18 @@ def test_redis_url_points_at_the_redis_service():
 def test_container_ports_match_the_route_tables_listeners(file):
     config = parse_config(route_text(file), file, sidecar_env())
     _, container = sidecar()
-    assert port_number(container, "http") == config.server.listen[1]
     assert port_number(container, "metrics") == config.server.metrics_listen[1]
+    declared = [p["containerPort"] for p in container["ports"]]
+    assert main_listen(route_text(file))[1] not in declared, "the loopback proxy port is not a pod port"
+
+
+def test_the_app_calls_the_sidecar_on_its_loopback_port():
+    (app,) = [c for d, c in containers() if d == "example-app" and not c["image"].startswith("resilience-proxy")]
+    host, port = main_listen(route_text("configmap.yaml"))
+    for name in ("FX_BASE_URL", "FLIGHTS_BASE_URL"):
+        url = urlsplit(kubelet_env(app)[name])
+        assert (url.hostname, url.port) == ("localhost", port), name
+    assert host == "127.0.0.1"
 
 
 def test_the_scrape_annotations_name_the_metrics_port():
@@ -506,25 +545,29 @@ def listener_for(port: int, config_text: str) -> str:
     return {config.server.listen[1]: "main", config.server.metrics_listen[1]: "metrics"}[port]
 
 
+PROBES = ("startupProbe", "livenessProbe", "readinessProbe")
+
+
 @pytest.mark.parametrize("file", route_table_files())
 async def test_probe_and_scrape_paths_answer_200_on_a_proxy_started_from_the_configmap(file, proxy_factory, redis_url):
     text = route_text(file)
     env = sidecar_env() | {"REDIS_URL": redis_url, "ADMIN_TOKEN": ADMIN}
     proxy = await proxy_factory(listening_on_loopback(text), env=env)
     template, container = sidecar()
-    checks = [(probe, container[probe]["httpGet"]) for probe in ("livenessProbe", "readinessProbe")]
+    checks = [(probe, container[probe]["httpGet"]) for probe in PROBES]
     annotations = template["metadata"]["annotations"]
     checks.append(("scrape", {"path": annotations["prometheus.io/path"], "port": int(annotations["prometheus.io/port"])}))
     for what, target in checks:
         listener = listener_for(port_number(container, target["port"]), text)
+        # The proxy port listens on the pod's loopback, which the kubelet and Prometheus cannot reach.
+        assert listener == "metrics", f"{what} asks the {listener} port"
         host, port = proxy.process.addresses[listener]
         async with proxy.client.get(f"http://{host}:{port}{target['path']}") as response:
             body = await response.text()
             assert response.status == 200, f"{what} {target['path']} on the {listener} port: {response.status} {body}"
         if what == "scrape":
             assert "external_requests_total" in body
-    assert [probe for probe, _ in checks[:2]] == ["livenessProbe", "readinessProbe"]
-    assert (checks[0][1]["path"], checks[1][1]["path"]) == ("/health/live", "/health/ready")
+    assert [target["path"] for _, target in checks[:3]] == ["/health/ready", "/health/live", "/health/ready"]
 
 
 async def test_probes_stay_200_while_every_provider_is_down(proxy_factory):
@@ -538,8 +581,8 @@ async def test_probes_stay_200_while_every_provider_is_down(proxy_factory):
             assert response.status == 200, await response.text()
     async with proxy.client.get(f"{proxy.url}/health") as response:
         assert (await response.json())["status"] == "unhealthy"
-    for probe in ("livenessProbe", "readinessProbe"):
-        async with proxy.client.get(proxy.url + container[probe]["httpGet"]["path"]) as response:
+    for probe in PROBES:
+        async with proxy.client.get(proxy.metrics_url + container[probe]["httpGet"]["path"]) as response:
             assert response.status == 200, f"{probe} failed while only the providers are down"
 
 
@@ -548,12 +591,14 @@ def test_secret_refs_name_keys_of_the_example_secret():
     refs = [(c["name"], e["name"], e["valueFrom"]["secretKeyRef"]) for _, c in containers()
             for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})]
     assert {name for _, name, _ in refs} == {"FX_PRIMARY_API_KEY", "FX_SECONDARY_API_KEY", "ODCLOUD_API_KEY",
-                                             "KAC_API_KEY", "ADMIN_TOKEN"}
+                                             "KAC_API_KEY", "ADMIN_TOKEN", "REDIS_PASSWORD", "REDISCLI_AUTH"}
+    required = {("resilience-proxy", "ADMIN_TOKEN"), ("redis", "REDIS_PASSWORD"), ("redis", "REDISCLI_AUTH")}
     for container, variable, ref in refs:
         assert ref["name"] in secrets, f"{container}.{variable}: no Secret {ref['name']!r} in the manifests"
         assert ref["key"] in secrets[ref["name"]]["stringData"], f"{container}.{variable}: no key {ref['key']!r}"
-        # A provider key nobody has must not keep the pod from starting; the admin token must exist.
-        assert ref.get("optional", False) is (variable != "ADMIN_TOKEN"), variable
+        # A provider key nobody has (or the Redis password, without redis.yaml) must not keep the pod
+        # from starting; the admin token, and Redis' own password, must exist.
+        assert ref.get("optional", False) is ((container, variable) not in required), (container, variable)
     for secret in secrets.values():
         assert set(secret["stringData"].values()) == {"replace-me"}, "the example Secret holds placeholders only"
 
@@ -568,7 +613,7 @@ def test_every_container_sets_resources():
 def test_every_container_runs_non_root_read_only_and_without_capabilities():
     for deployment in deployments():
         pod = deployment["spec"]["template"]["spec"]
-        for container in pod["containers"]:
+        for container in pod_containers(pod):
             where = f"{deployment['metadata']['name']}/{container['name']}"
             context = pod.get("securityContext", {}) | container.get("securityContext", {})
             assert context.get("runAsNonRoot") is True, where
@@ -578,12 +623,14 @@ def test_every_container_runs_non_root_read_only_and_without_capabilities():
 
 
 def test_termination_grace_outlasts_the_prestop_pause_and_the_drain():
-    template, container = sidecar()
     config = parse_config(route_text("configmap.yaml"), "routes.yaml", sidecar_env())
-    grace = template["spec"].get("terminationGracePeriodSeconds", 30)
-    pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
-    pause = float(pre_stop[1]) if pre_stop[:1] == ["sleep"] else 0.0
-    assert grace > pause + config.server.drain_timeout, (grace, pause, config.server.drain_timeout)
+    variants = [deployments()] + ([rendered_deployments(PRE_129)] if shutil.which("kubectl") else [])
+    for documents in variants:
+        template, container = sidecar(documents)
+        grace = template["spec"].get("terminationGracePeriodSeconds", 30)
+        pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+        pause = float(pre_stop[1]) if pre_stop[:1] == ["sleep"] else 0.0
+        assert grace > pause + config.server.drain_timeout, (grace, pause, config.server.drain_timeout)
 
 
 def test_the_route_table_is_mounted_as_a_whole_directory_at_the_images_config_path(dockerfile):
@@ -634,21 +681,168 @@ async def test_a_configmap_update_is_seen_through_the_symlink_swap_and_reloaded(
         await process.stop()
 
 
-def test_the_manifests_validate_against_the_kubernetes_schemas():
+def validate_strictly(documents: list[tuple[str, dict[str, Any]]]) -> int:
+    """Validate each document against the Kubernetes 1.29 schemas, strictly; CRD kinds are left out."""
     kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
-    for file, document in all_manifests():
+    checked = 0
+    for file, document in documents:
+        if document["apiVersion"].partition("/")[0] in CRD_GROUPS:
+            continue
         try:
             kubernetes_validate.validate(document, "1.29.0", strict=True)
         except kubernetes_validate.ValidationError as exc:
             pytest.fail(f"{file}: {document['kind']}/{document['metadata']['name']}: {exc}")
+        checked += 1
+    return checked
+
+
+def test_the_manifests_validate_against_the_kubernetes_schemas():
+    assert validate_strictly(all_manifests()) == len(all_manifests()) - len(manifests_of_kind("PodMonitor"))
+
+
+def test_a_misplaced_field_fails_strict_validation():
+    """The check above can fail: a field a Deployment does not have is refused."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
+    (deployment,) = manifests_of_kind("Deployment", "example-app")
+    broken = yaml.safe_load(yaml.safe_dump(deployment))
+    broken["spec"]["template"]["spec"]["containers"][0]["restartPolcy"] = "Always"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, "1.29.0", strict=True)
+
+
+def kustomize(directory: Path) -> list[dict[str, Any]]:
+    kubectl = tool("kubectl")
+    result = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def rendered_deployments(directory: Path) -> list[dict[str, Any]]:
+    return [d for d in kustomize(directory) if d["kind"] == "Deployment"]
+
+
+BASE_KINDS = [("ConfigMap", "resilience-proxy-routes"), ("Deployment", "example-app"),
+              ("NetworkPolicy", "example-app"), ("PodDisruptionBudget", "example-app")]
 
 
 def test_kustomize_renders_the_base():
-    kubectl = tool("kubectl")
-    result = subprocess.run([kubectl, "kustomize", str(KUBE)], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    rendered = [(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(result.stdout) if d]
-    assert sorted(rendered) == [("ConfigMap", "resilience-proxy-routes"), ("Deployment", "example-app")]
+    rendered = kustomize(KUBE)
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in rendered) == BASE_KINDS
+    validate_strictly([("kubectl kustomize deploy/kubernetes", d) for d in rendered])
+
+
+def test_the_proxy_is_a_native_sidecar_that_must_start_before_the_app():
+    template, container = sidecar()
+    pod = template["spec"]
+    assert container in pod.get("initContainers", []), "a native sidecar is an init container"
+    assert container["restartPolicy"] == "Always"
+    assert pod["initContainers"].index(container) == 0, "init containers before it would hold it back"
+    probe = container["startupProbe"]
+    assert probe["httpGet"]["path"] == "/health/ready" and probe["httpGet"]["port"] == "metrics"
+    assert "lifecycle" not in container, "the kubelet stops a native sidecar after the app: no preStop pause"
+
+
+def test_the_pre_129_variant_runs_the_proxy_as_a_plain_container_with_a_prestop_pause():
+    rendered = kustomize(PRE_129)
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in rendered) == BASE_KINDS
+    validate_strictly([("kubectl kustomize deploy/kubernetes-pre-1.29", d) for d in rendered])
+    documents = [d for d in rendered if d["kind"] == "Deployment"]
+    template, container = sidecar(documents)
+    pod = template["spec"]
+    assert "initContainers" not in pod and container in pod["containers"]
+    assert "restartPolicy" not in container
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+    # Everything else is the native sidecar's: same args, env, probes, ports and mounts.
+    _, native = sidecar()
+    assert {k: v for k, v in container.items() if k != "lifecycle"} == \
+           {k: v for k, v in native.items() if k != "restartPolicy"}
+
+
+# --- NetworkPolicy, PodDisruptionBudget, PodMonitor, Redis -----------------------------------------
+
+def pod_labels(name: str) -> dict[str, str]:
+    (deployment,) = manifests_of_kind("Deployment", name)
+    return deployment["spec"]["template"]["metadata"]["labels"]
+
+
+def test_the_network_policy_admits_only_the_metrics_port_to_the_app_pods():
+    (policy,) = manifests_of_kind("NetworkPolicy", "example-app")
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"].items() <= pod_labels("example-app").items()
+    assert spec["policyTypes"] == ["Ingress"]
+    _, container = sidecar()
+    ports = [port["port"] for rule in spec["ingress"] for port in rule["ports"]]
+    assert [port_number(container, port) for port in ports] == [port_number(container, "metrics")]
+    for rule in spec["ingress"]:
+        assert rule["from"], "a rule without `from` admits every pod in the cluster"
+
+
+def test_redis_admits_only_the_app_pods():
+    (policy,) = manifests_of_kind("NetworkPolicy", "resilience-proxy-redis")
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"].items() <= pod_labels("resilience-proxy-redis").items()
+    ((source,),) = [rule["from"] for rule in spec["ingress"]]
+    assert source["podSelector"]["matchLabels"].items() <= pod_labels("example-app").items()
+    assert [p["port"] for rule in spec["ingress"] for p in rule["ports"]] == ["redis"]
+
+
+def test_the_disruption_budget_covers_the_app_and_lets_drains_finish():
+    (budget,) = manifests_of_kind("PodDisruptionBudget")
+    (deployment,) = manifests_of_kind("Deployment", "example-app")
+    assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels("example-app").items()
+    assert 0 < budget["spec"]["minAvailable"] < deployment["spec"]["replicas"]
+
+
+def test_the_pod_monitor_scrapes_the_sidecars_metrics_port():
+    """A CRD kubernetes-validate has no schema for: its shape, as the prometheus-operator reads it."""
+    (monitor,) = manifests_of_kind("PodMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(monitor["spec"]) == {"selector", "podMetricsEndpoints"}
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels("example-app").items()
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout"}
+    template, container = sidecar()
+    assert endpoint["port"] == "metrics" and port_number(container, endpoint["port"]) == 9090
+    assert endpoint["path"] == template["metadata"]["annotations"]["prometheus.io/path"]
+    interval, timeout = (int(endpoint[k].rstrip("s")) for k in ("interval", "scrapeTimeout"))
+    assert 0 < timeout <= interval
+    assert "podmonitor.yaml" not in yaml.safe_load((KUBE / "kustomization.yaml").read_text())["resources"], \
+        "`apply -k` must work on clusters without the prometheus-operator's CRDs"
+
+
+def redis_server_args(password: str, port: int) -> list[str]:
+    """The Redis container's arguments as the kubelet expands them, on a loopback port of ours."""
+    (deployment,) = manifests_of_kind("Deployment", "resilience-proxy-redis")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = kubelet_env(container, password)
+    args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], arg) for arg in container["args"]]
+    return [REDIS_SERVER, *args, "--port", str(port), "--bind", "127.0.0.1"]
+
+
+async def test_the_sidecar_reaches_the_password_protected_redis_with_the_secrets_password(proxy_factory, tmp_path):
+    password = "0123456789abcdef0123456789abcdef"
+    port = free_port()
+    server = subprocess.Popen(redis_server_args(password, port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = urlsplit(kubelet_env(sidecar()[1], password)["REDIS_URL"])
+        assert url.password == password and url.hostname == "resilience-proxy-redis"
+        answers = {}
+        for given in (password, "a-wrong-password"):
+            redis_url = f"redis://:{given}@127.0.0.1:{port}{url.path}"
+            env = sidecar_env() | {"REDIS_URL": redis_url, "ADMIN_TOKEN": ADMIN}
+            proxy = await proxy_factory(listening_on_loopback(route_text("configmap-redis.yaml")), env=env)
+            for _ in range(100):  # redis-server may still be starting
+                async with proxy.client.get(proxy.url + "/health/integrations/cache") as response:
+                    body = await response.json()
+                if body["connected"] or given != password:
+                    break
+                await proxy.process.runtime.store.ping()
+            answers[given] = body["connected"]
+            assert given not in json.dumps(body), "the cache status must not show the password"
+        assert answers == {password: True, "a-wrong-password": False}
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 if __name__ == "__main__":

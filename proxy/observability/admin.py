@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 # A provider whose error rate over the last 5 minutes is above this is DEGRADED.
 DEGRADED_ERROR_RATE = 0.2
 
+# The probe paths the metrics port answers too, as the main port does.
+PROBES = frozenset({"/health/live", "/health/ready"})
+
 
 _INLINE = re.compile(r"<(script|style)>(.*?)</\1>", re.DOTALL)
 
@@ -187,6 +190,12 @@ class Health:
         runtime = self._runtime()
         return json_response(200, {"status": status, "services": services,
                                    "timestamp": now_iso(runtime.clock.time())})
+
+    async def probe(self, request: web.BaseRequest) -> web.Response:
+        """`/health/live` or `/health/ready` (one of `PROBES`), the same answer as on the main port."""
+        if request.method not in ("GET", "HEAD"):
+            return json_response(405, {"error": "method_not_allowed"}, {"Allow": "GET, HEAD"})
+        return await (self.live if request.path == "/health/live" else self.ready)(request)
 
     async def live(self, request: web.BaseRequest) -> web.Response:
         return json_response(200, {"status": "alive"})

@@ -12,10 +12,12 @@ import yaml
 
 from proxy.config.parse import ConfigError, load_config
 from proxy.config.values import parse_listen
+from proxy.ops.startup import version_text
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resilience-proxy", description=__doc__)
+    parser.add_argument("--version", action="version", version=version_text())
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="serve the route table")
     run.add_argument("--config", default=os.environ.get("ROUTES_FILE", "routes.yaml"), help="route table (routes.yaml)")

@@ -25,10 +25,11 @@ from proxy.downstream.handler import Downstream
 from proxy.downstream.hit import HitStage
 from proxy.downstream.server_name import request_factory
 from proxy.fleet.rests import SharedRests
-from proxy.observability.admin import Health, ProcessFacts
+from proxy.observability.admin import PROBES, Health, ProcessFacts
 from proxy.observability.logs import REDACTOR, EventLog
 from proxy.observability.metrics import Metrics
 from proxy.observability.stats import Stats
+from proxy.ops.startup import announce
 from proxy.watch.system import EventsSystem
 
 if TYPE_CHECKING:
@@ -110,8 +111,11 @@ class ProxyProcess:
                             last_reload=self.last_reload)
 
     async def handle_metrics(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.path in PROBES:
+            # Kubernetes probes the pod IP; the main port may listen on the pod's loopback only.
+            return await self.health.probe(request)
         if request.path != "/metrics":
-            return web.Response(status=404, text="only /metrics here\n")
+            return web.Response(status=404, text="only /metrics, /health/live and /health/ready here\n")
         self.bus.deliver_waiting()  # a scrape counts every request answered before it
         body, content_type = self.metrics.render()
         return web.Response(body=body, headers={"Content-Type": content_type})
@@ -333,10 +337,7 @@ async def serve(config: Config, *, listen: tuple[str, int] | None = None,
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
     process.start_watching()
-    main, metrics = process.addresses.get("main"), process.addresses.get("metrics")
-    log.info("resilience-proxy serving", listen=f"{main[0]}:{main[1]}" if main else None,
-             metrics=f"{metrics[0]}:{metrics[1]}" if metrics else None, config=config.source,
-             services=sorted(config.services), cache=config.cache.backend)
+    announce(config, process.addresses.get("main"), process.addresses.get("metrics"))
     await stop.wait()
     log.info("draining: no new connections, finishing in-flight requests",
              drain_timeout=config.server.drain_timeout)

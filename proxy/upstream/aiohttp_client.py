@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from proxy.upstream.http1 import BadAnswer, ConnectFailed, ConnectRefused, ConnectTimeout, Disconnected
+from proxy.upstream.http1 import BadAnswer, ConnectFailed, ConnectTimeout, Disconnected, connect_failure
 
 # Headers ClientSession adds unless told not to; http1 sends none of them, and neither do we.
 _NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
@@ -150,7 +150,7 @@ class Pool:
         except aiohttp.ConnectionTimeoutError:
             raise ConnectTimeout("connect timeout") from None
         except aiohttp.ClientConnectorError as exc:
-            failure = ConnectRefused if isinstance(exc.os_error, ConnectionRefusedError) else ConnectFailed
+            failure = connect_failure(exc.os_error)
             raise failure(str(exc)) from None
         except aiohttp.ClientResponseError as exc:
             raise BadAnswer(exc.message or str(exc)) from None

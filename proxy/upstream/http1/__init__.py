@@ -31,10 +31,12 @@ from proxy.upstream.http1.answer import (
     ConnectRefused,
     ConnectTimeout,
     Disconnected,
+    HostUnknown,
     Response,
+    connect_failure,
 )
 from proxy.upstream.http1.connection import _Connection
 from proxy.upstream.http1.pool import Pool
 
 __all__ = ["MAX_HEAD_BYTES", "BadAnswer", "ConnectFailed", "ConnectRefused", "ConnectTimeout", "Disconnected",
-           "Pool", "Response", "_Connection"]
+           "HostUnknown", "Pool", "Response", "_Connection", "connect_failure"]

@@ -7,6 +7,7 @@ head in the one canonical form llhttp's strict parser accepts, or refuse it as a
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,22 @@ class ConnectTimeout(ConnectFailed):
 
 class ConnectRefused(ConnectFailed):
     """The upstream's host answered that nothing listens on the port."""
+
+
+class HostUnknown(ConnectFailed):
+    """The resolver answered that the upstream's host name does not exist (not a transient DNS failure)."""
+
+
+# getaddrinfo's "no such host" answers; EAI_AGAIN (the resolver did not answer) is transient, so not here.
+NO_SUCH_HOST = frozenset(code for code in (getattr(socket, "EAI_NONAME", None), getattr(socket, "EAI_NODATA", None))
+                         if code is not None)
+
+
+def connect_failure(exc: OSError) -> type[ConnectFailed]:
+    """Which kind of connect failure an OSError from connecting is (both clients classify alike)."""
+    if isinstance(exc, socket.gaierror) and exc.errno in NO_SUCH_HOST:
+        return HostUnknown
+    return ConnectRefused if isinstance(exc, ConnectionRefusedError) else ConnectFailed
 
 
 class Disconnected(Exception):

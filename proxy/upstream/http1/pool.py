@@ -13,11 +13,11 @@ from yarl import URL
 
 from proxy.upstream.http1.answer import (
     ConnectFailed,
-    ConnectRefused,
     ConnectTimeout,
     Disconnected,
     Response,
     _NothingReceived,
+    connect_failure,
 )
 from proxy.upstream.http1.connection import _Connection
 
@@ -147,7 +147,7 @@ class Pool:
             raise ConnectTimeout("connect timeout") from None
         except OSError as exc:
             self._abandon(made)
-            failure = ConnectRefused if isinstance(exc, ConnectionRefusedError) else ConnectFailed
+            failure = connect_failure(exc)
             raise failure(f"Cannot connect to host {self.host_header} [{exc.strerror or exc}]") from None
         except BaseException:
             self._abandon(made)
