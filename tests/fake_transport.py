@@ -163,6 +163,12 @@ class FakeTransport:
     async def close(self, keep: set[str] | None = None) -> None:
         self.closed = True
 
+    def pool_usage(self, name: str) -> dict[str, int | None]:
+        return {"open": None, "idle": None, "busy": None, "waiting": None, "limit": None}  # no connections here
+
+    def in_flight(self, name: str) -> int:
+        return 0
+
 
 async def settle() -> None:
     """Let tasks the chain started in the background (refreshes, detached tries) run to their end."""

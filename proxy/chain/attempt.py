@@ -184,7 +184,8 @@ class AttemptStage:
         self._emit(signals.AttemptFinished(
             service=upstream.service, provider=upstream.name, outcome=result.outcome.value, status=result.status,
             duration=duration, attempt=number, method=exchange.method, url=MaskedUrl(url, upstream),
-            request_id=exchange.request_id, error=result.detail))
+            request_id=exchange.request_id, error=result.detail, trace=exchange.trace,
+            ended=self._clock.monotonic() if exchange.trace is not None and exchange.trace.wall_ns else None))
 
     def _classify(self, upstream: Upstream, exchange: Exchange, values: dict[str, str], reply: Reply,
                   ring: KeyRing | None, key_index: int, breaker: Breaker) -> AttemptResult:

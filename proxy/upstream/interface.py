@@ -81,3 +81,11 @@ class Transport(Protocol):
     async def close(self, keep: set[str] | None = None) -> None:
         """Close the connections (all, or those of upstreams not in `keep`)."""
         ...
+
+    def pool_usage(self, name: str) -> dict[str, int | None]:
+        """An upstream's connections: open, idle, busy, callers waiting, the limit (None: not known)."""
+        ...
+
+    def in_flight(self, name: str) -> int:
+        """An upstream's attempts holding a connection or waiting for one."""
+        ...

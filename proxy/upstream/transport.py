@@ -55,6 +55,18 @@ class HttpTransport:
         other._deadlines = self._deadlines
         return other
 
+    def pool_usage(self, name: str) -> dict[str, int | None]:
+        """The upstream's connection pool as its client counts it (`Pool.usage`; None: not known)."""
+        pool = self._pools.get(name)
+        if pool is None or pool.closed:
+            return self._pool_type.unused(self._limit)
+        return pool.usage()
+
+    def in_flight(self, name: str) -> int:
+        """The upstream's attempts holding a connection or waiting for one."""
+        pool = self._pools.get(name)
+        return 0 if pool is None or pool.closed else pool.in_flight
+
     async def close(self, keep: set[str] | None = None) -> None:
         """Close the pools (all, or those of upstreams not in `keep` when they were handed on)."""
         for name in list(self._pools):
