@@ -94,9 +94,6 @@ class HttpTransport:
         except http1.HostUnknown as exc:
             # A connect error, so the walk moves to the next upstream at once and never retries it.
             raise AttemptError(Outcome.CONNECT, f"no such host: {_describe(exc)}") from None
-        except http1.HostUnknown as exc:
-            # A connect error, so the walk moves to the next upstream at once and never retries it.
-            raise AttemptError(Outcome.CONNECT, f"no such host: {_describe(exc)}") from None
         except http1.ConnectFailed as exc:
             raise AttemptError(Outcome.CONNECT, _describe(exc)) from None
         except TimeoutError:
