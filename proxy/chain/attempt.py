@@ -44,6 +44,7 @@ class AttemptResult:
     detail: str | None = None
     rotated: bool = False  # a key was refused and another one is ready: try again at once
     wait: float | None = None  # skipped: seconds until the upstream may be tried again, if known
+    final: bool = False  # trying this upstream again cannot help (its host name does not exist)
 
     @property
     def status(self) -> int | None:
@@ -140,7 +141,7 @@ class AttemptStage:
             request = UpstreamRequest(upstream.name, exchange.method, url, headers, exchange.body, exchange.body_stream)
             reply = await self._transport.send(request, timeout)
         except AttemptError as exc:
-            result = AttemptResult(exc.outcome, detail=exc.detail)
+            result = AttemptResult(exc.outcome, detail=exc.detail, final=exc.final)
             refused = exc.refused
         except asyncio.CancelledError:
             if abandon is None or abandon.lost_to is None:

@@ -92,8 +92,8 @@ class HttpTransport:
         except http1.ConnectRefused as exc:
             raise AttemptError(Outcome.CONNECT, _describe(exc), refused=True) from None
         except http1.HostUnknown as exc:
-            # A connect error, so the walk moves to the next upstream at once and never retries it.
-            raise AttemptError(Outcome.CONNECT, f"no such host: {_describe(exc)}") from None
+            # A connect error the walk never retries: the name will not exist a backoff later.
+            raise AttemptError(Outcome.CONNECT, f"no such host: {_describe(exc)}", final=True) from None
         except http1.ConnectFailed as exc:
             raise AttemptError(Outcome.CONNECT, _describe(exc)) from None
         except TimeoutError:
