@@ -6,7 +6,7 @@ A fake provider (bench.servers) answers every path with the same small JSON body
 (`python -m proxy run`, its own process, LOG_LEVEL=warning) caches each distinct path for 24 h. Every
 `--every` requests the proxy's RSS (VmRSS) is sampled next to what `/health/integrations/cache` says
 the cache holds, so the table shows whether RSS stays within the budget plus the documented
-overhead (README, "Cache": the HIT shortcut's memo and the allocator) once eviction has begun.
+overhead (docs/resilience.md, "Cache": the HIT shortcut's memo and the allocator) once eviction has begun.
 `make bench-cache` runs it with the defaults.
 """
 

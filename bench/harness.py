@@ -237,7 +237,7 @@ def machine() -> dict[str, Any]:
 
 
 def idle_policy() -> str | None:
-    """How an idle core sleeps: the latency figures depend on it (see the README's Benchmarks).
+    """How an idle core sleeps: the latency figures depend on it (see docs/architecture.md, "Why our own front end and client").
 
     On a virtual machine whose idle cores halt at once (haltpoll with guest_halt_poll_ns 0),
     every write that wakes a process on the other core pays for waking that core.

@@ -157,6 +157,8 @@ class AttemptFinished:
     url: Any              # the upstream URL with secret query values masked, as `str(url)` gives it
     request_id: str
     error: str | None = None
+    trace: Any = None     # the request's `tracing.Trace` (trace id in the log line, span parent)
+    ended: float | None = None  # runtime-clock time the attempt ended, when its span is exported
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +281,25 @@ class RequestFinished:
     duration: float
     request_id: str
     fallback: bool = False  # served by a non-primary upstream or by a stale copy
+    client: str | None = None  # the caller's address
+    bytes_in: int | None = None   # request body bytes (None: streamed, length not known)
+    bytes_out: int | None = None  # answer body bytes sent
+    trace: Any = None     # the request's `tracing.Trace`
+
+
+@dataclass(slots=True, unsafe_hash=True)  # see PER_REQUEST: read-only by convention
+class RequestRefused:
+    """A request answered with an error before any route took it (CONNECT and absolute-form targets,
+    400 unsafe target, 404 no_route, 413, 431): told once per request."""
+    status: int
+    error: str            # the error body's `error`: bad_request | no_route | request_body_too_large | ...
+    service: str | None   # when the path named one (a 413 on a known service), else None
+    method: str
+    path: str             # the caller's path, cut short: for the log line only, never a label
+    request_id: str
+    duration: float
+    client: str | None = None
+    trace: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +364,6 @@ class OutboxState:
 # object.__setattr__, and that cost about 6 of the ~84 us of CPU a pass-through request took
 # (c=50, interleaved runs). Like every event, they are never changed once made; they still
 # compare and hash by value.
-PER_REQUEST = frozenset({AttemptFinished, CacheLookup, RequestFinished})
+PER_REQUEST = frozenset({AttemptFinished, CacheLookup, RequestFinished, RequestRefused})
 # How long the proxy holds them at most: a scrape or a health read delivers them at once.
 PER_REQUEST_HOLD = 0.05

@@ -2,7 +2,7 @@
 
 The chain talks to it through the same `send(UpstreamRequest, timeout) -> Reply` as to
 `HttpTransport`. A script is a list of steps per upstream, used in order (the last one
-repeats); a step is a `reply(...)`, a fault (`TIMEOUT`, `RESET`, `REFUSED`, `MALFORMED`),
+repeats); a step is a `reply(...)`, a fault (`TIMEOUT`, `RESET`, `REFUSED`, `UNREACHABLE`, `UNKNOWN_HOST`, `MALFORMED`),
 or either behind `slow(seconds, ...)`, which waits on the injected clock: with an
 autojumping `FakeClock` the wait costs nothing, and a wait at least as long as the attempt's
 timeout ends as a timeout, as it would on the wire.
@@ -28,12 +28,15 @@ class Fault:
     outcome: Outcome
     detail: str
     refused: bool = False
+    final: bool = False
 
 
 TIMEOUT = Fault(Outcome.TIMEOUT, "no complete answer in time")
 RESET = Fault(Outcome.RESET, "Server disconnected")
 REFUSED = Fault(Outcome.CONNECT, "Cannot connect to host [Connection refused]", refused=True)
 MALFORMED = Fault(Outcome.MALFORMED, "invalid HTTP answer: garbage")
+UNREACHABLE = Fault(Outcome.CONNECT, "Cannot connect to host [No route to host]")
+UNKNOWN_HOST = Fault(Outcome.CONNECT, "no such host: Cannot connect to host [Name or service not known]", final=True)
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,7 @@ class FakeTransport:
             await self.clock.sleep(step.seconds)
             step = step.then
         if isinstance(step, Fault):
-            raise AttemptError(step.outcome, step.detail, refused=step.refused)
+            raise AttemptError(step.outcome, step.detail, refused=step.refused, final=step.final)
         retry_after = next((v for k, v in step.headers if k.lower() == "retry-after"), None)
         if step.chunks is not None:
             stream = FakeStream(step.chunks)
@@ -162,6 +165,12 @@ class FakeTransport:
 
     async def close(self, keep: set[str] | None = None) -> None:
         self.closed = True
+
+    def pool_usage(self, name: str) -> dict[str, int | None]:
+        return {"open": None, "idle": None, "busy": None, "waiting": None, "limit": None}  # no connections here
+
+    def in_flight(self, name: str) -> int:
+        return 0
 
 
 async def settle() -> None:

@@ -387,7 +387,7 @@ def test_snapshot_of_a_closed_breaker(clock):
     fail(breaker, 2)
     assert breaker.snapshot() == {"provider": PROVIDER, "service": SERVICE, "state": "CLOSED", "failures": 2,
                                   "threshold": 5, "openedAt": None, "retryAt": None, "forced": False,
-                                  "restingUntil": None}
+                                  "restingUntil": None, "changedAt": "2024-12-01T08:00:00.000Z"}  # its start
 
 
 def test_snapshot_of_an_open_breaker_has_iso_utc_times_with_milliseconds():
@@ -396,7 +396,8 @@ def test_snapshot_of_an_open_breaker_has_iso_utc_times_with_milliseconds():
     open_breaker(breaker)
     assert breaker.snapshot() == {"provider": PROVIDER, "service": SERVICE, "state": "OPEN", "failures": 5,
                                   "threshold": 5, "openedAt": "2024-12-01T10:00:00.250Z",
-                                  "retryAt": "2024-12-01T10:01:00.250Z", "forced": False, "restingUntil": None}
+                                  "retryAt": "2024-12-01T10:01:00.250Z", "forced": False, "restingUntil": None,
+                                  "changedAt": "2024-12-01T10:00:00.250Z"}
 
 
 def test_snapshot_of_a_forced_breaker_has_no_retry_time(clock):

@@ -9,7 +9,7 @@ from proxy.chain.fallback import UpstreamsFailed
 from proxy.clock import FakeClock
 from proxy.resilience.breaker import State
 from tests.chain_kit import kit
-from tests.fake_transport import REFUSED, RESET, TIMEOUT, reply, slow, streamed
+from tests.fake_transport import REFUSED, RESET, TIMEOUT, UNKNOWN_HOST, UNREACHABLE, reply, slow, streamed
 
 RETRY_ONCE = {"retries": 1, "base_delay": "100ms", "max_delay": "1s", "retry_on": ["5xx", "timeout", "reset"]}
 
@@ -203,3 +203,68 @@ async def test_no_hedge_for_an_unsafe_request_or_one_with_a_copy(method, may_hed
     exchange.may_hedge = may_hedge
     answer = await k.fallback(exchange)
     assert answer.upstream == "first" and k.transport.order() == ["first"]
+
+
+# --- connect failures: nothing reached the upstream ---------------------------------------------
+
+CONNECT_ONCE = {"retries": 1, "base_delay": "100ms", "max_delay": "1s", "retry_on": ["connect"]}
+
+
+def one(retry: object, **service: object) -> dict:
+    return {"svc": {"retry": retry, "timeout": "1s", "deadline": "10s", "hedge_after": "off",
+                    "breaker": {"fail_threshold": 5, "failure_rate": "off", "open_timeout": "30s"}, **service,
+                    "upstreams": [{"name": "only", "url": "http://only.test"}]}}
+
+
+async def test_an_unreachable_only_upstream_is_tried_again_after_its_backoff():
+    clock = FakeClock(autojump=True)
+    k = kit(one(CONNECT_ONCE), clock=clock)
+    k.transport.script("only", UNREACHABLE_THEN_OK[0], UNREACHABLE_THEN_OK[1])
+    started = clock.monotonic()
+    answer = await k.fallback(k.exchange("GET", "/svc/x"))
+    assert answer.status == 200 and answer.upstream == "only"
+    assert k.transport.order() == ["only", "only"]
+    assert clock.monotonic() - started >= 0.1  # the policy's backoff came between the two
+
+
+async def test_a_connect_failure_is_tried_again_even_for_a_post_since_nothing_was_sent():
+    k = kit(one(CONNECT_ONCE, retry_non_idempotent=True))
+    k.transport.script("only", UNREACHABLE_THEN_OK[0], UNREACHABLE_THEN_OK[1])
+    answer = await k.fallback(k.exchange("POST", "/svc/x", body=b"{}"))
+    assert answer.status == 200 and k.transport.order() == ["only", "only"]
+
+
+async def test_connect_is_not_retried_when_the_policy_does_not_name_it():
+    k = kit(one({"retries": 2, "base_delay": "100ms", "retry_on": ["5xx"]}))
+    k.transport.script("only", UNREACHABLE_THEN_OK[0], UNREACHABLE_THEN_OK[1])
+    with pytest.raises(UpstreamsFailed) as failed:
+        await k.fallback(k.exchange("GET", "/svc/x"))
+    assert failed.value.status == 502 and k.transport.order() == ["only"]
+
+
+async def test_a_host_that_does_not_exist_is_never_tried_again():
+    k = kit(one(CONNECT_ONCE))
+    k.transport.script("only", UNKNOWN_HOST, reply(200))
+    with pytest.raises(UpstreamsFailed) as failed:
+        await k.fallback(k.exchange("GET", "/svc/x"))
+    assert k.transport.order() == ["only"]
+    assert "no such host" in failed.value.attempts[0].detail
+
+
+async def test_a_refused_connection_trips_the_breaker_so_it_is_not_tried_again():
+    k = kit(one(CONNECT_ONCE))  # trip_on_refused is on by default
+    k.transport.script("only", REFUSED, reply(200))
+    with pytest.raises(UpstreamsFailed):
+        await k.fallback(k.exchange("GET", "/svc/x"))
+    assert k.transport.order() == ["only"] and k.breaker("only").state is State.OPEN
+
+
+async def test_an_unreachable_primary_is_left_for_the_next_upstream_not_retried_first():
+    k = kit(three(retry=CONNECT_ONCE))
+    k.transport.script("first", UNREACHABLE_THEN_OK[0], UNREACHABLE_THEN_OK[1])
+    k.transport.script("second", reply(200, json={"from": "second"}))
+    answer = await k.fallback(k.exchange("GET", "/svc/x"))
+    assert answer.upstream == "second" and k.transport.order() == ["first", "second"]
+
+
+UNREACHABLE_THEN_OK = (UNREACHABLE, reply(200, json={"from": "only"}))

@@ -170,7 +170,7 @@ async def mocks():
 
 
 def with_kac_keys(text: str) -> str:
-    """The table with flights_kac rotating two keys, as the README shows for a second key."""
+    """The table with flights_kac rotating two keys, as docs/adapters.md shows for a second key."""
     document = yaml.safe_load(text)
     kac = document["services"]["flights"]["upstreams"][0]
     kac["query"]["serviceKey"] = "{key}"

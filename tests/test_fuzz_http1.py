@@ -5,7 +5,7 @@ and deleted, headers duplicated, lengths and chunk sizes changed, Content-Length
 Transfer-Encoding, obs-folds, bare LFs, NULs, huge lines. A raw server on 127.0.0.1 sends each
 case to both clients and closes; each client's verdict is an answer (status, reason, headers,
 body) or an error class (`malformed`, `cut`). Wherever the verdicts differ, the difference must
-be one of DELIBERATE, each of which the README's "Forwarding" section lists.
+be one of DELIBERATE, each of which docs/forwarding.md lists.
 
 `make test` runs FUZZ_CASES (default 300) cases of seed FUZZ_SEED (default 18); `make fuzz`
 runs many more. A failure prints the seed, the case number and its bytes.

@@ -7,7 +7,6 @@ import re
 
 import pytest
 import structlog
-from aiohttp.http import SERVER_SOFTWARE
 from yarl import URL
 
 from proxy.downstream.wire import render_head
@@ -123,7 +122,11 @@ async def test_fast_hits_are_counted_in_metrics_and_stats(fake_upstream, proxy_f
     proxy.process.bus.deliver_waiting()  # what a scrape or a health read does first
     metrics = proxy.process.metrics
     registry = metrics.registry
-    assert registry.get_sample_value("proxy_requests_total", {"service": "fx", "code": "200"}) == 4
+    route = proxy.process.runtime.config.services["fx"].routes[0].name  # the route table's name, not a path
+    assert registry.get_sample_value("proxy_requests_total",
+                                     {"service": "fx", "route": route, "code": "200", "cache": "hit"}) == 3
+    assert registry.get_sample_value("proxy_requests_total",
+                                     {"service": "fx", "route": route, "code": "200", "cache": "miss"}) == 1
     assert registry.get_sample_value("cache_requests_total", {"service": "fx", "result": "hit"}) == 3
     assert registry.get_sample_value("cache_requests_total", {"service": "fx", "result": "miss"}) == 1
     assert registry.get_sample_value("proxy_request_duration_seconds_count", {"service": "fx"}) == 4
@@ -323,7 +326,7 @@ def test_the_rendered_head_is_what_web_response_would_send():
     assert not dated
     assert head.decode().split("\r\n") == [
         "HTTP/1.1 404 Not Found", "Content-Type: application/json", 'ETag: "1"', "X-Cache: HIT",
-        "X-Upstream: fx_primary", f"Server: {SERVER_SOFTWARE}", "Content-Length: 2", ""]
+        "X-Upstream: fx_primary", "Server: resilience-proxy", "Content-Length: 2", ""]
 
 
 async def test_a_target_the_cache_never_answers_is_remembered_per_route_table(fake_upstream, clock, tmp_path):

@@ -1,6 +1,6 @@
 """How proxy.http1 frames what an upstream sends: heads bounded as they arrive, framing that
 contradicts itself, non-final chunked codings, interim answers, what is accepted leniently and
-what is refused (README, "Forwarding"), and the time bounds of a streamed answer."""
+what is refused (docs/forwarding.md), and the time bounds of a streamed answer."""
 
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ def attempt(outcome: str | Outcome = "success", duration: float = 0.1, provider:
 
 def finished(status: int = 200, *, duration: float = 0.05, upstream: str | None = PRIMARY, fallback: bool = False,
              path: str = "/fx/latest/USD") -> signals.RequestFinished:
-    return signals.RequestFinished(service=SERVICE, route="latest", method="GET", path=path, status=status,
+    return signals.RequestFinished(service=SERVICE, route="rates", method="GET", path=path, status=status,
                                   cache="MISS", upstream=upstream, attempts=((PRIMARY, "success"),),
                                   duration=duration, request_id="r1", fallback=fallback)
 
@@ -144,7 +144,7 @@ def test_forget_provider_removes_its_series_and_keeps_the_others(metrics: Metric
     metrics(signals.BreakerTransition(SERVICE, PRIMARY, "CLOSED", "OPEN", "threshold"))
     metrics(finished(upstream=PRIMARY, fallback=True))
     assert not [s for s in parse(metrics) if s.labels.get("provider") == PRIMARY]
-    assert value(metrics, "proxy_requests_total", service=SERVICE, code="200") == 2  # the service still counts
+    assert value(metrics, "proxy_requests_total", service=SERVICE, route="rates", code="200", cache="miss") == 2  # the service still counts
     # Put back by a later reload: registered again, counted again.
     metrics.register_provider(SERVICE, PRIMARY)
     metrics(attempt(provider=PRIMARY))
@@ -212,8 +212,8 @@ def test_proxy_requests_are_counted_by_status_code_with_duration(metrics: Metric
     metrics(finished(200, duration=0.02))
     metrics(finished(200, duration=0.02))
     metrics(finished(503, duration=1.5))
-    assert value(metrics, "proxy_requests_total", service=SERVICE, code="200") == 2
-    assert value(metrics, "proxy_requests_total", service=SERVICE, code="503") == 1
+    assert value(metrics, "proxy_requests_total", service=SERVICE, route="rates", code="200", cache="miss") == 2
+    assert value(metrics, "proxy_requests_total", service=SERVICE, route="rates", code="503", cache="miss") == 1
     assert value(metrics, "proxy_request_duration_seconds_count", service=SERVICE) == 3
     assert value(metrics, "proxy_request_duration_seconds_bucket", service=SERVICE, le="0.025") == 2
     assert value(metrics, "proxy_request_duration_seconds_bucket", service=SERVICE, le="1.0") == 2

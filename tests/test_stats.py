@@ -54,7 +54,8 @@ def test_registered_providers_without_traffic_appear_with_zeros(stats: Stats) ->
     stats.register(SERVICE, SECONDARY)
     window = stats.window(60)
     assert window["providers"][SECONDARY] == {"service": SERVICE, "requests": 0, "errors": 0, "errorRate": 0.0,
-                                              "p50": None, "p95": None, "p99": None, "cacheHitRate": None}
+                                              "p50": None, "p95": None, "p99": None, "cacheHitRate": None,
+                                              "responses": {"2xx": 0, "3xx": 0, "4xx": 0, "5xx": 0, "none": 0}}
     assert window["services"][SERVICE] == {"requests": 0, "errors": 0, "errorRate": 0.0, "p50": None, "p95": None,
                                            "p99": None, "cacheHitRate": None, "stale": 0}
 
@@ -224,3 +225,11 @@ def test_unknown_events_are_ignored(stats: Stats) -> None:
     stats(signals.Coalesced(SERVICE))
     window = stats.window(60)
     assert window["providers"] == {} and window["services"] == {}
+
+
+def test_an_upstream_s_answers_are_counted_by_status_class(stats: Stats) -> None:
+    for status, outcome in ((200, "success"), (204, "success"), (301, "success"), (404, "client_error"),
+                            (503, "http_5xx"), (None, "timeout")):
+        stats(signals.AttemptFinished(service=SERVICE, provider=PRIMARY, outcome=outcome, status=status,
+                                      duration=0.01, attempt=1, method="GET", url="u", request_id="r"))
+    assert stats.window(60)["providers"][PRIMARY]["responses"] == {"2xx": 2, "3xx": 1, "4xx": 1, "5xx": 1, "none": 1}

@@ -32,7 +32,7 @@ from tests.fakes import Fail, Ok, route_table
 
 PAGE = "/health/ui"
 ENDPOINTS = ("/health", "/health/integrations/circuits", "/health/integrations/stats?minutes=60",
-             "/health/integrations/cache", "/health/integrations/outbox")
+             "/health/integrations/cache", "/health/integrations/outbox", "/health/integrations/proxy")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--enable-logging=stderr", "--v=0")
@@ -115,7 +115,7 @@ class StatusDom(HTMLParser):
         if tag == "body":
             self.body = attributes
         if tag == "tr" and "data-provider" in attributes:
-            self.row_classes[attributes["data-provider"]] = set(attributes.get("class", "").split())
+            self.row_classes.setdefault(attributes["data-provider"], set()).update(attributes.get("class", "").split())
         if tag not in self._VOID:
             self._open.append((tag, attributes))
 

@@ -58,6 +58,13 @@ class TokenBucket:
         tokens = min(self._limit.burst, self._tokens + (now - self._at) * self._limit.per_second)
         return max(0.0, (1.0 - tokens) / self._limit.per_second)
 
+    def snapshot(self) -> dict[str, Any]:
+        """Tokens there now (refilled to this moment, none taken), for the status page."""
+        now = self._clock.monotonic()
+        tokens = min(self._limit.burst, self._tokens + (now - self._at) * self._limit.per_second)
+        return {"tokens": round(tokens, 2), "burst": self._limit.burst, "perSecond": self._limit.per_second,
+                "shared": False}
+
 
 # One round trip: refill by elapsed time, take a token if there is one, keep the key alive.
 _BUCKET = """
@@ -92,6 +99,10 @@ class SharedTokenBucket:
     def wait_hint(self) -> float:
         """Seconds until the next token, as this replica's own bucket sees it."""
         return self._local.wait_hint()
+
+    def snapshot(self) -> dict[str, Any]:
+        """This replica's own bucket (the shared one is in Redis, read by no status call)."""
+        return {**self._local.snapshot(), "shared": True}
 
     async def take_shared(self) -> bool:
         try:

@@ -46,6 +46,7 @@ class AttemptResult:
     detail: str | None = None
     rotated: bool = False  # a key was refused and another one is ready: try again at once
     wait: float | None = None  # skipped: seconds until the upstream may be tried again, if known
+    final: bool = False  # trying this upstream again cannot help (its host name does not exist)
 
     @property
     def status(self) -> int | None:
@@ -148,7 +149,7 @@ class AttemptStage:
             request = UpstreamRequest(upstream.name, exchange.method, url, headers, exchange.body, exchange.body_stream)
             reply = await self._transport.send(request, timeout)
         except AttemptError as exc:
-            result = AttemptResult(exc.outcome, detail=exc.detail)
+            result = AttemptResult(exc.outcome, detail=exc.detail, final=exc.final)
             refused = exc.refused
         except asyncio.CancelledError:
             if abandon is None or abandon.lost_to is None:
@@ -192,7 +193,8 @@ class AttemptStage:
         self._emit(signals.AttemptFinished(
             service=upstream.service, provider=upstream.name, outcome=result.outcome.value, status=result.status,
             duration=duration, attempt=number, method=exchange.method, url=MaskedUrl(url, upstream),
-            request_id=exchange.request_id, error=result.detail))
+            request_id=exchange.request_id, error=result.detail, trace=exchange.trace,
+            ended=self._clock.monotonic() if exchange.trace is not None and exchange.trace.wall_ns else None))
 
     def _classify(self, upstream: Upstream, exchange: Exchange, values: dict[str, str], reply: Reply,
                   ring: KeyRing | None, key_index: int, breaker: Breaker) -> AttemptResult:

@@ -127,7 +127,11 @@ class CacheStage:
         credential = _credential(exchange) if rule.key_by_credential else None
         primary = cache_key(service, exchange.method, exchange.path, exchange.query, exchange.headers,
                             vary=rule.vary, credential=credential)
+        trace = exchange.trace if exchange.trace is not None and exchange.trace.wall_ns else None
+        looked_at = self._clock.monotonic() if trace is not None else 0.0  # timed only for an exported span
         copy = await self._lookup(exchange, primary, KEYED_HEADERS.union(name.lower() for name in rule.vary))
+        if trace is not None:
+            trace.lookup = (looked_at, self._clock.monotonic())
         entry = copy.entry
         now = self._clock.time()
         if entry is not None and entry.is_fresh(now):

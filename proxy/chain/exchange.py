@@ -8,6 +8,7 @@ from typing import Any, AsyncIterator
 from multidict import CIMultiDictProxy
 
 from proxy.config.model import Route, Service
+from proxy.observability.tracing import Trace
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 
@@ -50,6 +51,7 @@ class Exchange:
     attempts: list[AttemptRecord] = field(default_factory=list)
     body_too_large: bool = False
     may_hedge: bool = False   # no copy could answer if the upstreams are slow: a late attempt may be hedged
+    trace: Trace | None = None  # traceparent for the upstreams, trace id for the logs, span timing
 
     @property
     def replayable(self) -> bool:

@@ -34,8 +34,6 @@ from proxy.resilience.breaker import Breaker, State
 from proxy.resilience.hedging import LatencyWindow
 from proxy.resilience.outcome import SKIPPED, Outcome
 
-# Outcomes after which the upstream certainly never received the request (nor its body).
-_NEVER_SENT = SKIPPED | {Outcome.CONNECT}
 _SKIP_VALUES = frozenset(o.value for o in SKIPPED)
 # Hedged: the methods that read without changing anything, so two copies in flight are harmless.
 _HEDGEABLE = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -312,7 +310,13 @@ class FallbackStage:
         result.discard()
         if result.outcome in SKIPPED:
             walk.waits.append(result.wait)
-        if result.outcome in _NEVER_SENT:
+            return None
+        if result.outcome is Outcome.CONNECT:
+            # Never reached the upstream: nothing to undo, so the walk goes on whatever the method; a retry
+            # (`retry_on: connect`, after its backoff) comes when no other upstream answered, unless the
+            # host name does not exist or the breaker shut meanwhile (a refused connection trips it).
+            if not result.final and tries not in walk.sent:
+                walk.sent.append(tries)
             return None
         if tries not in walk.sent:
             walk.sent.append(tries)

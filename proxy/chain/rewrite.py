@@ -81,6 +81,8 @@ def request_headers(upstream: Upstream, exchange: Exchange, values: dict[str, st
         value = template.render(values, encode=False)
         if value:
             headers[name] = value
+    if exchange.trace is not None:  # W3C trace context: validated, never the caller's malformed one
+        exchange.trace.apply(headers)
     return headers
 
 

@@ -22,6 +22,7 @@ from proxy.config.model import (
     CacheSettings,
     Config,
     Defaults,
+    MetricsSettings,
     Route,
     SentinelSettings,
     ServerSettings,
@@ -79,6 +80,7 @@ _SHOWN: dict[tuple[type, str], Callable[[Any], Any]] = {
     (CacheSettings, "url"): lambda cache: _without_password(cache.url),
     (SentinelSettings, "hosts"): lambda sentinel: [f"{host}:{port}" for host, port in sentinel.hosts],
     (SentinelSettings, "password"): lambda sentinel: "***" if sentinel.password else "",
+    (MetricsSettings, "prefix"): lambda metrics: metrics.prefix or None,
     (CacheRule, "stale_if_slow"): lambda rule: "off" if rule.stale_if_slow is None else rule.stale_if_slow,
     (Defaults, "hedge"): lambda defaults: _hedge_text(defaults.hedge),
     (Upstream, "hedge"): lambda upstream: _hedge_text(upstream.hedge),
@@ -114,6 +116,8 @@ def render(config: Config, masker: Masker) -> dict[str, Any]:
         "cache": shown(config.cache),
         "defaults": {**shown(config.defaults), "retry_budget": shown(config.retry_budget)},
         "services": {name: shown(service) for name, service in config.services.items()},
+        "metrics": shown(config.metrics),
+        "tracing": shown(config.tracing),
     }
     return _plain(effective, masker)
 

@@ -234,6 +234,21 @@ class EventsSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsSettings:
+    """`metrics:` how the metrics port names what it exports."""
+
+    prefix: str = ""  # prepended to every metric name, with `_`, on the metrics port
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TracingSettings:
+    """`tracing:` where spans go (docs/observability.md)."""
+
+    otlp_endpoint: str | None = None  # OTLP/HTTP traces URL (`/v1/traces` added to a bare origin); None: off
+    service_name: str = "resilience-proxy"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """A complete, validated route table."""
 
@@ -245,6 +260,8 @@ class Config:
     services: Mapping[str, Service]
     events: EventsSettings = EventsSettings()
     upstream_client: str = "http1"  # who speaks HTTP to upstreams: "http1" (ours) or "aiohttp" (its ClientSession)
+    metrics: MetricsSettings = MetricsSettings()
+    tracing: TracingSettings = TracingSettings()
     secrets: frozenset[str] = frozenset()
     effective: Mapping[str, Any] = field(default_factory=dict)  # for `check`, secrets masked
 

@@ -30,6 +30,7 @@ from proxy.config.model import (
 from proxy.config.policies import NEAREST_KEYS, read_nearest
 from proxy.config.routing import prefixes_overlap
 from proxy.config.service_checks import read_service
+from proxy.config.telemetry import parse_metrics, parse_tracing
 from proxy.config.values import (
     NAME,
     boolean,
@@ -54,7 +55,8 @@ from proxy.config.values import (
 from proxy.config.yaml_source import MAX_BYTES, LineDict, Substituted, line_of, load
 from proxy.masking import Masker
 
-TOP_LEVEL_KEYS = {"version", "server", "cache", "defaults", "services", "events", "upstream_client"}
+TOP_LEVEL_KEYS = {"version", "server", "cache", "defaults", "services", "events", "upstream_client", "metrics",
+                  "tracing"}
 _CONTROL = {code: repr(chr(code))[1:-1] for code in (*range(0x20), 0x7F)}  # shown escaped in messages
 
 
@@ -131,10 +133,12 @@ def check_document(document: Any, filename: str, yaml_problems: list[tuple[int, 
     services = _read_services(check, root, cache, defaults)
     events = _read_events(check, root.get("events"), line_of(root, "events")) if "events" in root else EventsSettings()
     upstream_client = _read_upstream_client(check, root)
+    metrics, tracing = parse_metrics(check, root), parse_tracing(check, root)
     if check.problems:
         raise ConfigError(_problem_lines(check))
     config = Config(source=filename, server=server, cache=cache, defaults=defaults, retry_budget=budget,
-                    services=services, events=events, upstream_client=upstream_client, secrets=frozenset(check.secrets))
+                    services=services, events=events, upstream_client=upstream_client, metrics=metrics,
+                    tracing=tracing, secrets=frozenset(check.secrets))
     return replace(config, effective=render(config, check.masker))
 
 

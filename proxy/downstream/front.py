@@ -35,6 +35,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from proxy.downstream.connection import LeanConnection
 from proxy.downstream.responder import Responder, answer_on_aiohttp
+from proxy.downstream.server_name import request_factory
 from proxy.downstream.wire import RawAnswer
 
 log = structlog.get_logger("resilience-proxy")
@@ -73,7 +74,7 @@ class LeanFront:
             auto_decompress=False, access_log=None, max_line_size=max_line_size, max_field_size=max_field_size,
             max_headers=max_headers)
         self.set_bounds(header_timeout, keepalive_timeout, max_connections, lean)
-        self.aiohttp = web.Server(self._aiohttp_request, **self._handler_options)
+        self.aiohttp = web.Server(self._aiohttp_request, request_factory=request_factory(), **self._handler_options)
         self.connections: set[LeanConnection] = set()
         self.handed: set[HandedOff] = set()
         self.idle: dict[LeanConnection | HandedOff, None] = {}  # not being answered, the longest idle first

@@ -21,11 +21,12 @@ from proxy import signals
 from proxy.cache import KEYED_HEADERS, cache_key, vary_covered
 from proxy.cache.rules import HIT_SCREENED
 from proxy.downstream.handler import own_endpoint
-from proxy.downstream.ids import new_request_id, request_id_of
+from proxy.downstream.ids import client_of, new_request_id, request_id_of
 from proxy.downstream.wire import RawAnswer, date_header, plain_keep_alive, render_head
 from proxy.observability.logs import EventLog
 from proxy.observability.metrics import Metrics
 from proxy.observability.stats import Stats
+from proxy.observability.tracing import start_trace, stamp
 
 if TYPE_CHECKING:
     from proxy.chain.build import Runtime
@@ -59,10 +60,12 @@ class HitStage:
     """See the module's docstring. Call it with a request; it returns a `RawAnswer` or None.
 
     `metrics` and `stats` are fed directly when nobody else would see the request's events
-    (only quiet event logs besides them on the bus); otherwise the events are emitted.
+    (only quiet event logs besides them on the bus); otherwise the events are emitted, with the
+    request's trace (`recording`: spans are exported, so its start and lookup are timed).
     """
 
-    def __init__(self, runtime: "Runtime", *, metrics: Metrics | None = None, stats: Stats | None = None) -> None:
+    def __init__(self, runtime: "Runtime", *, metrics: Metrics | None = None, stats: Stats | None = None,
+                 recording: bool = False) -> None:
         self._peek = getattr(runtime.store, "peek", None)  # only an in-process tier can answer here
         self._resolve = runtime.resolve
         self._clock = runtime.clock
@@ -70,15 +73,16 @@ class HitStage:
         self._max_header_bytes = runtime.config.server.max_header_bytes
         self._metrics = metrics
         self._stats = stats
+        self._recording = recording
         self.memo: dict[Any, _Resolved | bool] = {}  # (target, Accept-Encoding) -> _Resolved; target -> False
         self.memo_bytes = 0
         self._direct_for: tuple[int, tuple[EventLog, ...] | None] = (-1, None)
 
     @classmethod
-    def factory(cls, *, metrics: Metrics | None = None,
-                stats: Stats | None = None) -> Callable[["Runtime"], "HitStage"]:
+    def factory(cls, *, metrics: Metrics | None = None, stats: Stats | None = None,
+                recording: bool = False) -> Callable[["Runtime"], "HitStage"]:
         """What `Runtime(hit=...)` calls to build its stage 0."""
-        return lambda runtime: cls(runtime, metrics=metrics, stats=stats)
+        return lambda runtime: cls(runtime, metrics=metrics, stats=stats, recording=recording)
 
     def _direct(self) -> bool:
         """Whether metrics and stats can be fed directly: nobody else would see the events."""
@@ -112,7 +116,7 @@ class HitStage:
             return None  # a target the cache never answers (an uncached service, a proxy endpoint)
         clock = self._clock
         started = clock.monotonic()
-        encoding = given_id = None
+        encoding = given_id = traceparent = tracestate = None
         size = 0
         for name, value in request.raw_headers:
             size += len(name) + len(value) + 4
@@ -125,6 +129,14 @@ class HitStage:
                 encoding = value
             elif lower == b"x-request-id":
                 given_id = value
+            elif lower == b"traceparent":
+                if traceparent is not None:
+                    return None  # repeated: the full path reads them as a whole
+                traceparent = value
+            elif lower == b"tracestate":
+                if tracestate is not None:
+                    return None
+                tracestate = value
         if size > self._max_header_bytes:
             return None
         resolved = memo.get((raw_path, encoding))
@@ -169,15 +181,20 @@ class HitStage:
         duration = clock.monotonic() - started
         metrics, stats = self._metrics, self._stats
         if metrics is not None and stats is not None and self._direct():
-            metrics.record_hit(resolved.service, entry.status, duration, started + duration)
+            metrics.record_hit(resolved.service, entry.status, duration, started + duration, resolved.route)
             stats.record_hit(resolved.service, entry.status, duration)
         else:
             emit = self._bus.emit
+            trace = start_trace(_text(traceparent), _text(tracestate), recording=self._recording)
+            if self._recording:
+                stamp(trace, started)
+                trace.lookup = (started, started + duration)  # on this path the lookup is all there is
             emit(signals.CacheLookup(resolved.service, "hit", max(0.0, age)))
             emit(signals.RequestFinished(
                 service=resolved.service, route=resolved.route, method="GET", path=resolved.path,
                 status=entry.status, cache="HIT", upstream=entry.upstream, attempts=(), duration=duration,
-                request_id=request_id, fallback=False))
+                request_id=request_id, fallback=False, client=client_of(request), bytes_in=0,
+                bytes_out=len(entry.body), trace=trace))
         return answer
 
     def _resolved(self, request: Any, raw_path: str) -> _Resolved | bool:
@@ -195,3 +212,10 @@ class HitStage:
             return False
         key = cache_key(service.name, "GET", resolution.path, tuple(request.rel_url.query.items()), request.headers)
         return _Resolved(service.name, resolution.route_name, resolution.path, key)
+
+
+def _text(value: bytes | str | None) -> str | None:
+    """A header value as text (a lean request's raw headers are bytes, as aiohttp's are)."""
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    return value

@@ -1,4 +1,5 @@
-"""Request ids: the caller's `X-Request-ID` when it is a sane one, else a new one."""
+"""Who asks: request ids (the caller's `X-Request-ID` when it is a sane one, else a new one) and the
+caller's address for the request log line."""
 
 from __future__ import annotations
 
@@ -36,3 +37,11 @@ def request_id_of(request: Any) -> str:
     if given and _REQUEST_ID.match(given):
         return given
     return new_request_id()
+
+
+def client_of(request: Any) -> str | None:
+    """The caller's address for the request log line (None once its transport is gone)."""
+    try:
+        return request.remote
+    except Exception:  # a transport already gone
+        return None

@@ -69,6 +69,13 @@ class LeanRequest:
         return self._headers
 
     @property
+    def remote(self) -> str | None:
+        """The caller's address, as aiohttp's `request.remote` gives it."""
+        transport = self.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        return str(peer[0]) if isinstance(peer, (tuple, list)) and peer else None
+
+    @property
     def rel_url(self) -> URL:
         if self._url is None:
             path, _, query = self.raw_path.partition("?")

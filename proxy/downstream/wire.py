@@ -14,7 +14,9 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
+from aiohttp.http import HttpVersion11
+
+from proxy.downstream.server_name import SERVER_NAME
 
 # A stored or upstream answer carrying one of these is written by aiohttp, which knows what to do with it.
 _NOT_RENDERED = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
@@ -76,8 +78,9 @@ def render_head(status: int, reason: str | None, headers: list[tuple[str, str]],
     """The status line and headers `web.Response` would send for this answer, each line ending
     in CRLF, and whether `headers` carry their own Date (else one is to be added).
 
-    `headers` minus the names in `drop` (lower case), then `own`; Content-Type, Server and
-    Content-Length are filled in as aiohttp does; a `body_length` of None means a body of
+    `headers` minus the names in `drop` (lower case) and any Server, then `own`; Content-Type and
+    Content-Length are filled in as aiohttp does, Server is always ours (`SERVER_NAME`, as
+    nginx replaces an upstream's); a `body_length` of None means a body of
     unknown length, sent chunked (as `web.StreamResponse` sends it). None when the answer is
     not a plain one (bodiless statuses, framing headers, characters aiohttp would refuse):
     those go through `web.Response`.
@@ -90,15 +93,14 @@ def render_head(status: int, reason: str | None, headers: list[tuple[str, str]],
         lower = name.lower()
         if lower in _NOT_RENDERED:
             return None
-        if lower in drop:
+        if lower in drop or lower == "server":
             continue
         names.add(lower)
         lines.append(f"{name}: {value}")
     lines.extend(f"{name}: {value}" for name, value in own)
     if body_length != 0 and "content-type" not in names:
         lines.append("Content-Type: application/octet-stream")
-    if "server" not in names:
-        lines.append(f"Server: {SERVER_SOFTWARE}")
+    lines.append(f"Server: {SERVER_NAME}")
     lines.append("Transfer-Encoding: chunked" if body_length is None else f"Content-Length: {body_length}")
     return _encoded(lines, names)
 
@@ -110,12 +112,11 @@ def render_bodiless(status: int, reason: str | None, headers: list[tuple[str, st
     names = set()
     for name, value in headers:
         lower = name.lower()
-        if lower in ("content-length", "transfer-encoding"):
+        if lower in ("content-length", "transfer-encoding", "server"):
             continue
         names.add(lower)
         lines.append(f"{name}: {value}")
-    if "server" not in names:
-        lines.append(f"Server: {SERVER_SOFTWARE}")
+    lines.append(f"Server: {SERVER_NAME}")
     return _encoded(lines, names)
 
 

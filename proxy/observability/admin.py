@@ -12,14 +12,18 @@ import functools
 import hashlib
 import hmac
 import ipaddress
+import platform
 import re
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
+import aiohttp
 from aiohttp import web
 from yarl import URL
 
+import proxy
 from proxy.downstream.wire import json_response
 from proxy.observability.metrics import Metrics
 from proxy.observability.stats import Stats
@@ -131,21 +135,32 @@ def _forbidden(detail: str, request_id: str) -> web.Response:
     return json_response(403, {"error": "forbidden", "detail": detail, "request_id": request_id})
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProcessFacts:
+    """What `/health/integrations/proxy` tells of the running process besides its build."""
+
+    started_at: float                    # wall clock
+    config_sha256: str | None            # of the route table file as last read (None: unreadable)
+    last_reload: dict[str, Any] | None   # {"at", "source", "ok"} of the last reload, if any
+
+
 class Health:
     """Dispatches `/health...` requests.
 
     `current_runtime()` is the route table in force; `deliver_waiting()` delivers the events the
     bus still holds (a read counts every request answered before it); `is_ready()` says whether
     the listeners are up; `reload(source)` re-reads the route table and returns its problems;
-    `describe_events()` reports the watch events' outbox, topics and deliveries;
-    `shared_breakers` (with a shared Redis, whose shape is `redis_shape`) are the fleet's breakers.
+    `describe_events()` reports the watch events' outbox, topics and deliveries; `facts()` the
+    process's start, route-table hash and last reload; `shared_breakers` (with a shared Redis, whose
+    shape is `redis_shape`) are the breakers the fleet shares.
     """
 
     def __init__(self, *, current_runtime: Callable[[], "Runtime"], deliver_waiting: Callable[[], None],
                  stats: Stats, metrics: Metrics, admin_token: str | None, is_ready: Callable[[], bool],
                  reload: Callable[[str], Awaitable[list[str]]],
                  describe_events: Callable[[], Awaitable[dict[str, Any]]],
-                 shared_breakers: SharedBreakers | None = None, redis_shape: str = "single") -> None:
+                 facts: Callable[[], ProcessFacts], shared_breakers: SharedBreakers | None = None,
+                 redis_shape: str = "single") -> None:
         self._runtime = current_runtime
         self._deliver_waiting = deliver_waiting
         self._stats = stats
@@ -154,6 +169,7 @@ class Health:
         self._is_ready = is_ready
         self._reload_table = reload
         self._describe_events = describe_events
+        self._facts = facts
         self._shared = shared_breakers
         self._redis_shape = redis_shape
 
@@ -224,18 +240,39 @@ class Health:
 
     async def circuits(self, request: web.BaseRequest) -> web.Response:
         runtime = self._runtime()
+        now = runtime.clock.time()
         shared = self._shared
         circuits = []
         for upstream in runtime.config.upstreams():
-            circuit = runtime.breakers[upstream.name].snapshot()
+            breaker = runtime.breakers[upstream.name]
+            circuit = breaker.snapshot()
+            circuit["sinceChangeSeconds"] = round(max(0.0, now - breaker.changed_at), 3)
             if upstream.breaker.shared and shared is not None:  # fleet: the fleet's state; local: Redis unreachable
                 circuit["shared"] = "fleet" if shared.connected else "local"
             ring = runtime.keyrings.get(upstream.name)
             if ring is not None:  # fingerprints only: key values never leave the process
                 circuit["keys"] = [{**k, "spentUntil": now_iso(k["spentUntil"]) if k["spentUntil"] else None}
                                    for k in ring.snapshot()]
+            # What HAProxy's and Envoy's pages show per backend: connections in use, requests in flight.
+            circuit["pool"] = runtime.transport.pool_usage(upstream.name)
+            circuit["inFlight"] = runtime.transport.in_flight(upstream.name)
+            limiter = runtime.limiters.get(upstream.name)
+            circuit["rateLimit"] = limiter.snapshot() if limiter is not None else None
             circuits.append(circuit)
         return json_response(200, {"circuits": circuits})
+
+    async def about(self, request: web.BaseRequest) -> web.Response:
+        """The running proxy: version, uptime, the route table's hash and its last reload."""
+        runtime = self._runtime()
+        facts = self._facts()
+        now = runtime.clock.time()
+        reload = facts.last_reload
+        return json_response(200, {
+            "version": proxy.__version__, "python": platform.python_version(), "aiohttp": aiohttp.__version__,
+            "startedAt": now_iso(facts.started_at), "uptimeSeconds": round(max(0.0, now - facts.started_at), 3),
+            "config": {"source": runtime.config.source, "sha256": facts.config_sha256,
+                       "lastReload": None if reload is None else {**reload, "at": now_iso(reload["at"])}},
+            "timestamp": now_iso(now)})
 
     async def stats(self, request: web.BaseRequest) -> web.Response:
         text = request.query.get("minutes", "60")
@@ -265,6 +302,7 @@ class Health:
         "/health": health, "/health/live": live, "/health/ready": ready,
         "/health/integrations": integrations, "/health/integrations/circuits": circuits,
         "/health/integrations/stats": stats, "/health/integrations/cache": cache, "/health/integrations/outbox": outbox, "/health/metrics": metrics,
+        "/health/integrations/proxy": about,
         "/health/ui": ui,
     }
 

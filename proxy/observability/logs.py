@@ -164,7 +164,13 @@ def info_enabled() -> bool:
 
 
 # Events whose only line is at info level: skipped whole (no formatting) when info is filtered out.
-_INFO_ONLY = frozenset({"RequestFinished", "RetryScheduled"})
+_INFO_ONLY = frozenset({"RequestFinished", "RequestRefused", "RetryScheduled"})
+
+
+def _trace_id(trace: Any) -> str | None:
+    """The trace id a request's line carries (given explicitly: held lines are written outside the
+    request's context, where structlog's contextvars hold another request's id or none)."""
+    return trace.trace_id if trace is not None else None
 
 
 # A stale copy answering over and over for one key (an outage, a slow vendor) is logged once a minute.
@@ -228,7 +234,7 @@ class EventLog:
         level = self._log.info if e.outcome in ("success", "client_error") else self._log.warning
         level("upstream attempt", kind="attempt", service=e.service, provider=e.provider, outcome=e.outcome,
               status=e.status, duration_ms=round(e.duration * 1000, 2), attempt=e.attempt, method=e.method,
-              url=str(e.url), request_id=e.request_id, error=e.error)
+              url=str(e.url), request_id=e.request_id, error=e.error, trace_id=_trace_id(e.trace))
 
     def _RetryScheduled(self, e: signals.RetryScheduled) -> None:
         self._log.info(f"Retrying {e.provider} in {e.delay * 1000:.0f}ms (attempt {e.attempt})", kind="retry",
@@ -289,7 +295,13 @@ class EventLog:
         self._log.info("request", kind="request", service=e.service, route=e.route, method=e.method, path=e.path,
                        status=e.status, x_cache=e.cache, upstream=e.upstream,
                        attempts=[{"upstream": u, "outcome": o} for u, o in e.attempts],
-                       duration_ms=round(e.duration * 1000, 2), request_id=e.request_id)
+                       duration_ms=round(e.duration * 1000, 2), request_id=e.request_id, client=e.client,
+                       bytes_in=e.bytes_in, bytes_out=e.bytes_out, trace_id=_trace_id(e.trace))
+
+    def _RequestRefused(self, e: signals.RequestRefused) -> None:
+        self._log.info("request refused", kind="request", service=e.service, method=e.method, path=e.path,
+                       status=e.status, error=e.error, x_cache="BYPASS", duration_ms=round(e.duration * 1000, 2),
+                       request_id=e.request_id, client=e.client, bytes_in=0, trace_id=_trace_id(e.trace))
 
     def _ConfigReloaded(self, e: signals.ConfigReloaded) -> None:
         if e.ok:

@@ -1,8 +1,9 @@
 """Prometheus metrics, fed by the proxy's events.
 
-`Metrics` is an event-bus subscriber and the only module that imports prometheus_client. Label
-values come from event fields that the route table names (service, upstream, outcome, ...), never
-from a request path, so the number of series stays bounded by the config.
+`Metrics` is an event-bus subscriber; it and `exposition` (build and process facts, the name
+prefix) are the only modules that import prometheus_client. Label values come from event fields
+that the route table names (service, route, upstream, outcome, ...), never from a request path,
+so the number of series stays bounded by the config.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from __future__ import annotations
 import enum
 import math
 import threading
-from bisect import bisect_left
-from collections import deque
 from typing import Any, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -19,15 +18,18 @@ from prometheus_client.registry import Collector
 
 from proxy import signals
 from proxy.clock import Clock
+from proxy.observability.exposition import Exposition, add_runtime_collectors
+from proxy.observability.pending import HitWindow, Labelled, Pending, add_observations
 from proxy.resilience.outcome import NOT_ERRORS, Outcome
 
 # From 5 ms (a cache-warm upstream on the same network) up to 30 s (the longest sensible deadline).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0)
+# A whole proxied request starts far lower: a HIT is answered in well under a millisecond.
+PROXY_DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025) + DURATION_BUCKETS
 # Ages of stale copies served: 1 minute up to the 7 days `max_stale` allows.
 STALE_AGE_BUCKETS = (60.0, 300.0, 900.0, 1800.0, 3600.0, 3 * 3600.0, 6 * 3600.0, 12 * 3600.0,
                      86400.0, 2 * 86400.0, 3 * 86400.0, 7 * 86400.0)
 BREAKER_STATES = ("CLOSED", "OPEN", "HALF_OPEN")
-HIT_RATE_WINDOW = 300  # seconds: `cache_hit_rate` is "the last 5 minutes"
 
 # Attempt outcomes that are not errors of the provider: an answer passed on, or the caller's own mistake.
 _ANSWERED = frozenset(o.value for o in NOT_ERRORS)
@@ -38,98 +40,6 @@ def _text(value: Any) -> str:
     if type(value) is str:
         return value
     return value.value if isinstance(value, enum.Enum) else str(value)
-
-
-class _Labelled:
-    """One labelled metric plus a cache of its children, so the hot path skips `.labels()`."""
-
-    __slots__ = ("metric", "children")
-
-    def __init__(self, metric: Any) -> None:
-        self.metric = metric
-        self.children: dict[tuple[str, ...], Any] = {}
-
-    def __call__(self, *values: str) -> Any:
-        child = self.children.get(values)
-        if child is None:
-            child = self.children[values] = self.metric.labels(*values)
-        return child
-
-    def drop(self, matches: Callable[[tuple[str, ...]], bool]) -> None:
-        for key in [key for key in self.children if matches(key)]:
-            del self.children[key]
-            self.metric.remove(*key)
-
-
-class _HitWindow:
-    """Cache hits and lookups per second of the monotonic clock, for the last `HIT_RATE_WINDOW` s."""
-
-    __slots__ = ("seconds", "hits", "lookups")
-
-    def __init__(self) -> None:
-        self.seconds: deque[list[int]] = deque()  # [second, hits, lookups], oldest first
-        self.hits = 0
-        self.lookups = 0
-
-    def add(self, second: int, hit: bool, count: int = 1) -> None:
-        if self.seconds and self.seconds[-1][0] == second:
-            slot = self.seconds[-1]
-        else:
-            slot = [second, 0, 0]
-            self.seconds.append(slot)
-        hits = count if hit else 0
-        slot[1] += hits
-        slot[2] += count
-        self.hits += hits
-        self.lookups += count
-
-    def expire(self, second: int) -> None:
-        oldest_kept = second - HIT_RATE_WINDOW + 1
-        while self.seconds and self.seconds[0][0] < oldest_kept:
-            _, hits, lookups = self.seconds.popleft()
-            self.hits -= hits
-            self.lookups -= lookups
-
-    def percent(self) -> float | None:
-        return 100.0 * self.hits / self.lookups if self.lookups else None
-
-
-class _Pending:
-    """Per-request counts not yet added to the Prometheus series: plain integers, no locks.
-
-    One instance covers one second of the monotonic clock (so `cache_hit_rate` windows stay
-    exact); it is folded into the real series when the second changes and before anything
-    reads them (a scrape, `render()`, `hit_rate()`, any collection of the registry).
-    """
-
-    __slots__ = ("second", "counts", "histograms", "lookups")
-
-    def __init__(self, second: int) -> None:
-        self.second = second
-        self.counts: dict[tuple[_Labelled, tuple[str, ...]], int] = {}
-        self.histograms: dict[tuple[_Labelled, tuple[str, ...]], list[Any]] = {}  # [bucket counts, sum]
-        self.lookups: dict[str, list[int]] = {}  # service -> [hits, lookups], bypasses not included
-
-    def count(self, family: _Labelled, labels: tuple[str, ...], n: int = 1) -> None:
-        key = (family, labels)
-        counts = self.counts
-        counts[key] = counts.get(key, 0) + n
-
-    def observe(self, family: _Labelled, labels: tuple[str, ...], value: float) -> None:
-        key = (family, labels)
-        slot = self.histograms.get(key)
-        if slot is None:
-            slot = self.histograms[key] = [[0] * (len(DURATION_BUCKETS) + 1), 0.0]
-        slot[0][bisect_left(DURATION_BUCKETS, value)] += 1
-        slot[1] += value
-
-    def lookup(self, service: str, hit: bool) -> None:
-        tally = self.lookups.get(service)
-        if tally is None:
-            tally = self.lookups[service] = [0, 0]
-        if hit:
-            tally[0] += 1
-        tally[1] += 1
 
 
 class _Flusher(Collector):
@@ -159,26 +69,30 @@ class Metrics:
     so it ages out when traffic stops.
     """
 
-    def __init__(self, clock: Clock, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, clock: Clock, registry: CollectorRegistry | None = None, *, prefix: str = "",
+                 runtime_collectors: bool = True) -> None:
         self._clock = clock
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
-        self._pending: _Pending | None = None
+        self._pending: Pending | None = None
         self._hit_lock = threading.RLock()  # render() may run on a scrape thread
         r.register(_Flusher(self.flush))
+        if runtime_collectors:
+            add_runtime_collectors(r)
+        self.exposition = Exposition(r, prefix)
         sp = ("service", "provider")
 
-        def counter(name: str, doc: str, labels: tuple[str, ...]) -> _Labelled:
-            return _Labelled(Counter(name, doc, labels, registry=r))
+        def counter(name: str, doc: str, labels: tuple[str, ...]) -> Labelled:
+            return Labelled(Counter(name, doc, labels, registry=r))
 
-        def gauge(name: str, doc: str, labels: tuple[str, ...]) -> _Labelled:
-            return _Labelled(Gauge(name, doc, labels, registry=r))
+        def gauge(name: str, doc: str, labels: tuple[str, ...]) -> Labelled:
+            return Labelled(Gauge(name, doc, labels, registry=r))
 
         self._requests = counter("external_requests_total", "Upstream attempts by outcome.", sp + ("outcome",))
         self._errors = counter("external_request_errors_total",
                                "Upstream attempts that failed (not 2xx/3xx/4xx), by reason.", sp + ("reason",))
-        self._duration = _Labelled(Histogram("external_request_duration_seconds", "Duration of one upstream attempt.",
-                                             sp, buckets=DURATION_BUCKETS, registry=r))
+        self._duration = Labelled(Histogram("external_request_duration_seconds", "Duration of one upstream attempt.",
+                                            sp, buckets=DURATION_BUCKETS, registry=r), DURATION_BUCKETS)
         self._skipped = counter("upstream_skipped_total",
                                 "Upstreams not called (breaker open, no time left, ...), by reason.", sp + ("reason",))
         self._breaker_open = gauge("circuit_breaker_open", "1 while the upstream's breaker is OPEN, else 0.", sp)
@@ -198,8 +112,8 @@ class Metrics:
                                      "Stale copies served, by reason: error, timeout, breaker_open (upstreams failed "
                                      "or were all skipped), slow (the refresh took longer than stale_if_slow), "
                                      "revalidating (a refresh was under way).", ("service", "reason"))
-        self._stale_age = _Labelled(Histogram("stale_served_age_seconds", "Age of the stale copies served.",
-                                              ("service",), buckets=STALE_AGE_BUCKETS, registry=r))
+        self._stale_age = Labelled(Histogram("stale_served_age_seconds", "Age of the stale copies served.",
+                                             ("service",), buckets=STALE_AGE_BUCKETS, registry=r))
         self._hedges = counter("hedges_total", "Late attempts hedged to the next upstream, by which answered first "
                                                "(hedge, original or none).", sp + ("winner",))
         self._rests = counter("upstream_rests_total", "Rests an upstream asked for with Retry-After (429/503).", sp)
@@ -208,11 +122,14 @@ class Metrics:
                                  "(in the past, or 0: not resting).", sp)
         self._coalesced = counter("coalesced_requests_total",
                                   "Requests that waited for an identical in-flight request.", ("service",))
-        self._proxy_requests = counter("proxy_requests_total", "Proxied requests answered, by status code.",
-                                       ("service", "code"))
-        self._proxy_duration = _Labelled(Histogram("proxy_request_duration_seconds",
-                                                   "Duration of one proxied request, retries and fallback included.",
-                                                   ("service",), buckets=DURATION_BUCKETS, registry=r))
+        self._proxy_requests = counter("proxy_requests_total",
+                                       "Requests answered on the proxy port (refusals included), by status code, "
+                                       "route (none: no route took it) and cache result.",
+                                       ("service", "route", "code", "cache"))
+        self._proxy_duration = Labelled(Histogram("proxy_request_duration_seconds",
+                                                  "Duration of one proxied request, retries and fallback included.",
+                                                  ("service",), buckets=PROXY_DURATION_BUCKETS, registry=r),
+                                        PROXY_DURATION_BUCKETS)
         self._backend_up = gauge("cache_backend_up", "1 while the cache backend is reachable.", ("backend",))
         self._cache_errors = counter("cache_errors_total", "Cache backend errors by operation.",
                                      ("backend", "operation"))
@@ -244,7 +161,7 @@ class Metrics:
         self._by_service = self._by_provider + (self._cache_requests, self._hit_rate, self._stale_served,
                                                 self._stale_age, self._coalesced, self._proxy_requests,
                                                 self._proxy_duration)
-        self._hit_windows: dict[str, _HitWindow] = {}
+        self._hit_windows: dict[str, HitWindow] = {}
         # Taken out by a reload: requests still finishing on the old table must not bring their series back.
         self._forgotten_providers: set[tuple[str, str]] = set()
         self._forgotten_services: set[str] = set()
@@ -261,6 +178,7 @@ class Metrics:
             signals.UpstreamRested: self._upstream_rested,
             signals.Coalesced: self._coalesced_event,
             signals.RequestFinished: self._request_finished,
+            signals.RequestRefused: self._request_refused,
             signals.CacheBackendState: self._backend_state,
             signals.CacheError: self._cache_error,
             signals.ConfigReloaded: self._config_reloaded,
@@ -334,7 +252,7 @@ class Metrics:
         with self._hit_lock:
             for service in list(self._hit_windows):
                 self._refresh_hit_rate(service, second)
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.exposition), CONTENT_TYPE_LATEST
 
     def hit_rate(self, service: str) -> float | None:
         """The service's `cache_hit_rate` right now, or None with no lookups in the last 5 minutes."""
@@ -348,21 +266,21 @@ class Metrics:
 
     # --- batched per-request counts ---------------------------------------------------------
 
-    def _batch(self, monotonic_now: float) -> _Pending:
+    def _batch(self, monotonic_now: float) -> Pending:
         second = int(monotonic_now)
         pending = self._pending
         if pending is None or pending.second != second:
             if pending is not None:
                 self.flush()
-            pending = self._pending = _Pending(second)
+            pending = self._pending = Pending(second)
         return pending
 
-    def record_hit(self, service: str, status: int, duration: float, monotonic_now: float) -> None:
+    def record_hit(self, service: str, status: int, duration: float, monotonic_now: float, route: str) -> None:
         """What `CacheLookup(service, "hit")` + `RequestFinished(...)` of a HIT would count (the fast path)."""
         pending = self._batch(monotonic_now)
         pending.count(self._cache_requests, (service, "hit"))
         pending.lookup(service, True)
-        pending.count(self._proxy_requests, (service, str(status)))
+        pending.count(self._proxy_requests, (service, route, str(status), "hit"))
         pending.observe(self._proxy_duration, (service,), duration)
 
     def flush(self) -> None:
@@ -375,12 +293,12 @@ class Metrics:
             for (family, labels), count in pending.counts.items():
                 family(*labels).inc(count)
             for (family, labels), (buckets, total) in pending.histograms.items():
-                _add_observations(family(*labels), buckets, total)
+                add_observations(family(*labels), buckets, total, family.buckets)
             second = pending.second
             for service, (hits, lookups) in pending.lookups.items():
                 window = self._hit_windows.get(service)
                 if window is None:
-                    window = self._hit_windows[service] = _HitWindow()
+                    window = self._hit_windows[service] = HitWindow()
                 window.add(second, True, hits)
                 if lookups > hits:
                     window.add(second, False, lookups - hits)
@@ -464,11 +382,16 @@ class Metrics:
 
     def _request_finished(self, e: signals.RequestFinished) -> None:
         pending = self._batch(self._clock.monotonic())
-        pending.count(self._proxy_requests, (e.service, str(e.status)))
+        pending.count(self._proxy_requests, (e.service, e.route, str(e.status), e.cache.lower()))
         pending.observe(self._proxy_duration, (e.service,), e.duration)
         if e.fallback and (e.service, e.upstream) not in self._forgotten_providers:
             # For a stale answer `upstream` is the one that produced the copy.
             pending.count(self._fallbacks, (e.service, e.upstream or "none"))
+
+    def _request_refused(self, e: signals.RequestRefused) -> None:
+        # The caller's path never becomes a label: a refusal no route took is counted under "none".
+        pending = self._batch(self._clock.monotonic())
+        pending.count(self._proxy_requests, (e.service or "none", "none", str(e.status), "bypass"))
 
     def _backend_state(self, e: signals.CacheBackendState) -> None:
         self._backend_up(e.backend).set(1 if e.connected else 0)
@@ -482,19 +405,3 @@ class Metrics:
             self._last_reload.set(self._clock.time())
         else:
             self._reloads("error").inc()
-
-
-def _add_observations(histogram: Any, buckets: list[int], total: float) -> None:
-    """Add counted observations to a histogram child: per-bucket counts and their sum."""
-    try:
-        slots, total_value = histogram._buckets, histogram._sum
-    except AttributeError:  # a prometheus_client without these internals: observe one by one
-        for index, count in enumerate(buckets):
-            bound = DURATION_BUCKETS[index] if index < len(DURATION_BUCKETS) else DURATION_BUCKETS[-1] * 2
-            for _ in range(count):
-                histogram.observe(bound)
-        return
-    for index, count in enumerate(buckets):
-        if count:
-            slots[index].inc(count)
-    total_value.inc(total)

@@ -101,18 +101,33 @@ class _Latency:
         return self.largest  # unreachable while bins and count agree
 
 
+RESPONSE_CLASSES = ("2xx", "3xx", "4xx", "5xx", "none")  # "none": no HTTP answer (timeout, reset, ...)
+
+
 class _Tally:
-    __slots__ = ("requests", "errors", "latency")
+    __slots__ = ("requests", "errors", "latency", "classes")
 
     def __init__(self) -> None:
         self.requests = 0
         self.errors = 0
         self.latency = _Latency()
+        self.classes: list[int] | None = None  # an upstream's answers by RESPONSE_CLASSES, once it has any
 
     def merge(self, other: "_Tally") -> None:
         self.requests += other.requests
         self.errors += other.errors
         self.latency.merge(other.latency)
+        if other.classes is not None:
+            if self.classes is None:
+                self.classes = [0] * len(RESPONSE_CLASSES)
+            for index, count in enumerate(other.classes):
+                self.classes[index] += count
+
+    def add_status(self, status: int | None) -> None:
+        if self.classes is None:
+            self.classes = [0] * len(RESPONSE_CLASSES)
+        index = min(max(status // 100 - 2, 0), 3) if status is not None else 4  # a 1xx final answer counts as 2xx
+        self.classes[index] += 1
 
 
 class _ServiceTally(_Tally):
@@ -257,8 +272,10 @@ class Stats:
         provider_out: dict[str, dict[str, Any]] = {}
         for name in sorted(providers):
             service = self._service_of[name]
+            classes = providers[name].classes or [0] * len(RESPONSE_CLASSES)
             provider_out[name] = {"service": service, **self._figures(providers[name]),
-                                  "cacheHitRate": service_out[service]["cacheHitRate"]}
+                                  "cacheHitRate": service_out[service]["cacheHitRate"],
+                                  "responses": dict(zip(RESPONSE_CLASSES, classes))}
         return {"minutes": minutes, "from": _iso(first * 60), "to": _iso(now),
                 "providers": provider_out, "services": service_out}
 
@@ -309,6 +326,7 @@ class Stats:
         outcome = e.outcome.value if isinstance(e.outcome, Outcome) else e.outcome
         if outcome not in _ANSWERED:
             tally.errors += 1
+        tally.add_status(e.status)
         tally.latency.add(e.duration * 1000.0)
 
     def _cache_lookup(self, e: signals.CacheLookup) -> None:

@@ -9,7 +9,7 @@ import resource
 import signal
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
@@ -23,16 +23,20 @@ from proxy.config.parse import ConfigError, load_config
 from proxy.downstream.front import LeanFront
 from proxy.downstream.handler import Downstream
 from proxy.downstream.hit import HitStage
+from proxy.downstream.server_name import request_factory
 from proxy.fleet.breakers import SharedBreakers
 from proxy.fleet.connection import target_of
 from proxy.fleet.link import FleetLink
 from proxy.fleet.rests import SharedRests
-from proxy.observability.admin import PROBES, Health
+from proxy.observability.admin import PROBES, Health, ProcessFacts
 from proxy.observability.logs import REDACTOR, EventLog
 from proxy.observability.metrics import Metrics
 from proxy.observability.stats import Stats
 from proxy.ops.startup import announce
 from proxy.watch.system import EventsSystem
+
+if TYPE_CHECKING:
+    from proxy.observability.otlp import SpanExport
 
 log = structlog.get_logger("resilience-proxy")
 
@@ -49,14 +53,23 @@ class ProxyProcess:
         self.clock = clock
         self.bus = signals.EventBus(later=signals.PER_REQUEST, hold=signals.PER_REQUEST_HOLD)
         self.stats = Stats(clock)
-        self.metrics = Metrics(clock)
+        self.metrics = Metrics(clock, prefix=config.metrics.prefix)
         self.bus.subscribe(self.metrics)
         self.bus.subscribe(self.stats)
         if log_events:
             self.bus.subscribe(EventLog(clock=clock))
+        self.started_at = clock.time()
+        self.last_reload: dict[str, Any] | None = None  # when, how (sighup, file_change, admin) and whether it took
+        # Spans over OTLP only when configured: otherwise OpenTelemetry is never imported.
+        self.spans: SpanExport | None = None
+        if config.tracing.otlp_endpoint:
+            from proxy.observability.otlp import SpanExport
+            self.spans = SpanExport(config.tracing.otlp_endpoint, config.tracing.service_name)
+            self.bus.subscribe(self.spans)
+        recording = self.spans is not None
         self.admin_token = self.env.get("ADMIN_TOKEN") or None
         REDACTOR.add_secrets(config.secrets | ({self.admin_token} if self.admin_token else set()))
-        self._hit = HitStage.factory(metrics=self.metrics, stats=self.stats)  # stage 0 of every Runtime
+        self._hit = HitStage.factory(metrics=self.metrics, stats=self.stats, recording=recording)  # every Runtime's stage 0
         self.runtime = Runtime(config, clock=clock, bus=self.bus, hit=self._hit, probe_lease=self._claim_probe)
         self._register(config)
         self.ready = False
@@ -80,7 +93,7 @@ class ProxyProcess:
         self.health = Health(current_runtime=self.current_runtime, deliver_waiting=self.bus.deliver_waiting,
                              stats=self.stats, metrics=self.metrics, admin_token=self.admin_token,
                              is_ready=lambda: self.ready, reload=self.reload,
-                             describe_events=lambda: self.events.describe(),
+                             describe_events=lambda: self.events.describe(), facts=self.facts,
                              shared_breakers=self.fleet_breakers, redis_shape=target_of(config.cache).shape)
         self._runners: list[web.BaseRunner] = []
         self._front: LeanFront | None = None
@@ -90,7 +103,7 @@ class ProxyProcess:
         self.events = EventsSystem(config, current_runtime=self.current_runtime, clock=clock, emit=self.bus.emit)
         # The one way in, for both kinds of connection (see proxy/downstream/handler.py).
         self.downstream = Downstream(self.current_runtime, emit=self.bus.emit, health=self.health,
-                                     events=self.events.hub.handle)
+                                     events=self.events.hub.handle, recording=recording)
         self._retiring: set[asyncio.Task[None]] = set()
 
     async def _claim_probe(self, upstream: Upstream) -> bool:
@@ -108,6 +121,11 @@ class ProxyProcess:
     def current_runtime(self) -> Runtime:
         """The route table in force; a reload swaps it whole, and each request reads it once."""
         return self.runtime
+
+    def facts(self) -> ProcessFacts:
+        """What the status page tells of the process: its start, the route table's hash and last reload."""
+        return ProcessFacts(started_at=self.started_at, config_sha256=self._config_digest,
+                            last_reload=self.last_reload)
 
     async def handle_metrics(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.path in PROBES:
@@ -141,7 +159,7 @@ class ProxyProcess:
         self.addresses["main"] = self._listener.sockets[0].getsockname()[:2]
         target = settings.metrics_listen if metrics_listen is True else metrics_listen
         if target:
-            metrics = web.ServerRunner(web.Server(self.handle_metrics, access_log=None,
+            metrics = web.ServerRunner(web.Server(self.handle_metrics, access_log=None, request_factory=request_factory(),
                                                   keepalive_timeout=settings.keepalive_timeout))
             await metrics.setup()
             await web.TCPSite(metrics, target[0], target[1]).start()
@@ -176,6 +194,8 @@ class ProxyProcess:
         await asyncio.gather(*retiring, return_exceptions=True)
         try:
             await self.runtime.close()
+            if self.spans is not None:
+                await asyncio.to_thread(self.spans.shutdown)  # sends what is still queued
         finally:
             # Last: background work may finish a request while the table closes, and held counts
             # and log lines would otherwise wait for a timer the ending loop never runs.
@@ -190,6 +210,7 @@ class ProxyProcess:
             try:
                 config = load_config(path, self.env)
             except ConfigError as exc:
+                self.last_reload = {"at": self.clock.time(), "source": source, "ok": False}
                 self.bus.emit(signals.ConfigReloaded(False, source, tuple(exc.problems)))
                 return exc.problems
             self._config_digest = _digest(path)
@@ -208,6 +229,9 @@ class ProxyProcess:
             if config.server.listen != old.config.server.listen or \
                     config.server.metrics_listen != old.config.server.metrics_listen:
                 log.warning("server.listen / metrics_listen changes take effect at the next restart", kind="reload")
+            if config.tracing != old.config.tracing:
+                log.warning("tracing changes take effect at the next restart", kind="reload")
+            self.metrics.exposition.prefix = config.metrics.prefix
             runtime = Runtime(config, clock=self.clock, bus=self.bus, store=store,
                               transport=old.transport.with_settings(config.server, config.upstream_client),
                               breakers=kept_breakers, budgets=kept_budgets, latencies=kept_latencies, previous=old,
@@ -229,6 +253,7 @@ class ProxyProcess:
                 for service in old.config.services.keys() - config.services.keys():
                     await store.purge(service)
             self._retire(old, keep_store=same_cache, keep_sessions={u.name for u in config.upstreams()})
+            self.last_reload = {"at": self.clock.time(), "source": source, "ok": True}
             self.bus.emit(signals.ConfigReloaded(True, source))
             return []
 

@@ -152,7 +152,7 @@ class Breaker:
 
     __slots__ = ("service", "provider", "policy", "_clock", "_emit", "_state", "_generation", "_failures",
                  "_probes", "_opened_mono", "_opened_at", "_retry_at", "_forced", "_window", "_rest_until",
-                 "_rest_until_wall", "_rest_serial", "_rest_probing", "_closing_listeners")
+                 "_rest_until_wall", "_rest_serial", "_rest_probing", "_closing_listeners", "_changed_at")
 
     def __init__(self, service: str, provider: str, policy: BreakerPolicy, clock: Clock,
                  emit: Callable[[Any], None] = discard) -> None:
@@ -162,6 +162,7 @@ class Breaker:
         self._clock = clock
         self._emit = emit
         self._state = State.CLOSED
+        self._changed_at = clock.time()  # wall clock of the last transition (or of the breaker's start)
         self._generation = 0          # bumped on every transition; stale permits are ignored
         self._failures = 0            # consecutive failures
         self._probes = 0              # half-open probes in flight
@@ -325,6 +326,11 @@ class Breaker:
             return None
         return max(0.0, wait)
 
+    @property
+    def changed_at(self) -> float:
+        """Wall-clock time of the last state change (or of the breaker's start)."""
+        return self._changed_at
+
     def snapshot(self) -> dict[str, Any]:
         """The breaker as the admin API shows it (`/health/integrations/circuits`)."""
         state = self.state
@@ -338,6 +344,7 @@ class Breaker:
             "retryAt": _iso(self._retry_at),
             "forced": self._forced,
             "restingUntil": _iso(self.resting_until),
+            "changedAt": _iso(self._changed_at),
         }
 
     def __repr__(self) -> str:
@@ -414,6 +421,7 @@ class Breaker:
             open_for: float | None = None) -> None:
         old = self._state
         self._state = new
+        self._changed_at = self._clock.time()
         self._generation += 1
         self._probes = 0
         self._forced = forced

@@ -99,6 +99,7 @@ class Pool:
         self._keepalive = keepalive
         self._session: aiohttp.ClientSession | None = None
         self._active = 0  # answers not released yet: a closed pool closes its session after the last
+        self._sending = 0  # attempts whose answer's head is not in yet
         self.closed = False
 
     def _open_session(self) -> aiohttp.ClientSession:
@@ -111,6 +112,21 @@ class Pool:
                 skip_auto_headers=_NO_AUTO_HEADERS, timeout=aiohttp.ClientTimeout(total=None),
                 max_line_size=_HEAD_LIMIT, max_field_size=_HEAD_LIMIT, raise_for_status=False)
         return self._session
+
+    @staticmethod
+    def unused(limit: int) -> dict[str, int | None]:
+        """`usage()` before any attempt: the limit, and counts aiohttp's connector does not tell."""
+        return {"open": None, "idle": None, "busy": None, "waiting": None, "limit": limit}
+
+    def usage(self) -> dict[str, int | None]:
+        """As `http1.Pool.usage`, but aiohttp's connector does not say how many connections are open, idle or
+        waited for (only its private fields do): those are None, and `in_flight` is what this pool counts."""
+        return self.unused(self._limit)
+
+    @property
+    def in_flight(self) -> int:
+        """Attempts sent through this pool whose answer is not released yet (waiting for a connection included)."""
+        return self._sending + self._active
 
     async def request(self, method: str, target: str, headers: Any,
                       body: bytes | AsyncIterator[bytes] | None, connect_timeout: float) -> Response:
@@ -127,6 +143,7 @@ class Pool:
         url = URL(str(self._base) + target, encoded=True)
         # Only the socket's connect, as http1 bounds it: a wait for a free connection is the caller's deadline's.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout)
+        self._sending += 1
         try:
             response = await session.request(method, url, headers=headers, data=body or None,
                                              allow_redirects=False, timeout=timeout, compress=None)
@@ -143,6 +160,8 @@ class Pool:
             raise Disconnected(str(exc) or "Server disconnected") from None
         except aiohttp.ClientConnectionError as exc:
             raise Disconnected(str(exc) or type(exc).__name__) from None
+        finally:
+            self._sending -= 1
         self._active += 1
         answer = Response(response, self)
         if method == "HEAD" or response.status in (204, 304):

@@ -58,13 +58,15 @@ class Reply:
 
 
 class AttemptError(Exception):
-    """An attempt that produced no usable HTTP answer (`refused`: nothing listens on the upstream's port)."""
+    """An attempt that produced no usable HTTP answer (`refused`: nothing listens on the upstream's port;
+    `final`: trying this upstream again cannot help, e.g. its host name does not exist)."""
 
-    def __init__(self, outcome: Outcome, detail: str, *, refused: bool = False) -> None:
+    def __init__(self, outcome: Outcome, detail: str, *, refused: bool = False, final: bool = False) -> None:
         super().__init__(detail)
         self.outcome = outcome
         self.detail = detail
         self.refused = refused
+        self.final = final
 
 
 class Transport(Protocol):
@@ -80,4 +82,12 @@ class Transport(Protocol):
 
     async def close(self, keep: set[str] | None = None) -> None:
         """Close the connections (all, or those of upstreams not in `keep`)."""
+        ...
+
+    def pool_usage(self, name: str) -> dict[str, int | None]:
+        """An upstream's connections: open, idle, busy, callers waiting, the limit (None: not known)."""
+        ...
+
+    def in_flight(self, name: str) -> int:
+        """An upstream's attempts holding a connection or waiting for one."""
         ...

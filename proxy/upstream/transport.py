@@ -55,6 +55,18 @@ class HttpTransport:
         other._deadlines = self._deadlines
         return other
 
+    def pool_usage(self, name: str) -> dict[str, int | None]:
+        """The upstream's connection pool as its client counts it (`Pool.usage`; None: not known)."""
+        pool = self._pools.get(name)
+        if pool is None or pool.closed:
+            return self._pool_type.unused(self._limit)
+        return pool.usage()
+
+    def in_flight(self, name: str) -> int:
+        """The upstream's attempts holding a connection or waiting for one."""
+        pool = self._pools.get(name)
+        return 0 if pool is None or pool.closed else pool.in_flight
+
     async def close(self, keep: set[str] | None = None) -> None:
         """Close the pools (all, or those of upstreams not in `keep` when they were handed on)."""
         for name in list(self._pools):
@@ -80,11 +92,8 @@ class HttpTransport:
         except http1.ConnectRefused as exc:
             raise AttemptError(Outcome.CONNECT, _describe(exc), refused=True) from None
         except http1.HostUnknown as exc:
-            # A connect error, so the walk moves to the next upstream at once and never retries it.
-            raise AttemptError(Outcome.CONNECT, f"no such host: {_describe(exc)}") from None
-        except http1.HostUnknown as exc:
-            # A connect error, so the walk moves to the next upstream at once and never retries it.
-            raise AttemptError(Outcome.CONNECT, f"no such host: {_describe(exc)}") from None
+            # A connect error the walk never retries: the name will not exist a backoff later.
+            raise AttemptError(Outcome.CONNECT, f"no such host: {_describe(exc)}", final=True) from None
         except http1.ConnectFailed as exc:
             raise AttemptError(Outcome.CONNECT, _describe(exc)) from None
         except TimeoutError:

@@ -48,6 +48,22 @@ class Pool:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self.closed = False
 
+    @staticmethod
+    def unused(limit: int) -> dict[str, int | None]:
+        """`usage()` of a pool no attempt has used yet."""
+        return {"open": 0, "idle": 0, "busy": 0, "waiting": 0, "limit": limit}
+
+    def usage(self) -> dict[str, int | None]:
+        """Connections open, idle and busy (an answer being read), callers waiting for one, and the limit."""
+        idle = len(self._idle)
+        return {"open": self._open, "idle": idle, "busy": self._open - idle, "waiting": len(self._waiters),
+                "limit": self._limit}
+
+    @property
+    def in_flight(self) -> int:
+        """Attempts holding a connection or waiting for one."""
+        return self._open - len(self._idle) + len(self._waiters)
+
     async def request(self, method: str, target: str, headers: Any,
                       body: bytes | AsyncIterator[bytes] | None, connect_timeout: float) -> Response:
         """Send one request; returns once the answer's status and headers are in."""
