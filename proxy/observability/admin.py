@@ -117,7 +117,7 @@ def _same_origin(origin: str, host: str) -> bool:
         return False
 
 
-class SharedBreakers(Protocol):
+class FleetBreakers(Protocol):
     """What /health shows and does of the breakers shared by the fleet (proxy.fleet.breakers)."""
 
     @property
@@ -159,7 +159,7 @@ class Health:
                  stats: Stats, metrics: Metrics, admin_token: str | None, is_ready: Callable[[], bool],
                  reload: Callable[[str], Awaitable[list[str]]],
                  describe_events: Callable[[], Awaitable[dict[str, Any]]],
-                 facts: Callable[[], ProcessFacts], shared_breakers: SharedBreakers | None = None,
+                 facts: Callable[[], ProcessFacts], shared_breakers: FleetBreakers | None = None,
                  redis_shape: str = "single") -> None:
         self._runtime = current_runtime
         self._deliver_waiting = deliver_waiting
