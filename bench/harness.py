@@ -41,6 +41,7 @@ from typing import Any
 
 import yaml
 
+from bench import cluster as cluster_bench
 from bench import faults as fault_bench
 from bench.faults import KEYS, PROXIES, SCENARIO_NAMES, SCENARIOS, Scenario
 from bench.loadgen import parse_wrk, wrk_command
@@ -51,8 +52,8 @@ PYTHON = sys.executable
 HIT_PATH = "/hit/latest/USD"
 PASS_PATH = "/pass/latest/USD"
 SLOW_PATH = "/pass/slow"
-THROUGHPUT_CASES = ("ceiling", "ours_memory_hit", "ours_redis_hit", "nginx_hit", "minimal_pass", "ours_pass",
-                    "nginx_pass")
+THROUGHPUT_CASES = ("ceiling", "ours_memory_hit", "ours_redis_hit", *cluster_bench.CASES, "nginx_hit", "minimal_pass",
+                    "ours_pass", "nginx_pass")
 LATENCY_CASES = ("direct", "ours", "minimal", "nginx")
 
 
@@ -330,6 +331,7 @@ class Bench:
         self.redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
         self.redis_prefix = f"rp-bench:{uuid.uuid4().hex[:10]}:"
         self.redis_server = shutil.which("redis-server")
+        self.redis_cli = shutil.which("redis-cli")
         self.ports: dict[str, int] = {}
         self.proc: dict[str, subprocess.Popen[bytes]] = {}
         self.results: dict[str, Any] = {}
@@ -435,12 +437,21 @@ class Bench:
                 SPEED_DEFAULTS))
         else:
             self.notes.append(f"no Redis answers at {self.redis_url}: the Redis-backed HIT case is skipped")
+        cluster_url = None
+        if self.args.skip_cluster or not (self.redis_server and self.redis_cli):
+            self.notes.append("Redis Cluster cases left out (" + ("--skip-cluster" if self.args.skip_cluster else
+                                                                   "redis-server or redis-cli missing") + ")")
+        else:
+            cluster_url = cluster_bench.start(self.procs, self.port, self.redis_server, self.redis_cli, self.load_cpu)
+        single_url = self.redis_url if "ours_redis" in self.proc else None
+        for name, cache in cluster_bench.caches(single_url, cluster_url, self.redis_prefix).items():
+            self.launch_proxy(name, proxy_config(speed_services(a, b), cache, SPEED_DEFAULTS))
         services = {name: fault_bench.defaults_service(scenario, name, *self.fault_ports("defaults", scenario))
                     for scenario, name in self.fault_services()}
         self.launch_proxy("defaults", proxy_config(services))  # the route table most users write: nothing else
         wait_http(f"http://127.0.0.1:{self.port('hello')}/", hello)
         wait_http(f"http://127.0.0.1:{self.port('minimal')}{PASS_PATH}", minimal)
-        for name in ("ours_memory", "ours_redis", "defaults"):
+        for name in ("ours_memory", "ours_redis", *(case[:-4] for case in cluster_bench.CASES), "defaults"):
             if name in self.proc:
                 self.wait_ready(name)
 
@@ -475,8 +486,9 @@ class Bench:
                 "ours_memory_hit": ours + HIT_PATH,
                 "minimal_pass": f"http://127.0.0.1:{self.port('minimal')}{PASS_PATH}",
                 "ours_pass": ours + PASS_PATH}
-        if "ours_redis" in self.proc:
-            urls["ours_redis_hit"] = f"http://127.0.0.1:{self.port('ours_redis')}{HIT_PATH}"
+        for case in ("ours_redis_hit", *cluster_bench.CASES):
+            if case[:-4] in self.proc:
+                urls[case] = f"http://127.0.0.1:{self.port(case[:-4])}{HIT_PATH}"
         if self.nginx:
             urls["nginx_hit"] = nginx + HIT_PATH
             urls["nginx_pass"] = nginx + PASS_PATH
@@ -498,7 +510,7 @@ class Bench:
             status, headers, _ = http("GET", url)
             seen[case] = {"status": status, "x_cache": headers.get("X-Cache")}
         for case, expected in (("ours_memory_hit", "HIT"), ("ours_redis_hit", "HIT"), ("ours_pass", "BYPASS"),
-                               ("nginx_hit", "HIT")):
+                               ("nginx_hit", "HIT"), *((case, "HIT") for case in cluster_bench.CASES)):
             if case in seen and (seen[case]["status"] != 200 or seen[case]["x_cache"] != expected):
                 raise RuntimeError(f"{case}: expected 200 with X-Cache {expected}, got {seen[case]}")
         return seen
@@ -770,6 +782,8 @@ def ratios(r: dict[str, Any]) -> dict[str, Any]:
         "pass_vs_minimal": paired(t["ours_pass"], t["minimal_pass"]),
         "memory_hit_vs_nginx": paired(t["ours_memory_hit"], t["nginx_hit"]),
         "redis_hit_vs_nginx": paired(t["ours_redis_hit"], t["nginx_hit"]),
+        "cluster_hit_vs_redis_hit": paired(t["ours_cluster_hit"], t["ours_redis_hit"]),
+        "cluster_remote_vs_redis_remote": paired(t["ours_cluster_remote_hit"], t["ours_redis_remote_hit"]),
         "ceiling_vs_nginx_hit": paired(t["ceiling"], t["nginx_hit"]),
         "pass_vs_nginx": paired(t["ours_pass"], t["nginx_pass"]),
         "minimal_pass_vs_nginx": paired(t["minimal_pass"], t["nginx_pass"]),
@@ -879,6 +893,9 @@ def _speed_headline(r: dict[str, Any]) -> list[str]:
         f"{_range(ra['memory_hit_vs_ceiling'])}× the Python ceiling | {_range(ra['memory_hit_vs_nginx'])}× |",
         f"| Redis-backed HIT, c=50 | {_range(t['ours_redis_hit'], 0, ' req/s')} | "
         f"{_range(ra['redis_hit_vs_ceiling'])}× the Python ceiling | {_range(ra['redis_hit_vs_nginx'])}× |",
+        f"| Redis Cluster HIT, c=50 | {_range(t['ours_cluster_hit'], 0, ' req/s')} | "
+        f"{_range(ra['cluster_hit_vs_redis_hit'])}× single-node Redis; every HIT from Redis (local_ttl 0): "
+        f"{_range(ra['cluster_remote_vs_redis_remote'])}× | |",
         f"| pass-through, c=50 | {_range(t['ours_pass'], 0, ' req/s')} | "
         f"{_range(ra['pass_vs_minimal'])}× the minimal aiohttp proxy | {_range(ra['pass_vs_nginx'])}× |",
         f"| added p50 latency over a 20 ms upstream, c=10 | {_range(ra['added_ms_ours'], 2, ' ms')} | "
@@ -899,7 +916,8 @@ def _speed_tables(r: dict[str, Any]) -> list[str]:
     what = {"ceiling": "bare aiohttp server, fixed body (bench/servers.py hello)",
             "ours_memory_hit": "our proxy, memory cache, HIT", "ours_redis_hit": "our proxy, cache.backend redis, HIT",
             "nginx_hit": "nginx proxy_cache HIT", "minimal_pass": "minimal aiohttp proxy (one shared ClientSession)",
-            "ours_pass": "our proxy, service without cache (X-Cache: BYPASS)", "nginx_pass": "nginx proxy_pass, keepalive"}
+            "ours_pass": "our proxy, service without cache (X-Cache: BYPASS)", "nginx_pass": "nginx proxy_pass, keepalive",
+            **cluster_bench.WHAT}
     for case in THROUGHPUT_CASES:
         item = t[case]
         if "skipped" in item:
@@ -958,6 +976,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="open-loop request rate for faults (default 200)")
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--skip-nginx", action="store_true", help="leave nginx out")
+    parser.add_argument("--skip-cluster", action="store_true", help="leave the Redis Cluster HIT cases out")
     parser.add_argument("--faults-only", action="store_true", help="only the resilience scenarios (no speed, no RSS)")
     parser.add_argument("--fault-rounds", type=_positive(int),
                         help="interleaved runs per fault scenario and proxy, medians reported (default 3; smoke 1)")

@@ -127,7 +127,7 @@ class BreakerTransition:
     provider: str
     old: str
     new: str
-    reason: str           # threshold | failure_rate | slow_call_rate | refused | probe_failed | probe_succeeded | timeout_elapsed | forced | reset
+    reason: str           # threshold | failure_rate | slow_call_rate | refused | probe_failed | probe_succeeded | timeout_elapsed | forced | reset | fleet | probe_elsewhere
     failures: int = 0
     threshold: int = 0
     retry_at: float | None = None
@@ -247,6 +247,14 @@ class CacheBackendState:
     """The cache backend went up or down (logged once per change, not per request)."""
     backend: str
     connected: bool
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FleetLinkChanged:
+    """This replica's line to the fleet (shared breakers and rests in Redis) was made or lost."""
+    connected: bool
+    shared_breakers: int = 0  # breakers set `shared: true`: while not connected each is this replica's own
     error: str | None = None
 
 

@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 
 from proxy.clock import FakeClock
-from proxy.resilience.breaker import PROFILES, Breaker, BreakerPolicy, Permit, State
+from proxy.resilience.breaker import Breaker, Permit, State
+from proxy.resilience.breaker_policy import PROFILES, BreakerPolicy
 from proxy.signals import BreakerFailure, BreakerTransition, UpstreamRested
 
 SERVICE, PROVIDER = "fx", "fx_primary"

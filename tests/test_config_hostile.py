@@ -93,7 +93,7 @@ def test_every_value_check_passed_and_run_failed_on_is_refused_by_both_with_its_
 
 @pytest.mark.parametrize("url, why", [
     ("redis://h:notaport/0", "bad URL"),
-    ("redis://a:1,b:2/0", "bad URL"),
+    ("redis://a:1,b:2/0", "one host only; for several use cache.sentinel.hosts, or cache.cluster: true"),
     ("redis://h:0/0", "'h' port 0 is no address to connect to"),
     ("redis://h:6379/db1", "the database after the host is a number"),
     ("redis://h:6379/0?colour=red", "unknown connection option 'colour'"),

@@ -19,15 +19,17 @@ from proxy.config.model import (
     MetricsSettings,
     RetryBudgetSettings,
     Route,
+    SentinelSettings,
     ServerSettings,
     Service,
+    TlsSettings,
     TracingSettings,
     Upstream,
 )
 from proxy.config.parse import CACHE_FIELDS, ConfigError, EVENTS_FIELDS, RETRY_BUDGET_FIELDS, SERVER_FIELDS, keys_of, load_config, parse_config
 from proxy.config.telemetry import METRICS_KEYS, TRACING_KEYS
 from proxy.masking import Masker
-from proxy.resilience.breaker import BreakerPolicy
+from proxy.resilience.breaker_policy import BreakerPolicy
 from proxy.resilience.retry_policy import RetryPolicy
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -38,10 +40,15 @@ ENV = {"REDIS_PASSWORD": "hunter2hunter2", "FX_HOST": "api.vendor.example", "FX_
 MINIMAL = "version: 1\nservices:\n  fx:\n    upstreams: [{name: fx_primary, url: 'https://p.example'}]\n"
 # Fields `check` prints under the key routes.yaml spells them with.
 SPELLED = {"fallback_first": "fallback_before_retry", "hedge": "hedge_after", "pattern": "match"}
+# Fields printed only once set (the golden file leaves them at their defaults); see test_redis_shapes_print_once_set.
+ONLY_ONCE_SET = {(CacheSettings, "cluster"), (CacheSettings, "sentinel"), (CacheSettings, "tls"),
+                 (BreakerPolicy, "shared")}
 
 
-def printed_keys(struct: type) -> list[str]:
-    return [SPELLED.get(item.name, item.name) for item in fields(struct) if (struct, item.name) not in NOT_SHOWN]
+def printed_keys(struct: type, *, unset: bool = True) -> list[str]:
+    """The keys `check` prints for `struct`, in order; `unset`: with the ONLY_ONCE_SET fields at their defaults."""
+    return [SPELLED.get(item.name, item.name) for item in fields(struct)
+            if (struct, item.name) not in NOT_SHOWN and not (unset and (struct, item.name) in ONLY_ONCE_SET)]
 
 
 def dump(effective: object) -> str:
@@ -75,9 +82,9 @@ def test_every_field_of_the_model_is_printed_in_its_order_or_said_why_not():
     assert list(with_codes) == printed_keys(Upstream)
     assert list(without_codes) == [key for key in printed_keys(Upstream) if key != "result_codes"]
     # fx_primary has both rate-based trips on, so its breaker prints every field; fx_secondary's failure rate is off.
-    assert list(without_codes["breaker"]) == [item.name for item in fields(BreakerPolicy)]
-    assert list(with_codes["breaker"]) == [item.name for item in fields(BreakerPolicy)
-                                           if item.name not in ("failure_rate", "window", "min_calls", "min_failures")]
+    assert list(without_codes["breaker"]) == printed_keys(BreakerPolicy)
+    assert list(with_codes["breaker"]) == [name for name in printed_keys(BreakerPolicy)
+                                           if name not in ("failure_rate", "window", "min_calls", "min_failures")]
     assert list(without_codes["retry"]) == [item.name for item in fields(RetryPolicy)]
     assert list(effective["metrics"]) == printed_keys(MetricsSettings)
     assert list(effective["tracing"]) == printed_keys(TracingSettings)
@@ -128,7 +135,7 @@ def test_a_value_from_the_environment_is_masked_wherever_the_model_holds_it():
 def test_each_flat_section_reads_every_field_of_its_struct():
     # The keys a section accepts are its struct's fields; each is read by the section's table or by hand.
     assert {key for key, _ in SERVER_FIELDS} | {"metrics_listen"} == keys_of(ServerSettings)
-    assert {key for key, _ in CACHE_FIELDS} | {"backend", "url"} == keys_of(CacheSettings)
+    assert {key for key, _ in CACHE_FIELDS} | {"backend", "url", "sentinel", "tls"} == keys_of(CacheSettings)
     assert {key for key, _ in RETRY_BUDGET_FIELDS} | {"enabled"} == keys_of(RetryBudgetSettings)
     assert {key for key, _ in EVENTS_FIELDS} == keys_of(EventsSettings)
     assert METRICS_KEYS == keys_of(MetricsSettings) and TRACING_KEYS == keys_of(TracingSettings)
@@ -141,3 +148,32 @@ def test_a_flat_section_names_its_struct_fields_when_a_key_is_unknown():
     problems = caught.value.problems
     assert problems == [f"routes.yaml:2: events: unknown key 'max_topic' (allowed: {', '.join(sorted(keys_of(EventsSettings)))})"]
     assert "max_topics_per_peer" in problems[0]
+
+
+def test_redis_shapes_print_once_set_in_their_place_with_the_sentinel_password_masked(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    services = MINIMAL.removeprefix("version: 1\n").replace("url: 'https://p.example'",
+                                                             "url: 'https://p.example', breaker: {profile: FAST, shared: true}")
+    cluster = parse_config("version: 1\ncache: {backend: redis, url: 'redis://10.0.0.5:7000', cluster: true}\n" + services,
+                           "routes.yaml", {})
+    assert list(cluster.effective["cache"]) == [key for key in printed_keys(CacheSettings, unset=False)
+                                                if key not in ("sentinel", "tls")]
+    assert cluster.effective["cache"]["cluster"] is True
+    breaker = cluster.effective["services"]["fx"]["upstreams"][0]["breaker"]
+    assert list(breaker) == [key for key in printed_keys(BreakerPolicy, unset=False)
+                             if key not in ("slow_call_duration", "slow_call_rate")]  # FAST has no slow-call trip
+    assert breaker["shared"] is True
+
+    sentinel = parse_config("version: 1\ncache: {backend: redis, sentinel: {hosts: ['10.0.0.1:26379'], "
+                            "service: mymaster, db: 2, password: '${REDIS_PASSWORD}'}, tls: {ca_file: '" + str(ca) + "'}}\n"
+                            + MINIMAL.removeprefix("version: 1\n"), "routes.yaml", {"REDIS_PASSWORD": "hunter2hunter2"})
+    printed = sentinel.effective["cache"]
+    assert list(printed) == [key for key in printed_keys(CacheSettings, unset=False) if key not in ("url", "cluster")]
+    assert list(printed["sentinel"]) == printed_keys(SentinelSettings) and list(printed["tls"]) == printed_keys(TlsSettings)
+    assert printed["sentinel"] == {"hosts": ["10.0.0.1:26379"], "service": "mymaster", "db": 2, "password": "***"}
+    assert printed["tls"] == {"ca_file": str(ca), "cert_file": None, "key_file": None}
+    assert "hunter2hunter2" not in dump(sentinel.effective)
+    assert "fleet" not in dump(parse_config(MINIMAL, "routes.yaml", {}).effective)
+    no_password = replace(sentinel, cache=replace(sentinel.cache, sentinel=SentinelSettings(hosts=(("h", 1),), service="m")))
+    assert render(no_password, Masker())["cache"]["sentinel"]["password"] == ""

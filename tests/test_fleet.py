@@ -142,7 +142,8 @@ class _Runtime:
     "a str, not bytes",
 ])
 def test_a_message_that_is_not_a_rest_for_this_table_changes_nothing(data):
-    from proxy.resilience.breaker import PROFILES, Breaker
+    from proxy.resilience.breaker import Breaker
+    from proxy.resilience.breaker_policy import PROFILES
 
     clock = FakeClock()
     breaker = Breaker("fx", "fx_primary", PROFILES["STANDARD"], clock)
@@ -152,7 +153,8 @@ def test_a_message_that_is_not_a_rest_for_this_table_changes_nothing(data):
 
 
 def test_a_replica_ignores_its_own_messages_and_caps_what_it_applies():
-    from proxy.resilience.breaker import PROFILES, Breaker
+    from proxy.resilience.breaker import Breaker
+    from proxy.resilience.breaker_policy import PROFILES
 
     clock = FakeClock()
     seen: list = []

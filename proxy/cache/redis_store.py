@@ -13,6 +13,7 @@ import math
 from typing import Any, Awaitable, Callable, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
@@ -28,6 +29,23 @@ BACKEND = "redis"
 # holds one for a round trip (well under a millisecond in a pod's network), so 64 carry tens
 # of thousands of calls a second.
 MAX_CONNECTIONS = 64
+_FIRST_CONNECT = 1.0  # seconds the start-up ping may take
+
+# Opens the client: connect(where, *, socket_timeout, connect_timeout, max_connections, **options). The
+# default reaches one node by URL; proxy.fleet.connection.open_client also reaches a Cluster or a Sentinel's master.
+Connect = Callable[..., Any]
+
+
+def open_node(url: str, *, socket_timeout: float | None, connect_timeout: float, max_connections: int | None = None,
+              **options: Any) -> Any:
+    """A client of the one Redis node at `url`."""
+    return aioredis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
+                                   max_connections=max_connections, decode_responses=False, **options)
+
+
+def _is_cluster(client: Any) -> bool:
+    """Whether `client` spreads keys over several masters (SCAN works per node there)."""
+    return isinstance(client, RedisCluster)
 
 
 class _Unavailable:
@@ -52,13 +70,17 @@ _UNLOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del'
 
 
 class RedisStore:
-    """A `Store` in Redis that never fails a request (see the module docstring)."""
+    """A `Store` in Redis that never fails a request (see the module docstring).
+
+    `url` is where `connect` opens the client: a URL for the default `open_node`, or the
+    `RedisTarget` that `proxy.fleet.connection.open_client` reads (a Cluster, a Sentinel, TLS).
+    """
 
     name = BACKEND
 
     def __init__(
         self,
-        url: str,
+        url: Any,
         *,
         prefix: str = "rp:",
         clock: Clock,
@@ -68,6 +90,7 @@ class RedisStore:
         scan_count: int = 500,
         health_check_interval: int = 30,
         max_connections: int = MAX_CONNECTIONS,
+        connect: Connect = open_node,
     ) -> None:
         if op_timeout <= 0 or backoff < 0 or scan_count <= 0 or max_connections <= 0:
             raise ValueError("op_timeout, scan_count and max_connections must be positive, backoff not negative")
@@ -87,14 +110,13 @@ class RedisStore:
         self._slots = asyncio.Semaphore(max_connections)
         self._deadlines: Deadlines | None = None  # the commands' time limits (one timer, not one per call)
         self._max_calls = max_connections
-        self._client = aioredis.Redis.from_url(
+        self._client = connect(
             url,
             max_connections=2 * max_connections,
             socket_timeout=op_timeout * 2,
-            socket_connect_timeout=op_timeout * 2,
+            connect_timeout=max(op_timeout * 2, _FIRST_CONNECT),  # the budget in _call is what bounds a call
             health_check_interval=health_check_interval,
             retry=Retry(NoBackoff(), 1),
-            decode_responses=False,
         )
         self._connected: bool | None = None  # unknown until the first call
         self._down_until = float("-inf")
@@ -137,23 +159,44 @@ class RedisStore:
         await self._call("delete", lambda: self._client.unlink(self._prefix + key))
 
     async def purge(self, service: str) -> int:
-        """Delete the service's keys with SCAN + UNLINK in batches; each call is bounded on its own.
+        """Delete the service's keys with SCAN + UNLINK in batches, on every master of a Cluster;
+        each call is bounded on its own.
 
         The pattern matches `service:` followed by exactly one 64-hex digest, so purging `fx`
         never touches a service named `fx:eu`.
         """
         pattern = _glob_escape(self._prefix + service + ":") + "?" * 64
+        if not _is_cluster(self._client):
+            return await self._purge_node(pattern, None)
+        nodes = await self._call("purge", self._primaries)
+        if nodes is _UNAVAILABLE:
+            return 0
+        deleted = 0
+        for node in nodes:
+            deleted += await self._purge_node(pattern, node)
+        return deleted
+
+    async def _primaries(self) -> list[Any]:
+        await self._client.initialize()  # the masters as the Cluster names them now
+        return list(self._client.get_primaries())
+
+    async def _purge_node(self, pattern: str, node: Any) -> int:
+        """SCAN one node (`node` None: the only one) and UNLINK what matches."""
+        where = {} if node is None else {"target_nodes": node}
         deleted = 0
         cursor: int | bytes = 0
         while True:
             scanned = await self._call(
                 "purge",
-                lambda: self._client.scan(cursor=cursor, match=pattern, count=self._scan_count),
+                lambda: self._client.scan(cursor=cursor, match=pattern, count=self._scan_count, **where),
             )
             if scanned is _UNAVAILABLE:
                 return deleted
             cursor, keys = scanned
+            if isinstance(cursor, dict):  # a Cluster answers per node
+                cursor = next(iter(cursor.values()), 0)
             if keys:
+                # On a Cluster, redis-py splits a multi-key UNLINK by slot.
                 removed = await self._call("purge", lambda: self._client.unlink(*keys))
                 if removed is _UNAVAILABLE:
                     return deleted
@@ -162,7 +205,15 @@ class RedisStore:
                 return deleted
 
     async def ping(self) -> bool:
-        return await self._call("ping", self._client.ping) is not _UNAVAILABLE
+        # The first call may pay a TLS handshake, a Cluster's discovery or a Sentinel lookup:
+        # at start it gets a second, so a slow first connection does not mean Redis is down.
+        budget = _FIRST_CONNECT if self._connected is None else None
+        if budget is not None and _is_cluster(self._client):
+            # Every master at once, so no request pays for a connection to one of them later.
+            ping = lambda: self._client.ping(target_nodes="primaries")  # noqa: E731
+        else:
+            ping = self._client.ping
+        return await self._call("ping", ping, budget=budget) is not _UNAVAILABLE
 
     # --- cluster-wide coalescing: a short lock per cache key ------------------------------
 
@@ -189,7 +240,8 @@ class RedisStore:
     def describe(self) -> dict[str, Any]:
         return {"backend": BACKEND, "connected": self.connected, "entries": None, "bytes": None}
 
-    async def _call(self, operation: str, command: Callable[[], Awaitable[T]]) -> T | _Unavailable:
+    async def _call(self, operation: str, command: Callable[[], Awaitable[T]],
+                    budget: float | None = None) -> T | _Unavailable:
         """Run one Redis command within `op_timeout`, or not at all while Redis is down."""
         probe = self._connected is False
         if probe:
@@ -199,7 +251,7 @@ class RedisStore:
         slotted = False
         deadlines = self._deadlines = for_running_loop(self._deadlines)
         try:
-            async with deadlines.after(self._op_timeout), self._slots:
+            async with deadlines.after(max(budget or 0.0, self._op_timeout)), self._slots:
                 slotted = True
                 result = await command()
         except ResponseError as exc:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from proxy import signals
 from proxy.adapters.quota import KeyRing, SharedTokenBucket, TokenBucket, fingerprint
@@ -33,6 +33,8 @@ from proxy.upstream.interface import AttemptError, Reply, Transport, UpstreamReq
 
 _UNREAD = object()  # an answer's body not decoded yet
 
+# Shared breakers: whether this replica may send a half-open probe (the fleet lets one replica probe).
+ProbeLease = Callable[[Upstream], Awaitable[bool]]
 # Words in a 403 answer that say the key (not the request) is the problem.
 _KEY_WORDS = ("quota", "limit", "key", "auth", "token", "credential", "subscription", "exceeded", "expired")
 
@@ -81,9 +83,11 @@ class AttemptStage:
     def __init__(self, transport: Transport, breakers: dict[str, Breaker], clock: Clock,
                  emit: signals.Subscriber, *, limiters: dict[str, TokenBucket | SharedTokenBucket] | None = None,
                  keyrings: dict[str, KeyRing] | None = None, latencies: dict[str, LatencyWindow] | None = None,
-                 strip_headers: frozenset[str] = ServerSettings().strip_headers) -> None:
+                 strip_headers: frozenset[str] = ServerSettings().strip_headers,
+                 probe_lease: ProbeLease | None = None) -> None:
         self._transport = transport
         self._strip_headers = strip_headers
+        self._probe_lease = probe_lease  # shared breakers: one replica of the fleet sends the half-open probe
         self._breakers = breakers
         self._clock = clock
         self._emit = emit
@@ -127,6 +131,10 @@ class AttemptStage:
                 return self._skip(upstream, exchange, Outcome.RESTING,
                                   "resting (Retry-After, or its only API key refused)", breaker.wait_hint())
             return self._skip(upstream, exchange, Outcome.BREAKER_OPEN, f"circuit {breaker.state.value}",
+                              breaker.wait_hint())
+        if permit.probe and self._probe_lease is not None and not await self._probe_lease(upstream):
+            permit.release()
+            return self._skip(upstream, exchange, Outcome.BREAKER_OPEN, "circuit HALF_OPEN: another replica probes",
                               breaker.wait_hint())
         limiter = self._limiters.get(upstream.name)
         if limiter is not None and not await limiter.take_shared():

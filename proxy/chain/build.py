@@ -17,7 +17,7 @@ from typing import Any, Callable
 from proxy import signals
 from proxy.adapters.quota import KeyRing, SharedTokenBucket, TokenBucket
 from proxy.cache import MemoryStore, RedisStore, Store, TwoLevelStore
-from proxy.chain.attempt import AttemptStage
+from proxy.chain.attempt import AttemptStage, ProbeLease
 from proxy.chain.cache_stage import CacheStage
 from proxy.chain.derive import DerivedStage
 from proxy.chain.fallback import FallbackStage
@@ -25,6 +25,7 @@ from proxy.chain.resolve import Resolver
 from proxy.chain.retries import RetryStage
 from proxy.clock import Clock
 from proxy.config.model import Config, Upstream
+from proxy.fleet.connection import open_client, target_of
 from proxy.resilience.breaker import Breaker
 from proxy.resilience.hedging import LatencyWindow
 from proxy.resilience.retry_policy import RetryBudget
@@ -36,7 +37,8 @@ def build_store(config: Config, clock: Clock, emit: signals.Subscriber) -> Store
     """The configured cache backend; Redis gets a small in-process tier in front of it."""
     settings = config.cache
     if settings.backend == "redis":
-        remote = RedisStore(settings.url, prefix=settings.prefix, clock=clock, emit=emit, op_timeout=settings.op_timeout)
+        remote = RedisStore(target_of(settings), prefix=settings.prefix, clock=clock, emit=emit,
+                            op_timeout=settings.op_timeout, connect=open_client)
         local = MemoryStore(min(settings.max_bytes, 16 * 1024 * 1024), clock)
         return TwoLevelStore(remote, local, local_ttl=settings.local_ttl, clock=clock)
     return MemoryStore(settings.max_bytes, clock)
@@ -59,7 +61,8 @@ class Runtime:
                  transport: Transport | None = None, breakers: dict[str, Breaker] | None = None,
                  budgets: dict[str, RetryBudget] | None = None, latencies: dict[str, LatencyWindow] | None = None,
                  rng: random.Random | None = None, previous: "Runtime | None" = None,
-                 hit: HitFactory | None = None) -> None:
+                 hit: HitFactory | None = None, probe_lease: ProbeLease | None = None) -> None:
+        # probe_lease: whether this replica sends a shared breaker's half-open probe (the fleet decides).
         self.config = config
         self.clock = clock
         self.active = 0  # requests running on this table; a reload retires it once they are done
@@ -81,7 +84,7 @@ class Runtime:
         self.keyrings = self._kept(previous, "keys", lambda u: KeyRing(u.keys, clock, u.key_cooldown))
         attempt = AttemptStage(self.transport, self.breakers, clock, bus.emit, limiters=self.limiters,
                                keyrings=self.keyrings, latencies=self.latencies,
-                               strip_headers=config.server.strip_headers)
+                               strip_headers=config.server.strip_headers, probe_lease=probe_lease)
         retry = RetryStage(attempt, self.budgets, clock, bus.emit, rng)
         self.fallback = FallbackStage(retry, clock, breakers=self.breakers, latencies=self.latencies, emit=bus.emit)
         self.cache = CacheStage(self.store, self.fallback, config.cache, clock, bus.emit, callable=self._callable)

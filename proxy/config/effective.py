@@ -24,6 +24,7 @@ from proxy.config.model import (
     Defaults,
     MetricsSettings,
     Route,
+    SentinelSettings,
     ServerSettings,
     Service,
     Upstream,
@@ -32,7 +33,7 @@ from proxy.config.routing import MatchPattern, Template
 from proxy.config.values import url_password
 from proxy.config.yaml_source import Substituted
 from proxy.masking import Masker
-from proxy.resilience.breaker import BreakerPolicy
+from proxy.resilience.breaker_policy import BreakerPolicy
 from proxy.resilience.hedging import HedgePolicy
 
 _OLDER = "not printed by `check` before the config split (issue 19); printing it would change check's output"
@@ -77,6 +78,8 @@ _SHOWN: dict[tuple[type, str], Callable[[Any], Any]] = {
     (ServerSettings, "listen"): lambda server: _address(server.listen),
     (ServerSettings, "metrics_listen"): lambda server: _address(server.metrics_listen),
     (CacheSettings, "url"): lambda cache: _without_password(cache.url),
+    (SentinelSettings, "hosts"): lambda sentinel: [f"{host}:{port}" for host, port in sentinel.hosts],
+    (SentinelSettings, "password"): lambda sentinel: "***" if sentinel.password else "",
     (MetricsSettings, "prefix"): lambda metrics: metrics.prefix or None,
     (CacheRule, "stale_if_slow"): lambda rule: "off" if rule.stale_if_slow is None else rule.stale_if_slow,
     (Defaults, "hedge"): lambda defaults: _hedge_text(defaults.hedge),
@@ -92,6 +95,11 @@ _SHOWN: dict[tuple[type, str], Callable[[Any], Any]] = {
 # Fields printed only while they mean something: left out while the test holds.
 _LEFT_OUT_WHEN: dict[tuple[type, str], Callable[[Any], bool]] = {
     (Upstream, "result_codes"): lambda upstream: upstream.result_codes is None,
+    (CacheSettings, "url"): lambda cache: cache.sentinel is not None,  # the Sentinels name the master
+    (CacheSettings, "cluster"): lambda cache: not cache.cluster,
+    (CacheSettings, "sentinel"): lambda cache: cache.sentinel is None,
+    (CacheSettings, "tls"): lambda cache: cache.tls is None,
+    (BreakerPolicy, "shared"): lambda policy: not policy.shared,
     **{(BreakerPolicy, name): lambda policy: policy.failure_rate is None  # the failure-rate trip is off
        for name in ("failure_rate", "window", "min_calls", "min_failures")},
     **{(BreakerPolicy, name): lambda policy: policy.slow_call_rate is None  # the slow-call trip is off

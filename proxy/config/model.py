@@ -17,7 +17,7 @@ from yarl import URL
 from proxy.adapters.quota import RateLimit
 from proxy.adapters.vendor_codes import ResultCodes
 from proxy.config.routing import MatchPattern, Template
-from proxy.resilience.breaker import PROFILES, BreakerPolicy
+from proxy.resilience.breaker_policy import PROFILES, BreakerPolicy
 from proxy.resilience.hedging import HEDGE_AUTO, HedgePolicy
 from proxy.resilience.retry_policy import POLICIES, RetryPolicy
 
@@ -184,6 +184,25 @@ class ServerSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SentinelSettings:
+    """`cache.sentinel`: the Sentinels to ask and the master's name there."""
+
+    hosts: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    password: str = ""  # the data nodes' password (Sentinels are asked without one)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TlsSettings:
+    """`cache.tls`: files for a `rediss://` connection (`check` makes sure they exist)."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CacheSettings:
     """`cache:` where answers are kept (memory or Redis) and how much of them."""
 
@@ -195,6 +214,9 @@ class CacheSettings:
     prefix: str = "rp:"
     op_timeout: float = 0.05
     local_ttl: float = 1.0
+    cluster: bool = False                     # url is a seed node of a Redis Cluster
+    sentinel: SentinelSettings | None = None  # the master is whichever the Sentinels name (url unused)
+    tls: TlsSettings | None = None            # files for rediss://
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -22,8 +22,10 @@ from proxy.config.model import (
     Defaults,
     EventsSettings,
     RetryBudgetSettings,
+    SentinelSettings,
     ServerSettings,
     Service,
+    TlsSettings,
 )
 from proxy.config.policies import NEAREST_KEYS, read_nearest
 from proxy.config.routing import prefixes_overlap
@@ -31,10 +33,12 @@ from proxy.config.service_checks import read_service
 from proxy.config.telemetry import parse_metrics, parse_tracing
 from proxy.config.values import (
     NAME,
+    boolean,
     environment_values,
     fraction,
     header_budget,
     header_names,
+    host_port,
     non_negative,
     one_of,
     parse_duration,
@@ -43,6 +47,7 @@ from proxy.config.values import (
     positive_duration,
     positive_int,
     positive_size,
+    redis_db,
     redis_url_problem,
     string,
     url_password,
@@ -68,7 +73,8 @@ SERVER_FIELDS: Fields = (
     ("max_connections", positive_int), ("front", one_of("lean", "aiohttp")))
 CACHE_FIELDS: Fields = (
     ("max_stale", parse_duration), ("max_bytes", positive_size), ("max_body_bytes", parse_size), ("prefix", string),
-    ("op_timeout", positive_duration), ("local_ttl", parse_duration))
+    ("op_timeout", positive_duration), ("local_ttl", parse_duration), ("cluster", boolean))
+TLS_FIELDS: Fields = (("ca_file", string), ("cert_file", string), ("key_file", string))
 RETRY_BUDGET_FIELDS: Fields = (("ratio", fraction), ("min_per_second", non_negative), ("window", positive_duration))
 EVENTS_FIELDS: Fields = (
     ("stream", string), ("maxlen", positive_int), ("ack_timeout", positive_duration), ("client_queue", positive_int),
@@ -182,13 +188,81 @@ def _read_cache(check: Checker, root: LineDict) -> CacheSettings:
         check.problem(line_of(cache_data, "backend"), f"cache.backend: expected memory or redis, got {backend!r}")
         backend = "memory"
     url = check.get(cache_data, "url", "cache", string, cache.url)
-    problem = redis_url_problem(url) if backend == "redis" else None
+    problem = redis_url_problem(url) if backend == "redis" and "sentinel" not in cache_data else None
     if problem is not None:
         check.problem(line_of(cache_data, "url") if "url" in cache_data else line_of(root, "cache"),
                       f"cache.url: {problem}")
     if isinstance(cache_data.get("url"), Substituted):
         check.secret(url_password(url))
-    return replace(cache, backend=backend, url=url, **check.changes(cache_data, "cache", CACHE_FIELDS))
+    sentinel = _read_sentinel(check, cache_data["sentinel"], line_of(cache_data, "sentinel")) \
+        if "sentinel" in cache_data else None
+    tls = _read_tls(check, cache_data["tls"], line_of(cache_data, "tls")) if "tls" in cache_data else None
+    cache = replace(cache, backend=backend, url=url, sentinel=sentinel, tls=tls,
+                    **check.changes(cache_data, "cache", CACHE_FIELDS))
+    _check_redis_shape(check, cache_data, cache, line_of(root, "cache"))
+    return cache
+
+
+def _check_redis_shape(check: Checker, data: LineDict, cache: CacheSettings, line: int) -> None:
+    """`cache.cluster`, `cache.sentinel` and `cache.tls` (the Redis shapes beyond one node) against
+    each other, the URL and the backend."""
+    url_line = line_of(data, "url") if "url" in data else line
+    if cache.cluster and "sentinel" in data:
+        check.problem(line_of(data, "sentinel"), "cache.cluster and cache.sentinel: set one of them (a Cluster "
+                                                 "fails over by itself; Sentinel watches one master)")
+    if cache.backend != "redis":
+        for key in ("cluster", "sentinel", "tls"):
+            if key in data and data[key] not in (False, None):
+                check.problem(line_of(data, key), f"cache.{key}: only with cache.backend: redis")
+        return
+    if cache.cluster and cache.url.startswith("unix:"):
+        check.problem(url_line, "cache.url: a Cluster is reached over TCP: use redis://host:port of one of its nodes")
+    elif cache.cluster and cache.url.partition("://")[2].partition("/")[2].partition("?")[0] not in ("", "0"):
+        check.problem(url_line, "cache.url: a Cluster has only database 0")
+    if cache.tls is not None and cache.sentinel is None and not cache.url.startswith("rediss://"):
+        check.problem(line_of(data, "tls"), "cache.tls: needs a rediss:// cache.url (TLS files for a plain connection)")
+
+
+def _read_sentinel(check: Checker, value: Any, line: int) -> SentinelSettings | None:
+    data = check.mapping(value, "cache.sentinel", line)
+    if data is None:
+        return None
+    check.known_keys(data, keys_of(SentinelSettings), "cache.sentinel")
+    hosts: list[tuple[str, int]] = []
+    raw_hosts = data.get("hosts")
+    if not isinstance(raw_hosts, list) or not raw_hosts:
+        check.problem(line_of(data, "hosts") if "hosts" in data else line,
+                      "cache.sentinel.hosts: a list of one or more Sentinels as host:port is needed")
+    else:
+        for item in raw_hosts:
+            try:
+                hosts.append(host_port(item))
+            except ValueError as exc:
+                check.problem(line_of(data, "hosts"), f"cache.sentinel.hosts: {exc}")
+    service = check.get(data, "service", "cache.sentinel", string, "")
+    if not service:
+        check.problem(line_of(data, "service") if "service" in data else line,
+                      "cache.sentinel.service: the master's name as the Sentinels know it (e.g. mymaster) is needed")
+    db = check.get(data, "db", "cache.sentinel", redis_db, 0)
+    password = check.get(data, "password", "cache.sentinel", string, "")
+    if isinstance(data.get("password"), Substituted):
+        check.secret(password)
+    return SentinelSettings(hosts=tuple(hosts), service=service, db=db, password=password)
+
+
+def _read_tls(check: Checker, value: Any, line: int) -> TlsSettings | None:
+    data = check.mapping(value, "cache.tls", line)
+    if data is None:
+        return None
+    check.known_keys(data, keys_of(TlsSettings), "cache.tls")
+    tls = TlsSettings(**check.changes(data, "cache.tls", TLS_FIELDS))
+    for key, _ in TLS_FIELDS:
+        path = getattr(tls, key)
+        if path is not None and not os.path.isfile(path):
+            check.problem(line_of(data, key), f"cache.tls.{key}: no readable file at {path!r}")
+    if (tls.cert_file is None) != (tls.key_file is None):
+        check.problem(line, "cache.tls: cert_file and key_file go together (a client certificate and its key)")
+    return tls
 
 
 def _read_defaults(check: Checker, root: LineDict) -> tuple[Defaults, RetryBudgetSettings]:
@@ -234,6 +308,12 @@ def _read_services(check: Checker, root: LineDict, cache: CacheSettings, default
                 check.problem(line_of(data, "prefix") if "prefix" in data else service_line,
                               f"{where}.prefix: {service.prefix!r} overlaps the prefix {other.prefix!r} of service {other.name!r}")
         services[service_name] = service
+    if cache.backend != "redis":
+        for service in services.values():
+            for upstream in service.upstreams:
+                if upstream.breaker.shared:
+                    check.problem(upstream_lines.get(upstream.name, 1), f"services.{service.name}: breaker.shared: "
+                                  f"true (upstream {upstream.name!r}) needs cache.backend: redis, where replicas share it")
     return services
 
 

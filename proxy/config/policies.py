@@ -30,7 +30,7 @@ from proxy.config.values import (
     status_list,
 )
 from proxy.config.yaml_source import LineDict, line_of
-from proxy.resilience.breaker import PROFILES, BreakerPolicy
+from proxy.resilience.breaker_policy import PROFILES, BreakerPolicy
 from proxy.resilience.retry_policy import POLICIES, RetryPolicy
 
 NEAREST_KEYS = {"timeout", "deadline", "breaker", "retry", "hedge_after", "fallback_before_retry"}
@@ -40,7 +40,8 @@ BREAKER_FIELDS: Fields = (
     ("fail_threshold", positive_int), ("open_timeout", parse_duration), ("half_open_max_calls", positive_int),
     ("failure_rate", fraction_or_off), ("window", parse_duration), ("min_calls", positive_int),
     ("min_failures", positive_int), ("slow_call_duration", parse_duration), ("slow_call_rate", fraction),
-    ("trip_on_429", boolean), ("trip_on_refused", boolean), ("max_rest", parse_duration))
+    ("trip_on_429", boolean), ("trip_on_refused", boolean), ("max_rest", parse_duration),
+    ("shared", boolean))
 RETRY_FIELDS: Fields = (("retries", retry_count), ("base_delay", parse_duration), ("max_delay", parse_duration),
                         ("retry_on", retry_on))
 _CACHE_RULE_FIELDS: Fields = (

@@ -292,8 +292,14 @@ def url_password(url: str) -> str:
 
 def redis_url_problem(url: str) -> str | None:
     """Why redis-py would fail on `url` at start or at every call, found now; None when it would not."""
-    if url.partition("://")[0] not in ("redis", "rediss", "unix"):
+    scheme, _, rest = url.partition("://")
+    if scheme in ("redis+sentinel", "sentinel"):
+        return "Sentinel is set with cache.sentinel: {hosts: [...], service: ...}, not a URL"
+    if scheme not in ("redis", "rediss", "unix"):
         return "expected a redis://, rediss:// or unix:// URL"
+    if scheme != "unix" and ("," in rest.partition("/")[0] or ";" in rest.partition("/")[0]):
+        return ("one host only; for several use cache.sentinel.hosts, or cache.cluster: true "
+                "with one node of the cluster")
     try:
         parsed = URL(url)
         port = parsed.port
@@ -311,6 +317,22 @@ def redis_url_problem(url: str) -> str | None:
     if unknown:
         return f"unknown connection option {sorted(unknown)[0]!r}"
     return None
+
+
+def host_port(value: Any) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` (a Sentinel's address) → (host, port)."""
+    host, _, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or not valid_host(host) or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"expected host:port, got {value!r}")
+    return host, int(port)
+
+
+def redis_db(value: Any) -> int:
+    """A Redis database number, 0..15."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 15:
+        raise ValueError(f"expected a database number 0..15, got {value!r}")
+    return value
 
 
 @functools.cache

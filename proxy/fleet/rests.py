@@ -20,16 +20,16 @@ import os
 from typing import Any, Callable
 
 import msgspec
-import redis.asyncio as aioredis
 
 from proxy import signals
 from proxy.clock import Clock
+from proxy.fleet.connection import RedisTarget
+from proxy.fleet.link import TIMEOUT, FleetLink
 
 _MAX_MESSAGE = 1024
-_PUBLISH_TIMEOUT = 1.0
-_RECONNECT_MAX = 10.0
-# Write the rest where a replica that starts later finds it, and tell the ones listening now.
-_PUBLISH = "redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) return redis.call('publish', KEYS[2], ARGV[1])"
+# Write the rest where a replica that starts later finds it, and tell the ones listening now. The
+# channel is an argument, not a key: a Cluster checks that a script's keys share one slot.
+_PUBLISH = "redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) return redis.call('publish', ARGV[3], ARGV[1])"
 
 
 class RestMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -51,27 +51,29 @@ class SharedRests:
     """Publishes this replica's rests and applies the fleet's (see the module docstring).
 
     Subscribe it to the event bus; `runtime` returns the current Runtime (its breakers, key rings
-    and route table), which a reload replaces.
+    and route table), which a reload replaces. `link` is the replica's FleetLink (or where to
+    open one of its own).
     """
 
     sees_requests = False  # only rests and refused keys: the HIT fast path need not emit for it
 
-    def __init__(self, url: str, prefix: str, *, runtime: Callable[[], Any], clock: Clock,
+    def __init__(self, link: FleetLink | RedisTarget | str, prefix: str, *, runtime: Callable[[], Any], clock: Clock,
                  emit: signals.Subscriber = signals.discard) -> None:
+        self._own_link = not isinstance(link, FleetLink)
+        self._link = link if isinstance(link, FleetLink) else FleetLink(link, emit=emit)
         self._prefix = prefix
         self._channel = f"{prefix}rests"
         self._runtime = runtime
         self._clock = clock
         self._emit = emit
         self.source = os.urandom(8).hex()
-        self._publisher = aioredis.Redis.from_url(url, socket_timeout=_PUBLISH_TIMEOUT,
-                                                  socket_connect_timeout=_PUBLISH_TIMEOUT, decode_responses=False)
-        # The listener blocks on reads for as long as nothing is published: no socket timeout there.
-        self._subscriber = aioredis.Redis.from_url(url, socket_timeout=None, socket_connect_timeout=_PUBLISH_TIMEOUT,
-                                                   decode_responses=False)
-        self._listener: asyncio.Task[None] | None = None
         self._sending: set[asyncio.Task[None]] = set()
-        self.listening = False  # subscribed right now (for /health)
+        self._link.on(self._channel, self.apply, self._catch_up)
+
+    @property
+    def listening(self) -> bool:
+        """Subscribed right now (for /health)."""
+        return self._link.listening
 
     # --- out: what this replica was told ------------------------------------------------------
 
@@ -97,53 +99,24 @@ class SharedRests:
         if ttl_ms <= 0:
             return
         try:
-            async with asyncio.timeout(_PUBLISH_TIMEOUT):
-                await self._publisher.eval(_PUBLISH, 2, key, self._channel, _encoder.encode(message), ttl_ms)
+            async with asyncio.timeout(TIMEOUT):
+                await self._link.client.eval(_PUBLISH, 1, key, _encoder.encode(message), ttl_ms, self._channel)
         except Exception as exc:  # Redis down: this replica rests on its own, as without Redis
             self._emit(signals.CacheError(backend="redis", operation="rest_publish", error=f"{type(exc).__name__}: {exc}"))
 
     # --- in: what the fleet was told -------------------------------------------------------------
 
     def start(self) -> None:
-        self._listener = asyncio.get_running_loop().create_task(self._listen())
+        if self._own_link:
+            self._link.start()
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._listener, *self._sending) if t is not None]
+        tasks = list(self._sending)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._listener = None
-        await self._publisher.aclose()
-        await self._subscriber.aclose()
-
-    async def _listen(self) -> None:
-        backoff = 0.2
-        while True:
-            pubsub = self._subscriber.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self._channel)
-                await self._catch_up()  # after subscribing: nothing published meanwhile is missed
-                self.listening = True
-                backoff = 0.2
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=30.0)
-                    if message is not None and message.get("type") == "message":
-                        self.apply(message.get("data"))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if self.listening:
-                    self._emit(signals.CacheError(backend="redis", operation="rest_listen",
-                                                 error=f"{type(exc).__name__}: {exc}"))
-                self.listening = False
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, _RECONNECT_MAX)
-            finally:
-                self.listening = False
-                try:
-                    await pubsub.aclose()
-                except Exception:
-                    pass
+        if self._own_link:
+            await self._link.stop()
 
     async def _catch_up(self) -> None:
         """Apply the rests stored for this replica's upstreams (begun while it was not listening)."""
@@ -155,8 +128,12 @@ class SharedRests:
                 names += [f"{self._prefix}keyrest:{upstream.name}:{k['fingerprint']}" for k in ring.snapshot()]
         if not names:
             return
-        async with asyncio.timeout(_PUBLISH_TIMEOUT):
-            values = await self._publisher.mget(names)
+        # One GET per key in a pipeline: the keys may live on several masters of a Cluster.
+        async with asyncio.timeout(TIMEOUT):
+            async with self._link.client.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.get(name)
+                values = await pipe.execute()
         for value in values:
             if value is not None:
                 self.apply(value, catching_up=True)

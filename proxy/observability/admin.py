@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -117,6 +117,20 @@ def _same_origin(origin: str, host: str) -> bool:
         return False
 
 
+class FleetBreakers(Protocol):
+    """What /health shows and does of the breakers shared by the fleet (proxy.fleet.breakers)."""
+
+    @property
+    def connected(self) -> bool:
+        """Whether this replica follows the fleet right now (False: local breakers only)."""
+
+    def count(self) -> int:
+        """How many breakers of the current route table are shared."""
+
+    async def act(self, upstream: str, action: str) -> bool:
+        """Share an operator's `reset` or `open` with every replica; False when Redis was not told."""
+
+
 def _forbidden(detail: str, request_id: str) -> web.Response:
     return json_response(403, {"error": "forbidden", "detail": detail, "request_id": request_id})
 
@@ -137,14 +151,16 @@ class Health:
     bus still holds (a read counts every request answered before it); `is_ready()` says whether
     the listeners are up; `reload(source)` re-reads the route table and returns its problems;
     `describe_events()` reports the watch events' outbox, topics and deliveries; `facts()` the
-    process's start, route-table hash and last reload.
+    process's start, route-table hash and last reload; `shared_breakers` (with a shared Redis, whose
+    shape is `redis_shape`) are the breakers the fleet shares.
     """
 
     def __init__(self, *, current_runtime: Callable[[], "Runtime"], deliver_waiting: Callable[[], None],
                  stats: Stats, metrics: Metrics, admin_token: str | None, is_ready: Callable[[], bool],
                  reload: Callable[[str], Awaitable[list[str]]],
                  describe_events: Callable[[], Awaitable[dict[str, Any]]],
-                 facts: Callable[[], ProcessFacts]) -> None:
+                 facts: Callable[[], ProcessFacts], shared_breakers: FleetBreakers | None = None,
+                 redis_shape: str = "single") -> None:
         self._runtime = current_runtime
         self._deliver_waiting = deliver_waiting
         self._stats = stats
@@ -154,6 +170,8 @@ class Health:
         self._reload_table = reload
         self._describe_events = describe_events
         self._facts = facts
+        self._shared = shared_breakers
+        self._redis_shape = redis_shape
 
     async def __call__(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
         path = request.path.rstrip("/") or "/"
@@ -188,8 +206,19 @@ class Health:
         else:
             status = "healthy"
         runtime = self._runtime()
-        return json_response(200, {"status": status, "services": services,
-                                   "timestamp": now_iso(runtime.clock.time())})
+        body = {"status": status, "services": services, "timestamp": now_iso(runtime.clock.time())}
+        fleet = self._fleet()
+        if fleet is not None:
+            body["fleet"] = fleet
+        return json_response(200, body)
+
+    def _fleet(self) -> dict[str, Any] | None:
+        """Whether shared breakers follow the fleet or, Redis being out of reach, decide locally."""
+        shared = self._shared
+        if shared is None or not shared.count():
+            return None
+        return {"sharedBreakers": shared.count(), "breakers": "fleet" if shared.connected else "local",
+                "redis": self._redis_shape}
 
     async def probe(self, request: web.BaseRequest) -> web.Response:
         """`/health/live` or `/health/ready` (one of `PROBES`), the same answer as on the main port."""
@@ -212,11 +241,14 @@ class Health:
     async def circuits(self, request: web.BaseRequest) -> web.Response:
         runtime = self._runtime()
         now = runtime.clock.time()
+        shared = self._shared
         circuits = []
         for upstream in runtime.config.upstreams():
             breaker = runtime.breakers[upstream.name]
             circuit = breaker.snapshot()
             circuit["sinceChangeSeconds"] = round(max(0.0, now - breaker.changed_at), 3)
+            if upstream.breaker.shared and shared is not None:  # fleet: the fleet's state; local: Redis unreachable
+                circuit["shared"] = "fleet" if shared.connected else "local"
             ring = runtime.keyrings.get(upstream.name)
             if ring is not None:  # fingerprints only: key values never leave the process
                 circuit["keys"] = [{**k, "spentUntil": now_iso(k["spentUntil"]) if k["spentUntil"] else None}
@@ -352,7 +384,11 @@ class Health:
             breaker.reset()
         else:
             breaker.force_open()
-        return json_response(200, breaker.snapshot())
+        body = breaker.snapshot()
+        shared = self._shared
+        if breaker.policy.shared and shared is not None:  # every replica, or this one only when Redis is away
+            body["shared"] = "fleet" if await shared.act(provider, action) else "local"
+        return json_response(200, body)
 
     async def _purge(self, service: str) -> web.Response:
         runtime = self._runtime()

@@ -212,7 +212,13 @@ class EventLog:
 
     def _BreakerTransition(self, e: signals.BreakerTransition) -> None:
         fields = dict(kind="breaker", service=e.service, provider=e.provider, old=e.old, new=e.new, reason=e.reason)
-        if e.new == "OPEN" and e.reason == "forced":
+        if e.reason == "fleet":
+            self._log.warning(f"Circuit breaker: {e.new} for {e.provider}, as another replica decided "
+                              f"(shared breaker)", retry_at=iso(e.retry_at), **fields)
+        elif e.reason == "probe_elsewhere":
+            self._log.info(f"Circuit breaker: another replica probes {e.provider}; skipped until it tells the "
+                           f"outcome, at most until {iso(e.retry_at)}", retry_at=iso(e.retry_at), **fields)
+        elif e.new == "OPEN" and e.reason == "forced":
             self._log.warning(f"Circuit breaker: FORCED OPEN for {e.provider}, until reset", **fields)
         elif e.new == "OPEN":
             self._log.error(f"Circuit breaker: OPENED for {e.provider}, will retry after {iso(e.retry_at)}",
@@ -275,6 +281,15 @@ class EventLog:
         else:
             self._log.error(f"Cache backend {e.backend} is unavailable, serving without it", kind="cache_backend",
                             backend=e.backend, error=e.error)
+
+    def _FleetLinkChanged(self, e: signals.FleetLinkChanged) -> None:
+        if e.connected:
+            self._log.info("Fleet link to Redis is up: shared breakers and rests follow the fleet", kind="fleet",
+                           shared_breakers=e.shared_breakers)
+        else:
+            what = f"its local breakers ({e.shared_breakers} set shared) and rests" if e.shared_breakers else "its own rests"
+            self._log.error(f"Fleet link to Redis is down: each replica uses {what} until it is back", kind="fleet",
+                            shared_breakers=e.shared_breakers, error=e.error)
 
     def _RequestFinished(self, e: signals.RequestFinished) -> None:
         self._log.info("request", kind="request", service=e.service, route=e.route, method=e.method, path=e.path,

@@ -18,12 +18,15 @@ from proxy import signals
 from proxy.background import cancel_and_wait
 from proxy.chain.build import Runtime
 from proxy.clock import SYSTEM_CLOCK, Clock
-from proxy.config.model import Config, ServerSettings
+from proxy.config.model import Config, ServerSettings, Upstream
 from proxy.config.parse import ConfigError, load_config
 from proxy.downstream.front import LeanFront
 from proxy.downstream.handler import Downstream
 from proxy.downstream.hit import HitStage
 from proxy.downstream.server_name import request_factory
+from proxy.fleet.breakers import SharedBreakers
+from proxy.fleet.connection import target_of
+from proxy.fleet.link import FleetLink
 from proxy.fleet.rests import SharedRests
 from proxy.observability.admin import PROBES, Health, ProcessFacts
 from proxy.observability.logs import REDACTOR, EventLog
@@ -67,15 +70,31 @@ class ProxyProcess:
         self.admin_token = self.env.get("ADMIN_TOKEN") or None
         REDACTOR.add_secrets(config.secrets | ({self.admin_token} if self.admin_token else set()))
         self._hit = HitStage.factory(metrics=self.metrics, stats=self.stats, recording=recording)  # every Runtime's stage 0
-        self.runtime = Runtime(config, clock=clock, bus=self.bus, hit=self._hit)
+        self.runtime = Runtime(config, clock=clock, bus=self.bus, hit=self._hit, probe_lease=self._claim_probe)
         self._register(config)
         self.ready = False
         self._config_digest = _digest(config.source)
         self._reload_lock = asyncio.Lock()
+        # With a shared Redis, a rest one replica is told of (Retry-After, a refused key) holds for all,
+        # and so does a shared breaker's OPEN state; both travel on one link per replica.
+        self.fleet: SharedRests | None = None
+        self.fleet_breakers: SharedBreakers | None = None
+        self._fleet_link: FleetLink | None = None
+        if config.cache.backend == "redis":
+            self._fleet_link = FleetLink(target_of(config.cache), emit=self.bus.emit)
+            self.fleet = SharedRests(self._fleet_link, config.cache.prefix, runtime=self.current_runtime,
+                                     clock=clock, emit=self.bus.emit)
+            self.fleet_breakers = SharedBreakers(self._fleet_link, config.cache.prefix, runtime=self.current_runtime,
+                                                 clock=clock, emit=self.bus.emit)
+            self.bus.subscribe(self.fleet)
+            self.bus.subscribe(self.fleet_breakers)
+            self._fleet_link.on_change(lambda up, error: self.bus.emit(signals.FleetLinkChanged(
+                up, self.fleet_breakers.count() if self.fleet_breakers else 0, error)))
         self.health = Health(current_runtime=self.current_runtime, deliver_waiting=self.bus.deliver_waiting,
                              stats=self.stats, metrics=self.metrics, admin_token=self.admin_token,
                              is_ready=lambda: self.ready, reload=self.reload,
-                             describe_events=lambda: self.events.describe(), facts=self.facts)
+                             describe_events=lambda: self.events.describe(), facts=self.facts,
+                             shared_breakers=self.fleet_breakers, redis_shape=target_of(config.cache).shape)
         self._runners: list[web.BaseRunner] = []
         self._front: LeanFront | None = None
         self._listener: asyncio.AbstractServer | None = None
@@ -86,12 +105,10 @@ class ProxyProcess:
         self.downstream = Downstream(self.current_runtime, emit=self.bus.emit, health=self.health,
                                      events=self.events.hub.handle, recording=recording)
         self._retiring: set[asyncio.Task[None]] = set()
-        # With a shared Redis, a rest one replica is told of (Retry-After, a refused key) holds for all.
-        self.fleet: SharedRests | None = None
-        if config.cache.backend == "redis":
-            self.fleet = SharedRests(config.cache.url, config.cache.prefix, runtime=lambda: self.runtime,
-                                     clock=clock, emit=self.bus.emit)
-            self.bus.subscribe(self.fleet)
+
+    async def _claim_probe(self, upstream: Upstream) -> bool:
+        """Whether this replica sends a shared breaker's half-open probe (see SharedBreakers.claim_probe)."""
+        return True if self.fleet_breakers is None else await self.fleet_breakers.claim_probe(upstream)
 
     def _register(self, config: Config, breakers: dict[str, Any] | None = None) -> None:
         for upstream in config.upstreams():
@@ -127,8 +144,8 @@ class ProxyProcess:
         """Bind the listeners (port 0 picks a free one; see `addresses`)."""
         await self.runtime.store.ping()  # learn the cache backend's state before the first request
         self.events.start()
-        if self.fleet is not None:
-            self.fleet.start()
+        if self._fleet_link is not None:
+            self._fleet_link.start()
         settings = self.runtime.config.server
         # Connections start on the lean front end (plain GETs); aiohttp's server takes every other one
         # (all of them with `server.front: aiohttp`).
@@ -159,6 +176,10 @@ class ProxyProcess:
         await self.events.stop()
         if self.fleet is not None:
             await self.fleet.stop()
+        if self.fleet_breakers is not None:
+            await self.fleet_breakers.stop()
+        if self._fleet_link is not None:
+            await self._fleet_link.stop()
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -214,7 +235,7 @@ class ProxyProcess:
             runtime = Runtime(config, clock=self.clock, bus=self.bus, store=store,
                               transport=old.transport.with_settings(config.server, config.upstream_client),
                               breakers=kept_breakers, budgets=kept_budgets, latencies=kept_latencies, previous=old,
-                              hit=self._hit)
+                              hit=self._hit, probe_lease=self._claim_probe)
             REDACTOR.add_secrets(config.secrets)
             removed_upstreams = {u.name for u in old.config.upstreams()} - {u.name for u in config.upstreams()}
             for name in removed_upstreams:

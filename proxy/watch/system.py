@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any, Callable
 
-import redis.asyncio as aioredis
 import structlog
 
 from proxy import signals
 from proxy.background import cancel_and_wait, stop_if_asked
 from proxy.clock import Clock
 from proxy.config.model import Config
+from proxy.fleet.connection import open_client, target_of
 from proxy.watch.outbox import Event, MemoryOutbox, RedisOutbox, parse_event_fields
 from proxy.watch.push import Hub
 from proxy.watch.watcher import Watcher
@@ -41,7 +41,7 @@ class EventsSystem:
         self._redis: Any = None
         if config.cache.backend == "redis":
             # Its own connections: blocking stream reads must not share the cache's 50 ms budget.
-            self._redis = aioredis.Redis.from_url(config.cache.url, socket_timeout=10, socket_connect_timeout=2)
+            self._redis = open_client(target_of(config.cache), socket_timeout=10, connect_timeout=2)
             self.outbox: Any = RedisOutbox(self._redis, f"{config.cache.prefix}{{{settings.stream}}}", settings.maxlen)
         else:
             self.outbox = MemoryOutbox(clock, settings.maxlen)
