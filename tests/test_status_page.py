@@ -27,7 +27,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.observability.admin import status_page
+from proxy.downstream.admin import status_page
 from tests.fakes import Fail, Ok, route_table
 
 PAGE = "/health/ui"

@@ -28,7 +28,7 @@ from proxy.fleet.breakers import SharedBreakers
 from proxy.fleet.connection import target_of
 from proxy.fleet.link import FleetLink
 from proxy.fleet.rests import SharedRests
-from proxy.observability.admin import PROBES, Health, ProcessFacts
+from proxy.downstream.admin import PROBES, Health, ProcessFacts
 from proxy.observability.logs import REDACTOR, EventLog
 from proxy.observability.metrics import Metrics
 from proxy.observability.stats import Stats

@@ -44,12 +44,12 @@ _INLINE = re.compile(r"<(script|style)>(.*?)</\1>", re.DOTALL)
 
 @functools.cache
 def status_page() -> tuple[bytes, dict[str, str]]:
-    """The `/health/ui` page and its headers, read once from `proxy/observability/static/status.html`.
+    """The `/health/ui` page and its headers, read once from `proxy/downstream/static/status.html`.
 
     The page keeps its script and style inline, so the Content-Security-Policy allows exactly
     those two blocks by hash and nothing else: no other script, style, frame or remote host.
     """
-    text = resources.files("proxy.observability").joinpath("static", "status.html").read_text(encoding="utf-8")
+    text = resources.files("proxy.downstream").joinpath("static", "status.html").read_text(encoding="utf-8")
     hashes: dict[str, list[str]] = {"script": [], "style": []}
     for tag, body in _INLINE.findall(text):
         digest = base64.b64encode(hashlib.sha256(body.encode("utf-8")).digest()).decode("ascii")
