@@ -23,7 +23,7 @@ test: $(BIN)/.installed-test
 # `make fuzz`: proxy/upstream/http1/ against aiohttp's client on mutated answers, at length (~20 s; FUZZ_CASES,
 # FUZZ_SEED: a failure prints both, and the input; `make test` runs the first 300 cases of seed 18).
 fuzz: $(BIN)/.installed-test
-	FUZZ_CASES=$(FUZZ_CASES) FUZZ_SEED=$(FUZZ_SEED) $(BIN)/python -m pytest -q -s tests/test_fuzz_http1.py
+	FUZZ_CASES=$(FUZZ_CASES) FUZZ_SEED=$(FUZZ_SEED) $(BIN)/python -m pytest -q -s tests/upstream/test_fuzz_http1.py
 
 check: $(BIN)/.installed
 	$(BIN)/resilience-proxy check $(CONFIG)
@@ -56,7 +56,7 @@ $(BIN)/.installed-test: pyproject.toml $(TEST_LOCK)
 	touch $(BIN)/.installed $@
 
 # `make lock`: resolve pyproject.toml's dependencies again into both lock files (after changing them;
-# tests/test_build.py fails while a lock misses a dependency). Resolved for this machine's Python.
+# tests/deploy/test_build.py fails while a lock misses a dependency). Resolved for this machine's Python.
 lock:
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/pip install -q 'pip-tools>=7.4,<8'

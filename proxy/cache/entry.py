@@ -60,7 +60,7 @@ class Entry(msgspec.Struct, frozen=True, array_like=False, weakref=True):
         """Bytes the entry holds in memory, as CPython allocates them: the struct and its times, the
         header list, its pairs and their strings, the body, the upstream's name (shared with the
         route table when the copy was made here: a little over) and an index's names and keys.
-        `tests/test_cache_memory.py` holds it to what tracemalloc measures."""
+        `tests/cache/test_cache_memory.py` holds it to what tracemalloc measures."""
         total = _STRUCT_BYTES + held_bytes(getsizeof(self.headers)) + held_bytes(getsizeof(self.body)) \
             + held_bytes(getsizeof(self.upstream))
         for name, value in self.headers:

@@ -20,7 +20,7 @@ from proxy.config.yaml_source import LineDict, line_of
 
 PREFIX_PATTERN = re.compile(r"^[a-zA-Z][a-zA-Z0-9_]*$")  # a metric name part: `{prefix}_proxy_requests_total`
 
-METRICS_KEYS = {"prefix"}  # the fields of MetricsSettings (tests/test_config_model.py holds them equal)
+METRICS_KEYS = {"prefix"}  # the fields of MetricsSettings (tests/config/test_config_model.py holds them equal)
 TRACING_KEYS = {"otlp_endpoint", "service_name"}
 
 
