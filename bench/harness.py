@@ -34,7 +34,6 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 from typing import Any
@@ -43,7 +42,7 @@ import yaml
 
 from bench import cluster as cluster_bench
 from bench import faults as fault_bench
-from bench.faults import KEYS, PROXIES, SCENARIO_NAMES, SCENARIOS, Scenario
+from bench.faults import KEYS, PROXIES, SCENARIOS, Scenario
 from bench.loadgen import parse_wrk, wrk_command
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,7 +11,6 @@ prometheus_client's process-wide settings.
 from __future__ import annotations
 
 import platform
-import re
 from typing import Any, Iterator
 
 import aiohttp

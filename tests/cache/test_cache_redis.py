@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import pickle
 import shutil
-import subprocess
 import time
 
 import msgspec

@@ -4,7 +4,6 @@ and `run` refuses exactly what `check` refuses (through the real CLI); a table `
 from __future__ import annotations
 
 import copy
-import math
 import re
 import subprocess
 import sys

@@ -17,7 +17,7 @@ import pytest
 
 from proxy.config.parse import load_config
 from proxy.ops.process import ProxyProcess
-from tests.fakes import Delay, Fail, Ok, free_port, route_table
+from tests.fakes import Delay, Ok, free_port, route_table
 
 ROOT = Path(__file__).resolve().parents[2]
 
