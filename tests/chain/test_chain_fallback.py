@@ -227,7 +227,7 @@ async def test_an_unreachable_only_upstream_is_tried_again_after_its_backoff():
     assert clock.monotonic() - started >= 0.1  # the policy's backoff came between the two
 
 
-async def test_a_connect_failure_is_tried_again_even_for_a_post_since_nothing_was_sent():
+async def test_a_post_the_service_lets_retry_is_tried_again_after_a_connect_failure():
     k = kit(one(CONNECT_ONCE, retry_non_idempotent=True))
     k.transport.script("only", UNREACHABLE_THEN_OK[0], UNREACHABLE_THEN_OK[1])
     answer = await k.fallback(k.exchange("POST", "/svc/x", body=b"{}"))
