@@ -20,6 +20,7 @@ import aiohttp
 from yarl import URL
 
 from proxy.upstream.http1 import BadAnswer, ConnectFailed, ConnectTimeout, Disconnected, connect_failure
+from proxy.upstream.http1.answer import read_up_to
 
 # Headers ClientSession adds unless told not to; http1 sends none of them, and neither do we.
 _NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
@@ -59,16 +60,7 @@ class Response:
 
     async def read_all(self, limit: int) -> tuple[bytes, bool]:
         """The body up to `limit` bytes, and whether that was all of it (else the rest is to `read`)."""
-        parts = []
-        size = 0
-        while True:
-            chunk = await self.read()
-            if not chunk:
-                return b"".join(parts), True
-            parts.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                return b"".join(parts), False
+        return await read_up_to(self.read, limit)
 
     def release(self) -> None:
         """Done with this answer: the connection is kept when the body was read to its end, else closed."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 import httptools
 
@@ -56,6 +56,21 @@ class Disconnected(Exception):
 
 class BadAnswer(Exception):
     """What the upstream sent is not a valid HTTP/1.1 answer."""
+
+
+async def read_up_to(read: Callable[[], Awaitable[bytes]], limit: int) -> tuple[bytes, bool]:
+    """Chunks from `read` until the end or past `limit` bytes: the bytes, and whether that was all of them
+    (else the rest is still to `read`). Both clients' answers buffer a body this way."""
+    parts = []
+    size = 0
+    while True:
+        chunk = await read()
+        if not chunk:
+            return b"".join(parts), True
+        parts.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return b"".join(parts), False
 
 
 class Response:
@@ -110,16 +125,7 @@ class Response:
             self._chunks.clear()
             self._buffered = 0
             return body, True
-        parts = []
-        size = 0
-        while True:
-            chunk = await self.read()
-            if not chunk:
-                return b"".join(parts), True
-            parts.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                return b"".join(parts), False
+        return await read_up_to(self.read, limit)
 
     def release(self) -> None:
         """Done with this answer: its connection goes back to the pool, or is closed if the body was not all read."""
