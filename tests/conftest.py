@@ -149,3 +149,19 @@ def throwaway_redis():
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def log_lines():
+    """The JSON lines the proxy writes while the test runs (call the fixture's value to read them)."""
+    import io
+
+    import orjson
+    import structlog
+
+    from proxy.observability import logs
+
+    buffer = io.StringIO()
+    logs.configure("info", "json", stream=buffer)
+    yield lambda: [orjson.loads(line) for line in buffer.getvalue().splitlines() if line.strip()]
+    structlog.reset_defaults()

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import io
 
 import aiohttp
-import orjson
-import pytest
-import structlog
 
-from proxy.observability import logs
-from tests.fakes import Huge, Ok, route_table
 from tests.downstream.test_front import GET, Client
+from tests.fakes import Huge, Ok, route_table
 
 SERVER = "resilience-proxy"
 
@@ -22,14 +17,6 @@ def table(url: str, **service: object) -> str:
                 "upstreams": [{"name": "fx_primary", "url": url}], **service}
     return route_table({"fx": settings}, server={"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0",
                                                    "max_response_buffer": "64KiB"})
-
-
-@pytest.fixture
-def log_lines():
-    buffer = io.StringIO()
-    logs.configure("info", "json", stream=buffer)
-    yield lambda: [orjson.loads(line) for line in buffer.getvalue().splitlines() if line.strip()]
-    structlog.reset_defaults()
 
 
 def request_lines(proxy, read) -> list[dict]:

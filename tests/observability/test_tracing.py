@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import subprocess
 import sys
 from pathlib import Path
 
-import orjson
 import pytest
 import structlog
 from aiohttp import web
 
 from proxy.config.parse import ConfigError, parse_config
-from proxy.observability import logs
 from proxy.observability.tracing import parse_traceparent, start_trace, valid_tracestate
-from tests.fakes import Fail, Ok, route_table
 from tests.downstream.test_hit_path import ChainCalls
+from tests.fakes import Fail, Ok, route_table
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -32,15 +29,6 @@ def table(url: str, *, retry: object = "NONE", cache: object = None, **top: obje
     return route_table({"fx": {"retry": retry, "cache": cache or {"ttl": "0s"},
                                "routes": [{"match": "/fx/latest/{base}", "name": "latest"}],
                                "upstreams": [{"name": "fx_primary", "url": url}]}}, **top)
-
-
-@pytest.fixture
-def log_lines():
-    """The JSON lines the proxy writes while the test runs (call the fixture's value to read them)."""
-    buffer = io.StringIO()
-    logs.configure("info", "json", stream=buffer)
-    yield lambda: [orjson.loads(line) for line in buffer.getvalue().splitlines() if line.strip()]
-    structlog.reset_defaults()
 
 
 def sent_traceparent(upstream) -> str:
