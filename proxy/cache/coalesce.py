@@ -56,3 +56,6 @@ class Coalescer:
             del self._calls[key]
             if outcome.done() and not outcome.cancelled():
                 outcome.exception()  # retrieved: nobody waiting is not an error worth logging
+            # A failed call's traceback holds this frame, and the frame this future, which holds the
+            # exception: a cycle only the garbage collector would free, with the whole request in it.
+            del outcome

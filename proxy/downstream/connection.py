@@ -48,7 +48,9 @@ class LeanConnection(asyncio.Protocol):
 
     def __init__(self, front: "LeanFront") -> None:
         self._front = front
-        self._parser = httptools.HttpRequestParser(self)
+        # The parser calls this connection's methods back, so the two hold each other: dropped when the
+        # connection ends or is handed off, or both would wait for the garbage collector.
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self._held = bytearray()       # bytes since the end of the last answered request
         self._url = b""
@@ -82,6 +84,7 @@ class LeanConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self._parser = None
         self._front.forget(self)
         self._wake_drain(exc or ConnectionResetError("the caller closed the connection"))
 
@@ -138,6 +141,7 @@ class LeanConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._head_whole = True
         parser = self._parser
+        assert parser is not None  # called back from its own feed_data
         if not (parser.get_method() == b"GET" and parser.get_http_version() == "1.1" and b"host" in self._seen
                 and parser.should_keep_alive() and not parser.should_upgrade() and is_plain_target(self._url)):
             self._plain = False
@@ -150,10 +154,13 @@ class LeanConnection(asyncio.Protocol):
     # --- parsing, answering, handing off ---
 
     def _parse(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None:
+            return  # the connection is gone or handed off
         self._complete = None
         self._ended = self._more = False
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # aiohttp has the answer for each
             self._plain = False
         if not self._plain or self._more:
@@ -167,6 +174,7 @@ class LeanConnection(asyncio.Protocol):
 
     def _hand_off(self) -> None:
         transport = self.transport
+        self._parser = None  # from here on aiohttp's parser reads this connection
         self._front.forget(self)
         if transport is None or transport.is_closing():
             return
