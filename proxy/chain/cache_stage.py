@@ -208,6 +208,10 @@ class CacheStage:
                 return self._serve_stale(exchange, entry, key, _stale_reason(failure), failure)
             self._emit(signals.CacheLookup(exchange.service.name, "miss"))
             raise
+        finally:
+            # The failure, raised here, has this frame in its traceback: were the task that holds the
+            # failure still in the frame, the whole request would wait in a cycle for the collector.
+            del refresh, done
         self._emit(signals.CacheLookup(exchange.service.name, "miss"))
         return answer
 

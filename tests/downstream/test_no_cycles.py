@@ -10,13 +10,14 @@ collectable as a cycle, and belongs to the proxy, must be nothing.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from collections import Counter
 from typing import Any
 
 import pytest
 
-from tests.fakes import Fail, Ok, refused_port, route_table
+from tests.fakes import Delay, Fail, Ok, refused_port, route_table
 
 pytestmark = pytest.mark.http_pieces("front", "client")  # over ours and aiohttp's (docs/http-pieces.md)
 
@@ -36,13 +37,13 @@ def _ours(thing: Any) -> str | None:
     return None
 
 
-async def cyclic_garbage(send) -> Counter[str]:
-    """What of the proxy's only the collector frees after `send()` ran ROUNDS times, by kind."""
+async def cyclic_garbage(send, rounds: int = ROUNDS) -> Counter[str]:
+    """What of the proxy's only the collector frees after `send()` ran `rounds` times, by kind."""
     await send(0)  # first: lazily made things (pools, memo entries) are not garbage
     gc.collect()
     gc.disable()
     try:
-        for round_ in range(1, ROUNDS + 1):
+        for round_ in range(1, rounds + 1):
             await send(round_)
         gc.set_debug(gc.DEBUG_SAVEALL)
         gc.collect()
@@ -129,3 +130,61 @@ async def test_a_closed_connection_leaves_no_cycle(fake_upstream, proxy_factory)
 
     assert dict(await cyclic_garbage(one_connection)) == {}
     assert good.calls == ROUNDS + 1
+
+
+async def test_stale_hedged_and_retried_answers_leave_no_cycles(fake_upstream, proxy_factory, clock):
+    """The paths with tasks of their own: a refresh behind a stale copy, a hedge and its cancelled
+    loser, a retry after its backoff."""
+    good = await fake_upstream("good")
+    failing = await fake_upstream("failing")
+    failing.default = Fail(503)
+    late = await fake_upstream("late")
+    late.default = Delay(0.06)
+    flaky = await fake_upstream("flaky")
+    never_open = {"fail_threshold": 100000, "failure_rate": "off"}
+    cache = {"ttl": "1s", "stale": "1h", "stale_if_slow": "20ms"}
+    proxy = await proxy_factory(table(
+        broken={"retry": "NONE", "breaker": never_open, "cache": cache,
+                "upstreams": [{"name": "b1", "url": failing.url}]},
+        slow={"retry": "NONE", "breaker": never_open, "cache": cache, "upstreams": [{"name": "s1", "url": late.url}]},
+        hedged={"retry": "NONE", "hedge_after": "20ms", "breaker": never_open,
+                "upstreams": [{"name": "h1", "url": late.url}, {"name": "h2", "url": good.url}]},
+        retried={"retry": {"policy": "DEFAULT", "base_delay": "1ms"}, "breaker": never_open,
+                 "upstreams": [{"name": "t1", "url": flaky.url}]},
+    ), clock=clock)
+    for path, upstream in (("/broken/same", failing), ("/slow/same", late)):  # a copy from before it went bad
+        upstream.script(Ok())
+        async with await proxy.get(path) as reply:
+            assert reply.status == 200 and reply.headers["X-Cache"] == "MISS"
+
+    def stale(path: str, upstream: Any, detail: str):
+        async def send(round_: int) -> None:
+            clock.advance(2)  # the copy is past its ttl: every request refreshes it
+            before = upstream.calls
+            async with await proxy.get(path) as reply:
+                await reply.read()
+                assert (reply.status, reply.headers["X-Cache"]) == (200, "STALE")
+                assert reply.headers["Cache-Status"].endswith(detail)
+            assert upstream.calls == before + 1  # the refresh went out
+            if detail == "slow":
+                await asyncio.sleep(0.08)  # it lands after the answer, before the next round
+        return send
+
+    async def hedged(round_: int) -> None:
+        async with await proxy.get(f"/hedged/{round_}") as reply:
+            assert reply.status == 200 and await reply.read() == b'{"from": "good"}'
+
+    async def retried(round_: int) -> None:
+        flaky.script(Fail(503))
+        async with await proxy.get(f"/retried/{round_}") as reply:
+            assert reply.status == 200
+        assert [s.path_qs for s in flaky.seen[-2:]] == [f"/{round_}"] * 2  # one failure, one retry
+
+    paths = {"stale copy, failed refresh": stale("/broken/same", failing, "all_upstreams_failed"),
+             "stale copy, slow refresh": stale("/slow/same", late, "slow"),
+             "hedged": hedged, "retried": retried}
+    left = {}
+    for name, send in paths.items():
+        left[name] = dict(await cyclic_garbage(send, rounds=4))  # what one request leaves, four times over
+        await asyncio.sleep(0.08)  # the late answers the hedges left running land
+    assert left == {name: {} for name in paths}

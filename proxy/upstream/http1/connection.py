@@ -30,6 +30,10 @@ if TYPE_CHECKING:
     from proxy.upstream.http1.pool import Pool
 
 
+# What a lost connection keeps in place of its parser: one that calls nobody back (never fed).
+_DETACHED = httptools.HttpResponseParser(object())
+
+
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; one request at a time."""
 
@@ -170,6 +174,8 @@ class _Connection(asyncio.Protocol):
                 self._error(Disconnected("Server disconnected before the answer was complete"))
         self._wake_drain()  # `send` stops writing; the answer (or its absence) says what happened
         self._pool.lost(self)
+        # The parser calls this connection back, so the two hold each other; nothing is read any more.
+        self._parser = _DETACHED
 
     def pause_writing(self) -> None:
         self._write_paused = True
