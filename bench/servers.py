@@ -182,6 +182,7 @@ class FakeProvider:
         self.name = name
         self.mode = "ok"
         self.calls = 0
+        self.mode_calls = 0            # calls since the mode was last set: fail30 fails the same ones for every proxy
         self.violations = 0            # calls inside a Retry-After window this provider gave
         self._window_until = 0.0       # monotonic end of the current Retry-After window
         self._timer = timer
@@ -191,12 +192,13 @@ class FakeProvider:
         if path.startswith("/__bench/"):
             return self._control(request, path)
         self.calls += 1
+        self.mode_calls += 1
         if request.body_exists:
             await request.read()
         mode = self.mode
         if mode == "hang":
             await asyncio.sleep(HANG_FOR)
-        elif mode == "down" or (mode == "fail30" and self.calls % 10 in (1, 4, 7)):
+        elif mode == "down" or (mode == "fail30" and self.mode_calls % 10 in (1, 4, 7)):
             return web.Response(status=503, body=b'{"error": "provider unavailable"}', content_type="application/json")
         elif mode == "429":
             now = time.monotonic()
@@ -221,6 +223,7 @@ class FakeProvider:
             if mode not in MODES:
                 return web.json_response({"error": f"unknown mode {mode}"}, status=400)
             self.mode = mode
+            self.mode_calls = 0
             self._window_until = 0.0
             return web.json_response({"name": self.name, "mode": mode})
         return web.json_response({"error": "unknown control"}, status=404)

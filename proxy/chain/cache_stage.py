@@ -338,7 +338,7 @@ class CacheStage:
         detail = failure.error if failure is not None else detail or reason
         self._emit(signals.CacheLookup(service, "stale", age))
         self._emit(signals.StaleServed(service, exchange.path, age, entry.upstream, reason, exchange.request_id,
-                                      detail, key))
+                                      detail, key, exchange.trace, self._clock.monotonic()))
         status = (failure.last_status or failure.status) if failure is not None else None
         cache_status = f"{NAME}; fwd=stale" + (f"; fwd-status={status}" if status else "") + f"; detail={detail}"
         return self._from_entry(entry, now, "STALE", cache_status, fallback=True)

@@ -255,7 +255,7 @@ class EventLog:
                           keys_left=e.keys_left, shared=e.shared)
 
     def _StaleServed(self, e: signals.StaleServed) -> None:
-        now = self._clock.monotonic()
+        now = e.at if e.at is not None else self._clock.monotonic()  # held: it may be delivered a little later
         key = e.key or f"{e.service} {e.path}"
         last = self._stale_logged.get(key)
         if last is not None and now - last < STALE_LOG_INTERVAL:
@@ -267,7 +267,7 @@ class EventLog:
         self._stale_logged[key] = now
         self._log.warning(f"Using stale cache for {e.service} {e.path}, age: {int(e.age)}s", kind="stale",
                           service=e.service, path=e.path, age=int(e.age), upstream=e.upstream, reason=e.reason,
-                          detail=e.detail, request_id=e.request_id)
+                          detail=e.detail, request_id=e.request_id, trace_id=_trace_id(e.trace))
 
     def _UpstreamRested(self, e: signals.UpstreamRested) -> None:
         origin = " (learnt from another replica)" if e.shared else ""

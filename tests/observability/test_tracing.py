@@ -163,6 +163,22 @@ async def test_every_line_a_request_logs_carries_its_trace_id(fake_upstream, pro
     assert "trace_id" not in log_lines()[-1]
 
 
+async def test_a_stale_answer_s_line_carries_its_request_s_trace_id(fake_upstream, proxy_factory, clock, log_lines):
+    """The stale line is held and written with later requests' lines: it names its own trace."""
+    upstream = await fake_upstream()
+    proxy = await proxy_factory(table(upstream.url, cache={"ttl": "1s", "stale": "1h"}), clock=clock)
+    assert (await proxy.get("/fx/latest/USD")).headers["X-Cache"] == "MISS"
+    clock.advance(5)
+    upstream.default = Fail(503)
+    stale = await proxy.get("/fx/latest/USD", headers={"traceparent": TRACEPARENT})
+    assert stale.headers["X-Cache"] == "STALE"
+    upstream.default = Ok()
+    assert (await proxy.get("/fx/latest/EUR")).status == 200  # another request, in between
+    proxy.process.bus.deliver_waiting()
+    [line] = [line for line in log_lines() if line.get("kind") == "stale"]
+    assert (line["trace_id"], line["reason"]) == (TRACE_ID, "error")
+
+
 async def test_a_fast_hit_logs_the_caller_s_trace_id(fake_upstream, proxy_factory, clock, log_lines):
     upstream = await fake_upstream()
     upstream.default = Ok(body=b"{}", headers={"Content-Type": "application/json"})
