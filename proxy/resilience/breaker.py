@@ -99,13 +99,16 @@ class _Window:
 
     _BUCKETS = 60
 
-    __slots__ = ("_window", "_buckets", "_count", "_recent")
+    __slots__ = ("_window", "_buckets", "_count", "_recent", "_totals")
 
     def __init__(self, window: float, burst: int) -> None:
         self._window = window
         self._buckets: deque[list[int]] = deque()  # [bucket index, calls, failures, slow]
         self._count = 0                            # calls ever recorded: numbers each call
         self._recent: deque[tuple[float, int]] = deque(maxlen=burst)  # (time, number) of the last failures
+        # The buckets' sums, kept as calls come and buckets expire: every call a breaker records
+        # reads them, and summing up to 60 buckets each time was 2 % of a pass-through request's CPU.
+        self._totals = [0, 0, 0]
 
     def record(self, now: float, failed: bool, slow: bool) -> None:
         index = math.floor(now * self._BUCKETS / self._window)
@@ -116,6 +119,10 @@ class _Window:
         bucket[1] += 1
         bucket[2] += failed
         bucket[3] += slow
+        totals = self._totals
+        totals[0] += 1
+        totals[1] += failed
+        totals[2] += slow
         self._count += 1
         if failed:
             self._recent.append((now, self._count))
@@ -131,20 +138,22 @@ class _Window:
     def totals(self, now: float) -> tuple[int, int, int]:
         """(calls, failures, slow calls) still inside the window."""
         self._expire(math.floor(now * self._BUCKETS / self._window))
-        calls = failures = slow = 0
-        for _, c, f, s in self._buckets:
-            calls += c
-            failures += f
-            slow += s
+        calls, failures, slow = self._totals
         return calls, failures, slow
 
     def clear(self) -> None:
         self._buckets.clear()
         self._recent.clear()
+        self._totals = [0, 0, 0]
 
     def _expire(self, index: int) -> None:
-        while self._buckets and self._buckets[0][0] <= index - self._BUCKETS:
-            self._buckets.popleft()
+        buckets = self._buckets
+        while buckets and buckets[0][0] <= index - self._BUCKETS:
+            _, calls, failures, slow = buckets.popleft()
+            totals = self._totals
+            totals[0] -= calls
+            totals[1] -= failures
+            totals[2] -= slow
 
 
 class Breaker:

@@ -703,3 +703,31 @@ def test_closing_or_half_opening_tells_nobody(clock):
     assert breaker.state is State.HALF_OPEN
     breaker.allow().success(0.01)
     assert breaker.state is State.CLOSED and heard == []
+
+
+def test_the_window_s_running_totals_match_a_recount_of_its_buckets():
+    """The sums are kept as calls come and buckets expire, not recounted: after any run of calls,
+    time steps (within a bucket, across some, past the whole window) and clears, they agree."""
+    import math
+    import random
+
+    from proxy.resilience.breaker import _Window
+
+    rng = random.Random(17)
+    window = _Window(10.0, 3)
+    now = 1000.0
+    seen: list[tuple[float, bool, bool]] = []  # every call, to recount what is still inside the window
+    for step in range(3000):
+        roll = rng.random()
+        if roll < 0.01:
+            window.clear()
+            seen.clear()
+            continue
+        now += rng.choice((0.0, 0.05, 0.2, 1.0, 3.0, 12.0)) if roll < 0.3 else 0.0
+        failed, slow = rng.random() < 0.3, rng.random() < 0.2
+        window.record(now, failed, slow)
+        seen.append((now, failed, slow))
+        oldest = math.floor(now * 6) - 59  # the earliest bucket still kept (60 buckets of 10/60 s)
+        inside = [(f, s) for t, f, s in seen if math.floor(t * 6) >= oldest]
+        assert window.totals(now) == (len(inside), sum(f for f, _ in inside), sum(s for _, s in inside)), step
+    assert window.totals(now + 10.0) == (0, 0, 0)  # a whole window later, nothing is left
