@@ -210,6 +210,9 @@ def probe_503(headers: dict[str, str], status: int, body: bytes) -> dict[str, An
 # over the proxy's own healthy run of the same kind: a Python proxy's p50 is not nginx's whatever
 # goes wrong, and nginx counts a cache entry's ttl in whole seconds (longer), so it refreshes less
 # often in every cached run; what a fault adds to each is what tells how each handles the fault.
+# Such a column is never "behind" when ours is at least as good as nginx's as measured, though: that
+# is the literal bar, and a reference round that one proxy ran on a noisy moment (nginx's healthy
+# cached p99 was 6.7 ms in one run, 2.2 in the others) would otherwise turn it into a loss.
 COLUMNS: dict[str, tuple[bool, float, float, bool]] = {
     "share_2xx": (True, 0.0, 0.0, False),
     "p50_ms": (False, 1.0, 0.10, True),
@@ -237,6 +240,9 @@ def verdict(column: str, ours: float | None, theirs: float | None, scale: float 
     return "ahead" if better else "behind"
 
 
+_RANK = {"behind": 0, "level": 1, "ahead": 2}
+
+
 def compare(faults: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per scenario: each column's verdict for `defaults` against nginx, and the issue's targets."""
     rows = []
@@ -254,7 +260,8 @@ def compare(faults: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                     columns[column] = "n/a"
                     continue
                 added[column] = (mine - ours_ref[column], other - theirs_ref[column])
-                columns[column] = verdict(column, *added[column], scale=other)
+                columns[column] = max(verdict(column, *added[column], scale=other), verdict(column, mine, other),
+                                      key=_RANK.__getitem__)
             else:
                 columns[column] = verdict(column, mine, other)
         behind = [c for c, v in columns.items() if v == "behind"]
@@ -318,8 +325,10 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> list[str]:
               "Latency and amplification are compared as what the fault adds over the same proxy's own healthy run "
               "of the same kind (`healthy`, or `healthy_cached` for the cached scenarios): a Python proxy's p50 is "
               "not nginx's whatever goes wrong, and nginx counts a ttl in whole seconds, so it refreshes less "
-              "often in every cached run. Latency is `level` within 1 ms or 10 % of nginx's figure (5 ms for the "
-              "max). The reference rows compare the proxies as they are.", "",
+              "often in every cached run. Such a column is never `behind` when ours is at least as good as "
+              "nginx's as measured (a noisy reference round would otherwise make it one); the brackets give "
+              "what the fault added, ours / nginx. Latency is `level` within 1 ms or 10 % of nginx's figure "
+              "(5 ms for the max). The reference rows compare the proxies as they are.", "",
               "| scenario | " + " | ".join(COLUMNS) + " | met |", "|---|" + "---|" * (len(COLUMNS) + 1)]
     for row in results.get("comparison", []):
         if "skipped" in row:

@@ -183,6 +183,27 @@ def test_latency_is_compared_as_what_the_fault_adds_over_each_proxys_own_healthy
     assert rows["healthy"]["columns"]["p99_ms"] == "behind"  # compared as they are
 
 
+def test_a_latency_at_least_as_good_as_nginx_s_as_measured_is_never_behind():
+    from bench.faults import compare
+
+    def run(p99: float, max_ms: float) -> dict:
+        return {"share_2xx": 1.0, "p50_ms": 1.0, "p99_ms": p99, "max_ms": max_ms, "slow": 0,
+                "primary_calls": 3, "violations": 0, "amplification": 1.0}
+
+    # nginx's healthy round was noisy (p99 6.7): what the outage adds to it comes out negative.
+    faults = {"defaults": {"healthy_cached": run(4.3, 9.0), "all_down_warm_cache": run(4.7, 14.8),
+                           "all_down_cold_cache": run(5.9, 25.0)},
+              "nginx": {"healthy_cached": run(6.7, 14.6), "all_down_warm_cache": run(5.9, 11.9),
+                        "all_down_cold_cache": run(3.2, 6.8)}}
+    rows = {row["scenario"]: row for row in compare(faults)}
+    warm = rows["all_down_warm_cache"]["columns"]
+    assert rows["all_down_warm_cache"]["added"]["p99_ms"] == pytest.approx((0.4, -0.8))  # added alone: behind
+    assert warm["p99_ms"] == "ahead" and warm["max_ms"] == "level"  # 4.7 < 5.9; 14.8 within 5 ms of 11.9
+    cold = rows["all_down_cold_cache"]
+    assert cold["columns"]["p99_ms"] == "behind" and cold["columns"]["max_ms"] == "behind"  # worse both ways
+    assert cold["met"] is False
+
+
 def test_cache_rss_bench_fills_the_cache_past_its_budget_and_reports_rss_beside_it():
     from bench.cache_rss import run
 
