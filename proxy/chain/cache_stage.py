@@ -196,10 +196,20 @@ class CacheStage:
         if rule.stale_if_slow == 0:
             return self._serve_stale(exchange, entry, key, "revalidating")
         # Real time on purpose: this races the refresh's network calls, as their own timeouts do.
-        done, _ = await asyncio.wait({refresh.task}, timeout=rule.stale_if_slow)
+        gave_up = refresh.exchange.first_round_failed
+        assert gave_up is not None
+        done, _ = await asyncio.wait({refresh.task, gave_up}, timeout=rule.stale_if_slow,
+                                     return_when=asyncio.FIRST_COMPLETED)
         exchange.attempts.extend(refresh.exchange.attempts)  # what the refresh did so far, for this request's log
         if not done:
             return self._serve_stale(exchange, entry, key, "slow")
+        if refresh.task not in done:
+            # Every upstream failed its first try: the copy answers now, not after the retries'
+            # backoff; they go on in the background and store what they get.
+            attempts = refresh.exchange.attempts
+            last_status = next((a.status for a in reversed(attempts) if a.status is not None), None)
+            so_far = UpstreamsFailed(502, "all_upstreams_failed", exchange.service.name, attempts, last_status)
+            return self._serve_stale(exchange, entry, key, _stale_reason(so_far), so_far)
         refresh.claimed = True
         try:
             answer = refresh.task.result()
@@ -218,7 +228,8 @@ class CacheStage:
     def _refresh(self, exchange: Exchange, copy: _Copy, rule: CacheRule) -> "_Refresh":
         """Fetch a new copy in a task of its own, which outlives the request that started it."""
         # A GET, whatever asked: it is the GET copy that is refreshed (a HEAD answer is never stored).
-        own = dataclasses.replace(exchange, method="GET", attempts=[], may_hedge=False)
+        own = dataclasses.replace(exchange, method="GET", attempts=[], may_hedge=False,
+                                  first_round_failed=asyncio.get_running_loop().create_future())
         key = copy.key
         refresh = _Refresh(own, asyncio.get_running_loop().create_task(self._fetcher(rule)(own, copy, rule)))
         self._refreshes[key] = refresh

@@ -157,6 +157,9 @@ class FallbackStage:
                 answer = await self._retries(exchange, walk, walk.sent[first:], upstreams[0])
                 if answer is not None:
                     return answer
+        gave_up = exchange.first_round_failed
+        if gave_up is not None and not gave_up.done():
+            gave_up.set_result(None)
         if service.fallback_first:
             answer = await self._retries(exchange, walk, list(walk.sent), upstreams[0])
             if answer is not None:

@@ -166,3 +166,25 @@ async def test_stale_if_slow_shows_in_the_effective_config(value):
     config = parse_config(table("http://127.0.0.1:1", stale_if_slow=value), "routes.yaml", {})
     expected = {"250ms": 0.25, 0: 0.0, "off": "off"}[value]
     assert config.effective["services"]["fx"]["cache"]["stale_if_slow"] == expected
+
+
+async def test_the_copy_answers_once_every_upstream_failed_and_the_retry_lands_in_the_background(
+        fake_upstream, proxy_factory, clock):
+    """A refresh whose first try failed on every upstream will only retry after a backoff: the caller
+    takes the copy then (nginx's 502 moment), and a retry that succeeds still refreshes the cache."""
+    primary = await fake_upstream("primary")
+    secondary = await fake_upstream("secondary")
+    primary.script(Ok(body=V1), Fail(503), Ok(body=V2))
+    secondary.default = Fail(503)
+    text = table(primary.url, secondary.url, stale_if_slow="5s").replace(
+        "retry: NONE", "retry: {retries: 1, base_delay: 100ms, max_delay: 100ms}")
+    proxy = await proxy_factory(text, clock=clock)
+    await expired_copy(proxy, clock)
+    stale = await proxy.get("/fx/latest/USD")
+    assert (stale.headers["X-Cache"], await stale.read()) == ("STALE", V1)  # not the retry's V2, 5 s allowed
+    assert stale.headers["Cache-Status"] == "resilience-proxy; fwd=stale; fwd-status=503; detail=all_upstreams_failed"
+    await refreshed(proxy)
+    fresh = await proxy.get("/fx/latest/USD")
+    assert (fresh.headers["X-Cache"], await fresh.read()) == ("HIT", V2)
+    assert (primary.calls, secondary.calls) == (3, 1)  # the copy, the first try, the retry
+    assert await metric(proxy, "stale_served_total", service="fx", reason="error") == 1
