@@ -206,10 +206,9 @@ class CacheStage:
         if refresh.task not in done:
             # Every upstream failed its first try: the copy answers now, not after the retries'
             # backoff; they go on in the background and store what they get.
-            attempts = refresh.exchange.attempts
-            last_status = next((a.status for a in reversed(attempts) if a.status is not None), None)
-            so_far = UpstreamsFailed(502, "all_upstreams_failed", exchange.service.name, attempts, last_status)
-            return self._serve_stale(exchange, entry, key, _stale_reason(so_far), so_far)
+            failure = gave_up.result()
+            assert isinstance(failure, UpstreamsFailed)
+            return self._serve_stale(exchange, entry, key, _stale_reason(failure), failure)
         refresh.claimed = True
         try:
             answer = refresh.task.result()

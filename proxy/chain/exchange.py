@@ -53,9 +53,10 @@ class Exchange:
     body_too_large: bool = False
     may_hedge: bool = False   # no copy could answer if the upstreams are slow: a late attempt may be hedged
     trace: Trace | None = None  # traceparent for the upstreams, trace id for the logs, span timing
-    # A refresh behind a copy: resolved when every upstream failed its first try, so the caller
-    # waiting on it takes the copy then, while the retries go on in the background.
-    first_round_failed: asyncio.Future[None] | None = None
+    # A refresh behind a copy: resolved with the failure (an `UpstreamsFailed`, never raised) when
+    # every upstream failed its first try, so the caller waiting on it takes the copy then, while
+    # the retries go on in the background.
+    first_round_failed: asyncio.Future[Exception] | None = None
 
     @property
     def replayable(self) -> bool:

@@ -159,7 +159,7 @@ class FallbackStage:
                     return answer
         gave_up = exchange.first_round_failed
         if gave_up is not None and not gave_up.done():
-            gave_up.set_result(None)
+            gave_up.set_result(self._failure(exchange, walk))  # what it would raise were no retry left
         if service.fallback_first:
             answer = await self._retries(exchange, walk, list(walk.sent), upstreams[0])
             if answer is not None:

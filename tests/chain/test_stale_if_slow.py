@@ -14,12 +14,12 @@ from tests.fakes import Delay, Fail, Ok, eventually, metric, route_table
 V1, V2 = b'{"v": 1}', b'{"v": 2}'
 
 
-def table(primary: str, secondary: str | None = None, **cache: object) -> str:
+def table(primary: str, secondary: str | None = None, retry: object = "NONE", **cache: object) -> str:
     upstreams = [{"name": "fx_primary", "url": primary}]
     if secondary:
         upstreams.append({"name": "fx_secondary", "url": secondary})
     rule = {"ttl": "1m", "stale": "1h", **cache}
-    return route_table({"fx": {"timeout": "2s", "retry": "NONE", "cache": rule, "upstreams": upstreams}})
+    return route_table({"fx": {"timeout": "2s", "retry": retry, "cache": rule, "upstreams": upstreams}})
 
 
 async def expired_copy(proxy, clock, path: str = "/fx/latest/USD") -> None:
@@ -176,9 +176,8 @@ async def test_the_copy_answers_once_every_upstream_failed_and_the_retry_lands_i
     secondary = await fake_upstream("secondary")
     primary.script(Ok(body=V1), Fail(503), Ok(body=V2))
     secondary.default = Fail(503)
-    text = table(primary.url, secondary.url, stale_if_slow="5s").replace(
-        "retry: NONE", "retry: {retries: 1, base_delay: 100ms, max_delay: 100ms}")
-    proxy = await proxy_factory(text, clock=clock)
+    one_retry = {"retries": 1, "base_delay": "100ms", "max_delay": "100ms"}
+    proxy = await proxy_factory(table(primary.url, secondary.url, retry=one_retry, stale_if_slow="5s"), clock=clock)
     await expired_copy(proxy, clock)
     stale = await proxy.get("/fx/latest/USD")
     assert (stale.headers["X-Cache"], await stale.read()) == ("STALE", V1)  # not the retry's V2, 5 s allowed
