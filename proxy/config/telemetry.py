@@ -54,9 +54,7 @@ def _service_name(value: Any) -> str:
 
 def parse_metrics(check: Checker, root: LineDict) -> MetricsSettings:
     """The `metrics:` section, problems reported to `check`."""
-    if "metrics" not in root:
-        return MetricsSettings()
-    data = check.mapping(root["metrics"], "metrics", line_of(root, "metrics"))
+    data = check.mapping(root.get("metrics"), "metrics", line_of(root, "metrics"))  # absent: an empty one
     if data is None:
         return MetricsSettings()
     check.known_keys(data, METRICS_KEYS, "metrics")
@@ -65,9 +63,7 @@ def parse_metrics(check: Checker, root: LineDict) -> MetricsSettings:
 
 def parse_tracing(check: Checker, root: LineDict) -> TracingSettings:
     """The `tracing:` section, problems reported to `check`."""
-    if "tracing" not in root:
-        return TracingSettings()
-    data = check.mapping(root["tracing"], "tracing", line_of(root, "tracing"))
+    data = check.mapping(root.get("tracing"), "tracing", line_of(root, "tracing"))  # absent: an empty one
     if data is None:
         return TracingSettings()
     check.known_keys(data, TRACING_KEYS, "tracing")
