@@ -3,7 +3,10 @@
 Every upstream gets its first try, in list order, before any is retried (fallback before retry):
 a timeout, reset, refused connection or 5xx moves to the next upstream at once, so no caller pays
 two timeouts on one hanging upstream while another may answer. Retries come after, round by round
-over the upstreams that failed, each on its own upstream and after its own backoff.
+over the upstreams that failed, each on its own upstream and after its own backoff. A round in
+which two or more upstreams all answered 5xx is the last: that is an outage (or a request that
+breaks every vendor alike), not one upstream's blip, and another round would only multiply the
+calls to failing vendors and keep the caller waiting for the same error.
 `fallback_before_retry: false` keeps the seed's order instead: each upstream's retries, then the next.
 
 When a safe request with no copy to fall back on is late on an upstream (`hedge_after`), the same
@@ -64,6 +67,11 @@ class UpstreamsFailed(Exception):
         tried = [a.outcome for a in self.attempts if a.outcome not in _SKIP_VALUES]
         return bool(tried) and all(o in (Outcome.TIMEOUT.value, Outcome.HEDGE_LOST.value, Outcome.DEADLINE.value)
                                    for o in tried)
+
+
+def _all_said_5xx(round_: list[Tries]) -> bool:
+    """Two or more upstreams were tried in this round and every one answered with a 5xx."""
+    return len(round_) >= 2 and all(tries.result.outcome is Outcome.HTTP_5XX for tries in round_)
 
 
 class RequestBodyTooLarge(Exception):
@@ -331,8 +339,9 @@ class FallbackStage:
 
     async def _retries(self, exchange: Exchange, walk: _Walk, candidates: list[Tries],
                        primary: Upstream) -> Answer | None:
-        """Round after round, one more try on each upstream that may be retried, until one answers."""
-        while candidates and not walk.stopped:
+        """Round after round, one more try on each upstream that may be retried, until one answers
+        or every upstream of a round said 5xx."""
+        while candidates and not walk.stopped and not _all_said_5xx(candidates):
             retried = []
             for tries in candidates:
                 if walk.stopped or exchange.deadline_at - self._clock.monotonic() <= 0:

@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from tests.fakes import Advance, Delay, Fail, Ok, metric, refused_port, route_table
+from tests.fakes import Advance, Delay, Fail, Ok, Reset, metric, refused_port, route_table
 
 
 def defaults_table(primary: str, secondary: str | None = None, *, cache: bool = False, **service: object) -> str:
@@ -56,12 +56,13 @@ async def test_a_hanging_upstream_costs_one_timeout_not_two_while_another_answer
 async def test_retries_come_after_every_upstream_had_its_try_round_by_round(fake_upstream, proxy_factory, clock):
     primary = await fake_upstream("primary")
     secondary = await fake_upstream("secondary")
-    primary.default = secondary.default = Fail(502)
+    primary.default = Fail(502)
+    secondary.default = Reset()
     text = defaults_table(primary.url, secondary.url, retry="CONSERVATIVE", deadline="10s")
     proxy = await proxy_factory(text, clock=clock)
     response = await proxy.get("/fx/latest/USD")
     assert response.status == 502
-    assert attempts(await response.json()) == [("fx_primary", "http_5xx"), ("fx_secondary", "http_5xx")] * 3
+    assert attempts(await response.json()) == [("fx_primary", "http_5xx"), ("fx_secondary", "reset")] * 3
     assert (primary.calls, secondary.calls) == (3, 3)
     assert len(clock.sleeps) == 4 and all(wait <= 0.4 for wait in clock.sleeps)  # CONSERVATIVE: caps 0.2, 0.4 s
 
@@ -71,20 +72,70 @@ async def test_a_retry_round_answers_from_the_upstream_that_recovered(fake_upstr
     secondary = await fake_upstream("secondary")
     primary.script(Fail(503))
     primary.default = Ok(body=b'{"from": "primary"}')
-    secondary.default = Fail(503)
+    secondary.default = Reset()
     proxy = await proxy_factory(defaults_table(primary.url, secondary.url), clock=clock)
     response = await proxy.get("/fx/latest/USD")
     assert response.headers["X-Upstream"] == "fx_primary"
     assert (primary.calls, secondary.calls) == (2, 1)
 
 
+async def test_every_upstream_answering_5xx_ends_the_request_without_a_retry_round(fake_upstream, proxy_factory,
+                                                                                   clock):
+    primary = await fake_upstream("primary")
+    secondary = await fake_upstream("secondary")
+    primary.default = Fail(503)
+    secondary.default = Fail(500)
+    proxy = await proxy_factory(defaults_table(primary.url, secondary.url), clock=clock)
+    response = await proxy.get("/fx/latest/USD")
+    assert response.status == 502
+    assert attempts(await response.json()) == [("fx_primary", "http_5xx"), ("fx_secondary", "http_5xx")]
+    assert (primary.calls, secondary.calls) == (1, 1)  # DEFAULT would have made up to three more rounds
+    assert clock.sleeps == []  # and the caller waited for no backoff
+
+
+async def test_a_later_round_in_which_every_upstream_answered_5xx_is_the_last(fake_upstream, proxy_factory, clock):
+    primary = await fake_upstream("primary")
+    secondary = await fake_upstream("secondary")
+    primary.script(Reset())
+    primary.default = secondary.default = Fail(503)
+    proxy = await proxy_factory(defaults_table(primary.url, secondary.url), clock=clock)
+    response = await proxy.get("/fx/latest/USD")
+    assert attempts(await response.json()) == [("fx_primary", "reset"), ("fx_secondary", "http_5xx"),
+                                               ("fx_primary", "http_5xx"), ("fx_secondary", "http_5xx")]
+    assert (primary.calls, secondary.calls) == (2, 2)
+
+
+async def test_a_single_upstreams_5xx_is_still_retried(fake_upstream, proxy_factory, clock):
+    primary = await fake_upstream("primary")
+    primary.script(Fail(503), Fail(503))
+    primary.default = Ok(body=b'{"from": "primary"}')
+    proxy = await proxy_factory(defaults_table(primary.url), clock=clock)
+    response = await proxy.get("/fx/latest/USD")
+    assert (response.status, response.headers["X-Upstream"]) == (200, "fx_primary")
+    assert primary.calls == 3 and len(clock.sleeps) == 2  # the seed's "5xx retried", with its backoff
+
+
+async def test_one_upstream_left_to_answer_5xx_is_retried_when_the_other_was_skipped(fake_upstream, proxy_factory,
+                                                                                      clock):
+    primary = await fake_upstream("primary")
+    secondary = await fake_upstream("secondary")
+    secondary.script(Fail(503))
+    secondary.default = Ok(body=b'{"from": "secondary"}')
+    proxy = await proxy_factory(defaults_table(primary.url, secondary.url), clock=clock)
+    proxy.breaker("fx_primary").force_open()
+    response = await proxy.get("/fx/latest/USD")
+    assert response.headers["X-Upstream"] == "fx_secondary"
+    assert (primary.calls, secondary.calls) == (0, 2)  # one upstream's 5xx may be a blip: worth its retry
+
+
 async def test_the_backoff_counts_from_the_upstreams_own_last_try(fake_upstream, proxy_factory, clock):
     primary = await fake_upstream("primary")
     secondary = await fake_upstream("secondary")
     primary.default = Fail(503)
-    secondary.default = Advance(clock, 0.5, then=Fail(503))  # the secondary's try takes half a (stepped) second
+    secondary.default = Advance(clock, 0.5, then=Reset())  # the secondary's try takes half a (stepped) second
     text = defaults_table(primary.url, secondary.url, timeout="2s",
-                          retry={"retries": 1, "base_delay": "200ms", "max_delay": "200ms", "retry_on": ["5xx"]})
+                          retry={"retries": 1, "base_delay": "200ms", "max_delay": "200ms",
+                                 "retry_on": ["5xx", "reset"]})
     proxy = await proxy_factory(text, clock=clock)
     await proxy.get("/fx/latest/USD")
     assert primary.calls == 2 and secondary.calls == 2
@@ -283,9 +334,10 @@ async def test_a_retry_waiting_for_its_backoff_stops_waiting_when_the_breaker_op
     clock = FakeClock(autojump=False)
     primary = await fake_upstream("primary")
     secondary = await fake_upstream("secondary")
-    primary.default = secondary.default = Fail(503)
+    primary.default = Fail(503)
+    secondary.default = Reset()
     text = defaults_table(primary.url, secondary.url,
-                          retry={"retries": 1, "base_delay": "10s", "max_delay": "10s", "retry_on": ["5xx"]})
+                          retry={"retries": 1, "base_delay": "10s", "max_delay": "10s", "retry_on": ["5xx", "reset"]})
     proxy = await proxy_factory(text, clock=clock)
     request = asyncio.ensure_future(proxy.get("/fx/latest/USD"))
     assert await eventually(lambda: clock.sleepers == 1)  # both upstreams failed: a retry waits its backoff
@@ -295,7 +347,7 @@ async def test_a_retry_waiting_for_its_backoff_stops_waiting_when_the_breaker_op
     response = await asyncio.wait_for(request, 5.0)  # ...the wait ends: the retries would be turned away
     assert response.status == 502
     assert [(a["upstream"], a["outcome"]) for a in (await response.json())["attempts"]] == [
-        ("fx_primary", "http_5xx"), ("fx_secondary", "http_5xx"), ("fx_primary", "breaker_open")]
+        ("fx_primary", "http_5xx"), ("fx_secondary", "reset"), ("fx_primary", "breaker_open")]
     assert clock.monotonic() == 1000.0  # not one stepped second went by waiting
     assert (primary.calls, secondary.calls) == (1, 1)
 
