@@ -88,8 +88,8 @@ class Downstream:
             await self._proxy(request, request_id, responder)
         except Exception:
             log.exception("unhandled error while proxying", request_id=request_id, path=request.path)
-            if not responder.started:
-                responder.send_response(error_response(500, "internal_error", request_id))
+            if not responder.started:  # counted and logged like any answer, so error-rate alerts see it
+                responder.send_response(self._proxy.refuse(request, request_id, 500, "internal_error"))
 
 
 class ProxyHandler:
@@ -169,6 +169,9 @@ class ProxyHandler:
         try:
             await self._read_body(request, exchange, settings.replay_buffer, settings.max_request_body)
             answer = await runtime.chain(exchange)
+            sent = await self._write(request, responder, answer, exchange, clock)
+            self._finished(request, exchange, answer.status, answer.cache, answer.upstream, started, clock,
+                           answer.fallback, bytes_out=sent)
         except UpstreamsFailed as failure:
             headers = {"X-Cache": "MISS", "X-Request-ID": request_id,
                        "Cache-Status": f"resilience-proxy; fwd=uri-miss; detail={failure.error}"}
@@ -180,10 +183,14 @@ class ProxyHandler:
                            bytes_out=response.content_length)
         except RequestBodyTooLarge:
             refuse(413, "request_body_too_large", f"the limit is {settings.max_request_body} bytes", service.name)
-        else:
-            sent = await self._write(request, responder, answer, exchange, clock)
-            self._finished(request, exchange, answer.status, answer.cache, answer.upstream, started, clock,
-                           answer.fallback, bytes_out=sent)
+        except Exception:
+            if responder.started:
+                raise  # part of an answer is out: nothing more can be said to this caller
+            # A defect of ours: the caller gets a 500, and the request is counted and logged under its
+            # service like any other, so an error-rate alert sees it.
+            log.exception("unhandled error while proxying", request_id=request_id, path=request.path)
+            responder.send_response(error_response(500, "internal_error", request_id))
+            self._finished(request, exchange, 500, "MISS", None, started, clock, bytes_out=None)
         finally:
             runtime.active -= 1
 
