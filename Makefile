@@ -28,7 +28,7 @@ fuzz: $(BIN)/.installed-test
 check: $(BIN)/.installed
 	$(BIN)/resilience-proxy check $(CONFIG)
 
-# `make bench`: speed vs the Python ceiling and nginx, resilience under faults (~8 min; writes bench/results.*).
+# `make bench`: speed vs the Python ceiling and nginx, resilience under faults (~40 min; writes bench/results.*).
 bench: $(BIN)/.installed-test
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
