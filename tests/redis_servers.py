@@ -38,7 +38,7 @@ def cli(port: int, *args: str, timeout: float = 5.0) -> str:
 def _answers(port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2) as sock:
         sock.sendall(b"PING\r\n")
-        return sock.recv(16).startswith(b"+PONG")
+        return sock.recv(16).startswith((b"+PONG", b"-NOAUTH"))  # up, and maybe wanting a password
     return False
 
 
@@ -108,14 +108,16 @@ class Cluster:
 
 
 class SentinelSet:
-    """A master and its replica, watched by one Sentinel as `mymaster` (quorum 1, 1 s down-after)."""
+    """A master and its replica, watched by one Sentinel as `mymaster` (quorum 1, 1 s down-after);
+    with `sentinel_password`, the Sentinel wants that password (`requirepass`), the data nodes none."""
 
     service = "mymaster"
 
-    def __init__(self, servers: Servers, data_port: int, sentinel_port: int) -> None:
+    def __init__(self, servers: Servers, data_port: int, sentinel_port: int, sentinel_password: str = "") -> None:
         self.servers = servers
         self.master_port, self.replica_port = data_port, data_port + 1
         self.sentinel_port = sentinel_port
+        self.sentinel_password = sentinel_password
 
     def start(self) -> None:
         self.servers.start(self.master_port, "--repl-diskless-sync-delay", "0")
@@ -123,15 +125,21 @@ class SentinelSet:
         config = (f"sentinel monitor {self.service} 127.0.0.1 {self.master_port} 1\n"
                   f"sentinel down-after-milliseconds {self.service} 1000\n"
                   f"sentinel failover-timeout {self.service} 5000\n")
+        if self.sentinel_password:
+            config += f"requirepass {self.sentinel_password}\n"
         self.servers.start(self.sentinel_port, "--sentinel", config=config)
         wait_for(lambda: "master_link_status:up" in cli(self.replica_port, "info", "replication"), 10.0,
                  "the replica to sync")
-        wait_for(lambda: "slaves=1" in cli(self.sentinel_port, "info", "sentinel"), 10.0,
-                 "the Sentinel to see the replica")
+        wait_for(lambda: "slaves=1" in self.ask("info", "sentinel"), 10.0, "the Sentinel to see the replica")
+
+    def ask(self, *args: str) -> str:
+        """A redis-cli command to the Sentinel, with its password when it has one."""
+        auth = ("--no-auth-warning", "-a", self.sentinel_password) if self.sentinel_password else ()
+        return cli(self.sentinel_port, *auth, *args)
 
     def master(self) -> int:
         """The port the Sentinel names as master now."""
-        out = cli(self.sentinel_port, "sentinel", "get-master-addr-by-name", self.service).splitlines()
+        out = self.ask("sentinel", "get-master-addr-by-name", self.service).splitlines()
         return int(out[1]) if len(out) == 2 else -1
 
 

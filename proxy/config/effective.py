@@ -80,6 +80,7 @@ _SHOWN: dict[tuple[type, str], Callable[[Any], Any]] = {
     (CacheSettings, "url"): lambda cache: _without_password(cache.url),
     (SentinelSettings, "hosts"): lambda sentinel: [f"{host}:{port}" for host, port in sentinel.hosts],
     (SentinelSettings, "password"): lambda sentinel: "***" if sentinel.password else "",
+    (SentinelSettings, "sentinel_password"): lambda sentinel: "***" if sentinel.sentinel_password else "",
     (MetricsSettings, "prefix"): lambda metrics: metrics.prefix or None,
     (CacheRule, "stale_if_slow"): lambda rule: "off" if rule.stale_if_slow is None else rule.stale_if_slow,
     (Defaults, "hedge"): lambda defaults: _hedge_text(defaults.hedge),

@@ -190,7 +190,8 @@ class SentinelSettings:
     hosts: tuple[tuple[str, int], ...]
     service: str
     db: int = 0
-    password: str = ""  # the data nodes' password (Sentinels are asked without one)
+    password: str = ""  # the data nodes' password
+    sentinel_password: str = ""  # the Sentinels' own (`requirepass` on them); empty: they are asked without one
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -244,10 +244,12 @@ def _read_sentinel(check: Checker, value: Any, line: int) -> SentinelSettings | 
         check.problem(line_of(data, "service") if "service" in data else line,
                       "cache.sentinel.service: the master's name as the Sentinels know it (e.g. mymaster) is needed")
     db = check.get(data, "db", "cache.sentinel", redis_db, 0)
-    password = check.get(data, "password", "cache.sentinel", string, "")
-    if isinstance(data.get("password"), Substituted):
-        check.secret(password)
-    return SentinelSettings(hosts=tuple(hosts), service=service, db=db, password=password)
+    passwords = {}
+    for key in ("password", "sentinel_password"):
+        passwords[key] = check.get(data, key, "cache.sentinel", string, "")
+        if isinstance(data.get(key), Substituted):
+            check.secret(passwords[key])
+    return SentinelSettings(hosts=tuple(hosts), service=service, db=db, **passwords)
 
 
 def _read_tls(check: Checker, value: Any, line: int) -> TlsSettings | None:

@@ -72,8 +72,11 @@ def open_client(target: RedisTarget | str, *, socket_timeout: float | None, conn
                "decode_responses": False, **_tls_options(target), **options}
     if target.sentinel is not None:
         sentinel = target.sentinel
-        guard = Sentinel(list(sentinel.hosts), sentinel_kwargs={"socket_timeout": max(connect_timeout, 0.2),
-                                                                "socket_connect_timeout": max(connect_timeout, 0.2)})
+        asking: dict[str, Any] = {"socket_timeout": max(connect_timeout, 0.2),
+                                  "socket_connect_timeout": max(connect_timeout, 0.2)}
+        if sentinel.sentinel_password:
+            asking["password"] = sentinel.sentinel_password  # Sentinels with `requirepass` of their own
+        guard = Sentinel(list(sentinel.hosts), sentinel_kwargs=asking)
         if target.tls is not None or target.url.startswith("rediss://"):
             options["ssl"] = True
         if max_connections is not None:

@@ -166,14 +166,20 @@ def test_redis_shapes_print_once_set_in_their_place_with_the_sentinel_password_m
     assert breaker["shared"] is True
 
     sentinel = parse_config("version: 1\ncache: {backend: redis, sentinel: {hosts: ['10.0.0.1:26379'], "
-                            "service: mymaster, db: 2, password: '${REDIS_PASSWORD}'}, tls: {ca_file: '" + str(ca) + "'}}\n"
-                            + MINIMAL.removeprefix("version: 1\n"), "routes.yaml", {"REDIS_PASSWORD": "hunter2hunter2"})
+                            "service: mymaster, db: 2, password: '${REDIS_PASSWORD}', "
+                            "sentinel_password: '${SENTINEL_PASSWORD}'}, tls: {ca_file: '" + str(ca) + "'}}\n"
+                            + MINIMAL.removeprefix("version: 1\n"), "routes.yaml",
+                            {"REDIS_PASSWORD": "hunter2hunter2", "SENTINEL_PASSWORD": "sentinel-hunter3"})
     printed = sentinel.effective["cache"]
     assert list(printed) == [key for key in printed_keys(CacheSettings, unset=False) if key not in ("url", "cluster")]
     assert list(printed["sentinel"]) == printed_keys(SentinelSettings) and list(printed["tls"]) == printed_keys(TlsSettings)
-    assert printed["sentinel"] == {"hosts": ["10.0.0.1:26379"], "service": "mymaster", "db": 2, "password": "***"}
+    assert printed["sentinel"] == {"hosts": ["10.0.0.1:26379"], "service": "mymaster", "db": 2, "password": "***",
+                                   "sentinel_password": "***"}
+    assert sentinel.cache.sentinel.sentinel_password == "sentinel-hunter3"
+    assert {"hunter2hunter2", "sentinel-hunter3"} <= sentinel.secrets  # masked in every log line too
     assert printed["tls"] == {"ca_file": str(ca), "cert_file": None, "key_file": None}
     assert "hunter2hunter2" not in dump(sentinel.effective)
     assert "fleet" not in dump(parse_config(MINIMAL, "routes.yaml", {}).effective)
     no_password = replace(sentinel, cache=replace(sentinel.cache, sentinel=SentinelSettings(hosts=(("h", 1),), service="m")))
     assert render(no_password, Masker())["cache"]["sentinel"]["password"] == ""
+    assert render(no_password, Masker())["cache"]["sentinel"]["sentinel_password"] == ""

@@ -138,3 +138,9 @@ def test_valid_topologies_become_typed_settings(tmp_path):
     tls = parse_config(table(f"  backend: redis\n  url: rediss://10.0.0.5:6380/0\n  tls: {{ca_file: '{ca}', "
                              f"cert_file: '{cert}', key_file: '{key}'}}"), "routes.yaml", {})
     assert tls.cache.tls == TlsSettings(ca_file=str(ca), cert_file=str(cert), key_file=str(key))
+
+
+@pytest.mark.parametrize("key", ["password", "sentinel_password"])
+def test_a_sentinel_password_that_is_not_text_is_refused_by_name(key):
+    problems = problems_of(table(f"  backend: redis\n  sentinel: {{hosts: ['h1:26379'], service: mymaster, {key}: [1]}}"))
+    assert len(problems) == 1 and problems[0].startswith(f"routes.yaml:4: cache.sentinel.{key}: ")

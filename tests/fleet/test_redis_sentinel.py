@@ -28,12 +28,30 @@ def sentinel():
             servers.stop_all()
 
 
-def sentinel_table(upstream_url: str, sentinel: SentinelSet, prefix: str, service: str = "mymaster") -> str:
+@pytest.fixture(scope="module")
+def guarded_sentinel():
+    """A Sentinel of its own that wants a password (as Bitnami's chart sets up by default)."""
+    with tempfile.TemporaryDirectory(prefix="rp-sentinel-auth-") as directory:
+        servers = Servers(Path(directory))
+        running = SentinelSet(servers, port_from_env("REDIS_SENTINEL_AUTH_DATA_PORT", 7121),
+                              port_from_env("REDIS_SENTINEL_AUTH_PORT", 26411), sentinel_password=SENTINEL_SECRET)
+        try:
+            running.start()
+            yield running
+        finally:
+            servers.stop_all()
+
+
+SENTINEL_SECRET = "s3ntinel-only-s3cret"
+
+
+def sentinel_table(upstream_url: str, sentinel: SentinelSet, prefix: str, service: str = "mymaster",
+                   **extra: str) -> str:
     return route_table({"fx": {"timeout": "1s", "retry": "NONE", "cache": {"ttl": "1h"},
                                "upstreams": [{"name": "fx_primary", "url": upstream_url}]}},
                        cache={"backend": "redis", "prefix": prefix,
                               "sentinel": {"hosts": [f"127.0.0.1:{sentinel.sentinel_port}"], "service": service,
-                                           "db": 0, "password": "${REDIS_PASSWORD:-}"}})
+                                           "db": 0, "password": "${REDIS_PASSWORD:-}", **extra}})
 
 
 async def test_replicas_share_copies_through_the_master_the_sentinel_names(sentinel, fake_upstream, proxy_factory,
@@ -84,6 +102,26 @@ async def test_an_unknown_master_name_serves_without_the_cache(sentinel, fake_up
         assert (reply.status, reply.headers["X-Cache"]) == (200, "MISS")
     assert upstream.calls == 2
     assert (await (await proxy.get("/health/integrations/cache")).json())["connected"] is False
+
+
+async def test_sentinels_with_a_password_of_their_own_are_asked_with_sentinel_password(
+        guarded_sentinel, fake_upstream, proxy_factory, redis_prefix, log_lines):
+    upstream = await fake_upstream("primary")
+    env = {"SENTINEL_PASSWORD": SENTINEL_SECRET}
+    text = sentinel_table(upstream.url, guarded_sentinel, redis_prefix, sentinel_password="${SENTINEL_PASSWORD}")
+    a, b = await proxy_factory(text, env=env), await proxy_factory(text, env=env)
+    assert (await a.get("/fx/latest/USD")).headers["X-Cache"] == "MISS"
+    assert (await b.get("/fx/latest/USD")).headers["X-Cache"] == "HIT"
+    assert upstream.calls == 1
+    assert len(cli(guarded_sentinel.master(), "--scan", "--pattern", f"{redis_prefix}fx:*").splitlines()) == 1
+
+    # Without it the Sentinel refuses to name the master: served without the cache, and the cache says so.
+    unasked = await proxy_factory(sentinel_table(upstream.url, guarded_sentinel, redis_prefix))
+    reply = await unasked.get("/fx/latest/USD")
+    assert (reply.status, reply.headers["X-Cache"]) == (200, "MISS")
+    assert upstream.calls == 2
+    assert (await (await unasked.get("/health/integrations/cache")).json())["connected"] is False
+    assert SENTINEL_SECRET not in "".join(str(line) for line in log_lines())
 
 
 async def test_a_failover_is_followed_without_a_restart(sentinel, fake_upstream, proxy_factory, redis_prefix):
