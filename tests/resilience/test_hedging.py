@@ -11,7 +11,7 @@ import time
 import pytest
 
 from proxy.resilience.hedging import HEDGE_AUTO, HedgePolicy, LatencyWindow
-from tests.fakes import Delay, Ok, eventually, metric, route_table
+from tests.fakes import Delay, Fail, Ok, eventually, metric, route_table
 
 
 def table(primary: str, secondary: str | None = None, *, cache: bool = False, **service: object) -> str:
@@ -312,3 +312,25 @@ async def test_with_nothing_known_only_fail_threshold_lost_tries_are_left_to_fin
     assert primary.calls == 6
     response = await proxy.get("/fx/latest/USD")
     assert response.headers["X-Upstream"] == "fx_secondary" and primary.calls == 6  # skipped, nobody waits
+
+
+async def test_an_original_that_fails_after_the_hedge_was_sent_leaves_the_answer_to_the_hedge(fake_upstream,
+                                                                                                proxy_factory):
+    primary = await fake_upstream("primary")
+    secondary = await fake_upstream("secondary")
+    proxy = await proxy_factory(table(primary.url, secondary.url))
+    await proxy.get("/fx/latest/USD")  # the primary's answer time is known: its lost tries are cancelled
+    primary.script(Delay(0.3, then=Fail(503)), Delay(0.3, then=Fail(503)))
+    secondary.script(Delay(0.5, then=Ok(body=b'{"from": "secondary"}')), Delay(0.2, then=Fail(503)))
+    response = await proxy.get("/fx/latest/USD")
+    assert (response.headers["X-Upstream"], await response.read()) == ("fx_secondary", b'{"from": "secondary"}')
+    assert await metric(proxy, "hedges_total", service="fx", provider="fx_primary", winner="hedge") == 1
+    assert await metric(proxy, "external_requests_total", service="fx", provider="fx_primary",
+                        outcome="http_5xx") == 1  # it failed on its own: not recorded as lost
+    # Both fail: nobody won, and (every upstream said 5xx) no retry round follows.
+    response = await proxy.get("/fx/latest/USD")
+    assert response.status == 502
+    assert [(a["upstream"], a["outcome"]) for a in (await response.json())["attempts"]] == [
+        ("fx_primary", "http_5xx"), ("fx_secondary", "http_5xx")]
+    assert await metric(proxy, "hedges_total", service="fx", provider="fx_primary", winner="none") == 1
+    assert (primary.calls, secondary.calls) == (3, 2)
