@@ -33,6 +33,7 @@ from proxy.chain.fallback import UpstreamsFailed
 from proxy.clock import Clock
 from proxy.config.model import Route, Service
 from proxy.config.routing import UnsafePath, check_target
+from proxy.observability.tracing import start_trace
 from proxy.watch.outbox import Event, Outbox
 
 if TYPE_CHECKING:
@@ -210,7 +211,10 @@ class Watcher:
             request_id=f"watch-{topic.polls}-{topic.name}"[:128], method="GET", service=topic.service,
             route=topic.route, params=topic.params, path=topic.path,
             rest=topic.path[len(topic.service.prefix.rstrip("/")):], query=topic.query, headers=_NO_HEADERS,
-            deadline_at=clock.monotonic() + topic.service.deadline)
+            deadline_at=clock.monotonic() + topic.service.deadline,
+            # A trace of its own per poll: the vendor gets a traceparent, as for a caller's request, and
+            # the poll's attempt lines share one trace id (not sampled: a poll has no span to export).
+            trace=start_trace(None, None, recording=False))
         try:
             answer = await runtime.chain(exchange)
         except UpstreamsFailed as failure:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from proxy import signals
+from proxy.observability.tracing import parse_traceparent
 from proxy.watch.outbox import MemoryOutbox
 from proxy.watch.watcher import TooManyTopics, UnknownTopic, Watcher
 from tests.fakes import Fail
@@ -135,3 +136,21 @@ async def test_static_topics_follow_the_table_and_are_polled_without_subscribers
     assert watcher.reconfigure() == {}  # the bad topic is logged and left out, the good one kept
     assert list(watcher.topics) == [TOPIC] and watcher.topics[TOPIC].static
     assert await watcher.tick() == 1 and api.calls == 1
+
+
+async def test_each_poll_sends_the_vendor_a_traceparent_of_its_own_and_its_attempt_carries_that_trace(setup, clock):
+    api, watcher, _, _, holder = setup
+    told: list = []
+    holder["runtime"].bus.subscribe(told.append)
+    watcher.subscribe(TOPIC, "a")
+    await watcher.tick()
+    clock.advance(300)
+    await watcher.tick()
+    holder["runtime"].bus.deliver_waiting()
+    sent = [seen.headers.getall("traceparent", []) for seen in api.seen]
+    assert [len(values) for values in sent] == [1, 1]
+    parsed = [parse_traceparent(values[0]) for values in sent]
+    assert all(p is not None and p[2] == 0 for p in parsed)  # valid, and not sampled: no span is exported
+    assert parsed[0][0] != parsed[1][0]  # a trace per poll
+    attempts = [e for e in told if isinstance(e, signals.AttemptFinished)]
+    assert [e.trace.trace_id for e in attempts] == [p[0] for p in parsed]
