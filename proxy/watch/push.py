@@ -7,8 +7,10 @@ Client → proxy frames (JSON):
 Proxy → client frames:
     {"type": "event", "evtId", "topic", "at", "before", "after", "redelivery": false}
     {"type": "subscribed", "topic"} / {"type": "unsubscribed", "topic"} / {"type": "acked", "evtId"}
-    {"type": "error", "error": "unknown_topic" | "malformed" | "unknown_evt_id" | "too_large" | "overflow"
+    {"type": "error", "error": "unknown_topic" | "malformed" | "unknown_evt_id" | "overflow"
                       | "too_many_topics", "detail"}
+A frame over `events.max_frame` is never read: aiohttp's reader closes the connection with 1009
+(Message Too Big), the WebSocket's own word for it.
 
 Delivery is at least once: an event not acknowledged within `ack_timeout` is sent again (same
 evtId, `redelivery: true`), each time waiting twice as long. A client that reconnects with
@@ -190,10 +192,7 @@ class Hub:
                 if message.type == WSMsgType.TEXT or message.type == WSMsgType.BINARY:
                     await self._on_frame(client, message.data, resume_from)
                 elif message.type == WSMsgType.ERROR:
-                    exc = ws.exception()
-                    if exc is not None and "size" in str(exc).lower():
-                        await self._send(client, _error("too_large", f"frames are limited to {self._settings.max_frame} bytes"))
-                    break
+                    break  # aiohttp has closed it already (1009 for a frame over max_frame)
         finally:
             client.closing = True
             writer.cancel()
