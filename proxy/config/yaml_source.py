@@ -52,6 +52,11 @@ def substitute(text: str, env: Mapping[str, str], line: int, problems: list[tupl
 
     def replace(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
+        if default is not None and "${" in default:
+            # `${A:-${B}}` would end at the first `}` and leave a literal `${B}` behind.
+            problems.append((line, f"the default of ${{{name}:-...}} holds another ${{...}}: nested variables are "
+                                   "not supported (set the variable, or write the default out)"))
+            return ""
         value = env.get(name)
         if value is None or (value == "" and default is not None):
             if default is None:

@@ -86,6 +86,8 @@ services:
     ("version: 1\nservices:\n  fx:\n    upstreams: [{name: a, url: 'http://a'}]\n  fx2:\n    prefix: /fx/v2\n    upstreams: [{name: b, url: 'http://b'}]\n", 6, "overlaps the prefix '/fx'"),
     ("version: 1\nservices:\n  fx:\n    upstreams: [{name: a, url: 'file:///etc/passwd'}]\n", 4, "must be http:// or https://"),
     ("version: 1\nservices:\n  fx:\n    upstreams: [{name: a, url: 'http://a', headers: {X-Key: '${NOT_SET_ANYWHERE}'}}]\n", 4, "NOT_SET_ANYWHERE is not set and has no default"),
+    ("version: 1\nservices:\n  fx:\n    upstreams: [{name: a, url: '${A:-${B}}'}]\n", 4,
+     "the default of ${A:-...} holds another ${...}: nested variables are not supported"),
     ("version: 1\nservices:\n  fx:\n    upstreams: [{name: a, url: 'http://user:pw@a'}]\n", 4, "credentials in the upstream URL"),
     ("version: 1\nservices:\n  fx:\n    prefix: /health\n    upstreams: [{name: a, url: 'http://a'}]\n", 4, "collides with the proxy's own /health"),
     ("version: 2\nservices:\n  fx:\n    upstreams: [{name: a, url: 'http://a'}]\n", 1, "version: expected 1"),
