@@ -173,6 +173,11 @@ class Health:
         self._shared = shared_breakers
         self._redis_shape = redis_shape
 
+    def fleet_changed(self, shared_breakers: FleetBreakers | None, redis_shape: str) -> None:
+        """A reload moved the process to another shared Redis (or off one)."""
+        self._shared = shared_breakers
+        self._redis_shape = redis_shape
+
     async def __call__(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
         path = request.path.rstrip("/") or "/"
         method = request.method

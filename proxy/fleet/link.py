@@ -58,6 +58,7 @@ class FleetLink:
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)
             self._listener = None
+        self.listening = False  # stopped on purpose: no "link down" to tell anyone
         await self.client.aclose()
         await self._subscriber.aclose()
 

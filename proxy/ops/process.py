@@ -80,16 +80,7 @@ class ProxyProcess:
         self.fleet: SharedRests | None = None
         self.fleet_breakers: SharedBreakers | None = None
         self._fleet_link: FleetLink | None = None
-        if config.cache.backend == "redis":
-            self._fleet_link = FleetLink(target_of(config.cache), emit=self.bus.emit)
-            self.fleet = SharedRests(self._fleet_link, config.cache.prefix, runtime=self.current_runtime,
-                                     clock=clock, emit=self.bus.emit)
-            self.fleet_breakers = SharedBreakers(self._fleet_link, config.cache.prefix, runtime=self.current_runtime,
-                                                 clock=clock, emit=self.bus.emit)
-            self.bus.subscribe(self.fleet)
-            self.bus.subscribe(self.fleet_breakers)
-            self._fleet_link.on_change(lambda up, error: self.bus.emit(signals.FleetLinkChanged(
-                up, self.fleet_breakers.count() if self.fleet_breakers else 0, error)))
+        self._open_fleet(config)
         self.health = Health(current_runtime=self.current_runtime, deliver_waiting=self.bus.deliver_waiting,
                              stats=self.stats, metrics=self.metrics, admin_token=self.admin_token,
                              is_ready=lambda: self.ready, reload=self.reload,
@@ -105,6 +96,30 @@ class ProxyProcess:
         self.downstream = Downstream(self.current_runtime, emit=self.bus.emit, health=self.health,
                                      events=self.events.hub.handle, recording=recording)
         self._retiring: set[asyncio.Task[None]] = set()
+
+    def _open_fleet(self, config: Config) -> None:
+        """With a shared Redis: the link that rests and shared breakers travel on (`start` starts it)."""
+        if config.cache.backend != "redis":
+            return
+        link = self._fleet_link = FleetLink(target_of(config.cache), emit=self.bus.emit)
+        self.fleet = SharedRests(link, config.cache.prefix, runtime=self.current_runtime, clock=self.clock,
+                                 emit=self.bus.emit)
+        self.fleet_breakers = SharedBreakers(link, config.cache.prefix, runtime=self.current_runtime,
+                                             clock=self.clock, emit=self.bus.emit)
+        self.bus.subscribe(self.fleet)
+        self.bus.subscribe(self.fleet_breakers)
+        link.on_change(lambda up, error: self.bus.emit(signals.FleetLinkChanged(
+            up, self.fleet_breakers.count() if self.fleet_breakers else 0, error)))
+
+    async def _close_fleet(self) -> None:
+        """Leave the fleet: nothing more is told or heard, and the link's connection is closed."""
+        for part in (self.fleet, self.fleet_breakers):
+            if part is not None:
+                self.bus.unsubscribe(part)
+                await part.stop()
+        if self._fleet_link is not None:
+            await self._fleet_link.stop()
+        self.fleet = self.fleet_breakers = self._fleet_link = None
 
     async def _claim_probe(self, upstream: Upstream) -> bool:
         """Whether this replica sends a shared breaker's half-open probe (see SharedBreakers.claim_probe)."""
@@ -174,12 +189,7 @@ class ProxyProcess:
         # WebSocket clients are told first (1001, going away) so they reconnect elsewhere instead of
         # holding the drain open until its timeout.
         await self.events.stop()
-        if self.fleet is not None:
-            await self.fleet.stop()
-        if self.fleet_breakers is not None:
-            await self.fleet_breakers.stop()
-        if self._fleet_link is not None:
-            await self._fleet_link.stop()
+        await self._close_fleet()
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -248,6 +258,13 @@ class ProxyProcess:
                 self.stats.forget_service(service)
             self._register(config, runtime.breakers)  # a replaced breaker starts CLOSED: say so
             self.runtime = runtime  # atomic for requests: each reads `runtime` once
+            if _fleet_of(config.cache) != _fleet_of(old.config.cache):
+                # Another Redis (or prefix, or none): rests and shared breakers follow the new table.
+                await self._close_fleet()
+                self._open_fleet(config)
+                if self._fleet_link is not None and self.ready:
+                    self._fleet_link.start()
+                self.health.fleet_changed(self.fleet_breakers, target_of(config.cache).shape)
             self.events.config_changed()
             if same_cache:
                 for service in old.config.services.keys() - config.services.keys():
@@ -286,6 +303,11 @@ class ProxyProcess:
 
     def start_watching(self, interval: float = 2.0) -> None:
         self._watch_task = asyncio.get_running_loop().create_task(self.watch(interval))
+
+
+def _fleet_of(cache: Any) -> tuple[Any, ...] | None:
+    """Which fleet a cache section joins: the shared Redis and the key prefix, or None (memory)."""
+    return (target_of(cache), cache.prefix) if cache.backend == "redis" else None
 
 
 # Connections the proxy port takes by default: an idle one costs about 3 KiB in the process (more

@@ -180,3 +180,37 @@ async def test_with_redis_down_the_rest_holds_on_the_replica_that_was_told(fake_
     assert primary.calls == 1
     assert await eventually(lambda: any(isinstance(e, signals.CacheError) and e.operation == "rest_publish"
                                         for e in seen), within=3.0)
+
+
+async def test_a_reload_onto_a_shared_redis_joins_the_fleet_and_a_reload_off_it_leaves(
+        fake_upstream, proxy_factory, tmp_path, redis_url, redis_prefix):
+    primary = await fake_upstream("primary")
+    secondary = await fake_upstream("secondary")
+    primary.script(Fail(429, headers={"Retry-After": "30"}))
+    path = tmp_path / "routes.yaml"
+    alone = route_table({"fx": {"timeout": "1s", "retry": "NONE", "upstreams": [
+        {"name": "fx_primary", "url": primary.url}, {"name": "fx_secondary", "url": secondary.url}]}})
+    shared = shared_table(primary.url, secondary.url, redis_url, redis_prefix, breaker={"shared": True})
+    path.write_text(alone)
+    a = await start_proxy(alone, filename=str(path))
+    try:
+        assert a.process.fleet is None
+        b = await proxy_factory(shared)
+        await listening(b)
+        path.write_text(shared)
+        assert await a.process.reload("test") == []
+        await listening(a)  # joined without a restart
+        joined = a.process.fleet
+        assert (await (await a.get("/health")).json())["fleet"] == {"sharedBreakers": 1, "breakers": "fleet",
+                                                                    "redis": "single"}
+        assert (await b.get("/fx/latest/USD")).headers["X-Upstream"] == "fx_secondary"  # B is told to rest
+        assert await eventually(lambda: a.breaker("fx_primary").resting, within=3.0)  # and A hears it
+        assert (await a.get("/fx/latest/EUR")).headers["X-Upstream"] == "fx_secondary"
+        assert primary.calls == 1
+
+        path.write_text(alone)
+        assert await a.process.reload("test") == []
+        assert a.process.fleet is None and not joined.listening  # left: its link is closed
+        assert "fleet" not in (await (await a.get("/health")).json())
+    finally:
+        await stop_proxy(a)
