@@ -25,6 +25,7 @@ from yarl import URL
 
 import proxy
 from proxy.downstream.wire import json_response
+from proxy.fleet.connection import target_of
 from proxy.observability.metrics import Metrics
 from proxy.observability.stats import Stats
 from proxy.resilience.breaker import State
@@ -151,16 +152,16 @@ class Health:
     bus still holds (a read counts every request answered before it); `is_ready()` says whether
     the listeners are up; `reload(source)` re-reads the route table and returns its problems;
     `describe_events()` reports the watch events' outbox, topics and deliveries; `facts()` the
-    process's start, route-table hash and last reload; `shared_breakers` (with a shared Redis, whose
-    shape is `redis_shape`) are the breakers the fleet shares.
+    process's start, route-table hash and last reload; `shared_breakers()` the breakers the fleet
+    shares now (None without a shared Redis; a reload may move the process to another one).
     """
 
     def __init__(self, *, current_runtime: Callable[[], "Runtime"], deliver_waiting: Callable[[], None],
                  stats: Stats, metrics: Metrics, admin_token: str | None, is_ready: Callable[[], bool],
                  reload: Callable[[str], Awaitable[list[str]]],
                  describe_events: Callable[[], Awaitable[dict[str, Any]]],
-                 facts: Callable[[], ProcessFacts], shared_breakers: FleetBreakers | None = None,
-                 redis_shape: str = "single") -> None:
+                 facts: Callable[[], ProcessFacts],
+                 shared_breakers: Callable[[], FleetBreakers | None] = lambda: None) -> None:
         self._runtime = current_runtime
         self._deliver_waiting = deliver_waiting
         self._stats = stats
@@ -171,12 +172,6 @@ class Health:
         self._describe_events = describe_events
         self._facts = facts
         self._shared = shared_breakers
-        self._redis_shape = redis_shape
-
-    def fleet_changed(self, shared_breakers: FleetBreakers | None, redis_shape: str) -> None:
-        """A reload moved the process to another shared Redis (or off one)."""
-        self._shared = shared_breakers
-        self._redis_shape = redis_shape
 
     async def __call__(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
         path = request.path.rstrip("/") or "/"
@@ -219,11 +214,11 @@ class Health:
 
     def _fleet(self) -> dict[str, Any] | None:
         """Whether shared breakers follow the fleet or, Redis being out of reach, decide locally."""
-        shared = self._shared
+        shared = self._shared()
         if shared is None or not shared.count():
             return None
         return {"sharedBreakers": shared.count(), "breakers": "fleet" if shared.connected else "local",
-                "redis": self._redis_shape}
+                "redis": target_of(self._runtime().config.cache).shape}
 
     async def probe(self, request: web.BaseRequest) -> web.Response:
         """`/health/live` or `/health/ready` (one of `PROBES`), the same answer as on the main port."""
@@ -246,7 +241,7 @@ class Health:
     async def circuits(self, request: web.BaseRequest) -> web.Response:
         runtime = self._runtime()
         now = runtime.clock.time()
-        shared = self._shared
+        shared = self._shared()
         circuits = []
         for upstream in runtime.config.upstreams():
             breaker = runtime.breakers[upstream.name]
@@ -390,7 +385,7 @@ class Health:
         else:
             breaker.force_open()
         body = breaker.snapshot()
-        shared = self._shared
+        shared = self._shared()
         if breaker.policy.shared and shared is not None:  # every replica, or this one only when Redis is away
             body["shared"] = "fleet" if await shared.act(provider, action) else "local"
         return json_response(200, body)

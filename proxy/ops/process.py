@@ -85,7 +85,7 @@ class ProxyProcess:
                              stats=self.stats, metrics=self.metrics, admin_token=self.admin_token,
                              is_ready=lambda: self.ready, reload=self.reload,
                              describe_events=lambda: self.events.describe(), facts=self.facts,
-                             shared_breakers=self.fleet_breakers, redis_shape=target_of(config.cache).shape)
+                             shared_breakers=lambda: self.fleet_breakers)
         self._runners: list[web.BaseRunner] = []
         self._front: LeanFront | None = None
         self._listener: asyncio.AbstractServer | None = None
@@ -264,7 +264,6 @@ class ProxyProcess:
                 self._open_fleet(config)
                 if self._fleet_link is not None and self.ready:
                     self._fleet_link.start()
-                self.health.fleet_changed(self.fleet_breakers, target_of(config.cache).shape)
             self.events.config_changed()
             if same_cache:
                 for service in old.config.services.keys() - config.services.keys():
